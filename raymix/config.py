@@ -1,0 +1,476 @@
+"""Run configuration: frozen, typed dataclasses that round-trip to YAML.
+
+A run is described by one :class:`RunConfig`. It is built from a YAML file (or
+the embedded default) plus ``--set key=value`` overrides, validated once in
+``__post_init__`` with errors that name the field to change, and logged
+verbatim (flattened) as MLflow params.
+
+Identity vs runtime: every section except ``runtime`` and ``tracking`` changes
+the result and goes into :func:`identity_hash`; ``runtime`` (workers, CPUs,
+threads) and ``tracking`` only change speed or where results are written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from raymix.errors import RaymixError
+
+SOURCE_KINDS = ("synthetic", "natural_instructions", "jsonl", "hf")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One task source of the pool."""
+
+    kind: str = "synthetic"
+    """One of ``synthetic``, ``natural_instructions``, ``jsonl``, ``hf``."""
+    path: Optional[str] = None
+    """File or directory (natural_instructions, jsonl), or dataset name/path (hf)."""
+    scale: float = 1.0
+    """synthetic: multiplies every task's size (the suite's one size dial)."""
+    tasks: Optional[list[str]] = None
+    """Keep only these task names (synthetic, natural_instructions)."""
+    max_instances: Optional[int] = None
+    """natural_instructions: read at most this many instances per task."""
+    task_sizes: Optional[dict[str, int]] = None
+    """Subsample tasks to these many records (any kind), e.g. to make sizes differ."""
+    positive_examples: int = 0
+    """natural_instructions: number of positive examples put in the prompt."""
+    task: Optional[str] = None
+    """jsonl / hf: task name when the rows do not carry one."""
+    split: str = "train"
+    """hf: which split of the dataset to read."""
+    prompt_column: str = "prompt"
+    """hf: column holding the prompt."""
+    completion_column: str = "completion"
+    """hf: column holding the completion."""
+    task_column: Optional[str] = None
+    """hf: column holding the task name (one dataset, many tasks)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in SOURCE_KINDS:
+            raise RaymixError(
+                f"data.sources[].kind: unknown source kind {self.kind!r}; "
+                f"choose one of {', '.join(SOURCE_KINDS)}{_suggest(self.kind, SOURCE_KINDS)}"
+            )
+        if self.kind != "synthetic" and not self.path:
+            raise RaymixError(f"data.sources[].path is required for a {self.kind!r} source")
+        if self.scale <= 0:
+            raise RaymixError(f"data.sources[].scale must be > 0, got {self.scale}")
+        if self.positive_examples < 0:
+            raise RaymixError("data.sources[].positive_examples must be >= 0")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where tasks come from and how they are split and tokenised."""
+
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    """Task sources; their tasks form the pool (names must be unique)."""
+    val_fraction: float = 0.1
+    """Share of each task's instances held out for validation (by instance id)."""
+    test_fraction: float = 0.1
+    """Share of each task's instances held out for exact-match testing."""
+    max_val: int = 64
+    """At most this many validation instances per task."""
+    max_test: int = 64
+    """At most this many test instances per task."""
+    max_seq_len: int = 128
+    """Tokens per example; longer prompts are cut from the left, examples whose
+    completion alone does not fit are dropped (both counted and reported)."""
+    template: Literal["auto", "chat", "plain"] = "auto"
+    """Prompt template: the tokenizer's chat template (``chat``), a plain
+    ``prompt\\nAnswer:`` template (``plain``), or chat when available (``auto``)."""
+    cache_dir: Optional[str] = None
+    """Where tokenised shards and trained tokenizers are cached (default
+    ``$RAYMIX_CACHE`` or ``~/.cache/raymix``). Runtime only: not identity."""
+
+    def __post_init__(self) -> None:
+        for name in ("val_fraction", "test_fraction"):
+            v = getattr(self, name)
+            if not 0 <= v < 0.5:
+                raise RaymixError(f"data.{name} must be in [0, 0.5), got {v}")
+        if self.max_seq_len < 16:
+            raise RaymixError(f"data.max_seq_len must be >= 16, got {self.max_seq_len}")
+        if not self.sources:
+            raise RaymixError("data.sources is empty: give at least one task source")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model: a built-in Llama preset, or any Hugging Face causal LM."""
+
+    preset: str = "llama-tiny"
+    """Built-in Llama-architecture preset (see ``raymix.models.PRESETS``),
+    initialised from the seed; ignored when ``pretrained`` is set."""
+    pretrained: Optional[str] = None
+    """Hub id or local directory of a Hugging Face causal LM."""
+    tokenizer: Optional[str] = None
+    """Hub id or local directory of a tokenizer; default: ``pretrained``'s,
+    or one trained locally on the pool's text for presets."""
+    vocab_size: int = 2048
+    """Vocabulary of the locally trained tokenizer (presets only)."""
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """``auto``: bf16 on GPU, fp32 on CPU."""
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 300:
+            raise RaymixError(f"model.vocab_size must be >= 300, got {self.vocab_size}")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """The token budget: the main dial of a run."""
+
+    fraction: Optional[float] = 0.01
+    """Budget as a share of the pool's training tokens N (ignored if ``tokens``)."""
+    tokens: Optional[int] = None
+    """Absolute budget in training tokens."""
+    max_epochs: float = 8.0
+    """Repetition cap: no task is trained on more than this many times its size;
+    mixture weight beyond the cap spills over to the other tasks."""
+
+    def __post_init__(self) -> None:
+        if self.tokens is None and self.fraction is None:
+            raise RaymixError("budget: set budget.fraction or budget.tokens")
+        if self.tokens is not None and self.tokens <= 0:
+            raise RaymixError(f"budget.tokens must be > 0, got {self.tokens}")
+        if self.tokens is None and self.fraction is not None and self.fraction <= 0:
+            raise RaymixError(f"budget.fraction must be > 0, got {self.fraction}")
+        if self.max_epochs <= 0:
+            raise RaymixError(f"budget.max_epochs must be > 0, got {self.max_epochs}")
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The mixing policy and its options (see ``raymix.policies``)."""
+
+    name: str = "uniform"
+    """Registered policy name: uniform, proportional, temperature, unimax, static, schedule."""
+    temperature: float = 2.0
+    """temperature: p_i proportional to n_i^(1/temperature)."""
+    unimax_epochs: float = 1.0
+    """unimax: per-task epoch cap (UniMax's N); the rest is spread uniformly."""
+    weights: Optional[dict[str, float]] = None
+    """static: fixed weights per task (normalised; missing tasks get 0)."""
+    schedule: Optional[list[Any]] = None
+    """schedule: ``[[token_offset, {task: weight}], ...]``, e.g. a previous
+    run's ``mixture_schedule``, replayed as is."""
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise RaymixError(f"policy.temperature must be > 0, got {self.temperature}")
+        if self.unimax_epochs <= 0:
+            raise RaymixError(f"policy.unimax_epochs must be > 0, got {self.unimax_epochs}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation. Steps, warm-up and decay derive from the budget."""
+
+    micro_batch_size: int = 32
+    """Examples per worker per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
+    warmup_fraction: float = 0.05
+    """Share of the budget's tokens spent warming the learning rate up."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at ``lr * min_lr_ratio`` when the budget is spent."""
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    log_every: int = 10
+    """Optimizer steps between metric logs."""
+    sync_every: int = 10
+    """Optimizer steps between reports to the mixer actor (ledger, losses) and
+    mixture refreshes; the new mixture is applied one interval later so that
+    fetching it never blocks a step."""
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "grad_accum", "log_every", "sync_every"):
+            if getattr(self, name) < 1:
+                raise RaymixError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise RaymixError(f"train.lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise RaymixError(f"train.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise RaymixError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """End-of-run evaluation on each task's val and test splits."""
+
+    max_test_examples: int = 32
+    """Greedy-generation exact match on at most this many test examples per task."""
+    max_new_tokens: int = 24
+    """Generation length cap for exact match."""
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Resources. Not part of a run's identity: they change speed, not results
+    (up to floating-point reduction order across workers)."""
+
+    num_workers: int = 2
+    """Ray Train workers (DDP)."""
+    cpus_per_worker: float = 0.5
+    """Fractional CPUs per worker leave room for Ray Data and the mixer
+    (whole CPUs for every worker on a 2-CPU machine hang the data tasks)."""
+    use_gpu: bool = False
+    num_cpus: Optional[int] = None
+    """CPUs for a local Ray instance (default: all); ignored when joining a cluster."""
+    object_store_memory: int = 512 * 1024**2
+    """Object-store bytes for a local Ray instance."""
+    torch_threads: int = 1
+    """Intra-op threads per worker."""
+    data_concurrency: int = 1
+    """Parallel tokenisation actors in Ray Data."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise RaymixError(f"runtime.num_workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise RaymixError(f"runtime.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow. Default: a SQLite store under the run's output directory;
+    ``MLFLOW_TRACKING_URI`` or ``tracking_uri`` point it at a server."""
+
+    tracking_uri: Optional[str] = None
+    experiment: str = "raymix"
+    run_name: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run."""
+
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        from raymix.policies import POLICIES  # late import: policies import config types
+
+        if self.policy.name not in POLICIES:
+            raise RaymixError(
+                f"policy.name: unknown policy {self.policy.name!r}; "
+                f"choose one of {', '.join(sorted(POLICIES))}"
+                f"{_suggest(self.policy.name, POLICIES)}"
+            )
+
+
+# --------------------------------------------------------------------------
+# Building from dicts / YAML with validation
+
+
+def _suggest(word: str, choices: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    """Coerce/verify ``value`` against annotation ``tp``; raise naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(value, a, where)
+            except RaymixError as e:
+                errors.append(str(e))
+        raise RaymixError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise RaymixError(
+                f"{where}: {value!r} is not one of {', '.join(map(repr, args))}"
+                f"{_suggest(value, map(str, args))}"
+            )
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise RaymixError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return [_check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or (args and len(value) != len(args)):
+            raise RaymixError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_check_type(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RaymixError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {str(k): _check_type(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RaymixError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RaymixError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RaymixError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise RaymixError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: Any, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a plain mapping, checking keys and types."""
+    if isinstance(data, cls):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RaymixError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise RaymixError(f"unknown config key {path!r}{_suggest(key, names)}")
+        kwargs[key] = _check_type(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain-data form of a config (YAML/JSON safe)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    cls: Any = RunConfig
+    for i, k in enumerate(keys):
+        valid = [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else None
+        if valid is not None and k not in valid:
+            prefix = ".".join(keys[:i])
+            where = f"{prefix}.{k}" if prefix else k
+            raise RaymixError(f"--set {dotted}: unknown config key {where!r}{_suggest(k, valid)}")
+        if i == len(keys) - 1:
+            node[k] = value
+            return
+        hint = typing.get_type_hints(cls)[k] if dataclasses.is_dataclass(cls) else None
+        cls = hint if hint is not None and dataclasses.is_dataclass(hint) else None
+        nxt = node.get(k)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[k] = nxt
+        node = nxt
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``a.b=value`` -> (``a.b``, YAML-parsed value)."""
+    if "=" not in item:
+        raise RaymixError(f"--set {item!r}: expected key=value, e.g. --set policy.name=uniform")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise RaymixError(f"--set {key}: value {raw!r} is not valid YAML: {e}") from None
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """The embedded default, or ``path``'s YAML, with ``key=value`` overrides on top."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RaymixError(f"config file {p} does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise RaymixError(f"config file {p}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise RaymixError(f"config file {p}: top level must be a mapping")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_path(tree, key, value)
+    try:
+        return from_dict(RunConfig, tree)
+    except RaymixError as e:
+        raise RaymixError(f"{p}: {e}" if path is not None else str(e)) from None
+
+
+SECRET_WORDS = ("token", "password", "secret", "api_key", "apikey", "credential")
+
+
+def flatten(cfg: RunConfig) -> dict[str, str]:
+    """Flattened ``section.field -> str`` params for MLflow (secrets left out)."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+            return
+        leaf = prefix.rsplit(".", 1)[-1].lower()
+        if any(w in leaf for w in SECRET_WORDS) and leaf not in ("tokens", "max_new_tokens"):
+            return
+        text = node if isinstance(node, str) else json.dumps(node)
+        out[prefix] = text[:6000]  # MLflow's param value limit
+
+    walk("", to_dict(cfg))
+    return out
+
+
+IDENTITY_SECTIONS = ("seed", "data", "model", "budget", "policy", "train", "eval")
+
+
+def identity_hash(cfg: RunConfig) -> str:
+    """Hash of what changes the result (not runtime, tracking or cache paths)."""
+    tree = {k: v for k, v in to_dict(cfg).items() if k in IDENTITY_SECTIONS}
+    tree["data"].pop("cache_dir", None)
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]

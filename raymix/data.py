@@ -1,0 +1,304 @@
+"""The data plane: task sources -> records -> tokenised per-task Parquet shards.
+
+``load_pool`` reads every configured source into :class:`TaskRecord` objects
+and splits them; ``prepare_shards`` tokenises them with Ray Data
+(``map_batches`` in a pool of tokenizer actors) and writes Parquet shards
+partitioned by split and task, with exact token counts in ``stats.json``. The
+shards are cached by a content hash of the records, the tokenizer and the
+template, so a second run with the same inputs skips the work.
+
+Training does not read through Ray Data: an online policy changes the mixture
+while training runs, which a Ray Data pipeline fixes when it is built, and Ray
+counts rows where the budget counts tokens. So each worker samples per-task
+streams (``raymix.streams``) over the same shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raymix.config import DataConfig, SourceConfig
+from raymix.errors import RaymixError
+from raymix.tasks.records import TaskRecord, assign_splits, group_by_task
+
+SHARD_FORMAT_VERSION = 1
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    root = cfg.cache_dir or os.environ.get("RAYMIX_CACHE") or "~/.cache/raymix"
+    return Path(root).expanduser()
+
+
+# ----------------------------------------------------------------------------
+# Records
+
+
+def _load_source(src: SourceConfig, seed: int) -> list[TaskRecord]:
+    if src.kind == "synthetic":
+        from raymix.tasks.synthetic import generate_suite
+
+        return generate_suite(scale=src.scale, seed=seed, tasks=src.tasks)
+    if src.kind == "natural_instructions":
+        from raymix.tasks.natural_instructions import load_natural_instructions
+
+        return load_natural_instructions(
+            src.path, src.positive_examples, src.max_instances, src.tasks
+        )
+    if src.kind == "jsonl":
+        from raymix.tasks.jsonl import load_jsonl
+
+        return load_jsonl(src.path, task=src.task)
+    from raymix.tasks.hf import load_hf_dataset
+
+    return load_hf_dataset(
+        src.path,
+        split=src.split,
+        prompt_column=src.prompt_column,
+        completion_column=src.completion_column,
+        task=src.task,
+        task_column=src.task_column,
+    )
+
+
+def load_pool(cfg: DataConfig, seed: int) -> list[TaskRecord]:
+    """All sources' records, subsampled per ``task_sizes`` and split by instance id."""
+    by_task: dict[str, list[TaskRecord]] = {}
+    origin: dict[str, str] = {}
+    for i, src in enumerate(cfg.sources):
+        where = f"data.sources[{i}] ({src.kind}{': ' + src.path if src.path else ''})"
+        groups = group_by_task(_load_source(src, seed))
+        if not groups:
+            raise RaymixError(f"{where}: no tasks found")
+        for task, recs in groups.items():
+            if task in by_task:
+                raise RaymixError(
+                    f"duplicate task name {task!r}: in {origin[task]} and in {where}; "
+                    "rename one (e.g. the jsonl 'task' field or the file name)"
+                )
+            if src.task_sizes and task in src.task_sizes:
+                want = src.task_sizes[task]
+                rng = random.Random(f"{seed}:{task}")
+                recs = sorted(recs, key=lambda r: r.id)
+                recs = rng.sample(recs, min(want, len(recs)))
+            by_task[task] = recs
+            origin[task] = where
+        if src.task_sizes:
+            unknown = sorted(set(src.task_sizes) - set(groups))
+            if unknown:
+                raise RaymixError(f"{where}.task_sizes: unknown task(s) {unknown}")
+    out: list[TaskRecord] = []
+    for task, recs in by_task.items():
+        if not recs:
+            raise RaymixError(f"task {task!r} in {origin[task]} has no instances")
+        if any(r.split != "train" for r in recs):
+            out.extend(recs)  # the source gave its own splits
+        else:
+            out.extend(
+                assign_splits(recs, cfg.val_fraction, cfg.test_fraction, cfg.max_val, cfg.max_test)
+            )
+    return out
+
+
+def records_fingerprint(records: list[TaskRecord]) -> str:
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps(r.to_row(), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------
+# Tokenisation (runs inside Ray Data actors)
+
+
+class Tokenize:
+    """Ray Data callable class: one tokenizer per actor, reused over batches."""
+
+    def __init__(self, tokenizer_name: str, template: str, max_seq_len: int):
+        from raymix.models import load_tokenizer, uses_chat_template
+
+        self.tok = load_tokenizer(tokenizer_name)
+        self.chat = uses_chat_template(self.tok, template)
+        self.max_len = max_seq_len
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from raymix.models import render_completion, render_prompt
+
+        tok = self.tok
+        prompts = [render_prompt(tok, p, self.chat) for p in batch["prompt"]]
+        comps = [render_completion(c, self.chat) for c in batch["completion"]]
+        p_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+        c_ids = tok(comps, add_special_tokens=False)["input_ids"]
+        bos = [tok.bos_token_id] if (tok.bos_token_id is not None and not self.chat) else []
+        eos = [tok.eos_token_id]
+        ids, plen, status = [], [], []
+        for p, c in zip(p_ids, c_ids):
+            p = bos + p
+            c = c + eos
+            st = "ok"
+            if len(c) + 8 > self.max_len:
+                # The answer alone does not fit: training on a cut answer
+                # would teach the wrong output, so the example is dropped.
+                p, c, st = [], [], "dropped"
+            elif len(p) + len(c) > self.max_len:
+                p = bos + p[len(p) + len(c) - self.max_len + len(bos) :]
+                st = "truncated"
+            ids.append(np.asarray(p + c, dtype=np.int32))
+            plen.append(len(p))
+            status.append(st)
+        return {
+            "task_idx": batch["task_idx"],
+            "split": batch["split"],
+            "id": batch["id"],
+            "input_ids": ids,
+            "prompt_len": np.asarray(plen, dtype=np.int32),
+            "n_tokens": np.asarray([len(x) for x in ids], dtype=np.int32),
+            "status": np.asarray(status),
+            "prompt_text": np.asarray(prompts),
+            "references": batch["references"],
+        }
+
+
+@dataclass(frozen=True)
+class PreparedPool:
+    """Where the shards are and what they hold."""
+
+    root: str
+    tasks: tuple[str, ...]
+    stats: dict
+    """{split: {task: {examples, tokens, completion_tokens, truncated, dropped}}}"""
+    cache_hit: bool
+    seconds: float
+
+    def shard_dir(self, split: str, task: str) -> str:
+        return os.path.join(self.root, f"split={split}", f"task_idx={self.tasks.index(task)}")
+
+    def train_tokens(self) -> np.ndarray:
+        return np.array([self.stats["train"][t]["tokens"] for t in self.tasks], dtype=np.int64)
+
+    def train_examples(self) -> np.ndarray:
+        return np.array([self.stats["train"][t]["examples"] for t in self.tasks], dtype=np.int64)
+
+    @property
+    def pool_tokens(self) -> int:
+        return int(self.train_tokens().sum())
+
+
+def prepare_shards(
+    records: list[TaskRecord],
+    tokenizer_name: str,
+    tokenizer_fingerprint: str,
+    cfg: DataConfig,
+    concurrency: int = 1,
+) -> PreparedPool:
+    """Tokenise ``records`` with Ray Data into cached per-task Parquet shards."""
+    import pandas as pd
+    import pyarrow.dataset as pads
+    import ray
+
+    t0 = time.perf_counter()
+    tasks = tuple(dict.fromkeys(r.task for r in records))
+    key = hashlib.sha256(
+        json.dumps(
+            [
+                SHARD_FORMAT_VERSION,
+                records_fingerprint(records),
+                tokenizer_fingerprint,
+                cfg.template,
+                cfg.max_seq_len,
+            ]
+        ).encode()
+    ).hexdigest()[:20]
+    root = cache_root(cfg) / "shards" / key
+    stats_file = root / "stats.json"
+    if stats_file.exists():
+        stats = json.loads(stats_file.read_text())
+        return PreparedPool(str(root), tasks, stats, True, time.perf_counter() - t0)
+
+    index = {t: i for i, t in enumerate(tasks)}
+    df = pd.DataFrame(
+        {
+            "task_idx": [index[r.task] for r in records],
+            "split": [r.split for r in records],
+            "id": [r.id for r in records],
+            "prompt": [r.prompt for r in records],
+            "completion": [r.completion for r in records],
+            "references": [list(r.references) for r in records],
+        }
+    )
+    tmp = root.parent / f".{key}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    chunk = max(2000, -(-len(df) // 64))
+    ds = ray.data.from_pandas([df.iloc[i : i + chunk] for i in range(0, len(df), chunk)])
+    ds = ds.map_batches(
+        Tokenize,
+        fn_constructor_kwargs={
+            "tokenizer_name": tokenizer_name,
+            "template": cfg.template,
+            "max_seq_len": cfg.max_seq_len,
+        },
+        batch_size=1024,
+        batch_format="numpy",
+        concurrency=concurrency,
+        num_cpus=1,
+    )
+    ds.write_parquet(str(tmp), partition_cols=["split", "task_idx"])
+
+    table = pads.dataset(str(tmp), format="parquet", partitioning="hive").to_table(
+        columns=["split", "task_idx", "n_tokens", "prompt_len", "status"]
+    )
+    frame = table.to_pandas()
+    frame["task_idx"] = frame["task_idx"].astype(int)
+    frame["completion_tokens"] = frame["n_tokens"] - frame["prompt_len"]
+    stats: dict = {}
+    for split in ("train", "val", "test"):
+        stats[split] = {}
+        for i, task in enumerate(tasks):
+            sub = frame[(frame["split"] == split) & (frame["task_idx"] == i)]
+            ok = sub[sub["status"] != "dropped"]
+            stats[split][task] = {
+                "examples": int(len(ok)),
+                "tokens": int(ok["n_tokens"].sum()),
+                "completion_tokens": int(ok["completion_tokens"].sum()),
+                "truncated": int((sub["status"] == "truncated").sum()),
+                "dropped": int((sub["status"] == "dropped").sum()),
+            }
+    empty = [t for t in tasks if stats["train"][t]["examples"] == 0]
+    if empty:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RaymixError(
+            f"task(s) {empty} have no training examples that fit data.max_seq_len="
+            f"{cfg.max_seq_len}; raise data.max_seq_len or remove them"
+        )
+    stats["tasks"] = list(tasks)
+    (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
+    # Rename last: a crash before this line leaves only a .tmp directory,
+    # never a cache entry without its stats.
+    try:
+        tmp.rename(root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return PreparedPool(str(root), tasks, stats, False, time.perf_counter() - t0)
+
+
+def pool_summary(pool: PreparedPool) -> dict:
+    """Pool statistics for logs: N, per-task tokens, truncation and drops."""
+    train = pool.stats["train"]
+    return {
+        "pool_tokens": pool.pool_tokens,
+        "num_tasks": len(pool.tasks),
+        "tokens_per_task": {t: train[t]["tokens"] for t in pool.tasks},
+        "examples_per_task": {t: train[t]["examples"] for t in pool.tasks},
+        "truncated": sum(pool.stats[s][t]["truncated"] for s in ("train", "val", "test") for t in pool.tasks),
+        "dropped": sum(pool.stats[s][t]["dropped"] for s in ("train", "val", "test") for t in pool.tasks),
+        "size_ratio": float(max(train[t]["tokens"] for t in pool.tasks) / max(1, min(train[t]["tokens"] for t in pool.tasks))),
+    }

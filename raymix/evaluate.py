@@ -1,0 +1,98 @@
+"""End-of-run evaluation on each task's own splits: validation loss (mean
+token NLL over completion tokens) and exact match of greedy generation on a
+bounded sample of the test split. Out-of-domain benchmarks go through lm-eval
+(``raymix.eval``); this module only scores the pool's tasks, in-process, on
+the model that just finished training.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from raymix.streams import collate, read_split
+
+
+def token_nll(model, batch, device):
+    """Per-row (sum of completion-token NLL, completion-token count)."""
+    import torch
+    import torch.nn.functional as F
+
+    input_ids = batch["input_ids"].to(device)
+    labels = batch["labels"].to(device)
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    nll = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    ).view(shift_labels.shape)
+    mask = shift_labels != -100
+    return (nll * mask).sum(dim=1), mask.sum(dim=1).to(torch.float32)
+
+
+def validation_losses(model, pool, pad_id: int, batch_size: int, device="cpu") -> dict[str, float]:
+    import torch
+
+    model.eval()
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        for task in pool.tasks:
+            rows = read_split(pool.shard_dir("val", task), ["input_ids", "prompt_len"])
+            examples = [(np.asarray(i, dtype=np.int64), int(p)) for i, p in zip(rows["input_ids"], rows["prompt_len"])]
+            total, count = 0.0, 0.0
+            for s in range(0, len(examples), batch_size):
+                nll, cnt = token_nll(model, collate(examples[s : s + batch_size], pad_id), device)
+                total += float(nll.sum())
+                count += float(cnt.sum())
+            out[task] = total / count if count else float("nan")
+    return out
+
+
+def normalise_answer(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def exact_match(
+    model, tokenizer, pool, max_examples: int, max_new_tokens: int, batch_size: int, device="cpu"
+) -> dict[str, float]:
+    """Share of test prompts whose greedy continuation equals a reference."""
+    import torch
+
+    model.eval()
+    pad_id = tokenizer.pad_token_id
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        for task in pool.tasks:
+            rows = read_split(pool.shard_dir("test", task), ["input_ids", "prompt_len", "references"])
+            n = min(max_examples, len(rows["input_ids"]))
+            if n == 0:
+                out[task] = float("nan")
+                continue
+            hits = 0
+            for s in range(0, n, batch_size):
+                prompts = [list(ids[:p]) for ids, p in zip(rows["input_ids"][s : min(n, s + batch_size)], rows["prompt_len"][s : min(n, s + batch_size)])]
+                width = max(len(p) for p in prompts)
+                # Left padding so every row's answer starts at the same column.
+                ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for r, p in enumerate(prompts):
+                    ids[r, width - len(p) :] = torch.tensor(p)
+                    mask[r, width - len(p) :] = 1
+                gen = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=pad_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+                texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
+                for text, refs in zip(texts, rows["references"][s : min(n, s + batch_size)]):
+                    if normalise_answer(text) in {normalise_answer(r) for r in refs}:
+                        hits += 1
+            out[task] = hits / n
+    return out

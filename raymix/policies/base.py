@@ -1,0 +1,123 @@
+"""The mixing-policy interface, its registry, and the repetition cap.
+
+A policy is one small class: it proposes task weights and updates its state
+from signals (tokens consumed, per-task losses, later gradient statistics). No
+Ray, no logging and no I/O inside, so every policy is unit-tested on CPU; the
+mixer actor (``raymix.mixer``) owns the one live instance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Protocol
+
+import numpy as np
+
+from raymix.config import PolicyConfig
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    """What a policy may know about the pool before training."""
+
+    tasks: tuple[str, ...]
+    train_tokens: np.ndarray
+    """Tokens in each task's train split (n_i)."""
+    train_examples: np.ndarray
+    budget_tokens: int
+
+
+@dataclass
+class Signals:
+    """What workers report between two policy updates."""
+
+    consumed: np.ndarray
+    """Train tokens consumed so far per task (the ledger)."""
+    train_loss: Optional[np.ndarray] = None
+    """Mean token NLL per task over the last interval (NaN where unseen)."""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return int(self.consumed.sum())
+
+
+class MixingPolicy(Protocol):
+    def initial_weights(self) -> np.ndarray:
+        """The mixture before any training."""
+
+    def update(self, signals: Signals) -> Optional[np.ndarray]:
+        """New weights after ``signals``, or None to keep the current ones."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+PolicyFactory = Callable[[PolicyConfig, PoolInfo], MixingPolicy]
+POLICIES: dict[str, PolicyFactory] = {}
+
+
+def register_policy(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
+    def deco(factory: PolicyFactory) -> PolicyFactory:
+        POLICIES[name] = factory
+        return factory
+
+    return deco
+
+
+def build_policy(cfg: PolicyConfig, pool: PoolInfo) -> MixingPolicy:
+    return POLICIES[cfg.name](cfg, pool)
+
+
+def normalise(w: np.ndarray) -> np.ndarray:
+    w = np.clip(np.asarray(w, dtype=np.float64), 0.0, None)
+    s = w.sum()
+    if not np.isfinite(s) or s <= 0:
+        raise ValueError(f"mixture weights must have a positive finite sum, got {w}")
+    return w / s
+
+
+def cap_mixture(
+    weights: np.ndarray, capacity: np.ndarray, budget: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply per-task token capacities to a mixture (water-filling).
+
+    ``weights`` asks for ``weights * budget`` tokens from each task; a task may
+    give at most ``capacity`` more. Tasks over capacity are clipped and their
+    excess is spread over the uncapped tasks in proportion to their weights,
+    repeatedly, until nothing is over. Returns the capped weights (summing to
+    1) and the tokens each task spilled.
+
+    Raises ValueError when the total capacity cannot cover the budget.
+    """
+    w = normalise(weights)
+    capacity = np.clip(np.asarray(capacity, dtype=np.float64), 0.0, None)
+    if budget <= 0:
+        return w, np.zeros_like(w)
+    if capacity.sum() < budget * (1 - 1e-9):
+        raise ValueError(
+            f"budget {budget:.0f} tokens exceeds the pool's capacity under the repetition "
+            f"cap ({capacity.sum():.0f} tokens)"
+        )
+    want = w * budget
+    alloc = np.zeros_like(w)
+    free = np.ones(len(w), dtype=bool)
+    remaining = float(budget)
+    for _ in range(len(w) + 1):
+        if remaining <= 0 or not free.any():
+            break
+        share = w * free
+        if share.sum() <= 0:  # only zero-weight tasks left: spread by capacity
+            share = capacity * free
+        share = share / share.sum() * remaining
+        over = free & (share >= capacity - alloc)
+        if not over.any():
+            alloc[free] += share[free]
+            remaining = 0.0
+            break
+        remaining -= float((capacity - alloc)[over].sum())
+        alloc[over] = capacity[over]
+        free &= ~over
+    spill = np.clip(want - alloc, 0.0, None)
+    return alloc / alloc.sum(), spill

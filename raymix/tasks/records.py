@@ -1,0 +1,98 @@
+"""The one record every task source produces, and the deterministic split.
+
+Every loader (Natural Instructions, JSONL, Hugging Face datasets, the built-in
+synthetic suite) yields :class:`TaskRecord` objects; everything downstream
+(tokenisation, shards, evaluation) only sees these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """One supervised example.
+
+    Attributes:
+        task: task name; unique within a pool.
+        id: instance id, stable across runs (the split is derived from it).
+        prompt: the instruction and input shown to the model.
+        completion: the reference answer (the only tokens the loss is taken on).
+        split: one of ``train``, ``val``, ``test``.
+        references: all accepted answers (for exact match); defaults to
+            ``(completion,)``.
+        choices: answer options for multiple-choice evaluation, if any.
+    """
+
+    task: str
+    id: str
+    prompt: str
+    completion: str
+    split: str = "train"
+    references: tuple[str, ...] = field(default=())
+    choices: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if not self.references:
+            object.__setattr__(self, "references", (self.completion,))
+
+    def to_row(self) -> dict:
+        return {
+            "task": self.task,
+            "id": self.id,
+            "prompt": self.prompt,
+            "completion": self.completion,
+            "split": self.split,
+            "references": list(self.references),
+            "choices": list(self.choices),
+        }
+
+
+def _rank(task: str, instance_id: str) -> str:
+    return hashlib.sha1(f"{task}\x00{instance_id}".encode()).hexdigest()
+
+
+def assign_splits(
+    records: Sequence[TaskRecord],
+    val_fraction: float,
+    test_fraction: float,
+    max_val: int,
+    max_test: int,
+) -> list[TaskRecord]:
+    """Give one task's records a deterministic train/val/test split by instance id.
+
+    Records are ordered by a hash of their id (so the split does not depend on
+    file order), the first ``min(max_test, round(test_fraction*n))`` go to test,
+    the next ``min(max_val, round(val_fraction*n))`` to val, the rest to train.
+    At least one record always stays in train.
+    """
+    n = len(records)
+    order = sorted(records, key=lambda r: _rank(r.task, r.id))
+    n_test = min(max_test, int(round(test_fraction * n)))
+    n_val = min(max_val, int(round(val_fraction * n)))
+    while n_test + n_val >= n and (n_test or n_val):
+        if n_test >= n_val and n_test:
+            n_test -= 1
+        else:
+            n_val -= 1
+    out: list[TaskRecord] = []
+    for i, r in enumerate(order):
+        split = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+        out.append(
+            TaskRecord(r.task, r.id, r.prompt, r.completion, split, r.references, r.choices)
+        )
+    return out
+
+
+def group_by_task(records: Iterable[TaskRecord]) -> dict[str, list[TaskRecord]]:
+    out: dict[str, list[TaskRecord]] = {}
+    for r in records:
+        out.setdefault(r.task, []).append(r)
+    return out

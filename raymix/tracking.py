@@ -1,0 +1,130 @@
+"""MLflow tracking for a run: where the store is, the run's lifecycle, and the
+end-of-run plot.
+
+Default store: SQLite under the run's output directory (artifacts beside it).
+``MLFLOW_TRACKING_URI`` (or ``tracking.tracking_uri``) points raymix at a
+server instead; a server that does not answer fails the run before any
+training time is spent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+from raymix.config import RunConfig, flatten, identity_hash
+from raymix.errors import RaymixError
+
+
+def resolve_tracking_uri(cfg: RunConfig, output_dir: Path) -> str:
+    uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{output_dir.resolve() / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast on an HTTP tracking server that does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            if resp.status != 200:
+                raise RaymixError(f"MLflow server {uri} answered HTTP {resp.status} on /health")
+    except (urllib.error.URLError, OSError) as e:
+        raise RaymixError(
+            f"MLflow tracking server {uri} is unreachable ({e}); start it or unset "
+            "MLFLOW_TRACKING_URI to use the local store"
+        ) from None
+
+
+class RunTracker:
+    """One MLflow run: created RUNNING, ended FINISHED or FAILED, never left open."""
+
+    def __init__(self, cfg: RunConfig, output_dir: Path, parent_run_id: Optional[str] = None):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = resolve_tracking_uri(cfg, output_dir)
+        check_reachable(self.uri)
+        self.client = MlflowClient(self.uri)
+        exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
+        if exp is None:
+            artifact_location = None
+            if self.uri.startswith("sqlite:") or "://" not in self.uri:
+                artifact_location = (output_dir.resolve() / "mlartifacts").as_uri()
+            try:
+                exp_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location)
+            except Exception:  # created concurrently by another process
+                exp_id = self.client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
+        else:
+            exp_id = exp.experiment_id
+        tags = {
+            "raymix.identity": identity_hash(cfg),
+            "raymix.policy": cfg.policy.name,
+            "raymix.seed": str(cfg.seed),
+            "raymix.output_dir": str(output_dir.resolve()),
+        }
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(exp_id, tags=tags, run_name=cfg.tracking.run_name)
+        self.run_id = run.info.run_id
+        self.experiment_id = exp_id
+        self.log_params(flatten(cfg))
+
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 90):  # MLflow caps params per batch at 100
+            self.client.log_batch(self.run_id, params=items[i : i + 90])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from raymix.worker import _metric_batch
+
+        _metric_batch(self.client, self.run_id, metrics, step)
+
+    def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_json(self, obj, name: str, directory: Path) -> Path:
+        path = directory / name
+        path.write_text(json.dumps(obj, indent=1))
+        self.log_artifact(path)
+        return path
+
+    def end(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def plot_mixture(schedule: list, ledger: dict, path: Path, budget: int) -> Path:
+    """Two panels: the applied mixture over tokens, and tokens per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks = list(ledger)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    offsets = [o for o, _ in schedule] + [max(budget, schedule[-1][0] if schedule else 0)]
+    ys = np.array([[w.get(t, 0.0) for t in tasks] for _, w in schedule])
+    if len(ys):
+        xs = np.repeat(offsets, 2)[1:-1]
+        stacked = np.repeat(ys, 2, axis=0)
+        ax1.stackplot(xs, stacked.T, labels=tasks, step=None)
+    ax1.set_xlabel("train tokens")
+    ax1.set_ylabel("mixture weight")
+    ax1.set_title("applied mixture")
+    ax1.set_xlim(0, offsets[-1])
+    ax1.set_ylim(0, 1)
+    ax2.barh(tasks, [ledger[t]["train_tokens"] for t in tasks])
+    ax2.set_xlabel("train tokens consumed")
+    ax2.invert_yaxis()
+    ax2.tick_params(axis="y", labelsize=7)
+    ax1.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0)) if len(tasks) <= 30 else None
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

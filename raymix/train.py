@@ -1,0 +1,265 @@
+"""One budgeted multi-task SFT run on Ray.
+
+    python -m raymix.train [CONFIG.yaml] [--set key=value ...] --output DIR
+
+With no config, the embedded default runs: the built-in synthetic suite, a
+small Llama model built from a config and a tokenizer trained on the pool.
+Writes ``DIR/summary.json`` (the fields scripts compare runs by), the final
+Hugging Face checkpoint in ``DIR/model``, and one MLflow run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Optional, Sequence
+
+from raymix.config import RunConfig, identity_hash, load_config, to_dict, to_yaml
+from raymix.errors import RaymixError
+
+
+def init_ray(cfg: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict = {"include_dashboard": False, "log_to_driver": True}
+    import os
+
+    if not os.environ.get("RAY_ADDRESS"):
+        kwargs["num_cpus"] = cfg.runtime.num_cpus
+        kwargs["object_store_memory"] = cfg.runtime.object_store_memory
+    ray.init(**kwargs)
+
+
+def budget_tokens(cfg: RunConfig, pool_tokens: int) -> int:
+    if cfg.budget.tokens is not None:
+        budget = int(cfg.budget.tokens)
+    else:
+        budget = int(round(cfg.budget.fraction * pool_tokens))
+    if budget <= 0:
+        raise RaymixError(
+            f"budget.fraction={cfg.budget.fraction} of the pool's {pool_tokens} tokens is 0 tokens; "
+            "raise budget.fraction or set budget.tokens"
+        )
+    capacity = cfg.budget.max_epochs * pool_tokens
+    if budget > capacity:
+        raise RaymixError(
+            f"budget of {budget} tokens exceeds what the repetition cap allows "
+            f"(budget.max_epochs={cfg.budget.max_epochs} x {pool_tokens} pool tokens = {capacity:.0f}); "
+            "lower the budget or raise budget.max_epochs"
+        )
+    return budget
+
+
+def prepare_model_and_data(cfg: RunConfig, output_dir: Path):
+    """Records -> tokenizer -> shards -> initial model. Returns what workers need."""
+    from raymix.data import cache_root, load_pool, prepare_shards, records_fingerprint
+    from raymix.models import build_model, load_tokenizer, train_tokenizer
+
+    records = load_pool(cfg.data, cfg.seed)
+    fingerprint = records_fingerprint(records)
+    if cfg.model.pretrained or cfg.model.tokenizer:
+        tok_name = cfg.model.tokenizer or cfg.model.pretrained
+        tokenizer = load_tokenizer(tok_name, "model.tokenizer" if cfg.model.tokenizer else "model.pretrained")
+        tok_dir = output_dir / "tokenizer"
+        tokenizer.save_pretrained(str(tok_dir))
+        tok_fp = f"{tok_name}:{len(tokenizer)}"
+    else:
+        texts = (f"{r.prompt}\nAnswer: {r.completion}" for r in records if r.split == "train")
+        tokenizer, tok_path = train_tokenizer(texts, cfg.model.vocab_size, cache_root(cfg.data), fingerprint)
+        tok_dir = Path(tok_path)
+        tok_fp = f"trained:{tok_path}"
+    pool = prepare_shards(records, str(tok_dir), tok_fp, cfg.data, cfg.runtime.data_concurrency)
+    if cfg.model.pretrained:
+        init_dir = cfg.model.pretrained
+        build_model(cfg.model, tokenizer, cfg.seed)  # fail before training if it cannot load
+    else:
+        model = build_model(cfg.model, tokenizer, cfg.seed)
+        init_dir = str(output_dir / "init_model")
+        model.save_pretrained(init_dir)
+        del model
+    return tokenizer, str(tok_dir), pool, init_dir
+
+
+def run(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = None) -> dict:
+    """Train under the budget, evaluate, write summary.json; return the summary."""
+    from raymix.data import pool_summary
+    from raymix.policies import PoolInfo
+    from raymix.tracking import RunTracker, plot_mixture
+
+    out = Path(output_dir)
+    if (out / "summary.json").exists():
+        raise RaymixError(
+            f"--output {out} already holds a finished run (summary.json); choose another directory"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    t0 = time.perf_counter()
+    tracker = RunTracker(cfg, out, parent_run_id)
+    status = "FAILED"
+    try:
+        tracker.log_artifact(out / "config.yaml")
+        init_ray(cfg)
+        tokenizer, tok_dir, pool, init_dir = prepare_model_and_data(cfg, out)
+        stats = pool_summary(pool)
+        budget = budget_tokens(cfg, pool.pool_tokens)
+        tracker.log_json(pool.stats, "pool_stats.json", out)
+        tracker.log_metrics(
+            {"pool/tokens": stats["pool_tokens"], "pool/num_tasks": stats["num_tasks"],
+             "pool/truncated": stats["truncated"], "pool/dropped": stats["dropped"],
+             "pool/prepare_seconds": pool.seconds, "pool/cache_hit": float(pool.cache_hit),
+             "budget/tokens": budget,
+             **{f"pool/tokens/{t}": v for t, v in stats["tokens_per_task"].items()}}
+        )
+        print(f"[raymix] pool: {stats['num_tasks']} tasks, N={stats['pool_tokens']} tokens "
+              f"(prepared in {pool.seconds:.1f}s, cache {'hit' if pool.cache_hit else 'miss'}); "
+              f"budget {budget} tokens; policy {cfg.policy.name}", flush=True)
+
+        summary = _train(cfg, out, tracker, pool, tok_dir, init_dir, budget,
+                         PoolInfo(pool.tasks, pool.train_tokens(), pool.train_examples(), budget))
+        summary["wall_seconds"] = time.perf_counter() - t0
+        summary["pool"] = stats
+        _log_summary(tracker, summary, out, plot_mixture)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        tracker.log_artifact(out / "summary.json")
+        status = "FINISHED"
+        return summary
+    finally:
+        tracker.end(status)
+
+
+def _train(cfg, out, tracker, pool, tok_dir, init_dir, budget, pool_info) -> dict:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raymix.mixer import start_mixer_actor
+    from raymix.worker import train_loop
+
+    mixer_name = f"mixer-{tracker.run_id}-{uuid.uuid4().hex[:6]}"
+    mixer = start_mixer_actor(mixer_name, cfg.policy, pool_info, cfg.budget.max_epochs)
+    try:
+        ray.get(mixer.mixture.remote(), timeout=120)  # surfaces policy errors here
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={
+                "run": to_dict(cfg),
+                "pool": {"root": pool.root, "tasks": pool.tasks, "stats": pool.stats,
+                         "cache_hit": pool.cache_hit, "seconds": pool.seconds},
+                "budget_tokens": budget,
+                "tokenizer_dir": tok_dir,
+                "init_model_dir": init_dir,
+                "mixer_name": mixer_name,
+                "mlflow_run_id": tracker.run_id,
+                "mlflow_tracking_uri": tracker.uri,
+            },
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.runtime.num_workers,
+                use_gpu=cfg.runtime.use_gpu,
+                resources_per_worker={"CPU": cfg.runtime.cpus_per_worker},
+            ),
+            run_config=ray.train.RunConfig(
+                name=f"train-{tracker.run_id}",
+                storage_path=str((out / "ray").resolve()),
+            ),
+        )
+        result = trainer.fit()
+        if result.error:
+            raise result.error
+        mix = ray.get(mixer.summary.remote(), timeout=120)
+    finally:
+        ray.kill(mixer)
+    model_dir = out / "model"
+    with result.checkpoint.as_directory() as ckpt:
+        shutil.copytree(ckpt, model_dir, dirs_exist_ok=True)
+    ev = json.loads((model_dir / "raymix_eval.json").read_text())
+    val, em = ev["val_loss"], ev["test_exact_match"]
+    finite = [v for v in val.values() if v == v]
+    em_vals = [v for v in em.values() if v == v]
+    micro = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.runtime.num_workers
+    return {
+        "policy": cfg.policy.name,
+        "seed": cfg.seed,
+        "identity": identity_hash(cfg),
+        "budget_tokens": budget,
+        "train_tokens": mix["train_tokens"],
+        "meta_tokens": mix["meta_tokens"],
+        "overshoot_tokens": mix["train_tokens"] - budget,
+        "global_batch_examples": micro,
+        "global_batch_tokens": micro * cfg.data.max_seq_len,
+        "mean_step_tokens": ev["train_tokens"] / max(1, ev["steps"]),
+        "steps": ev["steps"],
+        "ledger": mix["ledger"],
+        "val_loss": val,
+        "worst_val_loss": max(finite) if finite else float("nan"),
+        "worst_val_task": max(val, key=lambda t: val[t] if val[t] == val[t] else -1.0),
+        "mean_val_loss": sum(finite) / len(finite) if finite else float("nan"),
+        "test_exact_match": em,
+        "mean_test_exact_match": sum(em_vals) / len(em_vals) if em_vals else float("nan"),
+        "tokens_per_second": ev["tokens_per_second"],
+        "train_loop_seconds": ev["loop_seconds"],
+        "eval_seconds": ev["eval_seconds"],
+        "mixer_update_seconds": mix["mixer_update_seconds"],
+        "mixture_schedule": mix["mixture_schedule"],
+        "final_weights": mix["final_weights"],
+        "spill_tokens": mix["spill_tokens"],
+        "model_dir": str(model_dir.resolve()),
+        "mlflow_run_id": tracker.run_id,
+        "mlflow_tracking_uri": tracker.uri,
+        "mlflow_experiment_id": tracker.experiment_id,
+    }
+
+
+def _log_summary(tracker, summary: dict, out: Path, plot_mixture) -> None:
+    metrics = {k: summary[k] for k in (
+        "train_tokens", "meta_tokens", "budget_tokens", "overshoot_tokens", "worst_val_loss",
+        "mean_val_loss", "mean_test_exact_match", "tokens_per_second", "wall_seconds",
+        "train_loop_seconds", "eval_seconds", "mixer_update_seconds")}
+    for t, v in summary["val_loss"].items():
+        metrics[f"val_loss/{t}"] = v
+    for t, v in summary["test_exact_match"].items():
+        metrics[f"test_exact_match/{t}"] = v
+    for t, row in summary["ledger"].items():
+        metrics[f"ledger/{t}/train_tokens"] = row["train_tokens"]
+        metrics[f"ledger/{t}/meta_tokens"] = row["meta_tokens"]
+    tracker.log_metrics(metrics, step=summary["steps"])
+    tracker.log_json(summary["ledger"], "ledger.json", out)
+    tracker.log_json(summary["mixture_schedule"], "mixture_schedule.json", out)
+    png = plot_mixture(summary["mixture_schedule"], summary["ledger"], out / "mixture.png",
+                       summary["budget_tokens"])
+    tracker.log_artifact(png)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m raymix.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", nargs="?", help="YAML run config (default: the embedded default)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set policy.name=proportional (repeatable)")
+    parser.add_argument("--output", required=True, help="run directory (summary.json, model, MLflow store)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(to_yaml(cfg))
+            return 0
+        summary = run(cfg, args.output)
+    except RaymixError as e:
+        print(f"raymix: error: {e}", file=sys.stderr)
+        return 2
+    keys = ("policy", "seed", "budget_tokens", "train_tokens", "overshoot_tokens", "worst_val_loss",
+            "worst_val_task", "mean_val_loss", "mean_test_exact_match", "tokens_per_second", "wall_seconds")
+    print(json.dumps({k: summary[k] for k in keys}, indent=1))
+    print(f"[raymix] wrote {Path(args.output) / 'summary.json'}; MLflow run {summary['mlflow_run_id']} "
+          f"at {summary['mlflow_tracking_uri']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""The training worker: budgeted SFT inside a Ray Train ``TorchTrainer``.
+
+Every worker samples each example's task from the current mixture, trains
+with the loss on completion tokens only, and all-reduces per-task token and
+loss counts after each optimizer step, so all ranks agree on ``train_tokens``
+and stop at the same step. Rank 0 alone talks to the mixer actor (every
+``train.sync_every`` steps, without waiting on the reply until the next
+interval) and to MLflow, and evaluates the final model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from raymix.config import RunConfig, from_dict
+
+
+class TokenCosineSchedule:
+    """Learning rate as a function of the budget spent: linear warm-up over
+    ``warmup`` of the budget, then cosine decay to ``min_ratio * peak``. Tied
+    to tokens, not steps, so it means the same with any batch or worker count."""
+
+    def __init__(self, peak: float, warmup: float, min_ratio: float):
+        self.peak, self.warmup, self.min_ratio = peak, warmup, min_ratio
+
+    def __call__(self, progress: float) -> float:
+        progress = min(max(progress, 0.0), 1.0)
+        if self.warmup > 0 and progress < self.warmup:
+            return self.peak * max(progress / self.warmup, 0.01)
+        t = (progress - self.warmup) / max(1e-12, 1 - self.warmup)
+        return self.peak * (self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _metric_batch(client, run_id, metrics: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]
+    for i in range(0, len(items), 900):  # MLflow caps a batch at 1000 metrics
+        client.log_batch(run_id, metrics=items[i : i + 900])
+
+
+def train_loop(loop_cfg: dict) -> None:
+    import ray
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from raymix.data import PreparedPool
+    from raymix.evaluate import exact_match, token_nll, validation_losses
+    from raymix.mixer import MIXER_NAMESPACE
+    from raymix.models import load_tokenizer
+    from raymix.streams import TaskStream, collate
+
+    cfg: RunConfig = from_dict(RunConfig, loop_cfg["run"])
+    pool = PreparedPool(**loop_cfg["pool"])
+    budget = int(loop_cfg["budget_tokens"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.runtime.torch_threads)
+    device = ray.train.torch.get_device()
+    distributed = dist.is_available() and dist.is_initialized() and world > 1
+
+    tokenizer = load_tokenizer(loop_cfg["tokenizer_dir"])
+    pad_id = tokenizer.pad_token_id
+    model = AutoModelForCausalLM.from_pretrained(loop_cfg["init_model_dir"], dtype=torch.float32)
+    model = ray.train.torch.prepare_model(model)
+    raw_model = model.module if hasattr(model, "module") else model
+    decay, no_decay = [], []
+    for name, p in raw_model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.train.lr,
+        betas=cfg.train.betas,
+    )
+    schedule = TokenCosineSchedule(cfg.train.lr, cfg.train.warmup_fraction, cfg.train.min_lr_ratio)
+    use_amp = device.type == "cuda"
+
+    tasks = pool.tasks
+    T = len(tasks)
+    streams = [
+        TaskStream(pool.shard_dir("train", t), seed=cfg.seed * 100003 + i, rank=rank, world=world)
+        for i, t in enumerate(tasks)
+    ]
+    rng = np.random.default_rng([cfg.seed, rank, 7])
+
+    mixer = ray.get_actor(loop_cfg["mixer_name"], namespace=MIXER_NAMESPACE) if rank == 0 else None
+    client = None
+    if rank == 0 and loop_cfg.get("mlflow_run_id"):
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(loop_cfg["mlflow_tracking_uri"])
+
+    def broadcast_mixture(mix: dict | None) -> tuple[int, np.ndarray]:
+        buf = torch.zeros(T + 1, dtype=torch.float64)
+        if rank == 0:
+            buf[0] = mix["version"]
+            buf[1:] = torch.tensor(mix["weights"], dtype=torch.float64)
+        if distributed:
+            dist.broadcast(buf, src=0)
+        w = buf[1:].numpy().clip(0)
+        return int(buf[0]), w / w.sum()
+
+    version, weights = broadcast_mixture(ray.get(mixer.mixture.remote()) if rank == 0 else None)
+    if rank == 0:
+        mixer.applied.remote(version, 0, weights.tolist())
+
+    mbs, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
+    train_tokens = 0
+    step = 0
+    sync_tokens = np.zeros(T)
+    sync_loss = np.zeros((2, T))
+    log_loss = np.zeros((2, T))
+    log_tokens_start, log_time_start = 0, time.perf_counter()
+    pending = None
+    t_loop = time.perf_counter()
+    model.train()
+    while train_tokens < budget:
+        lr = schedule(train_tokens / budget)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        micro = []
+        for _ in range(accum):
+            idx = rng.choice(T, size=mbs, p=weights)
+            micro.append((idx, collate([streams[i].next() for i in idx], pad_id)))
+        n_completion = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in micro)
+        step_stats = np.zeros((3, T))  # tokens, loss sum, loss count per task
+        for k, (idx, batch) in enumerate(micro):
+            sync_ctx = model.no_sync() if (distributed and k < accum - 1) else _null()
+            with sync_ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                nll, cnt = token_nll(model, batch, device)
+                loss = nll.sum() / max(1, n_completion)
+                loss.backward()
+            lengths = batch["attention_mask"].sum(dim=1).numpy()
+            np.add.at(step_stats[0], idx, lengths)
+            np.add.at(step_stats[1], idx, nll.detach().float().cpu().numpy())
+            np.add.at(step_stats[2], idx, cnt.cpu().numpy())
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        stats = torch.from_numpy(step_stats)
+        if distributed:
+            dist.all_reduce(stats)
+        stats_np = stats.numpy()
+        step_loss = stats_np[1].sum() / max(1.0, stats_np[2].sum())
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(f"loss became {step_loss} at step {step} ({train_tokens} train tokens)")
+        step += 1
+        train_tokens += int(stats_np[0].sum())
+        sync_tokens += stats_np[0]
+        sync_loss += stats_np[1:]
+        log_loss += stats_np[1:]
+
+        if step % cfg.train.sync_every == 0 and train_tokens < budget:
+            mix = None
+            if rank == 0:
+                mix = ray.get(pending) if pending is not None else None
+                pending = mixer.report.remote(
+                    sync_tokens.astype(np.int64).tolist(), sync_loss[0].tolist(), sync_loss[1].tolist()
+                )
+            sync_tokens[:] = 0
+            sync_loss[:] = 0
+            if mix is not None or not (rank == 0):
+                # Ranks other than 0 receive whatever rank 0 decided.
+                pass
+            new_version, new_weights = broadcast_mixture(mix if mix is not None else {"version": version, "weights": weights.tolist()})
+            if new_version != version:
+                version, weights = new_version, new_weights
+                if rank == 0:
+                    mixer.applied.remote(version, train_tokens, weights.tolist())
+
+        if rank == 0 and client is not None and (step % cfg.train.log_every == 0 or train_tokens >= budget):
+            now = time.perf_counter()
+            metrics = {
+                "train/loss": step_loss,
+                "train/lr": lr,
+                "train/tokens": train_tokens,
+                "train/tokens_per_second": (train_tokens - log_tokens_start) / max(1e-9, now - log_time_start),
+                "train/budget_progress": train_tokens / budget,
+            }
+            for i, t in enumerate(tasks):
+                metrics[f"mixture/{t}"] = float(weights[i])
+                if log_loss[1, i] > 0:
+                    metrics[f"loss/{t}"] = log_loss[0, i] / log_loss[1, i]
+            _metric_batch(client, loop_cfg["mlflow_run_id"], metrics, step)
+            log_loss[:] = 0
+            log_tokens_start, log_time_start = train_tokens, now
+    loop_seconds = time.perf_counter() - t_loop
+
+    # Final flush: every token counted by the workers reaches the ledger.
+    if rank == 0:
+        if pending is not None:
+            ray.get(pending)
+        ray.get(mixer.report.remote(sync_tokens.astype(np.int64).tolist(), sync_loss[0].tolist(), sync_loss[1].tolist()))
+
+    metrics = {"train_tokens": train_tokens, "steps": step, "loop_seconds": loop_seconds,
+               "tokens_per_second": train_tokens / max(1e-9, loop_seconds)}
+    if rank == 0:
+        t_eval = time.perf_counter()
+        val = validation_losses(raw_model, pool, pad_id, cfg.eval.batch_size, device)
+        em = exact_match(raw_model, tokenizer, pool, cfg.eval.max_test_examples, cfg.eval.max_new_tokens,
+                         cfg.eval.batch_size, device)
+        metrics["eval_seconds"] = time.perf_counter() - t_eval
+        with tempfile.TemporaryDirectory() as tmp:
+            raw_model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            with open(os.path.join(tmp, "raymix_eval.json"), "w") as f:
+                json.dump({"val_loss": val, "test_exact_match": em, **metrics}, f)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(metrics, checkpoint=None)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
