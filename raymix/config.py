@@ -334,6 +334,12 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
             raise RaymixError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
         return {str(k): _check_type(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads 1e-4 (no dot) as a string; accept it as a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RaymixError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)
@@ -444,25 +450,29 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         raise RaymixError(f"{p}: {e}" if path is not None else str(e)) from None
 
 
-SECRET_WORDS = ("token", "password", "secret", "api_key", "apikey", "credential")
+SECRET_WORDS = ("token", "password", "passwd", "secret", "key", "apikey", "credential", "credentials")
+
+
+def is_secret_key(name: str) -> bool:
+    """``hf_token``, ``api_key``, ``password`` are; ``tokenizer``, ``max_new_tokens`` are not."""
+    return any(part in SECRET_WORDS for part in name.lower().replace("-", "_").split("_"))
 
 
 def flatten(cfg: RunConfig) -> dict[str, str]:
-    """Flattened ``section.field -> str`` params for MLflow (secrets left out)."""
+    """``section.field -> str`` params for MLflow; fields named like secrets are left out.
+
+    Values that are lists or mappings (sources, weights) are logged as one
+    JSON string each, so task names inside them are never mistaken for keys.
+    """
     out: dict[str, str] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-            return
-        leaf = prefix.rsplit(".", 1)[-1].lower()
-        if any(w in leaf for w in SECRET_WORDS) and leaf not in ("tokens", "max_new_tokens"):
-            return
-        text = node if isinstance(node, str) else json.dumps(node)
-        out[prefix] = text[:6000]  # MLflow's param value limit
-
-    walk("", to_dict(cfg))
+    for section, node in to_dict(cfg).items():
+        items = node.items() if isinstance(node, dict) else [(None, node)]
+        for name, value in items:
+            key = f"{section}.{name}" if name is not None else section
+            if is_secret_key(name or section):
+                continue
+            text = value if isinstance(value, str) else json.dumps(value)
+            out[key] = text[:6000]  # MLflow's param value limit
     return out
 
 

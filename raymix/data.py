@@ -23,7 +23,6 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -31,7 +30,7 @@ from raymix.config import DataConfig, SourceConfig
 from raymix.errors import RaymixError
 from raymix.tasks.records import TaskRecord, assign_splits, group_by_task
 
-SHARD_FORMAT_VERSION = 1
+SHARD_FORMAT_VERSION = 2
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -130,7 +129,7 @@ class Tokenize:
         self.chat = uses_chat_template(self.tok, template)
         self.max_len = max_seq_len
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    def __call__(self, batch: dict[str, np.ndarray]):
         from raymix.models import render_completion, render_prompt
 
         tok = self.tok
@@ -152,20 +151,27 @@ class Tokenize:
             elif len(p) + len(c) > self.max_len:
                 p = bos + p[len(p) + len(c) - self.max_len + len(bos) :]
                 st = "truncated"
-            ids.append(np.asarray(p + c, dtype=np.int32))
+            ids.append(p + c)
             plen.append(len(p))
             status.append(st)
-        return {
-            "task_idx": batch["task_idx"],
-            "split": batch["split"],
-            "id": batch["id"],
-            "input_ids": ids,
-            "prompt_len": np.asarray(plen, dtype=np.int32),
-            "n_tokens": np.asarray([len(x) for x in ids], dtype=np.int32),
-            "status": np.asarray(status),
-            "prompt_text": np.asarray(prompts),
-            "references": batch["references"],
-        }
+        import pyarrow as pa
+
+        # An explicit Arrow table keeps input_ids a plain list<int32> column;
+        # a column of ragged numpy arrays would become Ray's tensor extension
+        # type, which readers without Ray cannot decode.
+        return pa.table(
+            {
+                "task_idx": pa.array(np.asarray(batch["task_idx"], dtype=np.int32)),
+                "split": pa.array([str(s) for s in batch["split"]]),
+                "id": pa.array([str(s) for s in batch["id"]]),
+                "input_ids": pa.array(ids, type=pa.list_(pa.int32())),
+                "prompt_len": pa.array(plen, type=pa.int32()),
+                "n_tokens": pa.array([len(x) for x in ids], type=pa.int32()),
+                "status": pa.array(status),
+                "prompt_text": pa.array(prompts),
+                "references": pa.array([list(r) for r in batch["references"]], type=pa.list_(pa.string())),
+            }
+        )
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,9 @@ class Mixer:
         remaining_budget = max(0.0, self.pool.budget_tokens - self.ledger.train_total)
         remaining_cap = self.capacity - self.ledger.train
         if remaining_budget <= 0:
-            return proposed
+            # The budget is spent: nothing more is sampled, so keep serving
+            # what was last applied rather than an uncapped proposal.
+            return self.weights
         try:
             capped, spill = cap_mixture(proposed, remaining_cap, remaining_budget)
         except ValueError:
@@ -118,6 +120,7 @@ class Mixer:
             "schedule": [[o, w] for o, w in self.schedule],
             "loss_sum": self.loss_sum.tolist(),
             "loss_count": self.loss_count.tolist(),
+            "spill": self.spill.tolist(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -129,6 +132,7 @@ class Mixer:
         self.schedule = [(int(o), dict(w)) for o, w in state["schedule"]]
         self.loss_sum = np.asarray(state["loss_sum"])
         self.loss_count = np.asarray(state["loss_count"])
+        self.spill = np.asarray(state["spill"])
 
 
 MIXER_NAMESPACE = "raymix"

@@ -37,7 +37,11 @@ class TaskStream:
                 batch_size=self.chunk_rows, columns=["input_ids", "prompt_len", "status"]
             ):
                 keep = np.asarray(batch.column("status").to_pylist()) != "dropped"
-                ids = [np.asarray(x, dtype=np.int64) for x, k in zip(batch.column("input_ids").to_pylist(), keep) if k]
+                col = batch.column("input_ids")
+                # Slice the flat values by the list offsets: no per-token Python objects.
+                offsets = col.offsets.to_numpy()
+                values = col.values.to_numpy().astype(np.int64)
+                ids = [values[offsets[j] : offsets[j + 1]] for j in np.flatnonzero(keep)]
                 plen = np.asarray(batch.column("prompt_len").to_numpy())[keep]
                 yield ids, plen
 

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Sets up (scripts/setup.sh) and runs the default test suite offline.
+# Pytest's exit code is passed through: 5 (no test ran) fails like any error.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# Real Natural Instructions sample, when the shared folder sits beside the checkout.
+if [ -z "${RAYMIX_NI_SAMPLE:-}" ] && [ -d ../shared/data/ni-sample ]; then
+  export RAYMIX_NI_SAMPLE="$(cd ../shared/data/ni-sample && pwd)"
+fi
+exec .venv/bin/python -m pytest "$@"

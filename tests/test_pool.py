@@ -1,0 +1,219 @@
+"""Tests for building the task pool from JSONL sources (raymix.data.load_pool)
+and for the token-based learning-rate schedule (raymix.worker)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raymix.config import DataConfig, SourceConfig
+from raymix.data import load_pool, records_fingerprint
+from raymix.errors import RaymixError
+from raymix.tasks.records import TaskRecord
+from raymix.worker import TokenCosineSchedule
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def qa_rows(task: str, n: int, **extra) -> list[dict]:
+    return [
+        {"task": task, "id": f"{task}-{i}", "prompt": f"q{i} of {task}?", "completion": f"a{i}", **extra}
+        for i in range(n)
+    ]
+
+
+def jsonl_cfg(*paths: Path, task_sizes: dict | None = None, **kw) -> DataConfig:
+    return DataConfig(
+        sources=[SourceConfig(kind="jsonl", path=str(p), task_sizes=task_sizes) for p in paths], **kw
+    )
+
+
+def splits_of(records: list[TaskRecord]) -> dict[tuple[str, str], str]:
+    return {(r.task, r.id): r.split for r in records}
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def test_splits_are_deterministic_and_independent_of_line_order(tmp_path: Path) -> None:
+    rows = qa_rows("qa", 40)
+    f1 = write_jsonl(tmp_path / "one" / "data.jsonl", rows)
+    f2 = write_jsonl(tmp_path / "two" / "data.jsonl", list(reversed(rows)))
+    rng = np.random.default_rng(0)
+    f3 = write_jsonl(tmp_path / "three" / "data.jsonl", [rows[i] for i in rng.permutation(40)])
+
+    a = load_pool(jsonl_cfg(f1), seed=0)
+    b = load_pool(jsonl_cfg(f1), seed=0)
+    c = load_pool(jsonl_cfg(f2), seed=0)
+    d = load_pool(jsonl_cfg(f3), seed=1)  # the seed does not move the split
+    assert len(a) == 40
+    assert splits_of(a) == splits_of(b) == splits_of(c) == splits_of(d)
+    counts = Counter(r.split for r in a)
+    assert counts == {"train": 32, "val": 4, "test": 4}
+    # the content travels with the id
+    by_id = {r.id: r for r in c}
+    for r in a:
+        assert by_id[r.id].prompt == r.prompt and by_id[r.id].completion == r.completion
+
+
+def test_split_fractions_and_caps(tmp_path: Path) -> None:
+    f = write_jsonl(tmp_path / "data.jsonl", qa_rows("qa", 100))
+    recs = load_pool(jsonl_cfg(f, val_fraction=0.2, test_fraction=0.3, max_val=64, max_test=10), seed=0)
+    assert Counter(r.split for r in recs) == {"train": 70, "val": 20, "test": 10}
+
+
+def test_split_per_task(tmp_path: Path) -> None:
+    f = write_jsonl(tmp_path / "data.jsonl", qa_rows("big", 50) + qa_rows("small", 10))
+    recs = load_pool(jsonl_cfg(f), seed=0)
+    per = Counter((r.task, r.split) for r in recs)
+    assert per == {
+        ("big", "train"): 40,
+        ("big", "val"): 5,
+        ("big", "test"): 5,
+        ("small", "train"): 8,
+        ("small", "val"): 1,
+        ("small", "test"): 1,
+    }
+
+
+def test_source_splits_are_kept(tmp_path: Path) -> None:
+    rows = qa_rows("qa", 10)
+    for i, r in enumerate(rows):
+        r["split"] = "val" if i in (0, 1, 2) else "test" if i == 9 else "train"
+    f = write_jsonl(tmp_path / "data.jsonl", rows)
+    recs = load_pool(jsonl_cfg(f), seed=0)
+    assert {r.id: r.split for r in recs} == {r["id"]: r["split"] for r in rows}
+
+
+def test_task_from_source_config_and_file_stem(tmp_path: Path) -> None:
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}", "id": i} for i in range(5)]
+    f = write_jsonl(tmp_path / "stemname.jsonl", rows)
+    recs = load_pool(jsonl_cfg(f), seed=0)
+    assert {r.task for r in recs} == {"stemname"}
+    cfg = DataConfig(sources=[SourceConfig(kind="jsonl", path=str(f), task="named")])
+    assert {r.task for r in load_pool(cfg, seed=0)} == {"named"}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_duplicate_task_name_across_sources(tmp_path: Path) -> None:
+    f1 = write_jsonl(tmp_path / "a.jsonl", qa_rows("shared", 5))
+    f2 = write_jsonl(tmp_path / "b.jsonl", qa_rows("shared", 5))
+    with pytest.raises(RaymixError) as ei:
+        load_pool(jsonl_cfg(f1, f2), seed=0)
+    msg = str(ei.value)
+    assert "duplicate task name" in msg
+    assert "'shared'" in msg
+    assert "data.sources[0]" in msg and "data.sources[1]" in msg
+
+
+def test_distinct_task_names_across_sources(tmp_path: Path) -> None:
+    f1 = write_jsonl(tmp_path / "a.jsonl", qa_rows("one", 5))
+    f2 = write_jsonl(tmp_path / "b.jsonl", qa_rows("two", 7))
+    recs = load_pool(jsonl_cfg(f1, f2), seed=0)
+    assert Counter(r.task for r in recs) == {"one": 5, "two": 7}
+
+
+def test_missing_jsonl_file(tmp_path: Path) -> None:
+    with pytest.raises(RaymixError, match="no such file"):
+        load_pool(jsonl_cfg(tmp_path / "absent.jsonl"), seed=0)
+
+
+# --------------------------------------------------------------------------- task_sizes
+
+
+def test_task_sizes_subsample(tmp_path: Path) -> None:
+    f = write_jsonl(tmp_path / "data.jsonl", qa_rows("big", 50) + qa_rows("other", 20))
+    cfg = jsonl_cfg(f, task_sizes={"big": 12})
+    recs = load_pool(cfg, seed=0)
+    per = Counter(r.task for r in recs)
+    assert per == {"big": 12, "other": 20}
+    big_ids = {r.id for r in recs if r.task == "big"}
+    assert big_ids <= {f"big-{i}" for i in range(50)}
+    assert len(big_ids) == 12
+    # deterministic for a seed, different for another
+    again = {r.id for r in load_pool(cfg, seed=0) if r.task == "big"}
+    assert again == big_ids
+    other_seed = {r.id for r in load_pool(cfg, seed=1) if r.task == "big"}
+    assert other_seed != big_ids
+    # independent of file order
+    g = write_jsonl(
+        tmp_path / "rev" / "data.jsonl", list(reversed(qa_rows("big", 50) + qa_rows("other", 20)))
+    )
+    rev = {r.id for r in load_pool(jsonl_cfg(g, task_sizes={"big": 12}), seed=0) if r.task == "big"}
+    assert rev == big_ids
+
+
+def test_task_sizes_larger_than_task_keeps_all(tmp_path: Path) -> None:
+    f = write_jsonl(tmp_path / "data.jsonl", qa_rows("t", 6))
+    recs = load_pool(jsonl_cfg(f, task_sizes={"t": 100}), seed=0)
+    assert sorted(r.id for r in recs) == sorted(f"t-{i}" for i in range(6))
+
+
+def test_task_sizes_unknown_task(tmp_path: Path) -> None:
+    f = write_jsonl(tmp_path / "data.jsonl", qa_rows("t", 6))
+    with pytest.raises(RaymixError) as ei:
+        load_pool(jsonl_cfg(f, task_sizes={"t": 3, "nosuch": 2}), seed=0)
+    assert "task_sizes" in str(ei.value)
+    assert "nosuch" in str(ei.value)
+
+
+# --------------------------------------------------------------------------- fingerprint
+
+
+def test_records_fingerprint(tmp_path: Path) -> None:
+    f = write_jsonl(tmp_path / "data.jsonl", qa_rows("t", 10))
+    a = load_pool(jsonl_cfg(f), seed=0)
+    b = load_pool(jsonl_cfg(f), seed=0)
+    assert records_fingerprint(a) == records_fingerprint(b)
+    changed = list(a)
+    r = changed[0]
+    changed[0] = TaskRecord(r.task, r.id, r.prompt, r.completion + "!", r.split)
+    assert records_fingerprint(changed) != records_fingerprint(a)
+    assert len(records_fingerprint(a)) == 64
+
+
+# --------------------------------------------------------------------------- LR schedule
+
+
+def test_cosine_schedule_key_points() -> None:
+    s = TokenCosineSchedule(peak=1e-3, warmup=0.1, min_ratio=0.1)
+    assert s(0.0) == pytest.approx(1e-5)  # 1% of peak, never 0
+    assert 0 < s(0.0) < 0.05 * 1e-3
+    assert s(0.05) == pytest.approx(0.5e-3)  # halfway through warm-up
+    assert s(0.1) == pytest.approx(1e-3)  # warm-up end: peak
+    assert s(0.55) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # cosine midpoint
+    assert s(1.0) == pytest.approx(1e-4)  # min_ratio * peak
+    # clamped outside [0, 1]
+    assert s(-1.0) == pytest.approx(s(0.0))
+    assert s(2.0) == pytest.approx(1e-4)
+
+
+def test_cosine_schedule_monotone() -> None:
+    s = TokenCosineSchedule(peak=3e-3, warmup=0.05, min_ratio=0.1)
+    warm = [s(p) for p in np.linspace(0.0, 0.05, 50, endpoint=False)]
+    assert all(b >= a for a, b in zip(warm, warm[1:]))
+    decay = [s(p) for p in np.linspace(0.05, 1.0, 500)]
+    assert all(b < a for a, b in zip(decay, decay[1:]))
+    assert max(decay) == pytest.approx(3e-3)
+    assert min(decay) == pytest.approx(3e-4)
+    assert all(3e-5 - 1e-15 <= v <= 3e-3 + 1e-15 for v in warm)
+    assert all(3e-4 - 1e-15 <= v <= 3e-3 + 1e-15 for v in decay)
+
+
+def test_cosine_schedule_without_warmup() -> None:
+    s = TokenCosineSchedule(peak=2.0, warmup=0.0, min_ratio=0.0)
+    assert s(0.0) == pytest.approx(2.0)
+    assert s(0.5) == pytest.approx(1.0)
+    assert s(1.0) == pytest.approx(0.0, abs=1e-12)
+    assert s(0.25) == pytest.approx(1.0 + math.cos(math.pi * 0.25))

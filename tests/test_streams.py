@@ -1,0 +1,245 @@
+"""Tests for the per-task example streams, collation and split reading
+(raymix.streams), on tiny Parquet shards written here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from raymix.streams import TaskStream, collate, read_split
+
+SCHEMA = pa.schema(
+    [
+        ("input_ids", pa.list_(pa.int32())),
+        ("prompt_len", pa.int32()),
+        ("status", pa.string()),
+        ("id", pa.string()),
+        ("references", pa.list_(pa.string())),
+    ]
+)
+
+
+def row(key: int, status: str = "ok") -> dict:
+    """Row ``key``: input_ids [key, key+1000, key+2000] (the first id identifies it)."""
+    return {
+        "input_ids": [key, key + 1000, key + 2000],
+        "prompt_len": 1,
+        "status": status,
+        "id": f"id-{key:04d}",
+        "references": [f"ref{key}", f"alt{key}"],
+    }
+
+
+def write_shards(d: Path, files: list[list[dict]]) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    for i, rows in enumerate(files):
+        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        pq.write_table(table, d / f"part-{i:03d}.parquet", row_group_size=5)
+    return d
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> tuple[Path, set[int]]:
+    """Three files, 40 rows, keys 0..39; every 7th row is dropped."""
+    rows = [row(k, "dropped" if k % 7 == 3 else ("truncated" if k % 5 == 0 else "ok")) for k in range(40)]
+    d = write_shards(tmp_path / "task", [rows[:13], rows[13:30], rows[30:]])
+    keep = {k for k in range(40) if k % 7 != 3}
+    return d, keep
+
+
+def take(stream: TaskStream, n: int) -> list[int]:
+    out = []
+    for _ in range(n):
+        ids, plen = stream.next()
+        assert ids.dtype == np.int64
+        assert plen == 1
+        out.append(int(ids[0]))
+    return out
+
+
+def test_epoch_yields_every_kept_row_once(shards) -> None:
+    d, keep = shards
+    s = TaskStream(str(d), seed=3, chunk_rows=4)
+    first = take(s, len(keep))
+    assert sorted(first) == sorted(keep)
+    assert len(set(first)) == len(first)
+    assert s.state_dict() == {"epoch": 0, "served": len(keep)}
+
+
+def test_second_epoch_repeats_in_another_order(shards) -> None:
+    d, keep = shards
+    s = TaskStream(str(d), seed=3, chunk_rows=4)
+    e1 = take(s, len(keep))
+    e2 = take(s, len(keep))
+    assert s.state_dict() == {"epoch": 1, "served": len(keep)}
+    assert sorted(e2) == sorted(keep)
+    assert e2 != e1
+    e3 = take(s, len(keep))
+    assert sorted(e3) == sorted(keep)
+
+
+def test_never_yields_dropped_rows(shards) -> None:
+    d, keep = shards
+    s = TaskStream(str(d), seed=0, chunk_rows=3)
+    seen = take(s, 5 * len(keep))
+    assert all(k % 7 != 3 for k in seen)
+    assert set(seen) == keep
+
+
+def test_same_seed_same_order_other_seed_differs(shards) -> None:
+    d, keep = shards
+    a = take(TaskStream(str(d), seed=11), len(keep))
+    b = take(TaskStream(str(d), seed=11), len(keep))
+    c = take(TaskStream(str(d), seed=12), len(keep))
+    assert a == b
+    assert a != c
+
+
+def test_rows_are_shuffled(shards) -> None:
+    d, keep = shards
+    order = take(TaskStream(str(d), seed=5, chunk_rows=100), len(keep))
+    assert order != sorted(order)
+
+
+@pytest.mark.parametrize("chunk_rows", [2, 3, 8192])
+def test_two_ranks_split_an_epoch(shards, chunk_rows: int) -> None:
+    d, keep = shards
+    r0 = TaskStream(str(d), seed=9, rank=0, world=2, chunk_rows=chunk_rows)
+    r1 = TaskStream(str(d), seed=9, rank=1, world=2, chunk_rows=chunk_rows)
+    n0 = (len(keep) + 1) // 2
+    n1 = len(keep) // 2
+    a = take(r0, n0)
+    b = take(r1, n1)
+    assert set(a).isdisjoint(b)
+    assert set(a) | set(b) == keep
+    assert len(set(a)) == n0 and len(set(b)) == n1
+    # both then start epoch 1
+    assert r0.state_dict() == {"epoch": 0, "served": n0}
+    take(r0, 1)
+    assert r0.state_dict() == {"epoch": 1, "served": 1}
+
+
+def test_fewer_rows_than_ranks_every_rank_reads_all(tmp_path: Path) -> None:
+    d = write_shards(tmp_path / "tiny", [[row(1)]])
+    for rank in (0, 1, 2):
+        s = TaskStream(str(d), seed=0, rank=rank, world=3)
+        assert take(s, 3) == [1, 1, 1]
+
+
+def test_resume_from_state_dict(shards) -> None:
+    d, keep = shards
+    s = TaskStream(str(d), seed=4, chunk_rows=4)
+    take(s, len(keep) + 7)  # into epoch 1
+    state = s.state_dict()
+    assert state == {"epoch": 1, "served": 7}
+    expected = take(s, 40)
+
+    r = TaskStream(str(d), seed=4, chunk_rows=4)
+    r.load_state_dict(state)
+    assert r.state_dict() == state
+    assert take(r, 40) == expected
+
+
+def test_resume_at_epoch_boundary(shards) -> None:
+    d, keep = shards
+    s = TaskStream(str(d), seed=4)
+    take(s, len(keep))
+    state = s.state_dict()
+    expected = take(s, 5)
+    r = TaskStream(str(d), seed=4)
+    r.load_state_dict(state)
+    assert take(r, 5) == expected
+
+
+def test_resume_rank_one(shards) -> None:
+    d, keep = shards
+    s = TaskStream(str(d), seed=2, rank=1, world=2, chunk_rows=4)
+    take(s, 6)
+    state = s.state_dict()
+    expected = take(s, 30)
+    r = TaskStream(str(d), seed=2, rank=1, world=2, chunk_rows=4)
+    r.load_state_dict(state)
+    assert take(r, 30) == expected
+
+
+def test_no_shards_raises(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no shards"):
+        TaskStream(str(tmp_path), seed=0)
+
+
+# --------------------------------------------------------------------------- collate
+
+
+def test_collate_pads_and_masks() -> None:
+    examples = [
+        (np.array([5, 6, 7, 8, 9], dtype=np.int64), 2),
+        (np.array([11, 12, 13], dtype=np.int64), 1),
+        (np.arange(20, 30, dtype=np.int64), 0),
+    ]
+    b = collate(examples, pad_id=0)
+    assert set(b) == {"input_ids", "attention_mask", "labels"}
+    for t in b.values():
+        assert t.dtype == torch.long
+        assert t.shape == (3, 16)  # longest is 10 -> padded to a multiple of 8
+    ids, mask, labels = b["input_ids"], b["attention_mask"], b["labels"]
+    assert ids[0].tolist() == [5, 6, 7, 8, 9] + [0] * 11
+    assert ids[1].tolist() == [11, 12, 13] + [0] * 13
+    assert ids[2].tolist() == list(range(20, 30)) + [0] * 6
+    assert mask.sum(dim=1).tolist() == [5, 3, 10]
+    assert mask[0].tolist() == [1] * 5 + [0] * 11
+    assert labels[0].tolist() == [-100, -100, 7, 8, 9] + [-100] * 11
+    assert labels[1].tolist() == [-100, 12, 13] + [-100] * 13
+    assert labels[2].tolist() == list(range(20, 30)) + [-100] * 6
+
+
+@pytest.mark.parametrize("longest, expected", [(1, 8), (8, 8), (9, 16), (16, 16), (17, 24)])
+def test_collate_length_multiple_of_8(longest: int, expected: int) -> None:
+    b = collate(
+        [(np.arange(1, longest + 1, dtype=np.int64), 0), (np.array([1], dtype=np.int64), 0)], pad_id=99
+    )
+    assert b["input_ids"].shape == (2, expected)
+    assert b["input_ids"][1, 1:].eq(99).all()
+
+
+def test_collate_custom_multiple() -> None:
+    b = collate([(np.arange(1, 6, dtype=np.int64), 1)], pad_id=0, pad_to_multiple=4)
+    assert b["input_ids"].shape == (1, 8)
+    b = collate([(np.arange(1, 6, dtype=np.int64), 1)], pad_id=0, pad_to_multiple=1)
+    assert b["input_ids"].shape == (1, 5)
+
+
+def test_collate_from_stream(shards) -> None:
+    d, _ = shards
+    s = TaskStream(str(d), seed=0)
+    ex = [s.next() for _ in range(4)]
+    b = collate(ex, pad_id=-1)
+    assert b["input_ids"].shape == (4, 8)
+    for r, (ids, _) in enumerate(ex):
+        assert b["input_ids"][r, :3].tolist() == ids.tolist()
+        assert b["labels"][r, :3].tolist() == [-100, int(ids[1]), int(ids[2])]
+
+
+# --------------------------------------------------------------------------- read_split
+
+
+def test_read_split_sorted_without_dropped(tmp_path: Path) -> None:
+    keys = [7, 2, 9, 4, 1, 8]
+    rows = [row(k, "dropped" if k in (9, 1) else "ok") for k in keys]
+    d = write_shards(tmp_path / "val", [rows[:3], rows[3:]])
+    out = read_split(str(d), ["input_ids", "prompt_len", "references"])
+    assert set(out) == {"input_ids", "prompt_len", "references"}
+    assert [ids[0] for ids in out["input_ids"]] == [2, 4, 7, 8]
+    assert out["prompt_len"] == [1, 1, 1, 1]
+    assert out["references"] == [["ref2", "alt2"], ["ref4", "alt4"], ["ref7", "alt7"], ["ref8", "alt8"]]
+
+
+def test_read_split_missing_dir_is_empty(tmp_path: Path) -> None:
+    assert read_split(str(tmp_path / "nope"), ["input_ids", "references"]) == {
+        "input_ids": [],
+        "references": [],
+    }
