@@ -1,0 +1,163 @@
+"""End-to-end runs on a local Ray instance (2 CPUs, fractional workers).
+
+One small pool and model, shared by the tests in this module, so Ray starts
+once. Each run checks the contract scripts rely on: summary.json's fields,
+the ledger, the budget, and the MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from raymix.config import load_config
+from raymix.errors import RaymixError
+
+pytestmark = pytest.mark.ray
+
+SMALL = [
+    "data.sources=[{kind: synthetic, scale: 0.02}]",
+    "data.max_test=4",
+    "model.vocab_size=512",
+    "train.micro_batch_size=16",
+    "train.sync_every=2",
+    "train.log_every=2",
+    "eval.max_test_examples=4",
+    "eval.max_new_tokens=6",
+    "runtime.num_cpus=2",
+    "runtime.num_workers=2",
+    "runtime.cpus_per_worker=0.5",
+    "runtime.object_store_memory=200000000",
+    "budget.tokens=6000",
+]
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    import ray
+
+    os.environ.setdefault("RAYMIX_CACHE", str(tmp_path_factory.mktemp("cache")))
+    ray.init(num_cpus=2, object_store_memory=200_000_000, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _mlflow_run(summary: dict):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    return client, client.get_run(summary["mlflow_run_id"])
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("policy", ["uniform", "proportional"])
+def test_budgeted_run_two_workers(ray_local, tmp_path: Path, policy: str) -> None:
+    from raymix.train import run
+
+    cfg = load_config(None, SMALL + [f"policy.name={policy}"])
+    summary = run(cfg, tmp_path / "run")
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    for key in ("policy", "seed", "budget_tokens", "train_tokens", "meta_tokens", "global_batch_tokens",
+                "ledger", "val_loss", "worst_val_loss", "mean_val_loss", "test_exact_match",
+                "wall_seconds", "tokens_per_second", "mixture_schedule", "mlflow_run_id",
+                "mlflow_tracking_uri"):
+        assert key in on_disk, key
+    assert summary["policy"] == policy
+    ledger_total = sum(row["train_tokens"] for row in summary["ledger"].values())
+    assert ledger_total == summary["train_tokens"]
+    assert 0 <= summary["train_tokens"] - summary["budget_tokens"] < summary["global_batch_tokens"]
+    assert summary["meta_tokens"] == 0
+    tasks = list(summary["ledger"])
+    assert set(summary["val_loss"]) == set(tasks) and len(tasks) >= 20
+    assert summary["worst_val_loss"] == max(summary["val_loss"].values())
+    # The schedule is in the format a static mixture accepts, starting at 0.
+    offset, weights = summary["mixture_schedule"][0]
+    assert offset == 0 and abs(sum(weights.values()) - 1) < 1e-9
+    if policy == "proportional":
+        sizes = summary["pool"]["tokens_per_task"]
+        big, small = max(sizes, key=sizes.get), min(sizes, key=sizes.get)
+        assert weights[big] > 10 * weights[small]
+        assert summary["ledger"][big]["train_tokens"] > summary["ledger"][small]["train_tokens"]
+    # A Hugging Face checkpoint that loads.
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(summary["model_dir"])
+
+    client, mlrun = _mlflow_run(summary)
+    assert mlrun.info.status == "FINISHED"
+    assert mlrun.data.params["policy.name"] == policy
+    assert mlrun.data.params["budget.tokens"] == "6000"
+    assert any(k.startswith("mixture/") for k in mlrun.data.metrics)
+    assert any(k.startswith("loss/") for k in mlrun.data.metrics)
+    history = client.get_metric_history(summary["mlflow_run_id"], "train/tokens")
+    assert len(history) >= 2
+    assert mlrun.data.metrics["train_tokens"] == summary["train_tokens"]
+    artifacts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
+    assert {"ledger.json", "mixture_schedule.json", "summary.json", "mixture.png", "config.yaml"} <= artifacts
+
+
+@pytest.mark.timeout(600)
+def test_natural_instructions_pool(ray_local, tmp_path: Path) -> None:
+    ni = os.environ.get("RAYMIX_NI_SAMPLE")
+    if not ni:
+        pytest.skip("RAYMIX_NI_SAMPLE is not set (path to the Natural Instructions sample)")
+    from raymix.train import run
+
+    cfg = load_config(None, SMALL + [
+        f"data.sources=[{{kind: natural_instructions, path: {ni}}}]",
+        "data.max_seq_len=256",
+        "runtime.num_workers=1",
+        "budget.fraction=0.2",
+        "budget.tokens=null",
+    ])
+    summary = run(cfg, tmp_path / "ni")
+    assert len(summary["ledger"]) == 6
+    assert all(t.startswith("task") for t in summary["ledger"])
+    assert sum(r["train_tokens"] for r in summary["ledger"].values()) == summary["train_tokens"]
+    assert summary["train_tokens"] >= summary["budget_tokens"]
+    _, mlrun = _mlflow_run(summary)
+    assert mlrun.info.status == "FINISHED"
+
+
+@pytest.mark.timeout(300)
+def test_failed_run_is_marked_failed_and_keeps_output(ray_local, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from raymix.train import run
+
+    out = tmp_path / "bad"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    cfg = load_config(None, SMALL + ["data.sources=[{kind: jsonl, path: /nonexistent/tasks.jsonl}]"])
+    with pytest.raises(RaymixError, match="nonexistent"):
+        run(cfg, out)
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert not (out / "summary.json").exists()
+    client = MlflowClient(f"sqlite:///{out.resolve() / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("raymix").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+def test_cli_refuses_bad_input_before_training(tmp_path: Path, capsys) -> None:
+    from raymix.train import main
+
+    assert main(["--set", "policy.name=unifrom", "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown policy 'unifrom'" in err and "did you mean 'uniform'" in err
+    assert not (tmp_path / "x").exists()
+    assert main(["--set", "budget.fraction=0", "--output", str(tmp_path / "y")]) == 2
+    assert "budget.fraction must be > 0" in capsys.readouterr().err
+    assert main(["--set", "trian.lr=0.1", "--output", str(tmp_path / "z")]) == 2
+    assert "did you mean 'train'" in capsys.readouterr().err
+
+
+def test_output_with_finished_run_is_refused(tmp_path: Path) -> None:
+    from raymix.train import run
+
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(RaymixError, match="already holds a finished run"):
+        run(load_config(None, SMALL), tmp_path)
+    assert (tmp_path / "summary.json").read_text() == "{}"
