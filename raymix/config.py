@@ -41,6 +41,9 @@ class SourceConfig:
     """synthetic: multiplies every task's size (the suite's one size dial). At
     8, the default pool holds about 560k examples and 10M tokens, so that 1%
     of it is enough training for the mixture to matter."""
+    seed: int = 0
+    """synthetic: the suite's generation seed; separate from the run's seed so
+    that seeds of a run vary initialisation and sampling, not the data."""
     tasks: Optional[list[str]] = None
     """Keep only these task names (synthetic, natural_instructions)."""
     max_instances: Optional[int] = None

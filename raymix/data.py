@@ -23,6 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -42,11 +43,11 @@ def cache_root(cfg: DataConfig) -> Path:
 # Records
 
 
-def _load_source(src: SourceConfig, seed: int) -> list[TaskRecord]:
+def _load_source(src: SourceConfig) -> list[TaskRecord]:
     if src.kind == "synthetic":
         from raymix.tasks.synthetic import generate_suite
 
-        return generate_suite(scale=src.scale, seed=seed, tasks=src.tasks)
+        return generate_suite(scale=src.scale, seed=src.seed, tasks=src.tasks)
     if src.kind == "natural_instructions":
         from raymix.tasks.natural_instructions import load_natural_instructions
 
@@ -69,13 +70,13 @@ def _load_source(src: SourceConfig, seed: int) -> list[TaskRecord]:
     )
 
 
-def load_pool(cfg: DataConfig, seed: int) -> list[TaskRecord]:
+def load_pool(cfg: DataConfig) -> list[TaskRecord]:
     """All sources' records, subsampled per ``task_sizes`` and split by instance id."""
     by_task: dict[str, list[TaskRecord]] = {}
     origin: dict[str, str] = {}
     for i, src in enumerate(cfg.sources):
         where = f"data.sources[{i}] ({src.kind}{': ' + src.path if src.path else ''})"
-        groups = group_by_task(_load_source(src, seed))
+        groups = group_by_task(_load_source(src))
         if not groups:
             raise RaymixError(f"{where}: no tasks found")
         for task, recs in groups.items():
@@ -86,7 +87,7 @@ def load_pool(cfg: DataConfig, seed: int) -> list[TaskRecord]:
                 )
             if src.task_sizes and task in src.task_sizes:
                 want = src.task_sizes[task]
-                rng = random.Random(f"{seed}:{task}")
+                rng = random.Random(f"{src.seed}:{task}")
                 recs = sorted(recs, key=lambda r: r.id)
                 recs = rng.sample(recs, min(want, len(recs)))
             by_task[task] = recs
@@ -113,6 +114,49 @@ def records_fingerprint(records: list[TaskRecord]) -> str:
     for r in records:
         h.update(json.dumps(r.to_row(), sort_keys=True).encode())
     return h.hexdigest()
+
+
+def _hash_files(h, paths: list[Path]) -> None:
+    for p in sorted(paths):
+        h.update(str(p.name).encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+
+
+def source_fingerprint(src: SourceConfig, where: str) -> str:
+    """A hash of what a source's records are made from, cheap to compute.
+
+    Files are hashed by content; the synthetic suite by its parameters and
+    its generator's source code (so a changed generator invalidates caches);
+    a hub dataset by name, split and revision.
+    """
+    from dataclasses import asdict
+
+    h = hashlib.sha256(json.dumps(asdict(src), sort_keys=True).encode())
+    if src.kind == "synthetic":
+        from raymix.tasks import records as records_mod
+        from raymix.tasks import synthetic
+
+        _hash_files(h, [Path(synthetic.__file__), Path(records_mod.__file__)])
+        return h.hexdigest()
+    path = Path(src.path).expanduser()
+    if src.kind == "hf" and not path.exists():
+        return h.hexdigest()  # a hub id: name, split and revision identify it
+    if not path.exists():
+        raise RaymixError(f"{where}.path: {src.path} does not exist")
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    _hash_files(h, files)
+    return h.hexdigest()
+
+
+def pool_fingerprint(cfg: DataConfig) -> str:
+    """What the pool's records depend on: the sources and the split rules."""
+    parts = [
+        source_fingerprint(src, f"data.sources[{i}]") for i, src in enumerate(cfg.sources)
+    ]
+    parts.append(json.dumps([cfg.val_fraction, cfg.test_fraction, cfg.max_val, cfg.max_test]))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------
@@ -200,24 +244,28 @@ class PreparedPool:
 
 
 def prepare_shards(
-    records: list[TaskRecord],
+    records: Callable[[], list[TaskRecord]],
+    pool_fp: str,
     tokenizer_name: str,
     tokenizer_fingerprint: str,
     cfg: DataConfig,
     concurrency: int = 1,
 ) -> PreparedPool:
-    """Tokenise ``records`` with Ray Data into cached per-task Parquet shards."""
+    """Tokenise the pool with Ray Data into cached per-task Parquet shards.
+
+    ``records`` is only called on a cache miss; ``pool_fp`` (from
+    :func:`pool_fingerprint`) identifies the records without loading them.
+    """
     import pandas as pd
     import pyarrow.dataset as pads
     import ray
 
     t0 = time.perf_counter()
-    tasks = tuple(dict.fromkeys(r.task for r in records))
     key = hashlib.sha256(
         json.dumps(
             [
                 SHARD_FORMAT_VERSION,
-                records_fingerprint(records),
+                pool_fp,
                 tokenizer_fingerprint,
                 cfg.template,
                 cfg.max_seq_len,
@@ -228,17 +276,19 @@ def prepare_shards(
     stats_file = root / "stats.json"
     if stats_file.exists():
         stats = json.loads(stats_file.read_text())
-        return PreparedPool(str(root), tasks, stats, True, time.perf_counter() - t0)
+        return PreparedPool(str(root), tuple(stats["tasks"]), stats, True, time.perf_counter() - t0)
 
+    recs = records()
+    tasks = tuple(dict.fromkeys(r.task for r in recs))
     index = {t: i for i, t in enumerate(tasks)}
     df = pd.DataFrame(
         {
-            "task_idx": [index[r.task] for r in records],
-            "split": [r.split for r in records],
-            "id": [r.id for r in records],
-            "prompt": [r.prompt for r in records],
-            "completion": [r.completion for r in records],
-            "references": [list(r.references) for r in records],
+            "task_idx": [index[r.task] for r in recs],
+            "split": [r.split for r in recs],
+            "id": [r.id for r in recs],
+            "prompt": [r.prompt for r in recs],
+            "completion": [r.completion for r in recs],
+            "references": [list(r.references) for r in recs],
         }
     )
     tmp = root.parent / f".{key}.{os.getpid()}.tmp"

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from raymix.config import ModelConfig
 from raymix.errors import RaymixError
@@ -47,8 +47,11 @@ def _check_local(name: str, what: str, field: str) -> None:
         raise RaymixError(f"{field}: {what} path {name} does not exist")
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, cache_root: Path, fingerprint: str):
-    """A byte-level BPE tokenizer trained on ``texts``, cached by fingerprint."""
+def train_tokenizer(
+    texts: Callable[[], Iterable[str]], vocab_size: int, cache_root: Path, fingerprint: str
+):
+    """A byte-level BPE tokenizer trained on ``texts()``, cached by fingerprint
+    (``texts`` is only called on a cache miss)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -65,7 +68,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, cache_root: Path, fin
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(texts(), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS
     )

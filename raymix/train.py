@@ -57,13 +57,24 @@ def budget_tokens(cfg: RunConfig, pool_tokens: int) -> int:
     return budget
 
 
-def prepare_model_and_data(cfg: RunConfig, output_dir: Path):
+def prepare_model_and_data(cfg: RunConfig, output_dir: Path, phases: Optional[dict] = None):
     """Records -> tokenizer -> shards -> initial model. Returns what workers need."""
-    from raymix.data import cache_root, load_pool, prepare_shards, records_fingerprint
+    from raymix.data import cache_root, load_pool, pool_fingerprint, prepare_shards
     from raymix.models import build_model, load_tokenizer, train_tokenizer
 
-    records = load_pool(cfg.data, cfg.seed)
-    fingerprint = records_fingerprint(records)
+    phases = {} if phases is None else phases
+    t = time.perf_counter()
+    fingerprint = pool_fingerprint(cfg.data)
+    loaded: list = []
+
+    def records():
+        # Loaded at most once, and only when a cache misses.
+        if not loaded:
+            t_load = time.perf_counter()
+            loaded.append(load_pool(cfg.data))
+            phases["records"] = time.perf_counter() - t_load
+        return loaded[0]
+
     if cfg.model.pretrained or cfg.model.tokenizer:
         tok_name = cfg.model.tokenizer or cfg.model.pretrained
         tokenizer = load_tokenizer(tok_name, "model.tokenizer" if cfg.model.tokenizer else "model.pretrained")
@@ -71,11 +82,14 @@ def prepare_model_and_data(cfg: RunConfig, output_dir: Path):
         tokenizer.save_pretrained(str(tok_dir))
         tok_fp = f"{tok_name}:{len(tokenizer)}"
     else:
-        texts = (f"{r.prompt}\nAnswer: {r.completion}" for r in records if r.split == "train")
+        texts = lambda: (f"{r.prompt}\nAnswer: {r.completion}" for r in records() if r.split == "train")  # noqa: E731
         tokenizer, tok_path = train_tokenizer(texts, cfg.model.vocab_size, cache_root(cfg.data), fingerprint)
         tok_dir = Path(tok_path)
         tok_fp = f"trained:{tok_path}"
-    pool = prepare_shards(records, str(tok_dir), tok_fp, cfg.data, cfg.runtime.data_concurrency)
+    phases["tokenizer"] = time.perf_counter() - t
+    pool = prepare_shards(records, fingerprint, str(tok_dir), tok_fp, cfg.data, cfg.runtime.data_concurrency)
+    phases["shards"] = pool.seconds
+    t = time.perf_counter()
     if cfg.model.pretrained:
         init_dir = cfg.model.pretrained
         build_model(cfg.model, tokenizer, cfg.seed)  # fail before training if it cannot load
@@ -84,6 +98,7 @@ def prepare_model_and_data(cfg: RunConfig, output_dir: Path):
         init_dir = str(output_dir / "init_model")
         model.save_pretrained(init_dir)
         del model
+    phases["model_init"] = time.perf_counter() - t
     return tokenizer, str(tok_dir), pool, init_dir
 
 
@@ -105,8 +120,11 @@ def run(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = N
     status = "FAILED"
     try:
         tracker.log_artifact(out / "config.yaml")
+        phases: dict[str, float] = {"tracking_setup": time.perf_counter() - t0}
+        t = time.perf_counter()
         init_ray(cfg)
-        tokenizer, tok_dir, pool, init_dir = prepare_model_and_data(cfg, out)
+        phases["ray_init"] = time.perf_counter() - t
+        tokenizer, tok_dir, pool, init_dir = prepare_model_and_data(cfg, out, phases)
         stats = pool_summary(pool)
         budget = budget_tokens(cfg, pool.pool_tokens)
         tracker.log_json(pool.stats, "pool_stats.json", out)
@@ -121,9 +139,12 @@ def run(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = N
               f"(prepared in {pool.seconds:.1f}s, cache {'hit' if pool.cache_hit else 'miss'}); "
               f"budget {budget} tokens; policy {cfg.policy.name}", flush=True)
 
+        t = time.perf_counter()
         summary = _train(cfg, out, tracker, pool, tok_dir, init_dir, budget,
                          PoolInfo(pool.tasks, pool.train_tokens(), pool.train_examples(), budget))
+        phases["ray_train"] = time.perf_counter() - t
         summary["wall_seconds"] = time.perf_counter() - t0
+        summary["phase_seconds"] = phases
         summary["pool"] = stats
         _log_summary(tracker, summary, out, plot_mixture)
         (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -51,10 +51,10 @@ def test_splits_are_deterministic_and_independent_of_line_order(tmp_path: Path) 
     rng = np.random.default_rng(0)
     f3 = write_jsonl(tmp_path / "three" / "data.jsonl", [rows[i] for i in rng.permutation(40)])
 
-    a = load_pool(jsonl_cfg(f1), seed=0)
-    b = load_pool(jsonl_cfg(f1), seed=0)
-    c = load_pool(jsonl_cfg(f2), seed=0)
-    d = load_pool(jsonl_cfg(f3), seed=1)  # the seed does not move the split
+    a = load_pool(jsonl_cfg(f1))
+    b = load_pool(jsonl_cfg(f1))
+    c = load_pool(jsonl_cfg(f2))
+    d = load_pool(jsonl_cfg(f3))  # the seed does not move the split
     assert len(a) == 40
     assert splits_of(a) == splits_of(b) == splits_of(c) == splits_of(d)
     counts = Counter(r.split for r in a)
@@ -67,13 +67,13 @@ def test_splits_are_deterministic_and_independent_of_line_order(tmp_path: Path) 
 
 def test_split_fractions_and_caps(tmp_path: Path) -> None:
     f = write_jsonl(tmp_path / "data.jsonl", qa_rows("qa", 100))
-    recs = load_pool(jsonl_cfg(f, val_fraction=0.2, test_fraction=0.3, max_val=64, max_test=10), seed=0)
+    recs = load_pool(jsonl_cfg(f, val_fraction=0.2, test_fraction=0.3, max_val=64, max_test=10))
     assert Counter(r.split for r in recs) == {"train": 70, "val": 20, "test": 10}
 
 
 def test_split_per_task(tmp_path: Path) -> None:
     f = write_jsonl(tmp_path / "data.jsonl", qa_rows("big", 50) + qa_rows("small", 10))
-    recs = load_pool(jsonl_cfg(f), seed=0)
+    recs = load_pool(jsonl_cfg(f))
     per = Counter((r.task, r.split) for r in recs)
     assert per == {
         ("big", "train"): 40,
@@ -90,17 +90,17 @@ def test_source_splits_are_kept(tmp_path: Path) -> None:
     for i, r in enumerate(rows):
         r["split"] = "val" if i in (0, 1, 2) else "test" if i == 9 else "train"
     f = write_jsonl(tmp_path / "data.jsonl", rows)
-    recs = load_pool(jsonl_cfg(f), seed=0)
+    recs = load_pool(jsonl_cfg(f))
     assert {r.id: r.split for r in recs} == {r["id"]: r["split"] for r in rows}
 
 
 def test_task_from_source_config_and_file_stem(tmp_path: Path) -> None:
     rows = [{"prompt": f"p{i}", "completion": f"c{i}", "id": i} for i in range(5)]
     f = write_jsonl(tmp_path / "stemname.jsonl", rows)
-    recs = load_pool(jsonl_cfg(f), seed=0)
+    recs = load_pool(jsonl_cfg(f))
     assert {r.task for r in recs} == {"stemname"}
     cfg = DataConfig(sources=[SourceConfig(kind="jsonl", path=str(f), task="named")])
-    assert {r.task for r in load_pool(cfg, seed=0)} == {"named"}
+    assert {r.task for r in load_pool(cfg)} == {"named"}
 
 
 # --------------------------------------------------------------------------- errors
@@ -110,7 +110,7 @@ def test_duplicate_task_name_across_sources(tmp_path: Path) -> None:
     f1 = write_jsonl(tmp_path / "a.jsonl", qa_rows("shared", 5))
     f2 = write_jsonl(tmp_path / "b.jsonl", qa_rows("shared", 5))
     with pytest.raises(RaymixError) as ei:
-        load_pool(jsonl_cfg(f1, f2), seed=0)
+        load_pool(jsonl_cfg(f1, f2))
     msg = str(ei.value)
     assert "duplicate task name" in msg
     assert "'shared'" in msg
@@ -120,13 +120,13 @@ def test_duplicate_task_name_across_sources(tmp_path: Path) -> None:
 def test_distinct_task_names_across_sources(tmp_path: Path) -> None:
     f1 = write_jsonl(tmp_path / "a.jsonl", qa_rows("one", 5))
     f2 = write_jsonl(tmp_path / "b.jsonl", qa_rows("two", 7))
-    recs = load_pool(jsonl_cfg(f1, f2), seed=0)
+    recs = load_pool(jsonl_cfg(f1, f2))
     assert Counter(r.task for r in recs) == {"one": 5, "two": 7}
 
 
 def test_missing_jsonl_file(tmp_path: Path) -> None:
     with pytest.raises(RaymixError, match="no such file"):
-        load_pool(jsonl_cfg(tmp_path / "absent.jsonl"), seed=0)
+        load_pool(jsonl_cfg(tmp_path / "absent.jsonl"))
 
 
 # --------------------------------------------------------------------------- task_sizes
@@ -135,35 +135,35 @@ def test_missing_jsonl_file(tmp_path: Path) -> None:
 def test_task_sizes_subsample(tmp_path: Path) -> None:
     f = write_jsonl(tmp_path / "data.jsonl", qa_rows("big", 50) + qa_rows("other", 20))
     cfg = jsonl_cfg(f, task_sizes={"big": 12})
-    recs = load_pool(cfg, seed=0)
+    recs = load_pool(cfg)
     per = Counter(r.task for r in recs)
     assert per == {"big": 12, "other": 20}
     big_ids = {r.id for r in recs if r.task == "big"}
     assert big_ids <= {f"big-{i}" for i in range(50)}
     assert len(big_ids) == 12
     # deterministic for a seed, different for another
-    again = {r.id for r in load_pool(cfg, seed=0) if r.task == "big"}
+    again = {r.id for r in load_pool(cfg) if r.task == "big"}
     assert again == big_ids
-    other_seed = {r.id for r in load_pool(cfg, seed=1) if r.task == "big"}
+    other_seed = {r.id for r in load_pool(cfg) if r.task == "big"}
     assert other_seed != big_ids
     # independent of file order
     g = write_jsonl(
         tmp_path / "rev" / "data.jsonl", list(reversed(qa_rows("big", 50) + qa_rows("other", 20)))
     )
-    rev = {r.id for r in load_pool(jsonl_cfg(g, task_sizes={"big": 12}), seed=0) if r.task == "big"}
+    rev = {r.id for r in load_pool(jsonl_cfg(g, task_sizes={"big": 12})) if r.task == "big"}
     assert rev == big_ids
 
 
 def test_task_sizes_larger_than_task_keeps_all(tmp_path: Path) -> None:
     f = write_jsonl(tmp_path / "data.jsonl", qa_rows("t", 6))
-    recs = load_pool(jsonl_cfg(f, task_sizes={"t": 100}), seed=0)
+    recs = load_pool(jsonl_cfg(f, task_sizes={"t": 100}))
     assert sorted(r.id for r in recs) == sorted(f"t-{i}" for i in range(6))
 
 
 def test_task_sizes_unknown_task(tmp_path: Path) -> None:
     f = write_jsonl(tmp_path / "data.jsonl", qa_rows("t", 6))
     with pytest.raises(RaymixError) as ei:
-        load_pool(jsonl_cfg(f, task_sizes={"t": 3, "nosuch": 2}), seed=0)
+        load_pool(jsonl_cfg(f, task_sizes={"t": 3, "nosuch": 2}))
     assert "task_sizes" in str(ei.value)
     assert "nosuch" in str(ei.value)
 
@@ -173,8 +173,8 @@ def test_task_sizes_unknown_task(tmp_path: Path) -> None:
 
 def test_records_fingerprint(tmp_path: Path) -> None:
     f = write_jsonl(tmp_path / "data.jsonl", qa_rows("t", 10))
-    a = load_pool(jsonl_cfg(f), seed=0)
-    b = load_pool(jsonl_cfg(f), seed=0)
+    a = load_pool(jsonl_cfg(f))
+    b = load_pool(jsonl_cfg(f))
     assert records_fingerprint(a) == records_fingerprint(b)
     changed = list(a)
     r = changed[0]
