@@ -31,9 +31,10 @@ def qa_rows(task: str, n: int, **extra) -> list[dict]:
     ]
 
 
-def jsonl_cfg(*paths: Path, task_sizes: dict | None = None, **kw) -> DataConfig:
+def jsonl_cfg(*paths: Path, task_sizes: dict | None = None, seed: int = 0, **kw) -> DataConfig:
     return DataConfig(
-        sources=[SourceConfig(kind="jsonl", path=str(p), task_sizes=task_sizes) for p in paths], **kw
+        sources=[SourceConfig(kind="jsonl", path=str(p), task_sizes=task_sizes, seed=seed) for p in paths],
+        **kw,
     )
 
 
@@ -141,10 +142,10 @@ def test_task_sizes_subsample(tmp_path: Path) -> None:
     big_ids = {r.id for r in recs if r.task == "big"}
     assert big_ids <= {f"big-{i}" for i in range(50)}
     assert len(big_ids) == 12
-    # deterministic for a seed, different for another
+    # deterministic for the source's seed, different for another
     again = {r.id for r in load_pool(cfg) if r.task == "big"}
     assert again == big_ids
-    other_seed = {r.id for r in load_pool(cfg) if r.task == "big"}
+    other_seed = {r.id for r in load_pool(jsonl_cfg(f, task_sizes={"big": 12}, seed=1)) if r.task == "big"}
     assert other_seed != big_ids
     # independent of file order
     g = write_jsonl(
