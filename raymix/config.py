@@ -158,11 +158,66 @@ class BudgetConfig:
 
 
 @dataclass(frozen=True)
+class AdaptConfig:
+    """ADAPT: task logits learned by a first-order meta-gradient of the smooth
+    worst-case validation loss (see ``raymix.policies.adapt``)."""
+
+    every_steps: int = 5
+    """K: optimizer steps between meta updates."""
+    warmup_steps: int = 5
+    """Optimizer steps before the first meta update."""
+    tau: float = 0.5
+    """Temperature of J = tau * log sum_j exp(L_j^val / tau) (small: worst case)."""
+    entropy: float = 0.05
+    """lambda: weight of the entropy bonus -lambda*H(p) in the meta objective."""
+    lr: float = 0.3
+    """beta: step size on the logits."""
+    optimizer: Literal["adam", "sgd"] = "adam"
+    """Update rule on the logits (Adam normalises the meta-gradient's scale)."""
+    floor: float = 0.05
+    """epsilon: p = (1-eps) softmax(phi) + eps/T keeps every task sampled."""
+    lookahead_lr: Optional[float] = None
+    """eta of the look-ahead step; default: the current training learning rate."""
+    init: Literal["uniform", "proportional"] = "uniform"
+    """Initial mixture."""
+    tasks_per_step: Optional[int] = 8
+    """Per-task training gradients per meta step, on a random subset of tasks
+    (None: all tasks); unsampled tasks keep their last estimate."""
+    examples_per_task: int = 8
+    """Examples per task-gradient batch (their tokens go to meta_tokens)."""
+    val_examples_per_task: int = 8
+    """Validation examples per task per meta step."""
+    params: Literal["all", "last_block", "head"] = "last_block"
+    """Parameter subset the gradients are taken on: all, the last transformer
+    block plus final norm (and head), or the output layer only."""
+    sketch_dim: Optional[int] = 256
+    """Random-projection sketch size for the gradients before inner products
+    and all-reduce (None: exact inner products)."""
+
+    def __post_init__(self) -> None:
+        for name in ("every_steps", "examples_per_task", "val_examples_per_task"):
+            if getattr(self, name) < 1:
+                raise RaymixError(f"policy.adapt.{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise RaymixError("policy.adapt.warmup_steps must be >= 0")
+        if self.tau <= 0 or self.lr <= 0:
+            raise RaymixError("policy.adapt.tau and policy.adapt.lr must be > 0")
+        if not 0 <= self.floor < 1:
+            raise RaymixError(f"policy.adapt.floor must be in [0, 1), got {self.floor}")
+        if self.entropy < 0:
+            raise RaymixError("policy.adapt.entropy must be >= 0")
+        if self.tasks_per_step is not None and self.tasks_per_step < 1:
+            raise RaymixError("policy.adapt.tasks_per_step must be >= 1 or null")
+        if self.sketch_dim is not None and self.sketch_dim < 1:
+            raise RaymixError("policy.adapt.sketch_dim must be >= 1 or null")
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     """The mixing policy and its options (see ``raymix.policies``)."""
 
     name: str = "uniform"
-    """Registered policy name: uniform, proportional, temperature, unimax, static, schedule."""
+    """Registered policy name: uniform, proportional, temperature, unimax, static, schedule, adapt."""
     temperature: float = 2.0
     """temperature: p_i proportional to n_i^(1/temperature)."""
     unimax_epochs: float = 1.0
@@ -172,6 +227,8 @@ class PolicyConfig:
     schedule: Optional[list[Any]] = None
     """schedule: ``[[token_offset, {task: weight}], ...]``, e.g. a previous
     run's ``mixture_schedule``, replayed as is."""
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    """adapt: options of the learned policy."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:

@@ -72,8 +72,10 @@ class Mixer:
         loss_sum: Optional[list[float]] = None,
         loss_count: Optional[list[float]] = None,
         meta_tokens: Optional[list[int]] = None,
+        meta: Optional[dict] = None,
     ) -> dict:
-        """Add a ledger delta and interval losses; maybe update; return the mixture."""
+        """Add a ledger delta, interval losses and meta signals (learned
+        policies); let the policy update; return the served mixture."""
         t0 = time.perf_counter()
         self.ledger.add_train(train_tokens)
         if meta_tokens is not None:
@@ -85,7 +87,7 @@ class Mixer:
             self.loss_count += lc
             with np.errstate(invalid="ignore", divide="ignore"):
                 interval_loss = np.where(lc > 0, ls / np.maximum(lc, 1), np.nan)
-        new = self.policy.update(Signals(self.ledger.train.copy(), interval_loss))
+        new = self.policy.update(Signals(self.ledger.train.copy(), interval_loss, dict(meta or {})))
         if new is not None:
             self.proposed = normalise(new)
         # Re-cap every report: a task nearing its cap must stop being sampled

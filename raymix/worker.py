@@ -58,6 +58,7 @@ def train_loop(loop_cfg: dict) -> None:
     from raymix.evaluate import exact_match, token_nll, validation_losses
     from raymix.mixer import MIXER_NAMESPACE
     from raymix.models import load_tokenizer
+    from raymix.policies import policy_needs_meta
     from raymix.streams import TaskStream, collate
 
     cfg: RunConfig = from_dict(RunConfig, loop_cfg["run"])
@@ -122,6 +123,12 @@ def train_loop(loop_cfg: dict) -> None:
     log_loss = np.zeros((2, T))
     log_tokens_start, log_time_start = 0, time.perf_counter()
     pending = None
+    meta = None
+    meta_seconds, meta_steps = 0.0, 0
+    if policy_needs_meta(cfg.policy.name):
+        from raymix.meta import MetaSignals
+
+        meta = MetaSignals(raw_model, cfg.policy.adapt, pool, rank, world, cfg.seed, pad_id, device, distributed)
     t_loop = time.perf_counter()
     model.train()
     while train_tokens < budget:
@@ -161,23 +168,47 @@ def train_loop(loop_cfg: dict) -> None:
         sync_loss += stats_np[1:]
         log_loss += stats_np[1:]
 
-        if step % cfg.train.sync_every == 0 and train_tokens < budget:
-            mix = None
+        is_meta = (meta is not None and step >= cfg.policy.adapt.warmup_steps
+                   and step % cfg.policy.adapt.every_steps == 0 and train_tokens < budget)
+        if is_meta or (step % cfg.train.sync_every == 0 and train_tokens < budget):
+            current = {"version": version, "weights": weights.tolist()}
+            signals = None
+            if is_meta:
+                t_meta = time.perf_counter()
+                signals = meta.compute(lookahead_lr=lr)
+                meta_seconds += time.perf_counter() - t_meta
+                meta_steps += 1
             if rank == 0:
-                mix = ray.get(pending) if pending is not None else None
+                # The reply to the previous report was sent one interval ago
+                # and is ready; this interval's report is collected at the next
+                # sync, except after a meta step, whose new mixture applies now.
+                current = ray.get(pending) if pending is not None else current
                 pending = mixer.report.remote(
-                    sync_tokens.astype(np.int64).tolist(), sync_loss[0].tolist(), sync_loss[1].tolist()
+                    sync_tokens.astype(np.int64).tolist(), sync_loss[0].tolist(), sync_loss[1].tolist(),
+                    signals["meta_tokens"] if signals else None, signals,
                 )
+                if signals is not None:
+                    current, pending = ray.get(pending), None
             sync_tokens[:] = 0
             sync_loss[:] = 0
-            if mix is not None or not (rank == 0):
-                # Ranks other than 0 receive whatever rank 0 decided.
-                pass
-            new_version, new_weights = broadcast_mixture(mix if mix is not None else {"version": version, "weights": weights.tolist()})
+            new_version, new_weights = broadcast_mixture(current)
             if new_version != version:
                 version, weights = new_version, new_weights
                 if rank == 0:
                     mixer.applied.remote(version, train_tokens, weights.tolist())
+            if rank == 0 and client is not None and signals is not None:
+                from raymix.policies.adapt import entropy, smooth_max
+
+                vl = np.asarray(signals["val_loss"])
+                m = {"meta/J": smooth_max(vl[np.isfinite(vl)], cfg.policy.adapt.tau)[0],
+                     "meta/entropy": entropy(weights), "meta/step_seconds": time.perf_counter() - t_meta,
+                     "meta/time_share": meta_seconds / max(1e-9, time.perf_counter() - t_loop),
+                     "meta/tokens": float(np.sum(signals["meta_tokens"]))}
+                for i, t in enumerate(tasks):
+                    m[f"signal/{t}/val_loss"] = float(vl[i])
+                    m[f"signal/{t}/alignment"] = float(signals["alignment"][i])
+                    m[f"mixture/{t}"] = float(weights[i])
+                _metric_batch(client, loop_cfg["mlflow_run_id"], m, step)
 
         if rank == 0 and client is not None and (step % cfg.train.log_every == 0 or train_tokens >= budget):
             now = time.perf_counter()
@@ -204,7 +235,8 @@ def train_loop(loop_cfg: dict) -> None:
         ray.get(mixer.report.remote(sync_tokens.astype(np.int64).tolist(), sync_loss[0].tolist(), sync_loss[1].tolist()))
 
     metrics = {"train_tokens": train_tokens, "steps": step, "loop_seconds": loop_seconds,
-               "tokens_per_second": train_tokens / max(1e-9, loop_seconds)}
+               "tokens_per_second": train_tokens / max(1e-9, loop_seconds),
+               "meta_seconds": meta_seconds, "meta_steps": meta_steps}
     if rank == 0:
         t_eval = time.perf_counter()
         val = validation_losses(raw_model, pool, pad_id, cfg.eval.batch_size, device)

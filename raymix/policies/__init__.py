@@ -1,6 +1,6 @@
 """Mixing policies, registered by name (import registers them)."""
 
-from raymix.policies import static  # noqa: F401  (registers the static policies)
+from raymix.policies import adapt, static  # noqa: F401  (import registers the policies)
 from raymix.policies.base import (
     POLICIES,
     MixingPolicy,
@@ -9,6 +9,7 @@ from raymix.policies.base import (
     build_policy,
     cap_mixture,
     normalise,
+    policy_needs_meta,
     register_policy,
 )
 
@@ -20,5 +21,6 @@ __all__ = [
     "build_policy",
     "cap_mixture",
     "normalise",
+    "policy_needs_meta",
     "register_policy",
 ]

@@ -58,9 +58,11 @@ PolicyFactory = Callable[[PolicyConfig, PoolInfo], MixingPolicy]
 POLICIES: dict[str, PolicyFactory] = {}
 
 
-def register_policy(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
+def register_policy(name: str, needs_meta: bool = False) -> Callable[[PolicyFactory], PolicyFactory]:
     def deco(factory: PolicyFactory) -> PolicyFactory:
         POLICIES[name] = factory
+        if needs_meta:
+            META_POLICIES.add(name)
         return factory
 
     return deco
@@ -68,6 +70,14 @@ def register_policy(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
 
 def build_policy(cfg: PolicyConfig, pool: PoolInfo) -> MixingPolicy:
     return POLICIES[cfg.name](cfg, pool)
+
+
+META_POLICIES: set[str] = set()
+"""Policies whose workers compute meta signals (``raymix.meta``)."""
+
+
+def policy_needs_meta(name: str) -> bool:
+    return name in META_POLICIES
 
 
 def normalise(w: np.ndarray) -> np.ndarray:

@@ -1,0 +1,161 @@
+"""Worker-side meta signals for learned policies (ADAPT).
+
+At a meta step every worker computes, on a restricted parameter subset:
+per-task validation losses (all-reduced), the gradient of the smooth
+worst-case validation loss J, and training gradients for a sampled subset of
+tasks; gradients are compressed by a CountSketch (a random projection that
+needs O(d) memory, where a dense Gaussian projection of a d-parameter subset
+would need k*d), all-reduced, and turned into inner products <g_val, g_i>.
+Tokens read here go to the ledger's ``meta_tokens``, never ``train_tokens``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from raymix.config import AdaptConfig
+from raymix.evaluate import token_nll
+from raymix.streams import TaskStream, collate
+
+
+def select_params(model, subset: str):
+    """The parameters meta-gradients are taken on (and only those)."""
+    named = list(model.named_parameters())
+    if subset == "all":
+        return [p for _, p in named]
+    if subset == "head":
+        head = model.get_output_embeddings()
+        return [head.weight]
+    layers = [n for n, _ in named if ".layers." in n]
+    if not layers:
+        return [p for _, p in named]
+    last = max(int(n.split(".layers.")[1].split(".")[0]) for n in layers)
+    prefix = f".layers.{last}."
+    return [p for n, p in named if prefix in n or n.endswith("model.norm.weight")]
+
+
+class CountSketch:
+    """Unbiased inner-product sketch: coordinate j goes to bucket h(j) with sign s(j)."""
+
+    def __init__(self, dim: int, k: int, seed: int):
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        self.k = k
+        self.bucket = torch.randint(0, k, (dim,), generator=g)
+        self.sign = torch.randint(0, 2, (dim,), generator=g).to(torch.float32) * 2 - 1
+
+    def __call__(self, vec):
+        import torch
+
+        out = torch.zeros(self.k, dtype=torch.float32)
+        out.index_add_(0, self.bucket, vec.float().cpu() * self.sign)
+        return out
+
+
+class MetaSignals:
+    def __init__(self, raw_model, cfg: AdaptConfig, pool, rank: int, world: int, seed: int, pad_id: int,
+                 device, distributed: bool):
+        self.model, self.cfg, self.pool = raw_model, cfg, pool
+        self.tasks = pool.tasks
+        self.T = len(self.tasks)
+        self.rank, self.world, self.pad_id, self.device = rank, world, pad_id, device
+        self.distributed = distributed
+        self.params = select_params(raw_model, cfg.params)
+        self.dim = sum(p.numel() for p in self.params)
+        self.sketch = CountSketch(self.dim, cfg.sketch_dim, seed + 17) if cfg.sketch_dim else None
+        # Separate stream seeds: meta batches are not the training batches.
+        self.val = [TaskStream(pool.shard_dir("val", t), seed * 7919 + 1 + i, rank, world) if
+                    pool.stats["val"][t]["examples"] else None for i, t in enumerate(self.tasks)]
+        self.train = [TaskStream(pool.shard_dir("train", t), seed * 7919 + 50021 + i, rank, world)
+                      for i, t in enumerate(self.tasks)]
+        self.rng = np.random.default_rng([seed, 99])  # same on every rank: same sampled tasks
+        self.steps = 0
+
+    def _all_reduce(self, tensor):
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor)
+        return tensor
+
+    def _flat_grad(self, loss, retain: bool):
+        import torch
+
+        grads = torch.autograd.grad(loss, self.params, retain_graph=retain, allow_unused=True)
+        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                          for g, p in zip(grads, self.params)])
+        return self.sketch(flat) if self.sketch is not None else flat.float().cpu()
+
+    def compute(self, lookahead_lr: float) -> dict:
+        """One meta step's signals, identical on every rank."""
+        import torch
+
+        from raymix.policies.adapt import smooth_max
+
+        cfg, T = self.cfg, self.T
+        meta_tokens = np.zeros(T)
+        frozen = [p for p in self.model.parameters() if p.requires_grad]
+        chosen = {id(p) for p in self.params}
+        # Gradients only on the subset: autograd stops before earlier layers.
+        for p in frozen:
+            p.requires_grad_(id(p) in chosen)
+        was_training = self.model.training
+        self.model.eval()  # no dropout in the signals
+        try:
+            # 1. validation losses and the worst-case-weighted validation gradient
+            examples, owner = [], []
+            for i, stream in enumerate(self.val):
+                if stream is None:
+                    continue
+                for _ in range(cfg.val_examples_per_task):
+                    examples.append(stream.next())
+                    owner.append(i)
+            owner_t = torch.tensor(owner)
+            batch = collate(examples, self.pad_id)
+            nll, cnt = token_nll(self.model, batch, self.device)
+            sums = torch.zeros(2, T, dtype=torch.float64)
+            sums[0].index_add_(0, owner_t, nll.detach().double().cpu())
+            sums[1].index_add_(0, owner_t, cnt.double().cpu())
+            np.add.at(meta_tokens, owner, batch["attention_mask"].sum(1).numpy())
+            self._all_reduce(sums)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                val_loss = (sums[0] / sums[1]).numpy()
+            has_val = np.isfinite(val_loss)
+            _, q_obs = smooth_max(val_loss[has_val], cfg.tau)
+            q = np.zeros(T)
+            q[has_val] = q_obs
+            per_example_w = torch.tensor(q[owner] / sums[1].numpy()[owner], dtype=nll.dtype)
+            g_val = self._all_reduce(self._flat_grad((nll * per_example_w.to(nll.device)).sum(), False))
+
+            # 2. training gradients for a sample of tasks (one shared forward)
+            k = T if cfg.tasks_per_step is None else min(T, cfg.tasks_per_step)
+            sampled = np.sort(self.rng.choice(T, size=k, replace=False))
+            examples, owner = [], []
+            for i in sampled:
+                for _ in range(cfg.examples_per_task):
+                    examples.append(self.train[i].next())
+                    owner.append(int(i))
+            batch = collate(examples, self.pad_id)
+            nll, cnt = token_nll(self.model, batch, self.device)
+            np.add.at(meta_tokens, owner, batch["attention_mask"].sum(1).numpy())
+            owner_np = np.asarray(owner)
+            alignment = np.full(T, np.nan)
+            grads = []
+            for j, i in enumerate(sampled):
+                rows = torch.from_numpy(np.flatnonzero(owner_np == i))
+                loss_i = nll[rows].sum() / cnt[rows].sum().clamp(min=1)
+                grads.append(self._flat_grad(loss_i, retain=j < len(sampled) - 1))
+            g_tasks = self._all_reduce(torch.stack(grads)) / self.world
+            alignment[sampled] = (g_tasks.double() @ g_val.double()).numpy()
+            tokens = torch.from_numpy(meta_tokens)
+            self._all_reduce(tokens)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+            self.model.train(was_training)
+            self.model.zero_grad(set_to_none=True)
+        self.steps += 1
+        return {"val_loss": val_loss.tolist(), "alignment": alignment.tolist(),
+                "meta_tokens": tokens.numpy().astype(np.int64).tolist(), "lookahead_lr": lookahead_lr,
+                "q": q.tolist()}

@@ -1,0 +1,258 @@
+"""Reports generated from MLflow: tables and plots comparing policies across budgets.
+
+    python -m raymix.report --experiment NAME --out DIR [--tracking-uri URI]
+
+Reads every FINISHED trial run (tagged with an identity hash) of the
+experiment, groups them by model, policy and budget, and writes
+``DIR/report.md`` with mean ± std over seeds of the run metrics (and of any
+``eval/...`` metrics), plus PNG plots: metrics against budget per policy, the
+applied mixture over tokens, and tokens per task. Nothing in it is written by
+hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+from raymix.errors import RaymixError
+
+METRICS = [
+    ("worst_val_loss", "worst val loss", "{:.3f}"),
+    ("mean_val_loss", "mean val loss", "{:.3f}"),
+    ("mean_test_exact_match", "mean test EM", "{:.3f}"),
+    ("train_tokens", "train tokens", "{:,.0f}"),
+    ("meta_tokens", "meta tokens", "{:,.0f}"),
+    ("wall_seconds", "wall s", "{:.0f}"),
+]
+
+
+def _budget_label(params: dict) -> str:
+    tokens = params.get("budget.tokens", "null")
+    if tokens not in ("null", "None", None):
+        return f"{int(float(tokens)):,} tok"
+    return f"{float(params.get('budget.fraction', 'nan')):.0%}"
+
+
+def _budget_value(params: dict) -> float:
+    tokens = params.get("budget.tokens", "null")
+    if tokens not in ("null", "None", None):
+        return float(tokens)
+    return float(params.get("budget.fraction", "nan"))
+
+
+def load_runs(tracking_uri: str, experiment: str):
+    """One row per finished trial (the latest run of each identity)."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise RaymixError(f"--experiment: no MLflow experiment {experiment!r} at {tracking_uri}")
+    runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                              max_results=10000, order_by=["attributes.start_time DESC"])
+    rows, seen = [], set()
+    for r in runs:
+        ident = r.data.tags.get("raymix.identity")
+        if ident is None or ident in seen:
+            continue
+        seen.add(ident)
+        p = r.data.params
+        row = {
+            "run_id": r.info.run_id,
+            "policy": p.get("policy.name", "?"),
+            "model": p.get("model.pretrained", "null") if p.get("model.pretrained", "null") not in ("null", "None") else p.get("model.preset", "?"),
+            "budget": _budget_label(p),
+            "budget_value": _budget_value(p),
+            "seed": int(p.get("seed", 0)),
+        }
+        row.update({k: v for k, v in r.data.metrics.items()})
+        rows.append(row)
+    if not rows:
+        raise RaymixError(f"experiment {experiment!r} has no finished raymix runs")
+    return client, exp, pd.DataFrame(rows)
+
+
+def _fmt(mean: float, std: float, pattern: str, n: int) -> str:
+    if mean != mean:
+        return "–"
+    text = pattern.format(mean)
+    return f"{text} ± {pattern.format(std)}" if n > 1 and std == std else text
+
+
+def _table(df, metrics) -> list[str]:
+    header = "| model | policy | budget | seeds | " + " | ".join(m[1] for m in metrics) + " |"
+    lines = [header, "|" + "---|" * (4 + len(metrics))]
+    groups = df.groupby(["model", "budget_value", "budget", "policy"], sort=True)
+    for (model, _, budget, policy), g in groups:
+        cells = []
+        for key, _, pattern in metrics:
+            vals = g[key].dropna() if key in g else []
+            cells.append(_fmt(float(vals.mean()) if len(vals) else float("nan"),
+                              float(vals.std(ddof=1)) if len(vals) > 1 else float("nan"), pattern, len(vals)))
+        lines.append(f"| {model} | {policy} | {budget} | {len(g)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _plot_metrics(df, keys, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if k in df]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for (model, policy), g in df.groupby(["model", "policy"]):
+            stats = g.groupby("budget_value")[key].agg(["mean", "std"]).reset_index()
+            ax.errorbar(stats["budget_value"], stats["mean"], yerr=stats["std"].fillna(0), marker="o",
+                        capsize=3, label=f"{policy} ({model})")
+        ax.set_xscale("log")
+        ax.set_xlabel("budget (fraction of pool tokens, or tokens)")
+        ax.set_title(key)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _artifact_json(client, run_id: str, name: str):
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, name, tmp)
+        except Exception:  # an older or failed run without the artifact
+            return None
+        return json.loads(Path(local).read_text())
+
+
+def _plot_mixtures(client, df, path: Path) -> bool:
+    """Applied mixture over tokens: one panel per policy, at the largest budget, seed 0 (or lowest)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    top = df[df["budget_value"] == df["budget_value"].max()]
+    picks = top.sort_values("seed").groupby(["model", "policy"]).head(1)
+    if picks.empty:
+        return False
+    fig, axes = plt.subplots(1, len(picks), figsize=(4.5 * len(picks), 4), squeeze=False, sharey=True)
+    for ax, (_, row) in zip(axes[0], picks.iterrows()):
+        schedule = _artifact_json(client, row["run_id"], "mixture_schedule.json") or []
+        if not schedule:
+            continue
+        tasks = list(schedule[0][1])
+        end = row.get("train_tokens", schedule[-1][0])
+        offsets = [o for o, _ in schedule] + [max(end, schedule[-1][0])]
+        ys = np.array([[w.get(t, 0.0) for t in tasks] for _, w in schedule])
+        xs = np.repeat(offsets, 2)[1:-1]
+        ax.stackplot(xs, np.repeat(ys, 2, axis=0).T)
+        ax.set_title(f"{row['policy']} ({row['budget']})", fontsize=9)
+        ax.set_xlabel("train tokens")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("mixture weight")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_allocation(client, df, path: Path) -> bool:
+    """Train tokens per task at the largest budget, one bar group per policy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    top = df[df["budget_value"] == df["budget_value"].max()]
+    picks = top.sort_values("seed").groupby(["model", "policy"]).head(1)
+    ledgers = {f"{r['policy']} ({r['model']})": _artifact_json(client, r["run_id"], "ledger.json")
+               for _, r in picks.iterrows()}
+    ledgers = {k: v for k, v in ledgers.items() if v}
+    if not ledgers:
+        return False
+    tasks = list(next(iter(ledgers.values())))
+    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(tasks)), 4.5))
+    width = 0.8 / len(ledgers)
+    for i, (label, ledger) in enumerate(ledgers.items()):
+        ax.bar(np.arange(len(tasks)) + i * width, [ledger.get(t, {}).get("train_tokens", 0) for t in tasks],
+               width, label=label)
+    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2)
+    ax.set_xticklabels(tasks, rotation=70, ha="right", fontsize=7)
+    ax.set_ylabel("train tokens")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(tracking_uri: str, experiment: str, out: str | Path, space_file: Optional[str] = None) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    client, exp, df = load_runs(tracking_uri, experiment)
+    eval_keys = sorted(k for k in df.columns if k.startswith("eval/"))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    lines = [
+        f"# raymix report: {experiment}",
+        "",
+        f"Generated by `python -m raymix.report --experiment {experiment}` from MLflow "
+        f"(`{tracking_uri}`, experiment id {exp.experiment_id}) at raymix commit `{commit}`"
+        + (f", space `{space_file}`" if space_file else "") + ".",
+        f"{len(df)} finished trial runs; values are mean ± sample std over seeds.",
+        "",
+        "## Policies x budgets",
+        "",
+        *_table(df, METRICS),
+        "",
+    ]
+    if eval_keys:
+        lines += ["## Evaluation", "", *_table(df, [(k, k[len("eval/"):], "{:.3f}") for k in eval_keys]), ""]
+    _plot_metrics(df, ["worst_val_loss", "mean_val_loss", "mean_test_exact_match"], out / "metrics_vs_budget.png")
+    lines += ["## Plots", "", "![metrics against budget](metrics_vs_budget.png)", ""]
+    if _plot_mixtures(client, df, out / "mixtures.png"):
+        lines += ["Applied mixture over training tokens (largest budget):", "", "![mixtures](mixtures.png)", ""]
+    if _plot_allocation(client, df, out / "allocation.png"):
+        lines += ["Training tokens per task (largest budget):", "", "![allocation](allocation.png)", ""]
+    lines += ["## Runs", "", "| run | model | policy | budget | seed |", "|---|---|---|---|---|"]
+    for _, r in df.sort_values(["model", "budget_value", "policy", "seed"]).iterrows():
+        lines.append(f"| `{r['run_id']}` | {r['model']} | {r['policy']} | {r['budget']} | {r['seed']} |")
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m raymix.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--experiment", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"))
+    parser.add_argument("--space", default=None, help="space file to link from the report")
+    args = parser.parse_args(argv)
+    if not args.tracking_uri:
+        print("raymix: error: --tracking-uri or MLFLOW_TRACKING_URI is required", file=sys.stderr)
+        return 2
+    try:
+        path = write_report(args.tracking_uri, args.experiment, args.out, args.space)
+    except RaymixError as e:
+        print(f"raymix: error: {e}", file=sys.stderr)
+        return 2
+    print(f"[raymix] wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Sweeps on Ray Tune: budgets x models x policies x seeds from a YAML space.
+
+    python -m raymix.sweep --space tune_spaces/quickstart.yaml [--set key=value ...]
+                           [--output DIR] [--resume] [--no-report]
+
+Each trial is one budgeted run (``raymix.train.run``: a Tune function
+trainable that launches a ``TorchTrainer``, the Ray Train V2 pattern) with its
+own MLflow run nested under the sweep's parent run. Trials are named by an
+identity hash of the fields that change results, so ``--resume`` after a
+killed driver runs only the trials that have no FINISHED MLflow run, and never
+logs a finished trial twice. The sweep's report is generated from MLflow at
+the end (``raymix.report``).
+
+A space file:
+
+    name: quickstart                 # the MLflow experiment and output folder
+    base: {model.preset: llama-micro}   # overrides applied to every trial
+    grid:                            # dotted config keys -> values (Cartesian product)
+      policy.name: [uniform, proportional]
+      budget.fraction: [0.01, 0.05]
+      seed: [0]
+    max_concurrent_trials: 1         # runtime only; default from the cluster's CPUs
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from raymix.config import RunConfig, identity_hash, load_config, parse_override
+from raymix.errors import RaymixError
+
+SPACE_KEYS = ("name", "description", "base", "grid", "max_concurrent_trials", "trial_cpus")
+
+
+@dataclass(frozen=True)
+class Space:
+    name: str
+    base: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list] = field(default_factory=dict)
+    description: str = ""
+    max_concurrent_trials: Optional[int] = None
+    trial_cpus: float = 0.05
+    """CPUs reserved for a trial's own driver process (its workers reserve theirs)."""
+
+    def overrides(self, extra: Sequence[str] = ()) -> list[list[str]]:
+        """One ``key=value`` override list per trial, grid order."""
+        base = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in self.base.items()]
+        keys = list(self.grid)
+        trials = []
+        for combo in itertools.product(*(self.grid[k] for k in keys)):
+            trial = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in zip(keys, combo)]
+            trials.append(base + list(extra) + trial)
+        return trials
+
+    def configs(self, extra: Sequence[str] = ()) -> list[RunConfig]:
+        out = []
+        for i, ov in enumerate(self.overrides(extra)):
+            try:
+                out.append(load_config(None, ov))
+            except RaymixError as e:
+                raise RaymixError(f"space {self.name!r}, trial {i}: {e}") from None
+        return out
+
+
+def _strip_yaml_doc_end(text: str) -> str:
+    return text.replace("\n...", "").strip()
+
+
+def load_space(path: str | Path) -> Space:
+    p = Path(path)
+    if not p.is_file():
+        raise RaymixError(f"--space {p}: no such file")
+    try:
+        tree = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise RaymixError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise RaymixError(f"{p}: top level must be a mapping with name, base, grid")
+    unknown = sorted(set(tree) - set(SPACE_KEYS))
+    if unknown:
+        from raymix.config import _suggest
+
+        raise RaymixError(f"{p}: unknown key(s) {unknown}{_suggest(unknown[0], SPACE_KEYS)}")
+    grid = tree.get("grid") or {}
+    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+        raise RaymixError(f"{p}: grid must map config keys to non-empty lists of values")
+    base = tree.get("base") or {}
+    if not isinstance(base, dict):
+        raise RaymixError(f"{p}: base must be a mapping of config keys to values")
+    space = Space(
+        name=str(tree.get("name") or p.stem),
+        base=base,
+        grid=grid,
+        description=str(tree.get("description", "")),
+        max_concurrent_trials=tree.get("max_concurrent_trials"),
+        trial_cpus=float(tree.get("trial_cpus", 0.05)),
+    )
+    try:
+        space.configs()  # every trial's config must validate before anything runs
+    except RaymixError as e:
+        raise RaymixError(f"{p}: {e}") from None
+    return space
+
+
+def trial_name(cfg: RunConfig) -> str:
+    budget = f"t{cfg.budget.tokens}" if cfg.budget.tokens else f"f{cfg.budget.fraction:g}"
+    model = (cfg.model.pretrained or cfg.model.preset).rstrip("/").split("/")[-1]
+    return f"{cfg.policy.name}-{budget}-{model}-s{cfg.seed}-{identity_hash(cfg)[:8]}"
+
+
+def finished_identities(client, experiment_id: str, parent_run_id: str) -> dict[str, str]:
+    """identity hash -> run id of trials of this sweep that FINISHED."""
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'FINISHED'",
+        max_results=10000,
+    )
+    return {r.data.tags["raymix.identity"]: r.info.run_id for r in runs if "raymix.identity" in r.data.tags}
+
+
+def _trial(params: dict) -> None:
+    """The Tune function trainable: one budgeted run, its metrics reported to Tune."""
+    from ray import tune
+
+    from raymix.train import run
+
+    cfg = load_config(None, list(params["overrides"]) + [
+        f"tracking.tracking_uri={params['tracking_uri']}", f"tracking.experiment={params['experiment']}"])
+    out = Path(params["sweep_dir"]) / "trials" / trial_name(cfg)
+    summary_file = out / "summary.json"
+    if summary_file.exists():  # finished before a driver restart
+        summary = json.loads(summary_file.read_text())
+    else:
+        if out.exists():
+            # A trial killed mid-run: start it again in a fresh folder, keeping
+            # the old one for inspection rather than deleting anything.
+            out.rename(out.with_name(out.name + f".interrupted-{int(time.time())}"))
+        summary = run(cfg, out, parent_run_id=params["parent_run_id"])
+    tune.report({k: summary[k] for k in ("worst_val_loss", "mean_val_loss", "mean_test_exact_match",
+                                         "train_tokens", "budget_tokens", "wall_seconds")}
+                | {"mlflow_run_id": summary["mlflow_run_id"], "trial": out.name})
+
+
+def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, report: bool = True) -> dict:
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from raymix.tracking import check_reachable
+    from raymix.train import init_ray, prepare_model_and_data
+
+    configs = space.configs(extra)
+    sweep_dir = output.resolve()
+    state_file = sweep_dir / "sweep.json"
+    if state_file.exists() and not resume:
+        raise RaymixError(f"--output {sweep_dir} already holds sweep {space.name!r}; pass --resume to finish it "
+                          "or choose another --output")
+    if resume and not state_file.exists():
+        raise RaymixError(f"--resume: {sweep_dir} holds no sweep to resume (no sweep.json)")
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configs[0].tracking.tracking_uri or f"sqlite:///{sweep_dir / 'mlflow.db'}"
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(space.name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        space.name, (sweep_dir / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None)
+
+    if resume:
+        state = json.loads(state_file.read_text())
+        parent_id = state["parent_run_id"]
+        client.set_terminated(parent_id, "RUNNING")
+    else:
+        parent = client.create_run(exp_id, run_name=space.name, tags={"raymix.sweep": space.name,
+                                                                          "raymix.space": json.dumps(space.grid)})
+        parent_id = parent.info.run_id
+        state = {"space": space.name, "parent_run_id": parent_id, "experiment_id": exp_id,
+                 "tracking_uri": uri, "extra": list(extra), "started": time.time()}
+        state_file.write_text(json.dumps(state, indent=1))
+        client.log_text(parent_id, yaml.safe_dump({"name": space.name, "base": space.base, "grid": space.grid},
+                                                  sort_keys=False), "space.yaml")
+    status = "FAILED"
+    try:
+        done = finished_identities(client, exp_id, parent_id)
+        todo = [(ov, cfg) for ov, cfg in zip(space.overrides(extra), configs) if identity_hash(cfg) not in done]
+        print(f"[raymix] sweep {space.name}: {len(configs)} trials, {len(configs) - len(todo)} already finished, "
+              f"{len(todo)} to run; MLflow {uri} experiment {space.name!r} parent run {parent_id}", flush=True)
+        init_ray(configs[0])
+        # Tokenise each distinct pool once, here, rather than in every trial.
+        seen = set()
+        for _, cfg in todo:
+            key = json.dumps([str(cfg.data), str(cfg.model)])
+            if key not in seen:
+                seen.add(key)
+                prepare_model_and_data(cfg, sweep_dir / "prepare")
+        if todo:
+            cpus = ray.cluster_resources().get("CPU", 1)
+            per_trial = max(c.runtime.num_workers * c.runtime.cpus_per_worker for _, c in todo) + space.trial_cpus
+            concurrent = space.max_concurrent_trials or max(1, int(cpus // per_trial) if cpus > 2 else 1)
+            tuner = tune.Tuner(
+                tune.with_resources(_trial, {"cpu": space.trial_cpus}),
+                param_space={"overrides": tune.grid_search([ov for ov, _ in todo]),
+                             "sweep_dir": str(sweep_dir), "parent_run_id": parent_id,
+                             "tracking_uri": uri, "experiment": space.name},
+                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+                run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir / "ray"),
+                                          failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+            )
+            results = tuner.fit()
+            errors = [r.error for r in results if r.error]
+            if errors:
+                raise RaymixError(f"{len(errors)} trial(s) failed; first: {errors[0]}")
+        done = finished_identities(client, exp_id, parent_id)
+        missing = [trial_name(c) for c in configs if identity_hash(c) not in done]
+        if missing:
+            raise RaymixError(f"trials without a finished MLflow run: {missing}")
+        status = "FINISHED"
+    finally:
+        client.set_terminated(parent_id, status)
+    result = {"space": space.name, "trials": len(configs), "parent_run_id": parent_id,
+              "experiment_id": exp_id, "tracking_uri": uri, "sweep_dir": str(sweep_dir)}
+    if report:
+        from raymix.report import write_report
+
+        result["report"] = str(write_report(uri, space.name, sweep_dir / "report"))
+    return result
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m raymix.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--space", required=True, help="YAML search space (see tune_spaces/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field in every trial")
+    parser.add_argument("--output", default=None, help="sweep directory (default: runs/<space name>)")
+    parser.add_argument("--resume", action="store_true", help="finish a sweep whose driver was stopped")
+    parser.add_argument("--no-report", action="store_true")
+    parser.add_argument("--dry-run", action="store_true", help="list the trials and exit")
+    args = parser.parse_args(argv)
+    try:
+        for item in args.overrides:
+            parse_override(item)
+        space = load_space(args.space)
+        if args.dry_run:
+            for cfg in space.configs(args.overrides):
+                print(trial_name(cfg))
+            return 0
+        out = Path(args.output or Path("runs") / space.name)
+        result = run_sweep(space, args.overrides, out, args.resume, report=not args.no_report)
+    except RaymixError as e:
+        print(f"raymix: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

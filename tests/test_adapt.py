@@ -1,0 +1,142 @@
+"""ADAPT's meta-gradient against finite differences on a real model, and its
+entropy regulariser."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from raymix.config import AdaptConfig, PolicyConfig
+from raymix.policies import PoolInfo, Signals, build_policy
+from raymix.policies.adapt import AdaptPolicy, entropy, smooth_max, softmax
+
+
+def _pool(t: int) -> PoolInfo:
+    return PoolInfo(tuple(f"t{i}" for i in range(t)), np.arange(1, t + 1) * 100, np.arange(1, t + 1) * 10, 1000)
+
+
+def _tiny_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=32, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).double().eval()
+
+
+def _loss(model, batch) -> torch.Tensor:
+    ids, labels = batch
+    logits = model(input_ids=ids).logits[:, :-1]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1))
+
+
+def _batch(gen, rows=4, length=12):
+    ids = torch.randint(0, 50, (rows, length), generator=gen)
+    labels = ids.clone()
+    labels[:, : length // 2] = -100  # loss on the "completion" half only
+    return ids, labels
+
+
+def test_meta_gradient_matches_finite_differences_of_lookahead_objective() -> None:
+    model = _tiny_model()
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(1)
+    T, tau, eta = 4, 0.5, 0.02
+    train = [_batch(gen) for _ in range(T)]
+    val = [_batch(gen) for _ in range(T)]
+
+    def grad(loss):
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+
+    g_train = torch.stack([grad(_loss(model, b)) for b in train])
+    val_losses = np.array([_loss(model, b).item() for b in val])
+    _, q = smooth_max(val_losses, tau)
+    g_val = grad(sum(float(q[j]) * _loss(model, val[j]) for j in range(T)))
+    alignment = (g_train @ g_val).detach().numpy()
+
+    policy = AdaptPolicy(AdaptConfig(entropy=0.0, floor=0.1), _pool(T))
+    policy.phi = np.array([0.3, -0.2, 0.5, -0.6])
+    analytic = policy.meta_gradient(alignment, eta)
+
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def J(phi: np.ndarray) -> float:
+        p = torch.from_numpy(policy.probs(phi))
+        new = theta - eta * (p @ g_train.detach())  # one real look-ahead SGD step
+        offset = 0
+        with torch.no_grad():
+            for prm in params:
+                prm.copy_(new[offset : offset + prm.numel()].view_as(prm))
+                offset += prm.numel()
+            losses = np.array([_loss(model, b).item() for b in val])
+        return smooth_max(losses, tau)[0]
+
+    h = 1e-3
+    numeric = np.zeros(T)
+    for k in range(T):
+        e = np.zeros(T)
+        e[k] = h
+        numeric[k] = (J(policy.phi + e) - J(policy.phi - e)) / (2 * h)
+    rel = np.linalg.norm(analytic - numeric) / np.linalg.norm(numeric)
+    assert np.linalg.norm(numeric) > 1e-6
+    assert rel < 0.05, (analytic, numeric, rel)
+
+
+def test_entropy_gradient_matches_finite_differences() -> None:
+    policy = AdaptPolicy(AdaptConfig(entropy=1.0, floor=0.05), _pool(5))
+    policy.phi = np.array([1.0, -0.5, 0.2, 2.0, -1.5])
+    analytic = policy.meta_gradient(np.zeros(5), eta=1.0)  # = -dH/dphi
+    h = 1e-6
+    numeric = np.array([
+        -(entropy(policy.probs(policy.phi + h * np.eye(5)[k])) - entropy(policy.probs(policy.phi - h * np.eye(5)[k])))
+        / (2 * h)
+        for k in range(5)
+    ])
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_entropy_keeps_mixture_off_the_corners(lam: float) -> None:
+    T = 6
+    policy = AdaptPolicy(AdaptConfig(entropy=lam, floor=0.0, lr=0.2, optimizer="sgd"), _pool(T))
+    # Task 0's gradient aligns with the validation gradient, the others oppose it:
+    # the meta-gradient alone pushes all mass onto task 0.
+    align = np.array([2.0] + [-0.5] * (T - 1))
+    for _ in range(2000):
+        p = policy.update(Signals(np.zeros(T), None, {"alignment": align, "lookahead_lr": 1.0}))
+    if lam == 0:
+        assert p[0] > 0.99
+    else:
+        assert p.min() > 0.02 and entropy(p) > 0.5 * np.log(T)
+
+
+def test_floor_bounds_every_weight_and_update_shifts_toward_aligned_tasks() -> None:
+    cfg = PolicyConfig(name="adapt", adapt=AdaptConfig(floor=0.1, entropy=0.0, lr=0.5))
+    policy = build_policy(cfg, _pool(4))
+    np.testing.assert_allclose(policy.initial_weights(), 0.25)
+    assert policy.update(Signals(np.zeros(4))) is None  # no meta signals: no change
+    align = np.array([3.0, 0.0, 0.0, -3.0])
+    for _ in range(3):
+        p = policy.update(Signals(np.zeros(4), None, {"alignment": align, "lookahead_lr": 0.1,
+                                                      "val_loss": [1.0, 2.0, 3.0, 4.0]}))
+    assert p[0] > p[1] > p[3] and p.min() >= 0.1 / 4 - 1e-12 and abs(p.sum() - 1) < 1e-12
+    assert np.isfinite(policy.last["J"]) and policy.last["entropy"] > 0
+
+
+def test_unsampled_tasks_keep_their_last_alignment_and_state_round_trips() -> None:
+    policy = AdaptPolicy(AdaptConfig(), _pool(3))
+    policy.update(Signals(np.zeros(3), None, {"alignment": [1.0, 2.0, 3.0], "lookahead_lr": 0.1}))
+    policy.update(Signals(np.zeros(3), None, {"alignment": [float("nan"), 5.0, float("nan")], "lookahead_lr": 0.1}))
+    np.testing.assert_allclose(policy.alignment, [1.0, 5.0, 3.0])
+    clone = AdaptPolicy(AdaptConfig(), _pool(3))
+    clone.load_state_dict(policy.state_dict())
+    np.testing.assert_allclose(clone.probs(), policy.probs())
+    a = policy.update(Signals(np.zeros(3), None, {"alignment": [1.0, 1.0, 0.0], "lookahead_lr": 0.1}))
+    b = clone.update(Signals(np.zeros(3), None, {"alignment": [1.0, 1.0, 0.0], "lookahead_lr": 0.1}))
+    np.testing.assert_allclose(a, b)
+
+
+def test_proportional_init() -> None:
+    policy = AdaptPolicy(AdaptConfig(init="proportional", floor=0.0), _pool(3))
+    np.testing.assert_allclose(policy.initial_weights(), softmax(np.log([100.0, 200.0, 300.0])))
