@@ -9,6 +9,8 @@ import sys
 COMMANDS = {
     "train": "raymix.train",
     "bench": "raymix.bench",
+    "sweep": "raymix.sweep",
+    "report": "raymix.report",
 }
 
 

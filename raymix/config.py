@@ -241,12 +241,12 @@ class PolicyConfig:
 class TrainConfig:
     """Optimisation. Steps, warm-up and decay derive from the budget."""
 
-    micro_batch_size: int = 64
+    micro_batch_size: int = 16
     """Examples per worker per micro-batch."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
-    lr: float = 3e-3
-    """Peak learning rate (AdamW)."""
+    lr: float = 1e-2
+    """Peak learning rate (AdamW); the default suits the small presets."""
     warmup_fraction: float = 0.05
     """Share of the budget's tokens spent warming the learning rate up."""
     min_lr_ratio: float = 0.1
@@ -283,6 +283,12 @@ class EvalConfig:
     max_new_tokens: int = 24
     """Generation length cap for exact match."""
     batch_size: int = 64
+    curve_points: int = 10
+    """Validation-loss checkpoints during training, evenly spaced over the
+    budget (0 disables); they give the loss-vs-tokens curves that effective
+    tokens are read from. Their tokens are counted as meta_tokens."""
+    curve_examples_per_task: int = 16
+    """Validation examples per task at each curve point (a fixed subset)."""
 
 
 @dataclass(frozen=True)

@@ -96,3 +96,41 @@ def exact_match(
                         hits += 1
             out[task] = hits / n
     return out
+
+
+class CurveEvaluator:
+    """Per-task validation loss on a fixed subset, sharded over ranks and
+    all-reduced, at evenly spaced fractions of the budget."""
+
+    def __init__(self, pool, per_task: int, rank: int, world: int, pad_id: int, batch_size: int, device):
+        self.tasks = pool.tasks
+        self.examples, self.owner = [], []
+        for i, task in enumerate(pool.tasks):
+            rows = read_split(pool.shard_dir("val", task), ["input_ids", "prompt_len"])
+            for j, (ids, plen) in enumerate(zip(rows["input_ids"][:per_task], rows["prompt_len"][:per_task])):
+                if (i * per_task + j) % world == rank:
+                    self.examples.append((np.asarray(ids, dtype=np.int64), int(plen)))
+                    self.owner.append(i)
+        self.pad_id, self.batch_size, self.device = pad_id, batch_size, device
+
+    def __call__(self, model, all_reduce) -> tuple[np.ndarray, np.ndarray]:
+        """(val loss per task, tokens read per task), identical on all ranks."""
+        import torch
+
+        T = len(self.tasks)
+        sums = torch.zeros(3, T, dtype=torch.float64)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for s in range(0, len(self.examples), self.batch_size):
+                batch = collate(self.examples[s : s + self.batch_size], self.pad_id)
+                nll, cnt = token_nll(model, batch, self.device)
+                owner = torch.tensor(self.owner[s : s + self.batch_size])
+                sums[0].index_add_(0, owner, nll.double().cpu())
+                sums[1].index_add_(0, owner, cnt.double().cpu())
+                sums[2].index_add_(0, owner, batch["attention_mask"].sum(1).double())
+        model.train(was_training)
+        all_reduce(sums)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            loss = (sums[0] / sums[1]).numpy()
+        return loss, sums[2].numpy()

@@ -151,7 +151,8 @@ def _trial(params: dict) -> None:
                 | {"mlflow_run_id": summary["mlflow_run_id"], "trial": out.name})
 
 
-def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, report: bool = True) -> dict:
+def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, report: bool = True,
+              report_dir: Optional[Path] = None, space_file: Optional[str] = None) -> dict:
     import ray
     from mlflow.tracking import MlflowClient
     from ray import tune
@@ -232,7 +233,7 @@ def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, re
     if report:
         from raymix.report import write_report
 
-        result["report"] = str(write_report(uri, space.name, sweep_dir / "report"))
+        result["report"] = str(write_report(uri, space.name, report_dir or sweep_dir / "report", space_file))
     return result
 
 
@@ -244,6 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--output", default=None, help="sweep directory (default: runs/<space name>)")
     parser.add_argument("--resume", action="store_true", help="finish a sweep whose driver was stopped")
     parser.add_argument("--no-report", action="store_true")
+    parser.add_argument("--report-dir", default=None, help="where the report goes (default: OUTPUT/report)")
     parser.add_argument("--dry-run", action="store_true", help="list the trials and exit")
     args = parser.parse_args(argv)
     try:
@@ -255,7 +257,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(trial_name(cfg))
             return 0
         out = Path(args.output or Path("runs") / space.name)
-        result = run_sweep(space, args.overrides, out, args.resume, report=not args.no_report)
+        result = run_sweep(space, args.overrides, out, args.resume, report=not args.no_report,
+                           report_dir=Path(args.report_dir) if args.report_dir else None, space_file=args.space)
     except RaymixError as e:
         print(f"raymix: error: {e}", file=sys.stderr)
         return 2

@@ -213,6 +213,8 @@ def _train(cfg, out, tracker, pool, tok_dir, init_dir, budget, pool_info) -> dic
         "meta_tokens": mix["meta_tokens"],
         "meta_seconds": ev.get("meta_seconds", 0.0),
         "meta_steps": ev.get("meta_steps", 0),
+        "curve": ev.get("curve", []),
+        "curve_seconds": ev.get("curve_seconds", 0.0),
         "meta_time_share": ev.get("meta_seconds", 0.0) / max(1e-9, ev["loop_seconds"]),
         "overshoot_tokens": mix["train_tokens"] - budget,
         "global_batch_examples": micro,

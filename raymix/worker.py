@@ -129,8 +129,43 @@ def train_loop(loop_cfg: dict) -> None:
         from raymix.meta import MetaSignals
 
         meta = MetaSignals(raw_model, cfg.policy.adapt, pool, rank, world, cfg.seed, pad_id, device, distributed)
+    curve = None
+    if cfg.eval.curve_points > 0:
+        from raymix.evaluate import CurveEvaluator
+
+        curve = CurveEvaluator(pool, cfg.eval.curve_examples_per_task, rank, world, pad_id,
+                               cfg.eval.batch_size, device)
+    next_curve = 1
+    curve_seconds = 0.0
+    curve_log: list = []
+
+    def all_reduce(t):
+        if distributed:
+            dist.all_reduce(t)
+        return t
+
+    def curve_point() -> None:
+        nonlocal curve_seconds
+        t_c = time.perf_counter()
+        vl, toks = curve(raw_model, all_reduce)
+        curve_seconds += time.perf_counter() - t_c
+        finite = vl[np.isfinite(vl)]
+        point = {"train_tokens": train_tokens, "worst_val_loss": float(finite.max()),
+                 "mean_val_loss": float(finite.mean())}
+        curve_log.append(point)
+        if rank == 0:
+            # Evaluation tokens are meta tokens: spent, but not on updates.
+            mixer.report.remote([0] * T, None, None, toks.astype(np.int64).tolist())
+            if client is not None:
+                m = {"curve/worst_val_loss": point["worst_val_loss"], "curve/mean_val_loss": point["mean_val_loss"],
+                     "curve/train_tokens": train_tokens}
+                m.update({f"curve/{t}/val_loss": float(vl[i]) for i, t in enumerate(tasks)})
+                _metric_batch(client, loop_cfg["mlflow_run_id"], m, step)
+
     t_loop = time.perf_counter()
     model.train()
+    if curve is not None:
+        curve_point()  # the starting point of the curve
     while train_tokens < budget:
         lr = schedule(train_tokens / budget)
         for g in opt.param_groups:
@@ -210,6 +245,11 @@ def train_loop(loop_cfg: dict) -> None:
                     m[f"mixture/{t}"] = float(weights[i])
                 _metric_batch(client, loop_cfg["mlflow_run_id"], m, step)
 
+        if curve is not None and train_tokens >= next_curve * budget / cfg.eval.curve_points:
+            while train_tokens >= next_curve * budget / cfg.eval.curve_points:
+                next_curve += 1
+            curve_point()
+
         if rank == 0 and client is not None and (step % cfg.train.log_every == 0 or train_tokens >= budget):
             now = time.perf_counter()
             metrics = {
@@ -226,7 +266,8 @@ def train_loop(loop_cfg: dict) -> None:
             _metric_batch(client, loop_cfg["mlflow_run_id"], metrics, step)
             log_loss[:] = 0
             log_tokens_start, log_time_start = train_tokens, now
-    loop_seconds = time.perf_counter() - t_loop
+    # Curve evaluations are not training: their time is reported apart.
+    loop_seconds = time.perf_counter() - t_loop - curve_seconds
 
     # Final flush: every token counted by the workers reaches the ledger.
     if rank == 0:
@@ -236,7 +277,7 @@ def train_loop(loop_cfg: dict) -> None:
 
     metrics = {"train_tokens": train_tokens, "steps": step, "loop_seconds": loop_seconds,
                "tokens_per_second": train_tokens / max(1e-9, loop_seconds),
-               "meta_seconds": meta_seconds, "meta_steps": meta_steps}
+               "meta_seconds": meta_seconds, "meta_steps": meta_steps, "curve_seconds": curve_seconds}
     if rank == 0:
         t_eval = time.perf_counter()
         val = validation_losses(raw_model, pool, pad_id, cfg.eval.batch_size, device)
@@ -247,7 +288,7 @@ def train_loop(loop_cfg: dict) -> None:
             raw_model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             with open(os.path.join(tmp, "raymix_eval.json"), "w") as f:
-                json.dump({"val_loss": val, "test_exact_match": em, **metrics}, f)
+                json.dump({"val_loss": val, "test_exact_match": em, "curve": curve_log, **metrics}, f)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:
         ray.train.report(metrics, checkpoint=None)

@@ -57,7 +57,9 @@ def _mlflow_run(summary: dict):
 def test_budgeted_run_two_workers(ray_local, tmp_path: Path, policy: str) -> None:
     from raymix.train import run
 
-    cfg = load_config(None, SMALL + [f"policy.name={policy}"])
+    # uniform without curve evaluations, proportional with 4 of them
+    curve = "eval.curve_points=0" if policy == "uniform" else "eval.curve_points=4"
+    cfg = load_config(None, SMALL + [f"policy.name={policy}", curve])
     summary = run(cfg, tmp_path / "run")
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     for key in ("policy", "seed", "budget_tokens", "train_tokens", "meta_tokens", "global_batch_tokens",
@@ -69,7 +71,16 @@ def test_budgeted_run_two_workers(ray_local, tmp_path: Path, policy: str) -> Non
     ledger_total = sum(row["train_tokens"] for row in summary["ledger"].values())
     assert ledger_total == summary["train_tokens"]
     assert 0 <= summary["train_tokens"] - summary["budget_tokens"] < summary["global_batch_tokens"]
-    assert summary["meta_tokens"] == 0
+    # Evaluation tokens during training are meta tokens, never train tokens.
+    assert summary["meta_tokens"] == sum(row["meta_tokens"] for row in summary["ledger"].values())
+    if policy == "uniform":
+        assert summary["meta_tokens"] == 0 and summary["curve"] == []
+    else:
+        assert summary["meta_tokens"] > 0
+        points = summary["curve"]
+        assert len(points) == 5 and points[0]["train_tokens"] == 0
+        assert points[-1]["train_tokens"] == summary["train_tokens"]
+        assert points[-1]["worst_val_loss"] < points[0]["worst_val_loss"]
     tasks = list(summary["ledger"])
     assert set(summary["val_loss"]) == set(tasks) and len(tasks) >= 20
     assert summary["worst_val_loss"] == max(summary["val_loss"].values())
@@ -161,3 +172,32 @@ def test_output_with_finished_run_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RaymixError, match="already holds a finished run"):
         run(load_config(None, SMALL), tmp_path)
     assert (tmp_path / "summary.json").read_text() == "{}"
+
+
+@pytest.mark.timeout(600)
+def test_adapt_run_two_workers(ray_local, tmp_path: Path) -> None:
+    """ADAPT end to end: meta signals all-reduced over 2 workers, applied by the
+    mixer, meta tokens in the ledger apart from train tokens, signals in MLflow."""
+    from raymix.train import run
+
+    cfg = load_config(None, SMALL + ["policy.name=adapt", "policy.adapt.every_steps=2",
+                                     "policy.adapt.warmup_steps=2", "policy.adapt.tasks_per_step=4",
+                                     "policy.adapt.lr=0.5"])
+    summary = run(cfg, tmp_path / "adapt")
+    assert summary["meta_steps"] >= 3
+    assert summary["meta_tokens"] > 0
+    assert sum(r["train_tokens"] for r in summary["ledger"].values()) == summary["train_tokens"]
+    assert sum(r["meta_tokens"] for r in summary["ledger"].values()) == summary["meta_tokens"]
+    assert 0 <= summary["train_tokens"] - summary["budget_tokens"] < summary["global_batch_tokens"]
+    schedule = summary["mixture_schedule"]
+    assert len(schedule) >= 2, "the learned mixture never changed"
+    offsets = [o for o, _ in schedule]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    first, last = schedule[0][1], schedule[-1][1]
+    assert max(abs(first[t] - last[t]) for t in first) > 1e-3
+    client, mlrun = _mlflow_run(summary)
+    keys = set(mlrun.data.metrics)
+    assert "meta/J" in keys and "meta/entropy" in keys and "meta/time_share" in keys
+    assert any(k.startswith("signal/") and k.endswith("/alignment") for k in keys)
+    assert any(k.startswith("signal/") and k.endswith("/val_loss") for k in keys)
+    assert len(client.get_metric_history(summary["mlflow_run_id"], "meta/J")) >= 3
