@@ -162,9 +162,9 @@ class AdaptConfig:
     """ADAPT: task logits learned by a first-order meta-gradient of the smooth
     worst-case validation loss (see ``raymix.policies.adapt``)."""
 
-    every_steps: int = 5
+    every_steps: int = 10
     """K: optimizer steps between meta updates."""
-    warmup_steps: int = 5
+    warmup_steps: int = 10
     """Optimizer steps before the first meta update."""
     tau: float = 0.5
     """Temperature of J = tau * log sum_j exp(L_j^val / tau) (small: worst case)."""
@@ -183,9 +183,9 @@ class AdaptConfig:
     tasks_per_step: Optional[int] = 8
     """Per-task training gradients per meta step, on a random subset of tasks
     (None: all tasks); unsampled tasks keep their last estimate."""
-    examples_per_task: int = 8
+    examples_per_task: int = 4
     """Examples per task-gradient batch (their tokens go to meta_tokens)."""
-    val_examples_per_task: int = 8
+    val_examples_per_task: int = 2
     """Validation examples per task per meta step."""
     params: Literal["all", "last_block", "head"] = "last_block"
     """Parameter subset the gradients are taken on: all, the last transformer
@@ -308,8 +308,9 @@ class RuntimeConfig:
     """Object-store bytes for a local Ray instance."""
     torch_threads: int = 1
     """Intra-op threads per worker."""
-    data_concurrency: int = 1
-    """Parallel tokenisation actors in Ray Data."""
+    data_concurrency: int = 4
+    """At most this many tokenisation actors in Ray Data (capped by free CPUs,
+    one CPU left for writing shards)."""
 
     def __post_init__(self) -> None:
         if self.num_workers < 1:

@@ -295,6 +295,10 @@ def prepare_shards(
     shutil.rmtree(tmp, ignore_errors=True)
     chunk = max(2000, -(-len(df) // 64))
     ds = ray.data.from_pandas([df.iloc[i : i + chunk] for i in range(0, len(df), chunk)])
+    # Never ask for more tokenizer actors than there are free CPUs: an actor
+    # pool waiting for a CPU held by the Ray Data writes would hang.
+    free = int(ray.available_resources().get("CPU", 1))
+    concurrency = max(1, min(concurrency, free - 1 if free > 2 else 1))
     ds = ds.map_batches(
         Tokenize,
         fn_constructor_kwargs={
