@@ -17,8 +17,8 @@
 #                          (default tune_spaces/adapt_paper.yaml) onto the shared
 #                          filesystem, once, by a sparse clone of $RAYMIX_NI_REPO
 #   node.sh mlflow         (re)start the MLflow tracking server on the head, bound to
-#                          $RAYMIX_MLFLOW_HOST (a private address, never 0.0.0.0), and wait
-#                          until it answers
+#                          $RAYMIX_MLFLOW_HOST (a private address: wildcard, loopback and
+#                          public ones are refused), and wait until it answers
 #   node.sh check-shared   fail unless the shared filesystem is mounted at $RAYMIX_SHARED
 #
 # Inputs (environment; the cluster files set them):
@@ -66,10 +66,11 @@ no_placeholders() {
 own_dir() {
   local d=$1
   mkdir -p "$d" 2>/dev/null || sudo mkdir -p "$d"
-  [ -w "$d" ] || sudo chown "$(id -u):$(id -g)" "$d"
+  if [ ! -w "$d" ]; then sudo chown "$(id -u):$(id -g)" "$d" || true; fi
+  [ -w "$d" ] || die "$d is not writable by $(id -un) (uid $(id -u))"
 }
 
-# Refuses an address that is unspecified (0.0.0.0, ::), loopback or globally routable.
+# Refuses an address that is unspecified (the IPv4 or IPv6 wildcard), loopback or globally routable.
 check_private() {
   python - "$1" <<'PY'
 import ipaddress
@@ -90,7 +91,7 @@ cmd_install() {
   [ -w "$RAYMIX_REPO" ] || sudo chown -R "$(id -u):$(id -g)" "$RAYMIX_REPO"
   local extra=()
   # shellcheck disable=SC2206
-  [ -n "${RAYMIX_PIP_EXTRA:-}" ] && extra=($RAYMIX_PIP_EXTRA)
+  if [ -n "${RAYMIX_PIP_EXTRA:-}" ]; then extra=($RAYMIX_PIP_EXTRA); fi
   case "${RAYMIX_MLFLOW_DB:-}" in postgresql*) extra+=(psycopg2-binary) ;; esac
   # One resolver run: the clients cannot move any of pyproject's pins.
   python -m pip install --no-cache-dir --disable-pip-version-check -e "$RAYMIX_REPO" "${extra[@]}"
@@ -211,22 +212,23 @@ cmd_mlflow() {
   local host=${RAYMIX_MLFLOW_HOST:?run node.sh env head first} port=${RAYMIX_MLFLOW_PORT:-5000}
   check_private "$host"
   no_placeholders RAYMIX_ARTIFACTS RAYMIX_MLFLOW_DB
-  mkdir -p "$MLFLOW_DIR"
+  own_dir "$MLFLOW_DIR"
   local pidfile=$MLFLOW_DIR/server.pid pid
   if [ -f "$pidfile" ] && pid=$(cat "$pidfile") && kill -0 "$pid" 2>/dev/null; then
     # setsid made the server its own process group: stop it and its workers.
-    kill -- "-$pid" 2>/dev/null || kill "$pid"
-    for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
+    for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    if kill -0 "$pid" 2>/dev/null; then kill -KILL -- "-$pid" 2>/dev/null || true; sleep 2; fi
   fi
   case "$RAYMIX_MLFLOW_DB" in sqlite:////*) mkdir -p "$(dirname "${RAYMIX_MLFLOW_DB#sqlite:///}")" ;; esac
   local args=(server --backend-store-uri "$RAYMIX_MLFLOW_DB" --artifacts-destination "$RAYMIX_ARTIFACTS"
     --host "$host" --port "$port")
-  [ -n "${RAYMIX_MLFLOW_ALLOWED_HOSTS:-}" ] && args+=(--allowed-hosts "$RAYMIX_MLFLOW_ALLOWED_HOSTS")
+  if [ -n "${RAYMIX_MLFLOW_ALLOWED_HOSTS:-}" ]; then args+=(--allowed-hosts "$RAYMIX_MLFLOW_ALLOWED_HOSTS"); fi
   # The inner shell records its own pid, which exec hands to mlflow.
   setsid bash -c 'echo $$ >"$0"; exec mlflow "$@"' "$pidfile" "${args[@]}" \
     >>"$MLFLOW_DIR/server.log" 2>&1 </dev/null &
   local url="http://$host:$port"
-  for _ in $(seq 90); do
+  for _ in $(seq 150); do  # a fresh SQLite store runs its migrations first
     if python -c "import urllib.request, sys; urllib.request.urlopen(sys.argv[1] + '/health', timeout=2)" "$url" 2>/dev/null; then
       echo "raymix: MLflow at $url (backend $RAYMIX_MLFLOW_DB, artifacts $RAYMIX_ARTIFACTS; log $MLFLOW_DIR/server.log)"
       return 0
@@ -234,7 +236,7 @@ cmd_mlflow() {
     sleep 2
   done
   tail -n 40 "$MLFLOW_DIR/server.log" >&2 || true
-  die "MLflow did not answer at $url/health within 180 s"
+  die "MLflow did not answer at $url/health within 300 s"
 }
 
 cmd_check_shared() {

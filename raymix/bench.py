@@ -120,6 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--config", default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--report", default=None, help="also write the Markdown table here (e.g. reports/bench.md)")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
@@ -140,6 +141,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     (out / "bench.json").write_text(json.dumps({"commit": commit, **results}, indent=1))
     md = _markdown(results, commit)
     (out / "bench.md").write_text(md)
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(md)
     print(md)
     return 0
 

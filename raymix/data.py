@@ -295,10 +295,11 @@ def prepare_shards(
     shutil.rmtree(tmp, ignore_errors=True)
     chunk = max(2000, -(-len(df) // 64))
     ds = ray.data.from_pandas([df.iloc[i : i + chunk] for i in range(0, len(df), chunk)])
-    # Never ask for more tokenizer actors than there are free CPUs: an actor
-    # pool waiting for a CPU held by the Ray Data writes would hang.
-    free = int(ray.available_resources().get("CPU", 1))
-    concurrency = max(1, min(concurrency, free - 1 if free > 2 else 1))
+    # Tokenizer actors take 0.9 CPU and writes 0.1, so that N free CPUs hold N
+    # actors and the writes still get scheduled (actors holding every whole
+    # CPU would starve the write tasks, and the pipeline would hang).
+    free = ray.available_resources().get("CPU", 1)
+    concurrency = max(1, min(concurrency, int((free - 0.1) // 0.9)))
     ds = ds.map_batches(
         Tokenize,
         fn_constructor_kwargs={
@@ -309,9 +310,9 @@ def prepare_shards(
         batch_size=1024,
         batch_format="numpy",
         concurrency=concurrency,
-        num_cpus=1,
+        num_cpus=0.9,
     )
-    ds.write_parquet(str(tmp), partition_cols=["split", "task_idx"])
+    ds.write_parquet(str(tmp), partition_cols=["split", "task_idx"], ray_remote_args={"num_cpus": 0.1})
 
     table = pads.dataset(str(tmp), format="parquet", partitioning="hive").to_table(
         columns=["split", "task_idx", "n_tokens", "prompt_len", "status"]

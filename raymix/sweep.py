@@ -54,11 +54,11 @@ class Space:
 
     def overrides(self, extra: Sequence[str] = ()) -> list[list[str]]:
         """One ``key=value`` override list per trial, grid order."""
-        base = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in self.base.items()]
+        base = [f"{k}={_yaml_value(v)}" for k, v in self.base.items()]
         keys = list(self.grid)
         trials = []
         for combo in itertools.product(*(self.grid[k] for k in keys)):
-            trial = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in zip(keys, combo)]
+            trial = [f"{k}={_yaml_value(v)}" for k, v in zip(keys, combo)]
             trials.append(base + list(extra) + trial)
         return trials
 
@@ -72,8 +72,11 @@ class Space:
         return out
 
 
-def _strip_yaml_doc_end(text: str) -> str:
-    return text.replace("\n...", "").strip()
+def _yaml_value(value: Any) -> str:
+    """One-line YAML for an override value (without the document-end marker
+    PyYAML adds after a bare scalar)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30).strip()
+    return text[: -len("\n...")] if text.endswith("\n...") else text
 
 
 def load_space(path: str | Path) -> Space:
@@ -214,7 +217,8 @@ def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, re
                              "sweep_dir": str(sweep_dir), "parent_run_id": parent_id,
                              "tracking_uri": uri, "experiment": space.name},
                 tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-                run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir / "ray"),
+                run_config=tune.RunConfig(name=f"tune-{space.name}",
+                                          storage_path=os.environ.get("RAYMIX_STORAGE") or str(sweep_dir / "ray"),
                                           failure_config=tune.FailureConfig(max_failures=0), verbose=1),
             )
             results = tuner.fit()

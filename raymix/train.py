@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -29,8 +30,6 @@ def init_ray(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     kwargs: dict = {"include_dashboard": False, "log_to_driver": True}
-    import os
-
     if not os.environ.get("RAY_ADDRESS"):
         kwargs["num_cpus"] = cfg.runtime.num_cpus
         kwargs["object_store_memory"] = cfg.runtime.object_store_memory
@@ -55,6 +54,18 @@ def budget_tokens(cfg: RunConfig, pool_tokens: int) -> int:
             "lower the budget or raise budget.max_epochs"
         )
     return budget
+
+
+TOKENIZER_SAMPLE = 100_000
+
+
+def tokenizer_corpus(records, limit: int = TOKENIZER_SAMPLE):
+    """Training texts for a local tokenizer: an evenly strided sample of at
+    most ``limit`` train examples (BPE statistics settle long before the
+    whole pool, and training time grows with the corpus)."""
+    train = [r for r in records if r.split == "train"]
+    step = max(1, len(train) // limit)
+    return (f"{r.prompt}\nAnswer: {r.completion}" for r in train[::step])
 
 
 def prepare_model_and_data(cfg: RunConfig, output_dir: Path, phases: Optional[dict] = None):
@@ -82,8 +93,9 @@ def prepare_model_and_data(cfg: RunConfig, output_dir: Path, phases: Optional[di
         tokenizer.save_pretrained(str(tok_dir))
         tok_fp = f"{tok_name}:{len(tokenizer)}"
     else:
-        texts = lambda: (f"{r.prompt}\nAnswer: {r.completion}" for r in records() if r.split == "train")  # noqa: E731
-        tokenizer, tok_path = train_tokenizer(texts, cfg.model.vocab_size, cache_root(cfg.data), fingerprint)
+        texts = lambda: tokenizer_corpus(records())  # noqa: E731
+        tokenizer, tok_path = train_tokenizer(texts, cfg.model.vocab_size, cache_root(cfg.data),
+                                              f"{fingerprint}:sample{TOKENIZER_SAMPLE}")
         tok_dir = Path(tok_path)
         tok_fp = f"trained:{tok_path}"
     phases["tokenizer"] = time.perf_counter() - t
@@ -187,7 +199,8 @@ def _train(cfg, out, tracker, pool, tok_dir, init_dir, budget, pool_info) -> dic
             ),
             run_config=ray.train.RunConfig(
                 name=f"train-{tracker.run_id}",
-                storage_path=str((out / "ray").resolve()),
+                # A bucket URI (RAYMIX_STORAGE) on clusters, the run folder otherwise.
+                storage_path=os.environ.get("RAYMIX_STORAGE") or str((out / "ray").resolve()),
             ),
         )
         result = trainer.fit()

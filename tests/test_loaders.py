@@ -24,7 +24,7 @@ NI_SAMPLE = os.environ.get("RAYMIX_NI_SAMPLE")
 needs_sample = pytest.mark.skipif(
     not NI_SAMPLE,
     reason="set RAYMIX_NI_SAMPLE to the Natural Instructions sample directory "
-    "(e.g. /work/shared/data/ni-sample) to run the real-data tests",
+    "(a directory of Natural Instructions task files) to run the real-data tests",
 )
 
 
