@@ -162,13 +162,13 @@ class AdaptConfig:
     """ADAPT: task logits learned by a first-order meta-gradient of the smooth
     worst-case validation loss (see ``raymix.policies.adapt``)."""
 
-    every_steps: int = 10
+    every_steps: int = 20
     """K: optimizer steps between meta updates."""
-    warmup_steps: int = 10
+    warmup_steps: int = 20
     """Optimizer steps before the first meta update."""
     tau: float = 0.5
     """Temperature of J = tau * log sum_j exp(L_j^val / tau) (small: worst case)."""
-    entropy: float = 0.05
+    entropy: float = 0.01
     """lambda: weight of the entropy bonus -lambda*H(p) in the meta objective."""
     lr: float = 0.3
     """beta: step size on the logits."""
@@ -183,9 +183,9 @@ class AdaptConfig:
     tasks_per_step: Optional[int] = 8
     """Per-task training gradients per meta step, on a random subset of tasks
     (None: all tasks); unsampled tasks keep their last estimate."""
-    examples_per_task: int = 4
+    examples_per_task: int = 8
     """Examples per task-gradient batch (their tokens go to meta_tokens)."""
-    val_examples_per_task: int = 2
+    val_examples_per_task: int = 4
     """Validation examples per task per meta step."""
     params: Literal["all", "last_block", "head"] = "last_block"
     """Parameter subset the gradients are taken on: all, the last transformer
@@ -287,7 +287,7 @@ class EvalConfig:
     """Validation-loss checkpoints during training, evenly spaced over the
     budget (0 disables); they give the loss-vs-tokens curves that effective
     tokens are read from. Their tokens are counted as meta_tokens."""
-    curve_examples_per_task: int = 16
+    curve_examples_per_task: int = 8
     """Validation examples per task at each curve point (a fixed subset)."""
 
 

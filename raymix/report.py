@@ -36,26 +36,34 @@ METRICS = [
 STATIC_POLICIES = {"uniform", "proportional", "temperature", "unimax", "static", "schedule"}
 
 
+def _curve(client, run_id: str) -> list[tuple[float, float]]:
+    """(train tokens, worst-case val loss) at each logged curve point."""
+    tokens = {m.step: m.value for m in client.get_metric_history(run_id, "curve/train_tokens")}
+    return sorted((tokens[m.step], m.value) for m in client.get_metric_history(run_id, "curve/worst_val_loss")
+                  if m.step in tokens)
+
+
 def add_effective_tokens(client, df):
-    """Per run: the share of its budget at which its logged worst-case
-    validation loss first reaches the best static mixture's final value
-    (mean over seeds) at the same model and budget; NaN if it never does."""
+    """Per run: the share of its budget at which its worst-case validation
+    loss curve first reaches the best static mixture's final point on the same
+    curve (mean over seeds, same model and budget); NaN if it never does.
+    Curves and target come from the same fixed validation subset."""
     import numpy as np
 
     df = df.copy()
     df["effective_tokens"] = np.nan
+    curves = {r: _curve(client, r) for r in df["run_id"]}
     for _, g in df.groupby(["model", "budget_value"]):
         static = g[g["policy"].isin(STATIC_POLICIES)]
-        if static.empty or "worst_val_loss" not in g:
+        finals = {idx: curves[r][-1][1] for idx, r in static["run_id"].items() if curves[r]}
+        if not finals:
             continue
-        target = static.groupby("policy")["worst_val_loss"].mean().min()
+        target = min(np.mean([finals[i] for i in rows.index if i in finals])
+                     for _, rows in static.groupby("policy") if any(i in finals for i in rows.index))
         for idx, row in g.iterrows():
-            hist_w = client.get_metric_history(row["run_id"], "curve/worst_val_loss")
-            hist_t = {m.step: m.value for m in client.get_metric_history(row["run_id"], "curve/train_tokens")}
             budget = row.get("budget_tokens", float("nan"))
-            hits = sorted((hist_t.get(m.step, float("inf")), m.value) for m in hist_w)
-            for tokens, worst in hits:
-                if worst <= target + 1e-12 and tokens == tokens:
+            for tokens, worst in curves[row["run_id"]]:
+                if worst <= target + 1e-12:
                     df.loc[idx, "effective_tokens"] = tokens / budget
                     break
     return df
@@ -183,6 +191,7 @@ def _plot_mixtures(client, df, path: Path) -> bool:
         ys = np.array([[w.get(t, 0.0) for t in tasks] for _, w in schedule])
         xs = np.repeat(offsets, 2)[1:-1]
         ax.stackplot(xs, np.repeat(ys, 2, axis=0).T)
+        ax.set_xlim(0, offsets[-1])
         ax.set_title(f"{row['policy']} ({row['budget']})", fontsize=9)
         ax.set_xlabel("train tokens")
         ax.set_ylim(0, 1)
