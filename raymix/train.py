@@ -203,7 +203,9 @@ def _train(cfg, out, tracker, pool, tok_dir, init_dir, budget, pool_info) -> dic
                 storage_path=os.environ.get("RAYMIX_STORAGE") or str((out / "ray").resolve()),
             ),
         )
+        fit_started = time.time()
         result = trainer.fit()
+        fit_ended = time.time()
         if result.error:
             raise result.error
         mix = ray.get(mixer.summary.remote(), timeout=120)
@@ -227,6 +229,15 @@ def _train(cfg, out, tracker, pool, tok_dir, init_dir, budget, pool_info) -> dic
         "meta_seconds": ev.get("meta_seconds", 0.0),
         "meta_steps": ev.get("meta_steps", 0),
         "curve": ev.get("curve", []),
+        # Where a TorchTrainer run's time goes besides training: starting the
+        # worker group, per-worker setup, and checkpointing plus shutdown.
+        "ray_train_seconds": {
+            "worker_start": ev["worker_entered_at"] - fit_started,
+            "worker_setup": ev["worker_setup_seconds"],
+            "train_loop": ev["loop_seconds"] + ev.get("curve_seconds", 0.0),
+            "final_eval": ev["eval_seconds"],
+            "report_and_shutdown": fit_ended - ev["reported_at"],
+        },
         "curve_seconds": ev.get("curve_seconds", 0.0),
         "meta_time_share": ev.get("meta_seconds", 0.0) / max(1e-9, ev["loop_seconds"]),
         "overshoot_tokens": mix["train_tokens"] - budget,
