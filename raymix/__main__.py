@@ -11,6 +11,7 @@ COMMANDS = {
     "bench": "raymix.bench",
     "sweep": "raymix.sweep",
     "report": "raymix.report",
+    "eval": "raymix.eval",
 }
 
 

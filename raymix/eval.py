@@ -58,6 +58,10 @@ KINDS = ("synthetic_ood", "natural_instructions", "harness")
 # lm-eval's batch-size search runs full-length forward passes until one fails
 # for memory, which on a CPU is slow and never fails cleanly: use a fixed size.
 CPU_AUTO_BATCH_SIZE = 32
+# On CPU, models below this size are evaluated on 1 torch thread unless told
+# otherwise: their matmuls are too small for intra-op parallelism to pay, and on
+# a busy 2-core machine 2 threads made ood_embedded 5x slower (100 s vs 18 s).
+CPU_SINGLE_THREAD_PARAMS = 100_000_000
 _OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
@@ -225,28 +229,51 @@ def _ensure_hub_mode() -> bool:
     tens of seconds per dataset before giving up)."""
     offline = any(_truthy(os.environ.get(v)) for v in _OFFLINE_VARS)
     if not offline:
-        host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+        url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+        port = url.port or (80 if url.scheme == "http" else 443)
         try:
-            socket.create_connection((host, 443), timeout=3).close()
+            socket.create_connection((url.hostname or "huggingface.co", port), timeout=3).close()
         except OSError:
             offline = True
     if offline:
         for v in _OFFLINE_VARS:
             os.environ[v] = "1"
         # Modules already imported read these flags at import time.
-        if "huggingface_hub.constants" in sys.modules:
-            sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
+        hub: Any = sys.modules.get("huggingface_hub.constants")
+        if hub is not None:
+            hub.HF_HUB_OFFLINE = True
         if "datasets.config" in sys.modules:
-            cfg = sys.modules["datasets.config"]
+            cfg: Any = sys.modules["datasets.config"]
             cfg.HF_HUB_OFFLINE = cfg.HF_DATASETS_OFFLINE = True
     return offline
+
+
+def _cache_home() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(os.environ.get("HF_HOME") or Path(xdg) / "huggingface")
+
+
+def _offline_resource_found(kind: str, name: str) -> bool:
+    """Whether a resource a task downloads at run time is already on disk (checked
+    by path, without importing the libraries, which takes seconds)."""
+    if kind == "hf_metric":  # Hugging Face evaluate's cache of hub metric scripts
+        modules = Path(os.environ.get("HF_MODULES_CACHE") or _cache_home() / "modules")
+        found = modules / "evaluate_modules" / "metrics" / f"evaluate-metric--{name}"
+        return found.is_dir() and any(len(h.name) == 64 for h in found.iterdir())
+    if kind == "nltk_data":  # nltk's default search path
+        roots = [*filter(None, os.environ.get("NLTK_DATA", "").split(os.pathsep)), str(Path.home() / "nltk_data"),
+                 *(str(Path(sys.prefix) / d) for d in ("nltk_data", "share/nltk_data", "lib/nltk_data")),
+                 "/usr/share/nltk_data", "/usr/local/share/nltk_data", "/usr/lib/nltk_data", "/usr/local/lib/nltk_data"]
+        return any(Path(r, name).exists() or Path(r, f"{name}.zip").exists() for r in roots)
+    raise RaymixError(f"eval suite: unknown offline resource kind {kind!r} (hf_metric, nltk_data)")
 
 
 def check_harness_suite(suite: dict, confirm_run_unsafe_code: bool = False) -> None:
     """Fail before any model is loaded if a task of a ``harness`` suite cannot run:
     its dataset cannot be loaded (``load_dataset_builder``, which reads only the
-    hub's or the cache's metadata), a module it needs is missing, or it executes
-    model-written code without ``confirm_run_unsafe_code``."""
+    hub's or the cache's metadata), a module it needs is missing, a file it
+    downloads at run time is absent while offline (``offline_needs``), or it
+    executes model-written code without ``confirm_run_unsafe_code``."""
     offline = _ensure_hub_mode()
     import datasets
     from lm_eval.tasks._yaml_loader import load_yaml
@@ -262,6 +289,11 @@ def check_harness_suite(suite: dict, confirm_run_unsafe_code: bool = False) -> N
         missing = [m for m in e.get("requires", []) if importlib.util.find_spec(m) is None]
         if missing:
             other.append(f"{task}: missing Python module(s) {', '.join(missing)}")
+        if offline:
+            absent = [f"{kind} {name}" for kind, names in (e.get("offline_needs") or {}).items()
+                      for name in names if not _offline_resource_found(kind, name)]
+            if absent:
+                other.append(f"{task}: offline and not on disk: {', '.join(absent)}")
         if cfg.get("unsafe_code") and not confirm_run_unsafe_code:
             other.append(f"{task}: executes model-written code; pass --confirm-run-unsafe-code")
         path, name = cfg.get("dataset_path"), cfg.get("dataset_name")
@@ -290,6 +322,10 @@ def _eval_tokenizer(checkpoint: Path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(checkpoint))
+    if getattr(tok, "chat_template", None):
+        print(f"[raymix] warning: {checkpoint}'s tokenizer has a chat template; a run with "
+              "data.template auto/chat trained in that format, but prompts here use the plain "
+              "template", file=sys.stderr)
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token
     bos = tok.bos_token_id
@@ -408,14 +444,16 @@ def evaluate_checkpoint(checkpoint: str, suite: str, output_dir: str, limit: int
     and return the eval_summary dict. ``limit``: documents per task (default:
     the suite's ``default_limit``). ``seed`` generates the synthetic documents and
     seeds lm-eval's sampling; greedy decoding makes the rest deterministic.
-    ``threads``: torch CPU threads (default: leave torch's setting; on a busy
-    2-core machine 1 thread can be several times faster than 2)."""
+    ``threads``: torch CPU threads during the evaluation (default on CPU: 1 for
+    models under 100M parameters, else torch's setting); restored afterwards."""
     t0 = time.perf_counter()
     spec = load_suite(suite)
     ckpt, batch_size = _check_args(checkpoint, limit, batch_size)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise RaymixError(f"--threads must be a positive integer, got {threads!r}")
     limit = spec.get("default_limit") if limit is None else limit
+    if limit is None and spec["kind"] != "harness":
+        raise RaymixError(f"{spec['path']}: a generated suite needs a default_limit")
     client = _mlflow_client(mlflow_run_id, tracking_uri) if mlflow_run_id else None
     if spec["kind"] == "harness":
         check_harness_suite(spec, confirm_run_unsafe_code)
@@ -427,9 +465,9 @@ def evaluate_checkpoint(checkpoint: str, suite: str, output_dir: str, limit: int
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     if spec["kind"] == "synthetic_ood":
-        primary = _prepare_synthetic(spec, work, int(limit), seed)
+        primary = _prepare_synthetic(spec, work, int(limit or 0), seed)
     elif spec["kind"] == "natural_instructions":
-        primary = _prepare_ni(spec, work, int(limit), ni_dir)
+        primary = _prepare_ni(spec, work, int(limit or 0), ni_dir)
     else:
         primary = _prepare_harness(spec, work)
 
@@ -442,6 +480,9 @@ def evaluate_checkpoint(checkpoint: str, suite: str, output_dir: str, limit: int
         torch.set_num_threads(threads)
     try:
         lm = _load_lm(ckpt, batch_size)
+        if threads is None and not torch.cuda.is_available() \
+                and lm.model.num_parameters() < CPU_SINGLE_THREAD_PARAMS:
+            torch.set_num_threads(1)
         manager = TaskManager(include_path=str(work), include_defaults=spec["kind"] == "harness")
         results = simple_evaluate(
             model=lm, tasks=list(primary), task_manager=manager,
@@ -461,7 +502,7 @@ def evaluate_checkpoint(checkpoint: str, suite: str, output_dir: str, limit: int
                "seconds": round(time.perf_counter() - t0, 2),
                "primary_metrics": {t: metric_name(k) for t, k in primary.items()}}
     (out / "eval_summary.json").write_text(json.dumps(summary, indent=1))
-    if client is not None:
+    if client is not None and mlflow_run_id:
         log_to_mlflow(client, mlflow_run_id, summary, out)
     return summary
 
@@ -476,7 +517,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch-size", default="auto", help=f"'auto' ({CPU_AUTO_BATCH_SIZE} on CPU) or N")
     parser.add_argument("--ni-dir", default=None, help="held-out Natural Instructions task files (ni_heldout)")
     parser.add_argument("--seed", type=int, default=0, help="seed of generated documents and lm-eval")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default on CPU: 1 for models under 100M parameters, else torch's)")
     parser.add_argument("--mlflow-run-id", default=None, help="log metrics and JSONs to this MLflow run")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
     parser.add_argument("--confirm-run-unsafe-code", action="store_true",
