@@ -289,6 +289,14 @@ class EvalConfig:
     tokens are read from. Their tokens are counted as meta_tokens."""
     curve_examples_per_task: int = 8
     """Validation examples per task at each curve point (a fixed subset)."""
+    suite: Optional[str] = "auto"
+    """lm-eval suite scored on the final checkpoint (``raymix/eval_suites``):
+    ``auto`` is ``ood_embedded`` when every source is the synthetic suite and
+    nothing otherwise; null disables it."""
+    suite_limit: Optional[int] = None
+    """Documents per suite task (default: the suite's own)."""
+    ni_dir: Optional[str] = None
+    """Task directory for the ``ni_heldout`` suite."""
 
 
 @dataclass(frozen=True)

@@ -257,7 +257,8 @@ def write_report(tracking_uri: str, experiment: str, out: str | Path, space_file
         "",
         "## Policies x budgets",
         "",
-        *_table(df, METRICS),
+        *_table(df, METRICS + ([("eval/aggregate", "OOD eval (lm-eval)", "{:.3f}")]
+                               if "eval/aggregate" in df else [])),
         "",
     ]
     if eval_keys:

@@ -114,6 +114,28 @@ def prepare_model_and_data(cfg: RunConfig, output_dir: Path, phases: Optional[di
     return tokenizer, str(tok_dir), pool, init_dir
 
 
+def resolve_suite(cfg: RunConfig) -> Optional[str]:
+    """The lm-eval suite to score the final checkpoint on, checked before any
+    training: an unknown suite, or a hub suite whose datasets cannot be
+    reached, fails here."""
+    from raymix.eval import check_harness_suite, load_suite
+
+    name = cfg.eval.suite
+    if name == "auto":
+        name = "ood_embedded" if all(s.kind == "synthetic" for s in cfg.data.sources) else None
+    if not name:
+        return None
+    try:
+        spec = load_suite(name)
+    except RaymixError as e:
+        raise RaymixError(str(e).replace("--suite", "eval.suite")) from None
+    if spec["kind"] == "harness":
+        check_harness_suite(spec)
+    if spec["kind"] == "natural_instructions" and not cfg.eval.ni_dir:
+        raise RaymixError(f"eval.suite={name} needs eval.ni_dir (a directory of held-out task files)")
+    return name
+
+
 def run(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = None) -> dict:
     """Train under the budget, evaluate, write summary.json; return the summary."""
     from raymix.data import pool_summary
@@ -128,6 +150,7 @@ def run(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = N
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
     t0 = time.perf_counter()
+    suite = resolve_suite(cfg)
     tracker = RunTracker(cfg, out, parent_run_id)
     status = "FAILED"
     try:
@@ -155,6 +178,17 @@ def run(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = N
         summary = _train(cfg, out, tracker, pool, tok_dir, init_dir, budget,
                          PoolInfo(pool.tasks, pool.train_tokens(), pool.train_examples(), budget))
         phases["ray_train"] = time.perf_counter() - t
+        if suite:
+            from raymix.eval import evaluate_checkpoint
+
+            t = time.perf_counter()
+            ev = evaluate_checkpoint(summary["model_dir"], suite, str(out / "eval"), cfg.eval.suite_limit,
+                                     ni_dir=cfg.eval.ni_dir, seed=cfg.seed, mlflow_run_id=tracker.run_id,
+                                     tracking_uri=tracker.uri)
+            summary["eval"] = ev["tasks"]
+            summary["eval_aggregate"] = ev["aggregate"]
+            summary["eval_suite"] = suite
+            phases["lm_eval"] = time.perf_counter() - t
         summary["wall_seconds"] = time.perf_counter() - t0
         summary["phase_seconds"] = phases
         summary["pool"] = stats
@@ -203,7 +237,9 @@ def _train(cfg, out, tracker, pool, tok_dir, init_dir, budget, pool_info) -> dic
                 storage_path=os.environ.get("RAYMIX_STORAGE") or str((out / "ray").resolve()),
             ),
         )
+        fit_started = time.time()
         result = trainer.fit()
+        fit_ended = time.time()
         if result.error:
             raise result.error
         mix = ray.get(mixer.summary.remote(), timeout=120)
@@ -227,6 +263,15 @@ def _train(cfg, out, tracker, pool, tok_dir, init_dir, budget, pool_info) -> dic
         "meta_seconds": ev.get("meta_seconds", 0.0),
         "meta_steps": ev.get("meta_steps", 0),
         "curve": ev.get("curve", []),
+        # Where a TorchTrainer run's time goes besides training: starting the
+        # worker group, per-worker setup, and checkpointing plus shutdown.
+        "ray_train_seconds": {
+            "worker_start": ev["worker_entered_at"] - fit_started,
+            "worker_setup": ev["worker_setup_seconds"],
+            "train_loop": ev["loop_seconds"] + ev.get("curve_seconds", 0.0),
+            "final_eval": ev["eval_seconds"],
+            "report_and_shutdown": fit_ended - ev["reported_at"],
+        },
         "curve_seconds": ev.get("curve_seconds", 0.0),
         "meta_time_share": ev.get("meta_seconds", 0.0) / max(1e-9, ev["loop_seconds"]),
         "overshoot_tokens": mix["train_tokens"] - budget,

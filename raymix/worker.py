@@ -61,6 +61,7 @@ def train_loop(loop_cfg: dict) -> None:
     from raymix.policies import policy_needs_meta
     from raymix.streams import TaskStream, collate
 
+    t_enter = time.time()  # wall clock: compared with the driver's, to time worker start-up
     cfg: RunConfig = from_dict(RunConfig, loop_cfg["run"])
     pool = PreparedPool(**loop_cfg["pool"])
     budget = int(loop_cfg["budget_tokens"])
@@ -163,6 +164,7 @@ def train_loop(loop_cfg: dict) -> None:
                 _metric_batch(client, loop_cfg["mlflow_run_id"], m, step)
 
     t_loop = time.perf_counter()
+    t_enter_perf = t_loop - (time.time() - t_enter)
     model.train()
     if curve is not None:
         curve_point()  # the starting point of the curve
@@ -276,6 +278,7 @@ def train_loop(loop_cfg: dict) -> None:
         ray.get(mixer.report.remote(sync_tokens.astype(np.int64).tolist(), sync_loss[0].tolist(), sync_loss[1].tolist()))
 
     metrics = {"train_tokens": train_tokens, "steps": step, "loop_seconds": loop_seconds,
+               "worker_entered_at": t_enter, "worker_setup_seconds": t_loop - t_enter_perf,
                "tokens_per_second": train_tokens / max(1e-9, loop_seconds),
                "meta_seconds": meta_seconds, "meta_steps": meta_steps, "curve_seconds": curve_seconds}
     if rank == 0:
@@ -289,6 +292,7 @@ def train_loop(loop_cfg: dict) -> None:
             tokenizer.save_pretrained(tmp)
             with open(os.path.join(tmp, "raymix_eval.json"), "w") as f:
                 json.dump({"val_loss": val, "test_exact_match": em, "curve": curve_log, **metrics}, f)
+            metrics["reported_at"] = time.time()
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:
         ray.train.report(metrics, checkpoint=None)

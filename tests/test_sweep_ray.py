@@ -32,6 +32,9 @@ def test_smoke_sweep_resume_and_report(tmp_path: Path, monkeypatch) -> None:
         assert all(r.info.status == "FINISHED" for r in children)
         assert client.get_run(result["parent_run_id"]).info.status == "FINISHED"
         assert len({r.data.tags["raymix.identity"] for r in children}) == 2
+        # Every trial's checkpoint was scored through lm-eval on the configured suite.
+        assert all("eval/aggregate" in r.data.metrics for r in children)
+        assert all(any(k.startswith("eval/raymix_ood_") for k in r.data.metrics) for r in children)
 
         # A trial that did not finish: resume re-runs it alone, finished ones are not logged twice.
         victim = next(r for r in children if r.data.params["policy.name"] == "uniform")
@@ -48,6 +51,7 @@ def test_smoke_sweep_resume_and_report(tmp_path: Path, monkeypatch) -> None:
         # The report is generated from MLflow and tabulates both policies.
         report = Path(result2["report"]).read_text()
         assert "| uniform |" in report and "| proportional |" in report
+        assert "## Evaluation" in report and "aggregate" in report
         assert (Path(result2["report"]).parent / "metrics_vs_budget.png").stat().st_size > 0
         state = json.loads((out / "sweep.json").read_text())
         assert state["parent_run_id"] == result["parent_run_id"]

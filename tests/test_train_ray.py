@@ -32,6 +32,7 @@ SMALL = [
     "runtime.cpus_per_worker=0.5",
     "runtime.object_store_memory=200000000",
     "budget.tokens=6000",
+    "eval.suite=null",  # lm-eval scoring is covered by the sweep test
 ]
 
 

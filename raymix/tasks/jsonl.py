@@ -26,13 +26,12 @@ stem), ``id`` (string or integer; else ``"<file stem>-<line number>"``),
 
 from __future__ import annotations
 
-import codecs
 import json
 from pathlib import Path
 from typing import Any
 
 from raymix.errors import RaymixError
-from raymix.tasks.records import SPLITS, TaskRecord
+from raymix.tasks.records import SPLITS, TaskRecord, read_utf8
 
 ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
@@ -69,29 +68,11 @@ def load_jsonl(path: str | Path, task: str | None = None) -> list[TaskRecord]:
     return records
 
 
-def _decode(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise RaymixError(f"{path}: cannot read file: {e.strerror or e}") from e
-    # Some editors write a UTF-8 byte-order mark; it is not part of line 1's JSON.
-    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
-    try:
-        return data[skip:].decode("utf-8")
-    except UnicodeDecodeError as e:
-        offset = skip + e.start
-        line = data.count(b"\n", 0, offset) + 1
-        raise RaymixError(
-            f"{path}:{line}: not valid UTF-8 (line {line}): byte 0x{data[offset]:02x} "
-            f"at byte offset {offset}; re-encode the file as UTF-8"
-        ) from e
-
-
 def _load_file(path: Path, default_task: str | None) -> list[tuple[str, TaskRecord]]:
     out: list[tuple[str, TaskRecord]] = []
     # split("\n") rather than splitlines(): the latter also breaks on characters
     # such as U+2028 that may legally appear inside JSON strings.
-    for lineno, line in enumerate(_decode(path).split("\n"), start=1):
+    for lineno, line in enumerate(read_utf8(path).split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"

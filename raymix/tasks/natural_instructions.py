@@ -24,14 +24,13 @@ assigns one by instance id.
 
 from __future__ import annotations
 
-import codecs
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from raymix.errors import RaymixError
-from raymix.tasks.records import TaskRecord
+from raymix.tasks.records import TaskRecord, read_utf8
 
 
 def load_natural_instructions(
@@ -87,21 +86,7 @@ def load_natural_instructions(
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise RaymixError(f"{path}: cannot read file: {e.strerror or e}") from e
-    # A UTF-8 byte-order mark is harmless; drop it so json does not choke on it.
-    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
-    try:
-        text = data[skip:].decode("utf-8")
-    except UnicodeDecodeError as e:
-        offset = skip + e.start
-        line = data.count(b"\n", 0, offset) + 1
-        raise RaymixError(
-            f"{path}: not valid UTF-8: byte 0x{data[offset]:02x} at byte offset {offset} "
-            f"(line {line}); re-encode the file as UTF-8"
-        ) from e
+    text = read_utf8(path)
     try:
         # json.loads accepts NaN/Infinity, which real NI files contain (e.g. URL).
         return json.loads(text)

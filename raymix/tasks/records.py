@@ -7,11 +7,35 @@ synthetic suite) yields :class:`TaskRecord` objects; everything downstream
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Sequence
 
+from raymix.errors import RaymixError
+
 SPLITS = ("train", "val", "test")
+
+
+def read_utf8(path: Path) -> str:
+    """A task file's text; non-UTF-8 bytes are an error naming the file, the
+    line and the byte offset. A leading byte-order mark (some editors write
+    one) is dropped."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise RaymixError(f"{path}: cannot read file: {e.strerror or e}") from e
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = skip + e.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise RaymixError(
+            f"{path}:{line}: not valid UTF-8: byte 0x{data[offset]:02x} at byte offset {offset} "
+            f"(line {line}); re-encode the file as UTF-8"
+        ) from e
 
 
 @dataclass(frozen=True)
