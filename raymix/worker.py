@@ -290,9 +290,9 @@ def train_loop(loop_cfg: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             raw_model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            metrics["reported_at"] = time.time()  # after saving the model, before persisting
             with open(os.path.join(tmp, "raymix_eval.json"), "w") as f:
                 json.dump({"val_loss": val, "test_exact_match": em, "curve": curve_log, **metrics}, f)
-            metrics["reported_at"] = time.time()
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:
         ray.train.report(metrics, checkpoint=None)
