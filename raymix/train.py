@@ -142,7 +142,8 @@ def run(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = N
     from raymix.policies import PoolInfo
     from raymix.tracking import RunTracker, plot_mixture
 
-    out = Path(output_dir)
+    # Absolute: Ray workers do not share the driver's working directory.
+    out = Path(output_dir).resolve()
     if (out / "summary.json").exists():
         raise RaymixError(
             f"--output {out} already holds a finished run (summary.json); choose another directory"

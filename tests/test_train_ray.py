@@ -55,13 +55,15 @@ def _mlflow_run(summary: dict):
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("policy", ["uniform", "proportional"])
-def test_budgeted_run_two_workers(ray_local, tmp_path: Path, policy: str) -> None:
+def test_budgeted_run_two_workers(ray_local, tmp_path: Path, policy: str, monkeypatch) -> None:
     from raymix.train import run
+
+    monkeypatch.chdir(tmp_path)  # a relative --output must work: workers have another cwd
 
     # uniform without curve evaluations, proportional with 4 of them
     curve = "eval.curve_points=0" if policy == "uniform" else "eval.curve_points=4"
     cfg = load_config(None, SMALL + [f"policy.name={policy}", curve])
-    summary = run(cfg, tmp_path / "run")
+    summary = run(cfg, "run")
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     for key in ("policy", "seed", "budget_tokens", "train_tokens", "meta_tokens", "global_batch_tokens",
                 "ledger", "val_loss", "worst_val_loss", "mean_val_loss", "test_exact_match",
