@@ -10,7 +10,9 @@ training time is spent.
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -38,6 +40,16 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             f"MLflow tracking server {uri} is unreachable ({e}); start it or unset "
             "MLFLOW_TRACKING_URI to use the local store"
         ) from None
+
+
+def log_metrics(client, run_id, metrics: dict[str, float], step: int) -> None:
+    """Finite metrics in batches of at most 900 (MLflow caps a batch at 1000)."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]
+    for i in range(0, len(items), 900):  # MLflow caps a batch at 1000 metrics
+        client.log_batch(run_id, metrics=items[i : i + 900])
 
 
 class RunTracker:
@@ -81,9 +93,7 @@ class RunTracker:
             self.client.log_batch(self.run_id, params=items[i : i + 90])
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        from raymix.worker import _metric_batch
-
-        _metric_batch(self.client, self.run_id, metrics, step)
+        log_metrics(self.client, self.run_id, metrics, step)
 
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -123,7 +133,6 @@ def plot_mixture(schedule: list, ledger: dict, path: Path, budget: int) -> Path:
     ax2.set_xlabel("train tokens consumed")
     ax2.invert_yaxis()
     ax2.tick_params(axis="y", labelsize=7)
-    ax1.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0)) if len(tasks) <= 30 else None
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -10,6 +10,7 @@ interval) and to MLflow, and evaluates the final model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,15 +38,6 @@ class TokenCosineSchedule:
         return self.peak * (self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def _metric_batch(client, run_id, metrics: dict[str, float], step: int) -> None:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]
-    for i in range(0, len(items), 900):  # MLflow caps a batch at 1000 metrics
-        client.log_batch(run_id, metrics=items[i : i + 900])
-
-
 def train_loop(loop_cfg: dict) -> None:
     import ray
     import ray.train
@@ -60,6 +52,7 @@ def train_loop(loop_cfg: dict) -> None:
     from raymix.models import load_tokenizer
     from raymix.policies import policy_needs_meta
     from raymix.streams import TaskStream, collate
+    from raymix.tracking import log_metrics
 
     t_enter = time.time()  # wall clock: compared with the driver's, to time worker start-up
     cfg: RunConfig = from_dict(RunConfig, loop_cfg["run"])
@@ -161,7 +154,7 @@ def train_loop(loop_cfg: dict) -> None:
                 m = {"curve/worst_val_loss": point["worst_val_loss"], "curve/mean_val_loss": point["mean_val_loss"],
                      "curve/train_tokens": train_tokens}
                 m.update({f"curve/{t}/val_loss": float(vl[i]) for i, t in enumerate(tasks)})
-                _metric_batch(client, loop_cfg["mlflow_run_id"], m, step)
+                log_metrics(client, loop_cfg["mlflow_run_id"], m, step)
 
     t_loop = time.perf_counter()
     t_enter_perf = t_loop - (time.time() - t_enter)
@@ -179,7 +172,7 @@ def train_loop(loop_cfg: dict) -> None:
         n_completion = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in micro)
         step_stats = np.zeros((3, T))  # tokens, loss sum, loss count per task
         for k, (idx, batch) in enumerate(micro):
-            sync_ctx = model.no_sync() if (distributed and k < accum - 1) else _null()
+            sync_ctx = model.no_sync() if (distributed and k < accum - 1) else contextlib.nullcontext()
             with sync_ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 nll, cnt = token_nll(model, batch, device)
                 loss = nll.sum() / max(1, n_completion)
@@ -245,7 +238,7 @@ def train_loop(loop_cfg: dict) -> None:
                     m[f"signal/{t}/val_loss"] = float(vl[i])
                     m[f"signal/{t}/alignment"] = float(signals["alignment"][i])
                     m[f"mixture/{t}"] = float(weights[i])
-                _metric_batch(client, loop_cfg["mlflow_run_id"], m, step)
+                log_metrics(client, loop_cfg["mlflow_run_id"], m, step)
 
         if curve is not None and train_tokens >= next_curve * budget / cfg.eval.curve_points:
             while train_tokens >= next_curve * budget / cfg.eval.curve_points:
@@ -265,7 +258,7 @@ def train_loop(loop_cfg: dict) -> None:
                 metrics[f"mixture/{t}"] = float(weights[i])
                 if log_loss[1, i] > 0:
                     metrics[f"loss/{t}"] = log_loss[0, i] / log_loss[1, i]
-            _metric_batch(client, loop_cfg["mlflow_run_id"], metrics, step)
+            log_metrics(client, loop_cfg["mlflow_run_id"], metrics, step)
             log_loss[:] = 0
             log_tokens_start, log_time_start = train_tokens, now
     # Curve evaluations are not training: their time is reported apart.
@@ -296,11 +289,3 @@ def train_loop(loop_cfg: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:
         ray.train.report(metrics, checkpoint=None)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
