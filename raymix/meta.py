@@ -7,9 +7,18 @@ tasks; gradients are compressed by a CountSketch (a random projection that
 needs O(d) memory, where a dense Gaussian projection of a d-parameter subset
 would need k*d), all-reduced, and turned into inner products <g_val, g_i>.
 Tokens read here go to the ledger's ``meta_tokens``, never ``train_tokens``.
+
+What a meta step costs does not grow with the number of tasks T beyond
+small O(T) vectors: training gradients are taken for ``tasks_per_step``
+sampled tasks, and when the pool has more than ``VAL_TASKS_PER_STEP`` tasks
+with validation data, validation losses are read for that many tasks per
+step only (see :meth:`MetaSignals._val_sample`); the other tasks keep their
+last observed loss. Streams are only read for the tasks a step touches.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 
@@ -53,12 +62,48 @@ class CountSketch:
         return out
 
 
+VAL_TASKS_PER_STEP = 32
+"""Validation tasks read per meta step on pools with more tasks than this
+(when ``policy.adapt.tasks_per_step`` is set; with it null every task is read
+at every step). Pools of at most this many tasks, such as the 23-task
+embedded default, read every task at every step."""
+
+
+def val_sample(val_ids: np.ndarray, estimate: np.ndarray, k: int, seed: int, step: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` tasks (of ``val_ids``) whose validation losses a meta step
+    reads on a large pool, and each task's weight in the estimate of
+    g_val = sum_j q_j grad L_j.
+
+    The ``k // 2`` tasks with the highest last observed loss ``estimate``
+    carry most of q = softmax(L/tau): they are read at every step, with
+    weight 1, so g_val is exact on them and their estimates stay fresh. The
+    other ``k - k // 2`` are a uniform sample without replacement of the
+    remaining tasks, weighted by the inverse of their inclusion probability,
+    so that the estimate of g_val is unbiased given q. Tasks never observed
+    (NaN) enter through the uniform sample. The sample depends on the seed
+    and the step only: the same on every rank, and again after a resume.
+    """
+    est = estimate[val_ids]
+    seen = np.isfinite(est)
+    k_top = min(k // 2, int(seen.sum()))
+    top = val_ids[seen][np.argsort(-est[seen], kind="stable")[:k_top]]
+    rest = np.setdiff1d(val_ids, top)
+    rng = np.random.default_rng([seed, 98, step])
+    rand = rng.choice(rest, size=min(len(rest), k - k_top), replace=False)
+    weight = np.ones(len(estimate))
+    if len(rand):
+        weight[rand] = len(rest) / len(rand)
+    return np.sort(np.concatenate([top, rand])), weight
+
+
 class MetaSignals:
     def __init__(self, raw_model, cfg: AdaptConfig, pool, rank: int, world: int, seed: int, pad_id: int,
-                 device, distributed: bool):
+                 device, distributed: bool, val_tasks: Optional[int] = VAL_TASKS_PER_STEP):
         self.model, self.cfg, self.pool = raw_model, cfg, pool
         self.tasks = pool.tasks
         self.T = len(self.tasks)
+        self.seed = seed
         self.rank, self.world, self.pad_id, self.device = rank, world, pad_id, device
         self.distributed = distributed
         self.params = select_params(raw_model, cfg.params)
@@ -71,6 +116,11 @@ class MetaSignals:
                       for i, t in enumerate(self.tasks)]
         self.rng = np.random.default_rng([seed, 99])  # same on every rank: same sampled tasks
         self.steps = 0
+        self.val_ids = np.array([i for i, s in enumerate(self.val) if s is not None], dtype=np.int64)
+        # None: every task with validation data at every step (exact J and g_val).
+        self.val_tasks = (None if cfg.tasks_per_step is None or val_tasks is None
+                          or len(self.val_ids) <= val_tasks else int(val_tasks))
+        self.val_estimate = np.full(self.T, np.nan)  # last observed validation loss per task
 
     def _all_reduce(self, tensor):
         if self.distributed:
@@ -86,6 +136,12 @@ class MetaSignals:
         flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
                           for g, p in zip(grads, self.params)])
         return self.sketch(flat) if self.sketch is not None else flat.float().cpu()
+
+    def _val_sample(self) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """This step's validation tasks and weights (see :func:`val_sample`)."""
+        if self.val_tasks is None:
+            return self.val_ids, None
+        return val_sample(self.val_ids, self.val_estimate, self.val_tasks, self.seed, self.steps)
 
     def compute(self, lookahead_lr: float) -> dict:
         """One meta step's signals, identical on every rank."""
@@ -104,13 +160,13 @@ class MetaSignals:
         self.model.eval()  # no dropout in the signals
         try:
             # 1. validation losses and the worst-case-weighted validation gradient
+            chosen, weight = self._val_sample()
             examples, owner = [], []
-            for i, stream in enumerate(self.val):
-                if stream is None:
-                    continue
+            for i in chosen:
+                stream = self.val[i]
                 for _ in range(cfg.val_examples_per_task):
                     examples.append(stream.next())
-                    owner.append(i)
+                    owner.append(int(i))
             owner_t = torch.tensor(owner)
             batch = collate(examples, self.pad_id)
             nll, cnt = token_nll(self.model, batch, self.device)
@@ -121,11 +177,18 @@ class MetaSignals:
             self._all_reduce(sums)
             with np.errstate(invalid="ignore", divide="ignore"):
                 val_loss = (sums[0] / sums[1]).numpy()
+            observed = np.isfinite(val_loss)
+            self.val_estimate[observed] = val_loss[observed]
+            if weight is not None:
+                val_loss = self.val_estimate.copy()  # unread tasks: their last observed loss
             has_val = np.isfinite(val_loss)
             _, q_obs = smooth_max(val_loss[has_val], cfg.tau)
             q = np.zeros(T)
             q[has_val] = q_obs
-            per_example_w = torch.tensor(q[owner] / sums[1].numpy()[owner], dtype=nll.dtype)
+            w = q[owner] / sums[1].numpy()[owner]
+            if weight is not None:
+                w = w * weight[owner]
+            per_example_w = torch.tensor(w, dtype=nll.dtype)
             g_val = self._all_reduce(self._flat_grad((nll * per_example_w.to(nll.device)).sum(), False))
 
             # 2. training gradients for a sample of tasks, one small forward
@@ -152,4 +215,22 @@ class MetaSignals:
         self.steps += 1
         return {"val_loss": val_loss.tolist(), "alignment": alignment.tolist(),
                 "meta_tokens": tokens.numpy().astype(np.int64).tolist(), "lookahead_lr": lookahead_lr,
-                "q": q.tolist()}
+                "q": q.tolist(), "val_tasks_read": int(observed.sum())}
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue the same signals."""
+        return {"rng": self.rng.bit_generator.state, "steps": self.steps,
+                "val": [s.state_dict() if s is not None else None for s in self.val],
+                "train": [s.state_dict() for s in self.train],
+                "val_estimate": [None if not np.isfinite(v) else float(v) for v in self.val_estimate]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.steps = int(state["steps"])
+        for s, st in zip(self.val, state["val"]):
+            if s is not None and st is not None:
+                s.load_state_dict(st)
+        for s, st in zip(self.train, state["train"]):
+            s.load_state_dict(st)
+        if "val_estimate" in state:
+            self.val_estimate = np.array([np.nan if v is None else v for v in state["val_estimate"]])

@@ -1,0 +1,66 @@
+"""Validation-task sampling of ADAPT's meta step on large pools
+(raymix.meta.val_sample): which tasks are read, their weights, and an
+unbiased estimate of g_val = sum_j q_j grad L_j."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from raymix.meta import VAL_TASKS_PER_STEP, val_sample
+from raymix.policies.adapt import smooth_max
+
+
+def test_reads_the_worst_tasks_and_a_weighted_uniform_sample_of_the_rest() -> None:
+    T, k = 200, 32
+    rng = np.random.default_rng(0)
+    est = rng.uniform(1.0, 3.0, T)
+    ids = np.arange(T)
+    chosen, weight = val_sample(ids, est, k, seed=1, step=5)
+    assert len(chosen) == len(set(chosen.tolist())) == k
+    worst = np.argsort(-est)[: k // 2]
+    assert set(worst) <= set(chosen.tolist())
+    assert np.all(weight[worst] == 1.0)
+    others = np.setdiff1d(chosen, worst)
+    np.testing.assert_allclose(weight[others], (T - k // 2) / (k - k // 2))
+    again, _ = val_sample(ids, est, k, seed=1, step=5)
+    np.testing.assert_array_equal(chosen, again)  # same on every rank and after a resume
+    other_step, _ = val_sample(ids, est, k, seed=1, step=6)
+    assert not np.array_equal(chosen, other_step)
+
+
+def test_unobserved_tasks_are_sampled_uniformly() -> None:
+    T, k = 100, 16
+    est = np.full(T, np.nan)
+    est[:3] = [2.0, 1.0, 3.0]
+    chosen, weight = val_sample(np.arange(T), est, k, seed=0, step=0)
+    assert {0, 1, 2} <= set(chosen.tolist())  # fewer seen than k // 2: all seen are on top
+    assert len(chosen) == k
+    rand = np.setdiff1d(chosen, [0, 1, 2])
+    np.testing.assert_allclose(weight[rand], (T - 3) / (k - 3))
+    chosen, weight = val_sample(np.arange(T), np.full(T, np.nan), k, seed=0, step=0)
+    np.testing.assert_allclose(weight[chosen], T / k)
+
+
+def test_tasks_without_validation_data_are_never_read() -> None:
+    T = 80
+    ids = np.arange(0, T, 2)  # odd tasks have no validation split
+    est = np.where(np.arange(T) % 2 == 0, 1.0, np.nan)
+    for step in range(20):
+        chosen, _ = val_sample(ids, est, 8, seed=3, step=step)
+        assert np.all(chosen % 2 == 0)
+
+
+def test_estimate_of_the_worst_case_gradient_is_unbiased() -> None:
+    T, k, d = 120, VAL_TASKS_PER_STEP, 5
+    rng = np.random.default_rng(1)
+    losses = rng.uniform(1.0, 2.5, T)
+    _, q = smooth_max(losses, 0.5)
+    grads = rng.normal(size=(T, d))
+    exact = q @ grads
+    steps = 4000
+    estimates = np.zeros((steps, d))
+    for step in range(steps):
+        chosen, weight = val_sample(np.arange(T), losses, k, seed=2, step=step)
+        estimates[step] = (q[chosen] * weight[chosen]) @ grads[chosen]
+    stderr = estimates.std(axis=0) / np.sqrt(steps)
+    assert np.all(np.abs(estimates.mean(axis=0) - exact) < 4 * stderr)
