@@ -1,0 +1,79 @@
+"""raymix.bench's task_scaling, data_plane and memory benchmarks at tiny
+sizes: they run through the command line and write their figures. Nothing
+here asserts on speed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from raymix.bench import TreeSampler, main
+
+RAY = ["--set", "runtime.num_cpus=2", "--set", "runtime.object_store_memory=200000000",
+       "--set", "runtime.data_concurrency=1"]
+
+
+def test_unknown_benchmark_and_bad_task_counts_are_refused(tmp_path: Path) -> None:
+    assert main(["nope", "--output", str(tmp_path)]) == 2
+    assert main(["task_scaling", "--tasks", "8", "--output", str(tmp_path)]) == 2
+    assert main(["task_scaling", "--tasks", "0,8", "--output", str(tmp_path)]) == 2
+
+
+def test_tree_sampler_counts_descendants() -> None:
+    grandchild = "import time; b = b'x' * (64 * 2**20); time.sleep(2)"
+    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}])"
+    proc = subprocess.Popen([sys.executable, "-c", child])
+    sampler = TreeSampler(proc.pid, interval=0.05).start()
+    proc.wait()
+    time.sleep(0.1)
+    mem = sampler.stop()
+    assert mem["samples"] > 0 and mem["max_processes"] >= 2
+    peak = mem["peak_mib"]
+    assert peak["total"]["rss"] >= 64 and peak["total"]["processes"] >= 2
+    assert peak["driver"]["rss"] < peak["total"]["rss"]  # the grandchild's bytes are not the root's
+    assert peak["other"]["rss"] >= 64 and peak["total"]["pss"] > 0
+    assert {p["group"] for p in mem["processes"]} >= {"driver", "other"}
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_task_scaling_and_data_plane_write_their_figures(tmp_path: Path, monkeypatch) -> None:
+    import ray
+
+    monkeypatch.setenv("RAYMIX_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench"
+    try:
+        rc = main(["task_scaling", "data_plane", "--output", str(out), "--tasks", "4,8", "--repeats", "1",
+                   "--warmup", "0", *RAY, "--set", "data.sources=[{kind: synthetic, scale: 0.02}]",
+                   "--set", "model.vocab_size=512"])
+    finally:
+        ray.shutdown()
+    assert rc == 0
+    res = json.loads((out / "bench.json").read_text())
+
+    ts = res["task_scaling"]
+    assert ts["task_counts"] == [4, 8]
+    for n in ("4", "8"):
+        row = ts["runs"][n]
+        assert row["tasks"] == int(n) and row["pool_tokens"] > 0
+        assert row["meta_step"]["n"] == 1 and row["meta_step"]["median"] > 0
+        assert row["mixer_report"]["median"] > 0 and row["meta_tokens_per_step"] > 0
+        assert row["val_tasks_read"] == int(n)  # small pools read every task's validation loss
+    assert ts["meta_step_ratio"] > 0 and ts["mixer_report_ratio"] > 0 and isinstance(ts["target_met"], bool)
+
+    dp = res["data_plane"]
+    assert dp["rows"] > 0 and dp["tokens"] > 0 and dp["tokens_match"]
+    for path in ("ray_data", "plain"):
+        for metric in ("seconds", "rows_per_second", "tokens_per_second"):
+            assert dp["summary"][path][metric]["median"] > 0
+    assert dp["summary"]["cache_hit"]["seconds"]["median"] > 0
+    assert dp["ratio_tokens_per_second"] > 0
+    assert not (out / "data_plane" / "scratch").exists()  # cold caches are removed
+
+    md = (out / "bench.md").read_text()
+    assert "## task_scaling" in md and "## data_plane" in md
