@@ -58,12 +58,14 @@ back for callers who want the authors' variant.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Literal, Sequence, Union
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from raymix.pergrad import ExampleFn, ParamSubset, PerExampleGrads, split_example_output
 
@@ -324,7 +326,7 @@ def fit_linearised(
     for _ in range(max_iter):
         g1, g2 = _link_grad(f0 + X @ w, y, link)
         grad = X.T @ g1 / n + reg * w
-        if np.linalg.norm(grad) <= tol * max(1.0, np.linalg.norm(w)):
+        if np.linalg.norm(grad) <= tol * max(1.0, float(np.linalg.norm(w))):
             break
         hess = (X.T * g2) @ X / n + reg * np.eye(d)
         step = np.linalg.solve(hess, grad)
@@ -339,29 +341,45 @@ def fit_linearised(
     return w
 
 
+def _blas_limit(threads: int | None):
+    if threads is None:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # installed with scikit-learn; without it BLAS keeps its threads
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
 class SubsetEstimator:
     """Estimated fine-tuned target loss L̂(S) for subsets S of tasks.
 
     ``train``: projected gradients of the tasks' training examples (``groups``
     = task index); ``target``: those of the target examples (same projector).
     Each fit is a d-dimensional problem; ``estimate`` caches by subset.
+    ``blas_threads`` caps numpy's BLAS threads during fits (these solves are
+    small: one thread is fastest, and many threads spinning on a CPU shared
+    with training workers can make them tens of times slower); None leaves
+    BLAS alone.
     """
 
     def __init__(self, train: ProjectedGradients, target: ProjectedGradients, link: Link = "logistic",
                  reg: float = 1e-3, fit: Literal["regularised", "gd"] = "regularised",
-                 lr: float | None = None, steps: int | None = None):
+                 lr: float | None = None, steps: int | None = None, blas_threads: int | None = 1):
         if train.projector_key != target.projector_key:
             raise ValueError("train and target were projected by different projectors")
         if fit == "regularised" and link == "logistic" and reg <= 0:
             raise ValueError("the logistic fit needs reg > 0")
         self.train, self.target = train, target
         self.link, self.reg, self.fit_kind, self.lr, self.steps = link, reg, fit, lr, steps
+        self.blas_threads = blas_threads
         self._cache: dict[tuple[int, ...], float] = {}
 
     def fit(self, tasks: Iterable[int]) -> np.ndarray:
         part = self.train.in_groups(tasks)
-        return fit_linearised(part.features, part.outputs, part.labels, self.link, self.reg, self.fit_kind,
-                              self.lr, self.steps)
+        with _blas_limit(self.blas_threads):
+            return fit_linearised(part.features, part.outputs, part.labels, self.link, self.reg, self.fit_kind,
+                                  self.lr, self.steps)
 
     def target_outputs(self, w: np.ndarray) -> np.ndarray:
         """Linearised target outputs f_t + x̃_tᵀ w."""
@@ -433,7 +451,7 @@ def sample_subsets(num_tasks: int, count: int, size: Union[int, float], seed: in
     return out
 
 
-def task_scores(subsets: Sequence[Iterable[int]], losses: Sequence[float], num_tasks: int) -> np.ndarray:
+def task_scores(subsets: Sequence[Iterable[int]], losses: ArrayLike, num_tasks: int) -> np.ndarray:
     """score_j = mean L̂(S ∋ j) - mean L̂(S ∌ j): negative when the task helps
     the target (NaN where a task is in every subset or in none)."""
     member = np.zeros((len(subsets), num_tasks), dtype=bool)
@@ -486,8 +504,7 @@ def forward_selection(estimate: Callable[[tuple[int, ...]], float], candidates: 
     return ForwardSelection(chosen, losses)
 
 
-def estimation_error(estimated: Sequence[float], actual: Sequence[float],
-                     base: float | None = None) -> dict[str, float]:
+def estimation_error(estimated: ArrayLike, actual: ArrayLike, base: float | None = None) -> dict[str, float]:
     """How well estimated fine-tuned losses match actually fine-tuned ones on
     held-out subsets: mean and max relative error |L̂ - L| / |L|, Spearman's rank
     correlation (and its p-value); with ``base`` (the loss at θ0) also the error
@@ -513,7 +530,7 @@ def estimation_error(estimated: Sequence[float], actual: Sequence[float],
     return out
 
 
-def calibrate_reg(estimator: SubsetEstimator, subsets: Sequence[Iterable[int]], actual: Sequence[float],
+def calibrate_reg(estimator: SubsetEstimator, subsets: Sequence[Iterable[int]], actual: ArrayLike,
                   grid: Sequence[float]) -> float:
     """The ``reg`` in ``grid`` whose estimates best match ``actual`` fine-tuned
     losses on calibration subsets (mean relative error); sets it on the estimator.

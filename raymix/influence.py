@@ -253,8 +253,8 @@ def fit_curvature(
 
     peg = PerExampleGrads(subset)
     L = len(peg.layers)
-    A = [None] * L
-    G = [None] * L
+    A: list[torch.Tensor | None] = [None] * L
+    G: list[torch.Tensor | None] = [None] * L
     tokens = [0] * L
     rest_diag = {i: torch.zeros(subset.sizes[i], dtype=fdt) for i in peg.rest}
     N = 0
@@ -267,10 +267,11 @@ def fit_curvature(
                 w = _token_weights(a, batch, valid, token_mask)
                 abar = res.augmented_inputs(li, a).to(fdt)[w]  # [m, in(+1)]
                 gg = g.to(fdt).reshape(-1, g.shape[-1])
-                a_cov = abar.transpose(0, 1) @ abar
+                a_cov = abar.transpose(0, 1) @ abar  # accumulated where the model runs
                 g_cov = gg.transpose(0, 1) @ gg
-                A[li] = a_cov.cpu() if A[li] is None else A[li] + a_cov.cpu()
-                G[li] = g_cov.cpu() if G[li] is None else G[li] + g_cov.cpu()
+                prev_a, prev_g = A[li], G[li]
+                A[li] = a_cov if prev_a is None else prev_a + a_cov
+                G[li] = g_cov if prev_g is None else prev_g + g_cov
                 tokens[li] += int(w.sum())
         for i, g in res.rest_grads.items():
             rest_diag[i] += (g[valid].reshape(-1, subset.sizes[i]).to(fdt) ** 2).sum(0).cpu()
@@ -281,8 +282,10 @@ def fit_curvature(
         w = layer.module.weight
         o, i = w.shape
         cols = i + (1 if layer.augmented else 0)
-        Ai = A[li] / max(tokens[li], 1) if A[li] is not None else torch.zeros(cols, cols, dtype=fdt)
-        Gi = G[li] / N if G[li] is not None else torch.zeros(o, o, dtype=fdt)
+        dev = w.device  # factors and their eigendecompositions stay where the model runs
+        acc_a, acc_g = A[li], G[li]
+        Ai = acc_a / max(tokens[li], 1) if acc_a is not None else torch.zeros(cols, cols, dtype=fdt, device=dev)
+        Gi = acc_g / N if acc_g is not None else torch.zeros(o, o, dtype=fdt, device=dev)
         ea, qa = torch.linalg.eigh(Ai)
         eg, qg = torch.linalg.eigh(Gi)
         blocks.append(KroneckerBlock(
@@ -290,7 +293,7 @@ def fit_curvature(
             bias_offset=None if layer.bias_index is None else subset.offsets[layer.bias_index],
             A=Ai, G=Gi, eig_A=ea.clamp(min=0), vec_A=qa, eig_G=eg.clamp(min=0), vec_G=qg))
     if method == "ekfac" and blocks:
-        sums = [torch.zeros(b.out_features, b.cols, dtype=fdt) for b in blocks]
+        sums = [torch.zeros(b.out_features, b.cols, dtype=fdt, device=b.A.device) for b in blocks]
         for batch in batches:
             res = peg.compute(batch, fn, rest=False)
             valid = res.valid
@@ -302,7 +305,7 @@ def fit_curvature(
                     part = torch.einsum("nto,nti->noi", gp, ap)  # Q_Gᵀ dW̄_n Q_A, summed over calls
                     rot = part if rot is None else rot + part
                 if rot is not None:
-                    sums[li] += (rot[valid.to(rot.device)] ** 2).sum(0).cpu()
+                    sums[li] += (rot[valid.to(rot.device)] ** 2).sum(0).to(sums[li].device)
         for blk, s in zip(blocks, sums):
             blk.ekfac = s / N
     rest = [(subset.offsets[i], subset.sizes[i]) for i in peg.rest]

@@ -259,16 +259,20 @@ class PerExampleBatch:
         return a
 
     def layer_grad(self, li: int) -> torch.Tensor:
-        """Per-example gradient of layer li's augmented weight [W | b]: [n, out, in(+1)]."""
+        """Per-example gradient of layer li's augmented weight [W | b]: [n, out, in(+1)]
+        (float32 for half-precision models)."""
         total = None
         for a, g in self.calls[li]:
+            if g.dtype in (torch.float16, torch.bfloat16):  # sum over positions in float32
+                a, g = a.float(), g.float()
             part = torch.einsum("nto,nti->noi", g, self.augmented_inputs(li, a))
             total = part if total is None else total + part
         layer = self.owner.layers[li]
         if total is None:
             w = layer.module.weight
             cols = w.shape[1] + (1 if layer.augmented else 0)
-            total = torch.zeros(self.n, w.shape[0], cols, dtype=w.dtype, device=w.device)
+            dt = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+            total = torch.zeros(self.n, w.shape[0], cols, dtype=dt, device=w.device)
         return total
 
     def iter_grads(self) -> Iterator[tuple[int, torch.Tensor]]:
