@@ -343,7 +343,7 @@ def plain_tokenise(records: list, tokenizer_dir: str, data_cfg, dest: Path, batc
     table = pa.concat_tables(tables)
     t2 = time.perf_counter()
     pads.write_dataset(table, str(dest), format="parquet", partitioning=["split", "task_idx"],
-                       partitioning_flavor="hive")
+                       partitioning_flavor="hive", existing_data_behavior="delete_matching")
     t3 = time.perf_counter()
     kept = table.filter(pc.not_equal(table["status"], "dropped"))
     return {"rows": len(records), "tokens": int(pc.sum(kept["n_tokens"]).as_py()), "seconds": t3 - t0,
