@@ -192,8 +192,11 @@ def project_gradients(
     """Stream (batch, task index per example) pairs through the model at its
     current parameters θ0: outputs f(x; θ0) and projected gradients Pᵀ∇f(x; θ0).
 
-    Memory: one batch's per-example gradients of one parameter at a time, plus
-    one block of P (or the cached blocks). ``output_fn`` gives a tensor [n] or a
+    Memory: the per-example gradients of one batch and one linear layer at a
+    time, plus those of the subset's other parameters (norm scales; an
+    embedding, if the subset has one: prefer subsets without it on large
+    vocabularies), plus one block of P (or the cached blocks); the outputs are
+    [N, d]. ``output_fn`` gives a tensor [n] or a
     (sums, counts) pair (examples with a zero count are dropped, they carry no
     output); ``label_fn(batch)`` gives the labels (default: all 1, the LM case).
     """
