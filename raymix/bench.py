@@ -679,7 +679,7 @@ def bench_memory(cfg: RunConfig, out: Path, repeats: int) -> dict:
 BENCHMARKS = {"throughput": bench_throughput, "meta_overhead": bench_meta_overhead,
               "task_scaling": bench_task_scaling, "data_plane": bench_data_plane,
               "memory": bench_memory}
-DEFAULT_REPEATS = {"throughput": 1, "meta_overhead": 1, "task_scaling": 7, "data_plane": 3, "memory": 1}
+DEFAULT_REPEATS = {"throughput": 1, "meta_overhead": 1, "task_scaling": 7, "data_plane": 3, "memory": 3}
 
 
 def _markdown(results: dict, commit: str) -> str:
