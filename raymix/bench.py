@@ -190,7 +190,7 @@ def _ray_info(cfg: RunConfig) -> dict:
 def write_synthetic_tasks(path: Path, tasks: int, examples: int, seed: int = 0) -> Path:
     """``tasks`` small JSONL tasks of ``examples`` examples each (80% train,
     10% val, 10% test, given in the file), cheap to generate at any count.
-    Task k maps four numbers to their sum with k, or to the list shifted by
+    Task k asks for the sum of four numbers and k, or for each number plus
     k, so that tasks differ in what they ask and in their answer lengths."""
     rng = np.random.default_rng([seed, tasks])
     path.mkdir(parents=True, exist_ok=True)
@@ -212,8 +212,7 @@ def write_synthetic_tasks(path: Path, tasks: int, examples: int, seed: int = 0) 
     return f
 
 
-def _meta_and_mixer_costs(cfg: RunConfig, c: RunConfig, pool, tokenizer, init_dir: str, warmup: int,
-                          repeats: int) -> dict:
+def _meta_and_mixer_costs(cfg: RunConfig, pool, tokenizer, init_dir: str, warmup: int, repeats: int) -> dict:
     """One task count's point of ``task_scaling``."""
     from dataclasses import replace
 
@@ -223,7 +222,6 @@ def _meta_and_mixer_costs(cfg: RunConfig, c: RunConfig, pool, tokenizer, init_di
     from raymix.meta import MetaSignals
     from raymix.mixer import Mixer
     from raymix.policies import PoolInfo
-    from raymix.train import budget_tokens
 
     model = AutoModelForCausalLM.from_pretrained(init_dir, dtype=torch.float32)
     model.train()
@@ -231,16 +229,20 @@ def _meta_and_mixer_costs(cfg: RunConfig, c: RunConfig, pool, tokenizer, init_di
                        torch.device("cpu"), False)
     meta_times, signals = _timed(lambda: meta.compute(lookahead_lr=cfg.train.lr), warmup, repeats)
 
-    budget = budget_tokens(c, pool.pool_tokens)
-    info = PoolInfo(pool.tasks, pool.train_tokens(), pool.train_examples(), budget)
-    mixer = Mixer(replace(cfg.policy, name="adapt"), info, cfg.budget.max_epochs)
-    # One meta interval's report: examples drawn from the mixture, their
-    # tokens and losses (the values do not change the cost), and the signals.
+    # A budget of one epoch of the pool, so that one interval's report leaves
+    # budget over and the repetition cap is applied (a spent budget skips it).
+    info = PoolInfo(pool.tasks, pool.train_tokens(), pool.train_examples(), pool.pool_tokens)
+    mixers = iter([Mixer(replace(cfg.policy, name="adapt"), info, max(1.0, cfg.budget.max_epochs))
+                   for _ in range(warmup + repeats)])
+    # One meta interval's report to a fresh mixer each time: examples drawn
+    # from the mixture, their tokens and losses, and the meta step's signals.
     interval = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.policy.adapt.every_steps
-    picks = np.random.default_rng(cfg.seed).multinomial(interval, mixer.weights)
-    delta, loss_sum, loss_count = (picks * 30).tolist(), (picks * 40.0).tolist(), (picks * 20.0).tolist()
-    mixer_times, _ = _timed(lambda: mixer.report(delta, loss_sum, loss_count, signals["meta_tokens"], signals),
-                            warmup, repeats)
+    picks = np.random.default_rng(cfg.seed).multinomial(interval, np.full(len(pool.tasks), 1 / len(pool.tasks)))
+    per_example = pool.pool_tokens / max(1, int(pool.train_examples().sum()))
+    delta = np.minimum(np.round(picks * per_example), pool.train_tokens()).astype(np.int64).tolist()
+    loss_sum, loss_count = (picks * 40.0).tolist(), (picks * 20.0).tolist()
+    mixer_times, _ = _timed(lambda: next(mixers).report(delta, loss_sum, loss_count, signals["meta_tokens"],
+                                                        signals), warmup, repeats)
     return {"meta_step_seconds": meta_times, "meta_step": _stats(meta_times),
             "meta_tokens_per_step": int(np.sum(signals["meta_tokens"])),
             "val_tasks_read": signals.get("val_tasks_read"),
@@ -252,8 +254,10 @@ def bench_task_scaling(cfg: RunConfig, out: Path, repeats: int, warmup: int = 1,
     """Seconds of one ADAPT meta step (``MetaSignals.compute``: one process,
     world 1, CPU, ``runtime.torch_threads`` threads, the run's model preset
     and ``policy.adapt`` settings) and of one mixer update (``Mixer.report``
-    with a meta interval's ledger delta and that step's signals, in process:
-    the actor call's transport is not included) at each task count.
+    with a meta interval's ledger delta and that step's signals, each to a
+    fresh mixer whose budget, one epoch of the pool, is not yet spent, so the
+    repetition cap is applied; in process: the actor call's transport is not
+    included) at each task count.
 
     Each pool is that many small JSONL tasks (:func:`write_synthetic_tasks`,
     ``examples_per_task`` examples each) prepared by the real data path
@@ -281,7 +285,7 @@ def bench_task_scaling(cfg: RunConfig, out: Path, repeats: int, warmup: int = 1,
         tokenizer, _, pool, init_dir = prepare_model_and_data(c, out / f"T{n}")
         rows[str(n)] = {"tasks": n, "pool_tokens": pool.pool_tokens, "prepare_seconds": time.perf_counter() - t0,
                         "cache_hit": pool.cache_hit,
-                        **_meta_and_mixer_costs(cfg, c, pool, tokenizer, init_dir, warmup, repeats)}
+                        **_meta_and_mixer_costs(cfg, pool, tokenizer, init_dir, warmup, repeats)}
     lo, hi = str(min(task_counts)), str(max(task_counts))
     meta_ratio = rows[hi]["meta_step"]["median"] / rows[lo]["meta_step"]["median"]
     mixer_ratio = rows[hi]["mixer_report"]["median"] / rows[lo]["mixer_report"]["median"]
