@@ -160,9 +160,9 @@ class MetaSignals:
         self.model.eval()  # no dropout in the signals
         try:
             # 1. validation losses and the worst-case-weighted validation gradient
-            chosen, weight = self._val_sample()
+            val_tasks, weight = self._val_sample()
             examples, owner = [], []
-            for i in chosen:
+            for i in val_tasks:
                 stream = self.val[i]
                 for _ in range(cfg.val_examples_per_task):
                     examples.append(stream.next())
