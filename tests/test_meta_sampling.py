@@ -64,3 +64,65 @@ def test_estimate_of_the_worst_case_gradient_is_unbiased() -> None:
         estimates[step] = (q[chosen] * weight[chosen]) @ grads[chosen]
     stderr = estimates.std(axis=0) / np.sqrt(steps)
     assert np.all(np.abs(estimates.mean(axis=0) - exact) < 4 * stderr)
+
+
+def _shards(root, tasks: int, rows: int):
+    """A prepared pool written directly (no Ray): random token ids per task."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raymix.data import PreparedPool
+
+    rng = np.random.default_rng(0)
+    names = tuple(f"t{i}" for i in range(tasks))
+    stats: dict = {"train": {}, "val": {}, "test": {}}
+    for split in ("train", "val"):
+        for i, t in enumerate(names):
+            d = root / f"split={split}" / f"task_idx={i}"
+            d.mkdir(parents=True)
+            ids = [rng.integers(3, 50, size=int(rng.integers(8, 16))).tolist() for _ in range(rows)]
+            pq.write_table(pa.table({"id": [f"{t}-{j}" for j in range(rows)],
+                                     "input_ids": pa.array(ids, type=pa.list_(pa.int32())),
+                                     "prompt_len": pa.array([4] * rows, type=pa.int32()),
+                                     "status": ["ok"] * rows}), d / "part-0.parquet")
+            stats[split][t] = {"examples": rows, "tokens": sum(map(len, ids))}
+    for t in names:
+        stats["test"][t] = {"examples": 0, "tokens": 0}
+    return PreparedPool(str(root), names, stats, True, 0.0)
+
+
+def test_meta_step_on_a_large_pool_reads_only_the_sampled_tasks(tmp_path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raymix.config import AdaptConfig
+    from raymix.meta import MetaSignals
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=2, intermediate_size=32, max_position_embeddings=64))
+    T, k = 12, 4
+    pool = _shards(tmp_path, T, rows=6)
+    cfg = AdaptConfig(tasks_per_step=2, examples_per_task=2, val_examples_per_task=2)
+    meta = MetaSignals(model, cfg, pool, 0, 1, seed=0, pad_id=0, device=torch.device("cpu"), distributed=False,
+                       val_tasks=k)
+    for _ in range(3):
+        s = meta.compute(lookahead_lr=0.01)
+        assert s["val_tasks_read"] == k
+        read = np.asarray(s["meta_tokens"]) > 0
+        aligned = np.isfinite(s["alignment"])
+        assert aligned.sum() == 2 and read.sum() <= k + 2 and np.all(read[aligned])
+        val = np.asarray(s["val_loss"])
+        assert np.isfinite(val).sum() >= k  # read ones, and estimates kept from earlier steps
+        assert np.all(np.asarray(s["q"])[~np.isfinite(val)] == 0)
+    state = meta.state_dict()
+    other = MetaSignals(model, cfg, pool, 0, 1, seed=0, pad_id=0, device=torch.device("cpu"), distributed=False,
+                        val_tasks=k)
+    other.load_state_dict(state)
+    np.testing.assert_array_equal(other.val_estimate, meta.val_estimate)
+    a, b = meta.compute(0.01), other.compute(0.01)
+    np.testing.assert_allclose(a["alignment"], b["alignment"])  # a resumed step reads and weighs the same
+    # A pool no larger than the sample reads every task at every step.
+    small = MetaSignals(model, cfg, pool, 0, 1, seed=0, pad_id=0, device=torch.device("cpu"), distributed=False,
+                        val_tasks=T)
+    assert small.compute(0.01)["val_tasks_read"] == T
