@@ -261,8 +261,23 @@ class TrainConfig:
     """Optimizer steps between reports to the mixer actor (ledger, losses) and
     mixture refreshes; the new mixture is applied one interval later so that
     fetching it never blocks a step."""
+    checkpoint_tokens: Optional[int] = None
+    """Train tokens between checkpoints (model, optimizer, RNG states, data
+    positions, mixer state and ledger); default: ``checkpoint_fraction`` of
+    the budget."""
+    checkpoint_fraction: float = 0.25
+    """Checkpoint every this share of the budget when ``checkpoint_tokens`` is
+    unset; 0 disables periodic checkpoints."""
+    checkpoints_to_keep: int = 2
+    """Most recent periodic checkpoints kept in Ray Train's storage."""
 
     def __post_init__(self) -> None:
+        if self.checkpoint_tokens is not None and self.checkpoint_tokens < 1:
+            raise RaymixError(f"train.checkpoint_tokens must be >= 1 or null, got {self.checkpoint_tokens}")
+        if not 0 <= self.checkpoint_fraction <= 1:
+            raise RaymixError(f"train.checkpoint_fraction must be in [0, 1], got {self.checkpoint_fraction}")
+        if self.checkpoints_to_keep < 1:
+            raise RaymixError(f"train.checkpoints_to_keep must be >= 1, got {self.checkpoints_to_keep}")
         for name in ("micro_batch_size", "grad_accum", "log_every", "sync_every"):
             if getattr(self, name) < 1:
                 raise RaymixError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -319,8 +334,19 @@ class RuntimeConfig:
     data_concurrency: int = 4
     """At most this many tokenisation actors in Ray Data (capped by free CPUs,
     one CPU left for writing shards)."""
+    max_failures: int = 0
+    """Training-worker failures (a killed process, a lost node) Ray Train
+    recovers from by restarting the workers from the last checkpoint; -1 for
+    no limit. 0 by default: a deterministic error should fail once, not N times."""
+    mixer_max_restarts: int = 3
+    """Restarts of the mixer actor after its process dies; rank 0 then
+    reloads the last checkpoint's mixer state and re-syncs the ledger."""
 
     def __post_init__(self) -> None:
+        if self.max_failures < -1:
+            raise RaymixError(f"runtime.max_failures must be >= -1, got {self.max_failures}")
+        if self.mixer_max_restarts < -1:
+            raise RaymixError(f"runtime.mixer_max_restarts must be >= -1, got {self.mixer_max_restarts}")
         if self.num_workers < 1:
             raise RaymixError(f"runtime.num_workers must be >= 1, got {self.num_workers}")
         if self.cpus_per_worker <= 0:
@@ -560,4 +586,6 @@ def identity_hash(cfg: RunConfig) -> str:
     """Hash of what changes the result (not runtime, tracking or cache paths)."""
     tree = {k: v for k, v in to_dict(cfg).items() if k in IDENTITY_SECTIONS}
     tree["data"].pop("cache_dir", None)
+    for key in ("checkpoint_tokens", "checkpoint_fraction", "checkpoints_to_keep"):
+        tree["train"].pop(key, None)  # when to checkpoint does not change the result
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]

@@ -14,7 +14,9 @@ weight above that spills over to the other tasks (logged as ``spill``).
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
 from typing import Optional
 
 import numpy as np
@@ -125,6 +127,17 @@ class Mixer:
             "spill": self.spill.tolist(),
         }
 
+    def resync(self, train_tokens: list[int], meta_tokens: list[int]) -> dict:
+        """Set the ledger to the cumulative counts the workers sent (after a
+        restart lost reports made since the last checkpoint); re-cap."""
+        self.ledger.train[:] = np.asarray(train_tokens, dtype=np.int64)
+        self.ledger.meta[:] = np.asarray(meta_tokens, dtype=np.int64)
+        capped = self._capped(self.proposed)
+        if not np.allclose(capped, self.weights, rtol=0, atol=1e-9):
+            self.weights = capped
+            self.version += 1
+        return self.mixture()
+
     def load_state_dict(self, state: dict) -> None:
         self.policy.load_state_dict(state["policy"])
         self.ledger = TokenLedger.from_state_dict(state["ledger"])
@@ -140,11 +153,135 @@ class Mixer:
 MIXER_NAMESPACE = "raymix"
 
 
-def start_mixer_actor(name: str, policy_cfg: PolicyConfig, pool: PoolInfo, max_epochs: float):
-    """The mixer as a named Ray actor (no CPU reserved: it is idle between reports)."""
+class ServedMixer(Mixer):
+    """The mixer as served by the actor: every reply carries the process's
+    incarnation id (new after each restart) and pid, so that rank 0 notices a
+    restart and restores the actor's state (see :class:`MixerClient`)."""
+
+    def __init__(self, policy_cfg: PolicyConfig, pool: PoolInfo, max_epochs: float):
+        super().__init__(policy_cfg, pool, max_epochs)
+        self.incarnation = uuid.uuid4().hex
+
+    def mixture(self) -> dict:
+        return {**super().mixture(), "incarnation": self.incarnation, "pid": os.getpid()}
+
+
+def start_mixer_actor(name: str, policy_cfg: PolicyConfig, pool: PoolInfo, max_epochs: float,
+                      max_restarts: int = 3):
+    """The mixer as a named Ray actor (no CPU reserved: it is idle between
+    reports). A dead actor process is restarted up to ``max_restarts`` times;
+    calls in flight fail rather than being retried, so no report is applied
+    twice, and :class:`MixerClient` re-syncs what they carried."""
     import ray
 
-    actor_cls = ray.remote(num_cpus=0, max_restarts=0)(Mixer)
+    actor_cls = ray.remote(num_cpus=0, max_restarts=max_restarts, max_task_retries=0)(ServedMixer)
     return actor_cls.options(name=name, namespace=MIXER_NAMESPACE).remote(
         policy_cfg, pool, max_epochs
     )
+
+
+class MixerClient:
+    """Rank 0's side of the mixer actor.
+
+    Keeps the cumulative per-task tokens it has sent and the mixer state of
+    the last checkpoint. When a call fails because the actor died, or a reply
+    comes from a new incarnation, it waits for the restarted actor, loads the
+    checkpoint's state into it (policy, mixture history, ledger) and sets the
+    ledger to the counts sent, so no token is lost or counted twice.
+    """
+
+    def __init__(self, actor, num_tasks: int, restart_timeout: float = 120.0):
+        self.actor = actor
+        self.sent_train = np.zeros(num_tasks, dtype=np.int64)
+        self.sent_meta = np.zeros(num_tasks, dtype=np.int64)
+        self.checkpoint_state: Optional[dict] = None
+        self.incarnation: Optional[str] = None
+        self.pid: Optional[int] = None
+        self.restarts = 0
+        self.restart_timeout = restart_timeout
+        self.applied_since_checkpoint: list[tuple[int, int, list[float]]] = []
+
+    # -- calls ----------------------------------------------------------------
+    def report(self, train_tokens, loss_sum=None, loss_count=None, meta_tokens=None, meta=None):
+        """Send a report; returns the reply's ref (resolve it with :meth:`get`)."""
+        self.sent_train += np.asarray(train_tokens, dtype=np.int64)
+        if meta_tokens is not None:
+            self.sent_meta += np.asarray(meta_tokens, dtype=np.int64)
+        return self.actor.report.remote(list(map(int, train_tokens)), loss_sum, loss_count,
+                                        None if meta_tokens is None else list(map(int, meta_tokens)), meta)
+
+    def applied(self, version: int, token_offset: int, weights: list[float]) -> None:
+        # Kept until the next checkpoint, to replay into a restarted actor
+        # so that the mixture schedule has no gap.
+        self.applied_since_checkpoint.append((version, token_offset, weights))
+        self.actor.applied.remote(version, token_offset, weights)
+
+    def get(self, ref) -> dict:
+        """Resolve a reply that carries the mixture; recover the actor if needed."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        try:
+            reply = ray.get(ref)
+        except RayActorError:
+            return self.recover()
+        if self.incarnation is None:
+            self.incarnation, self.pid = reply["incarnation"], reply["pid"]
+        elif reply["incarnation"] != self.incarnation:
+            return self.recover()
+        return reply
+
+    def call(self, method: str, *args):
+        """A call whose reply is not a mixture (state, summary), with recovery."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        try:
+            return ray.get(getattr(self.actor, method).remote(*args))
+        except RayActorError:
+            self.recover()
+            return ray.get(getattr(self.actor, method).remote(*args))
+
+    # -- checkpoint and recovery ----------------------------------------------
+    def snapshot(self) -> dict:
+        """The actor's state, after every report sent so far was applied."""
+        state = self.call("state_dict")
+        self.checkpoint_state = state
+        self.applied_since_checkpoint = []
+        return state
+
+    def restore(self, state: dict) -> dict:
+        """Load a checkpoint's mixer state into the actor (run restored from it)."""
+        self.checkpoint_state = state
+        self.applied_since_checkpoint = []
+        self.sent_train[:] = state["ledger"]["train"]
+        self.sent_meta[:] = state["ledger"]["meta"]
+        self.call("load_state_dict", state)
+        return self.get(self.actor.mixture.remote())
+
+    def recover(self) -> dict:
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        self.restarts += 1
+        deadline = time.monotonic() + self.restart_timeout
+        while True:
+            try:
+                reply = ray.get(self.actor.mixture.remote(), timeout=10)
+                break
+            except (RayActorError, GetTimeoutError) as e:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the mixer actor did not come back within {self.restart_timeout:.0f}s "
+                        f"(runtime.mixer_max_restarts exhausted?): {e}"
+                    ) from e
+                time.sleep(0.5)
+        print(f"[raymix] mixer actor restarted (pid {self.pid} -> {reply['pid']}); restoring the last "
+              "checkpoint's mixer state and re-syncing the ledger", flush=True)
+        if self.checkpoint_state is not None:
+            ray.get(self.actor.load_state_dict.remote(self.checkpoint_state))
+        for entry in self.applied_since_checkpoint:
+            self.actor.applied.remote(*entry)
+        reply = ray.get(self.actor.resync.remote(self.sent_train.tolist(), self.sent_meta.tolist()))
+        self.incarnation, self.pid = reply["incarnation"], reply["pid"]
+        return reply

@@ -143,10 +143,14 @@ def _trial(params: dict) -> None:
     summary_file = out / "summary.json"
     if summary_file.exists():  # finished before a driver restart
         summary = json.loads(summary_file.read_text())
+    elif (out / "run.json").exists():
+        # A trial killed mid-run: the same MLflow run continues from the
+        # trial's last checkpoint.
+        summary = run(cfg, out, parent_run_id=params["parent_run_id"], resume=True)
     else:
         if out.exists():
-            # A trial killed mid-run: start it again in a fresh folder, keeping
-            # the old one for inspection rather than deleting anything.
+            # Killed before its run was created: start again in a fresh
+            # folder, keeping the old one for inspection.
             out.rename(out.with_name(out.name + f".interrupted-{int(time.time())}"))
         summary = run(cfg, out, parent_run_id=params["parent_run_id"])
     tune.report({k: summary[k] for k in ("worst_val_loss", "mean_val_loss", "mean_test_exact_match",

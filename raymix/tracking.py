@@ -55,12 +55,22 @@ def log_metrics(client, run_id, metrics: dict[str, float], step: int) -> None:
 class RunTracker:
     """One MLflow run: created RUNNING, ended FINISHED or FAILED, never left open."""
 
-    def __init__(self, cfg: RunConfig, output_dir: Path, parent_run_id: Optional[str] = None):
+    def __init__(self, cfg: RunConfig, output_dir: Path, parent_run_id: Optional[str] = None,
+                 resume_run_id: Optional[str] = None, resume_uri: Optional[str] = None):
         from mlflow.tracking import MlflowClient
 
-        self.uri = resolve_tracking_uri(cfg, output_dir)
+        self.uri = resume_uri or resolve_tracking_uri(cfg, output_dir)
         check_reachable(self.uri)
         self.client = MlflowClient(self.uri)
+        if resume_run_id:
+            # The same run continues: marked RUNNING again, params already logged.
+            try:
+                run = self.client.get_run(resume_run_id)
+            except Exception as e:
+                raise RaymixError(f"--resume: MLflow run {resume_run_id} not found at {self.uri}: {e}") from None
+            self.client.update_run(resume_run_id, status="RUNNING")
+            self.run_id, self.experiment_id = resume_run_id, run.info.experiment_id
+            return
         exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
         if exp is None:
             artifact_location = None

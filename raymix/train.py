@@ -136,8 +136,38 @@ def resolve_suite(cfg: RunConfig) -> Optional[str]:
     return name
 
 
-def run(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = None) -> dict:
-    """Train under the budget, evaluate, write summary.json; return the summary."""
+RUN_FILE = "run.json"
+
+
+def _identity_diff(saved: RunConfig, cfg: RunConfig) -> list[str]:
+    from raymix.config import IDENTITY_SECTIONS, flatten
+
+    a, b = flatten(saved), flatten(cfg)
+    keys = sorted(k for k in set(a) | set(b)
+                  if k.split(".")[0] in IDENTITY_SECTIONS and a.get(k) != b.get(k))
+    return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in keys]
+
+
+def check_resumable(cfg: RunConfig, out: Path) -> dict:
+    """The saved run record of ``out``, if ``cfg`` may continue it."""
+    run_file = out / RUN_FILE
+    if not run_file.exists():
+        raise RaymixError(f"--resume: {out} holds no run to resume (no {RUN_FILE})")
+    saved = json.loads(run_file.read_text())
+    if saved["identity"] != identity_hash(cfg):
+        diff = _identity_diff(load_config(str(out / "config.yaml")), cfg)
+        raise RaymixError(f"--resume: the config differs from the run in {out} in fields that change "
+                          f"results: {'; '.join(diff) or saved['identity']}")
+    return saved
+
+
+def run(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = None,
+        resume: bool = False) -> dict:
+    """Train under the budget, evaluate, write summary.json; return the summary.
+
+    ``resume=True`` continues the unfinished run in ``output_dir`` (a killed
+    driver, a failed attempt): the same MLflow run, Ray Train restoring the
+    latest checkpoint in the run's storage."""
     from raymix.data import pool_summary
     from raymix.policies import PoolInfo
     from raymix.tracking import RunTracker, plot_mixture
@@ -148,14 +178,28 @@ def run(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = N
         raise RaymixError(
             f"--output {out} already holds a finished run (summary.json); choose another directory"
         )
+    saved = check_resumable(cfg, out) if resume else None
+    if not resume and (out / RUN_FILE).exists():
+        raise RaymixError(f"--output {out} holds an unfinished run ({RUN_FILE}); pass --resume to continue "
+                          "it from its last checkpoint, or choose another directory")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    if not resume:
+        (out / "config.yaml").write_text(to_yaml(cfg))
     t0 = time.perf_counter()
     suite = resolve_suite(cfg)
-    tracker = RunTracker(cfg, out, parent_run_id)
+    if saved:
+        tracker = RunTracker(cfg, out, resume_run_id=saved["mlflow_run_id"], resume_uri=saved["mlflow_tracking_uri"])
+        print(f"[raymix] resuming MLflow run {tracker.run_id} from the latest checkpoint in {out}", flush=True)
+    else:
+        tracker = RunTracker(cfg, out, parent_run_id)
+        (out / RUN_FILE).write_text(json.dumps({
+            "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.uri,
+            "mlflow_experiment_id": tracker.experiment_id, "identity": identity_hash(cfg),
+            "started": time.time()}, indent=1))
     status = "FAILED"
     try:
-        tracker.log_artifact(out / "config.yaml")
+        if not saved:
+            tracker.log_artifact(out / "config.yaml")
         phases: dict[str, float] = {"tracking_setup": time.perf_counter() - t0}
         t = time.perf_counter()
         init_ray(cfg)
@@ -211,7 +255,8 @@ def _train(cfg, out, tracker, pool, tok_dir, init_dir, budget, pool_info) -> dic
     from raymix.worker import train_loop
 
     mixer_name = f"mixer-{tracker.run_id}-{uuid.uuid4().hex[:6]}"
-    mixer = start_mixer_actor(mixer_name, cfg.policy, pool_info, cfg.budget.max_epochs)
+    mixer = start_mixer_actor(mixer_name, cfg.policy, pool_info, cfg.budget.max_epochs,
+                              cfg.runtime.mixer_max_restarts)
     try:
         ray.get(mixer.mixture.remote(), timeout=120)  # surfaces policy errors here
         trainer = TorchTrainer(
@@ -226,6 +271,7 @@ def _train(cfg, out, tracker, pool, tok_dir, init_dir, budget, pool_info) -> dic
                 "mixer_name": mixer_name,
                 "mlflow_run_id": tracker.run_id,
                 "mlflow_tracking_uri": tracker.uri,
+                "output_dir": str(out),
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.runtime.num_workers,
@@ -236,6 +282,9 @@ def _train(cfg, out, tracker, pool, tok_dir, init_dir, budget, pool_info) -> dic
                 name=f"train-{tracker.run_id}",
                 # A bucket URI (RAYMIX_STORAGE) on clusters, the run folder otherwise.
                 storage_path=os.environ.get("RAYMIX_STORAGE") or str((out / "ray").resolve()),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.runtime.max_failures),
+                # The periodic ones, plus the final model (or the aborted state).
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep + 1),
             ),
         )
         fit_started = time.time()
@@ -243,13 +292,18 @@ def _train(cfg, out, tracker, pool, tok_dir, init_dir, budget, pool_info) -> dic
         fit_ended = time.time()
         if result.error:
             raise result.error
-        mix = ray.get(mixer.summary.remote(), timeout=120)
+        aborted = (result.metrics or {}).get("aborted")
+        if aborted:
+            where = result.checkpoint.path if result.checkpoint is not None else "(no checkpoint)"
+            raise RaymixError(f"{aborted}. The last good state (model, optimizer, data positions, mixer, "
+                              f"ledger) is checkpointed at {where}")
     finally:
         ray.kill(mixer)
     model_dir = out / "model"
     with result.checkpoint.as_directory() as ckpt:
         shutil.copytree(ckpt, model_dir, dirs_exist_ok=True)
     ev = json.loads((model_dir / "raymix_eval.json").read_text())
+    mix = ev["mixer"]
     val, em = ev["val_loss"], ev["test_exact_match"]
     finite = [v for v in val.values() if v == v]
     em_vals = [v for v in em.values() if v == v]
@@ -274,11 +328,15 @@ def _train(cfg, out, tracker, pool, tok_dir, init_dir, budget, pool_info) -> dic
             "report_and_shutdown": fit_ended - ev["reported_at"],
         },
         "curve_seconds": ev.get("curve_seconds", 0.0),
+        # Worker-group restarts restored from a checkpoint, and mixer actor restarts.
+        "restores": ev.get("restores", 0),
+        "mixer_restarts": ev.get("mixer_restarts", 0),
         "meta_time_share": ev.get("meta_seconds", 0.0) / max(1e-9, ev["loop_seconds"]),
         "overshoot_tokens": mix["train_tokens"] - budget,
         "global_batch_examples": micro,
         "global_batch_tokens": micro * cfg.data.max_seq_len,
         "mean_step_tokens": ev["train_tokens"] / max(1, ev["steps"]),
+        "loop_train_tokens": ev["train_tokens"],  # the workers' own all-reduced count
         "steps": ev["steps"],
         "ledger": mix["ledger"],
         "val_loss": val,
@@ -327,14 +385,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set policy.name=proportional (repeatable)")
     parser.add_argument("--output", required=True, help="run directory (summary.json, model, MLflow store)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the unfinished run in --output from its last checkpoint (its saved "
+                             "config unless CONFIG/--set are given; runtime.* may change, nothing else)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        config = args.config
+        if args.resume and config is None:
+            saved = Path(args.output) / "config.yaml"
+            if not saved.exists():
+                raise RaymixError(f"--resume: {Path(args.output).resolve()} holds no run to resume (no config.yaml)")
+            config = str(saved)
+        cfg = load_config(config, args.overrides)
         if args.print_config:
             print(to_yaml(cfg))
             return 0
-        summary = run(cfg, args.output)
+        summary = run(cfg, args.output, resume=args.resume)
     except RaymixError as e:
         print(f"raymix: error: {e}", file=sys.stderr)
         return 2

@@ -38,6 +38,68 @@ class TokenCosineSchedule:
         return self.peak * (self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+CHECKPOINT_FORMAT = 1
+STATE_FILE = "raymix_state.pt"
+MANIFEST_FILE = "raymix_manifest.json"
+
+
+def write_state(directory: str, state: dict) -> None:
+    """Write the training state and, last, a manifest with its size and
+    SHA-256: a checkpoint without a matching manifest is refused on load."""
+    import hashlib
+
+    import torch
+
+    path = os.path.join(directory, STATE_FILE)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    manifest = {"format": CHECKPOINT_FORMAT, "file": STATE_FILE, "bytes": os.path.getsize(path),
+                "sha256": digest, "train_tokens": state["train_tokens"], "step": state["step"],
+                "reason": state["reason"]}
+    with open(os.path.join(directory, MANIFEST_FILE + ".tmp"), "w") as f:
+        json.dump(manifest, f)
+    os.replace(os.path.join(directory, MANIFEST_FILE + ".tmp"), os.path.join(directory, MANIFEST_FILE))
+
+
+def read_state(directory: str) -> dict:
+    import hashlib
+
+    import torch
+
+    mpath, path = os.path.join(directory, MANIFEST_FILE), os.path.join(directory, STATE_FILE)
+    if not os.path.exists(mpath) or not os.path.exists(path):
+        raise RuntimeError(f"checkpoint {directory} is incomplete (no {MANIFEST_FILE} or {STATE_FILE})")
+    manifest = json.loads(open(mpath).read())
+    data = open(path, "rb").read()
+    if len(data) != manifest["bytes"] or hashlib.sha256(data).hexdigest() != manifest["sha256"]:
+        raise RuntimeError(f"checkpoint {directory}: {STATE_FILE} does not match its manifest (corrupt)")
+    if manifest["format"] != CHECKPOINT_FORMAT:
+        raise RuntimeError(f"checkpoint {directory} has format {manifest['format']}, expected {CHECKPOINT_FORMAT}")
+    # Written by this code (model, optimizer and RNG states): not untrusted input.
+    return torch.load(path, weights_only=False)
+
+
+class ProgressFile:
+    """``OUTPUT/progress/rank<R>.json``: pid, step and tokens of each worker,
+    rewritten atomically every ``train.log_every`` steps, for operators (and
+    tests) that need to find a worker process or follow a run without MLflow."""
+
+    def __init__(self, output_dir: str | None, rank: int):
+        self.path = None
+        if output_dir:
+            os.makedirs(os.path.join(output_dir, "progress"), exist_ok=True)
+            self.path = os.path.join(output_dir, "progress", f"rank{rank}.json")
+        self.rank = rank
+
+    def write(self, **fields) -> None:
+        if self.path is None:
+            return
+        with open(self.path + ".tmp", "w") as f:
+            json.dump({"rank": self.rank, "pid": os.getpid(), "updated_at": time.time(), **fields}, f)
+        os.replace(self.path + ".tmp", self.path)
+
+
 def train_loop(loop_cfg: dict) -> None:
     import ray
     import ray.train
@@ -88,7 +150,11 @@ def train_loop(loop_cfg: dict) -> None:
     ]
     rng = np.random.default_rng([cfg.seed, rank, 7])
 
-    mixer = ray.get_actor(loop_cfg["mixer_name"], namespace=MIXER_NAMESPACE) if rank == 0 else None
+    mixer = None
+    if rank == 0:
+        from raymix.mixer import MixerClient
+
+        mixer = MixerClient(ray.get_actor(loop_cfg["mixer_name"], namespace=MIXER_NAMESPACE), T)
     client = None
     if rank == 0 and loop_cfg.get("mlflow_run_id"):
         from mlflow.tracking import MlflowClient
@@ -105,13 +171,12 @@ def train_loop(loop_cfg: dict) -> None:
         w = buf[1:].numpy().clip(0)
         return int(buf[0]), w / w.sum()
 
-    version, weights = broadcast_mixture(ray.get(mixer.mixture.remote()) if rank == 0 else None)
-    if rank == 0:
-        mixer.applied.remote(version, 0, weights.tolist())
-
     mbs, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
     train_tokens = 0
     step = 0
+    ckpt_every = cfg.train.checkpoint_tokens or int(cfg.train.checkpoint_fraction * budget)
+    next_ckpt = ckpt_every if ckpt_every > 0 else None
+    restores = 0
     sync_tokens = np.zeros(T)
     sync_loss = np.zeros((2, T))
     log_loss = np.zeros((2, T))
@@ -133,6 +198,49 @@ def train_loop(loop_cfg: dict) -> None:
     curve_seconds = 0.0
     curve_log: list = []
 
+    # -- checkpoints ------------------------------------------------------------
+    def capture(reason: str) -> dict:
+        """Everything needed to continue exactly: per-rank parts gathered on
+        every rank (the collective runs on all of them), the rest from rank 0."""
+        mine = {"rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                "streams": [s.state_dict() for s in streams]}
+        if meta is not None:
+            mine["meta"] = meta.state_dict()
+        ranks = [None] * world
+        if distributed:
+            dist.all_gather_object(ranks, mine)
+        else:
+            ranks = [mine]
+        return {"format": CHECKPOINT_FORMAT, "reason": reason, "world": world, "budget": budget,
+                "step": step, "train_tokens": train_tokens, "next_curve": next_curve,
+                "next_ckpt": next_ckpt, "curve_log": list(curve_log), "version": version,
+                "weights": weights.tolist(), "meta_seconds": meta_seconds, "meta_steps": meta_steps,
+                "restores": restores, "ranks": ranks}
+
+    def save_checkpoint(reason: str, metrics: dict) -> None:
+        nonlocal pending, sync_tokens, sync_loss
+        state = capture(reason)
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        # Flush every counted token to the ledger first: the mixer state in
+        # the checkpoint then matches the workers' state exactly.
+        if pending is not None:
+            mixer.get(pending)
+            pending = None
+        mixer.get(mixer.report(sync_tokens.astype(np.int64).tolist(), sync_loss[0].tolist(),
+                               sync_loss[1].tolist()))
+        sync_tokens[:] = 0
+        sync_loss[:] = 0
+        state["mixer"] = mixer.snapshot()
+        state["model"] = raw_model.state_dict()
+        state["optimizer"] = opt.state_dict()
+        with tempfile.TemporaryDirectory() as tmp:
+            write_state(tmp, state)
+            ray.train.report({**metrics, "checkpoint_reason": reason},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        print(f"[raymix] checkpoint ({reason}) at {train_tokens} train tokens, step {step}", flush=True)
+
     def all_reduce(t):
         if distributed:
             dist.all_reduce(t)
@@ -149,18 +257,62 @@ def train_loop(loop_cfg: dict) -> None:
         curve_log.append(point)
         if rank == 0:
             # Evaluation tokens are meta tokens: spent, but not on updates.
-            mixer.report.remote([0] * T, None, None, toks.astype(np.int64).tolist())
+            mixer.report([0] * T, None, None, toks.astype(np.int64).tolist())
             if client is not None:
                 m = {"curve/worst_val_loss": point["worst_val_loss"], "curve/mean_val_loss": point["mean_val_loss"],
                      "curve/train_tokens": train_tokens}
                 m.update({f"curve/{t}/val_loss": float(vl[i]) for i, t in enumerate(tasks)})
                 log_metrics(client, loop_cfg["mlflow_run_id"], m, step)
 
+    restored = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            if os.path.exists(os.path.join(d, "raymix_eval.json")):
+                # The run had finished when it failed: its final checkpoint stands.
+                final = json.loads(open(os.path.join(d, "raymix_eval.json")).read())
+                keys = ("train_tokens", "steps", "loop_seconds", "tokens_per_second")
+                ray.train.report({k: final[k] for k in keys},
+                                 checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
+                return
+            restored = read_state(d)
+    if restored is not None:
+        if restored["world"] != world:
+            raise RuntimeError(f"the checkpoint was written by {restored['world']} workers, this run has "
+                               f"{world}: resume with runtime.num_workers={restored['world']}")
+        raw_model.load_state_dict(restored["model"])
+        opt.load_state_dict(restored["optimizer"])
+        mine = restored["ranks"][rank]
+        rng.bit_generator.state = mine["rng"]
+        torch.set_rng_state(mine["torch_rng"])
+        for s_, st in zip(streams, mine["streams"]):
+            s_.load_state_dict(st)
+        if meta is not None and "meta" in mine:
+            meta.load_state_dict(mine["meta"])
+        step, train_tokens = restored["step"], restored["train_tokens"]
+        next_curve, next_ckpt = restored["next_curve"], restored["next_ckpt"]
+        curve_log = list(restored["curve_log"])
+        meta_seconds, meta_steps = restored["meta_seconds"], restored["meta_steps"]
+        restores = restored["restores"] + 1
+        if rank == 0:
+            mixer.restore(restored["mixer"])
+        version, weights = broadcast_mixture({"version": restored["version"], "weights": restored["weights"]})
+        if rank == 0:
+            print(f"[raymix] restored from checkpoint at {train_tokens} train tokens, step {step} "
+                  f"(restore {restores})", flush=True)
+        del restored
+    else:
+        version, weights = broadcast_mixture(mixer.get(mixer.actor.mixture.remote()) if rank == 0 else None)
+    if rank == 0:
+        mixer.applied(version, train_tokens, weights.tolist())
+    progress = ProgressFile(loop_cfg.get("output_dir"), rank)
+
     t_loop = time.perf_counter()
     t_enter_perf = t_loop - (time.time() - t_enter)
     model.train()
-    if curve is not None:
+    if curve is not None and step == 0:
         curve_point()  # the starting point of the curve
+    aborted = None
     while train_tokens < budget:
         lr = schedule(train_tokens / budget)
         for g in opt.param_groups:
@@ -181,17 +333,22 @@ def train_loop(loop_cfg: dict) -> None:
             np.add.at(step_stats[0], idx, lengths)
             np.add.at(step_stats[1], idx, nll.detach().float().cpu().numpy())
             np.add.at(step_stats[2], idx, cnt.cpu().numpy())
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
         stats = torch.from_numpy(step_stats)
         if distributed:
             dist.all_reduce(stats)
         stats_np = stats.numpy()
         step_loss = stats_np[1].sum() / max(1.0, stats_np[2].sum())
         if not math.isfinite(step_loss):
-            raise FloatingPointError(f"loss became {step_loss} at step {step} ({train_tokens} train tokens)")
+            # Every rank sees the same reduced loss and stops here, before
+            # the update: the parameters are still the last good ones.
+            opt.zero_grad(set_to_none=True)
+            aborted = (f"training loss became {step_loss} at step {step + 1} ({train_tokens} train tokens "
+                       f"of {budget}); lower train.lr or check the data")
+            break
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
         step += 1
         train_tokens += int(stats_np[0].sum())
         sync_tokens += stats_np[0]
@@ -212,20 +369,20 @@ def train_loop(loop_cfg: dict) -> None:
                 # The reply to the previous report was sent one interval ago
                 # and is ready; this interval's report is collected at the next
                 # sync, except after a meta step, whose new mixture applies now.
-                current = ray.get(pending) if pending is not None else current
-                pending = mixer.report.remote(
+                current = mixer.get(pending) if pending is not None else current
+                pending = mixer.report(
                     sync_tokens.astype(np.int64).tolist(), sync_loss[0].tolist(), sync_loss[1].tolist(),
                     signals["meta_tokens"] if signals else None, signals,
                 )
                 if signals is not None:
-                    current, pending = ray.get(pending), None
+                    current, pending = mixer.get(pending), None
             sync_tokens[:] = 0
             sync_loss[:] = 0
             new_version, new_weights = broadcast_mixture(current)
             if new_version != version:
                 version, weights = new_version, new_weights
                 if rank == 0:
-                    mixer.applied.remote(version, train_tokens, weights.tolist())
+                    mixer.applied(version, train_tokens, weights.tolist())
             if rank == 0 and client is not None and signals is not None:
                 from raymix.policies.adapt import entropy, smooth_max
 
@@ -261,19 +418,36 @@ def train_loop(loop_cfg: dict) -> None:
             log_metrics(client, loop_cfg["mlflow_run_id"], metrics, step)
             log_loss[:] = 0
             log_tokens_start, log_time_start = train_tokens, now
+        if step % cfg.train.log_every == 0:
+            progress.write(step=step, train_tokens=train_tokens, budget=budget, restores=restores,
+                           mixer_pid=mixer.pid if mixer is not None else None,
+                           mixer_restarts=mixer.restarts if mixer is not None else None)
+        if next_ckpt is not None and train_tokens >= next_ckpt and train_tokens < budget:
+            while next_ckpt <= train_tokens:
+                next_ckpt += ckpt_every
+            save_checkpoint("periodic", {"train_tokens": train_tokens, "steps": step})
+    if aborted is not None:
+        # Non-finite loss: keep the last good state as the run's checkpoint
+        # and stop cleanly (an exception would make Ray Train retry the
+        # same divergence ``max_failures`` times).
+        save_checkpoint("aborted", {"train_tokens": train_tokens, "steps": step, "aborted": aborted})
+        return
     # Curve evaluations are not training: their time is reported apart.
     loop_seconds = time.perf_counter() - t_loop - curve_seconds
 
     # Final flush: every token counted by the workers reaches the ledger.
+    mixer_summary = None
     if rank == 0:
         if pending is not None:
-            ray.get(pending)
-        ray.get(mixer.report.remote(sync_tokens.astype(np.int64).tolist(), sync_loss[0].tolist(), sync_loss[1].tolist()))
+            mixer.get(pending)
+        mixer.get(mixer.report(sync_tokens.astype(np.int64).tolist(), sync_loss[0].tolist(), sync_loss[1].tolist()))
+        mixer_summary = mixer.call("summary")
 
     metrics = {"train_tokens": train_tokens, "steps": step, "loop_seconds": loop_seconds,
                "worker_entered_at": t_enter, "worker_setup_seconds": t_loop - t_enter_perf,
                "tokens_per_second": train_tokens / max(1e-9, loop_seconds),
-               "meta_seconds": meta_seconds, "meta_steps": meta_steps, "curve_seconds": curve_seconds}
+               "meta_seconds": meta_seconds, "meta_steps": meta_steps, "curve_seconds": curve_seconds,
+               "restores": restores}
     if rank == 0:
         t_eval = time.perf_counter()
         val = validation_losses(raw_model, pool, pad_id, cfg.eval.batch_size, device)
@@ -285,7 +459,8 @@ def train_loop(loop_cfg: dict) -> None:
             tokenizer.save_pretrained(tmp)
             metrics["reported_at"] = time.time()  # after saving the model, before persisting
             with open(os.path.join(tmp, "raymix_eval.json"), "w") as f:
-                json.dump({"val_loss": val, "test_exact_match": em, "curve": curve_log, **metrics}, f)
+                json.dump({"val_loss": val, "test_exact_match": em, "curve": curve_log, "mixer": mixer_summary,
+                           "mixer_restarts": mixer.restarts, **metrics}, f)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:
         ray.train.report(metrics, checkpoint=None)

@@ -72,3 +72,68 @@ def test_unknown_preset_suggests(tmp_path: Path) -> None:
 def test_unknown_source_kind_suggests() -> None:
     with pytest.raises(RaymixError, match="did you mean 'jsonl'"):
         load_config(None, ["data.sources=[{kind: jsonlines, path: x}]"])
+
+
+def _word_tokenizer(tmp_path: Path, special: dict) -> str:
+    """A word-level tokenizer built here (no hub), with the given special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", *special.values(), *(f"w{i}" for i in range(50)), "Answer", ":", "\n"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(dict.fromkeys(words))}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **special)
+    out = tmp_path / ("tok-" + "-".join(special) or "none")
+    fast.save_pretrained(str(out))
+    return str(out)
+
+
+def test_tokenizer_without_pad_or_eos_is_refused(tmp_path: Path) -> None:
+    from raymix.models import load_tokenizer
+
+    bare = _word_tokenizer(tmp_path, {})
+    with pytest.raises(RaymixError, match=r"model.tokenizer: tokenizer .* has neither a pad nor an eos token"):
+        load_tokenizer(bare)
+    # With an eos token, padding uses it (pad positions are masked anyway).
+    tok = load_tokenizer(_word_tokenizer(tmp_path, {"eos_token": "</s>"}))
+    assert tok.pad_token == "</s>"
+
+
+def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path: Path) -> None:
+    """A prompt longer than the context keeps its end (the question sits
+    there); an answer that cannot fit drops the example; both are counted."""
+    import numpy as np
+
+    from raymix.data import Tokenize
+
+    tok_dir = _word_tokenizer(tmp_path, {"eos_token": "</s>", "pad_token": "<pad>"})
+    tokenize = Tokenize(tok_dir, "plain", max_seq_len=24)
+    long_prompt = " ".join(f"w{i % 50}" for i in range(60)) + " w7"
+    batch = {"task_idx": np.array([0, 0, 0]), "split": np.array(["train"] * 3), "id": np.array(["a", "b", "c"]),
+             "prompt": np.array(["w1 w2", long_prompt, "w1"]),
+             "completion": np.array(["w3", "w4", " ".join(["w5"] * 40)]),
+             "references": [["w3"], ["w4"], ["w5"]]}
+    table = tokenize(batch).to_pydict()
+    assert table["status"] == ["ok", "truncated", "dropped"]
+    assert all(n <= 24 for n in table["n_tokens"])
+    assert table["n_tokens"][2] == 0
+    # The truncated prompt keeps its last word, right before the answer.
+    ids = table["input_ids"][1]
+    from raymix.models import load_tokenizer
+
+    text = load_tokenizer(tok_dir).decode(ids[: table["prompt_len"][1]])
+    assert "w7" in text.split()[-4:]
+
+
+def test_unreachable_mlflow_server_fails_before_training(tmp_path: Path) -> None:
+    from raymix.train import run
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    cfg = load_config(None, ["tracking.tracking_uri=http://127.0.0.1:9"])
+    with pytest.raises(RaymixError, match="MLflow tracking server http://127.0.0.1:9 is unreachable"):
+        run(cfg, out)
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert not (out / "summary.json").exists() and not (out / "run.json").exists()
+    assert not (out / "ray").exists()  # no training started

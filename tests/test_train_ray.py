@@ -204,3 +204,30 @@ def test_adapt_run_two_workers(ray_local, tmp_path: Path) -> None:
     assert any(k.startswith("signal/") and k.endswith("/alignment") for k in keys)
     assert any(k.startswith("signal/") and k.endswith("/val_loss") for k in keys)
     assert len(client.get_metric_history(summary["mlflow_run_id"], "meta/J")) >= 3
+
+
+@pytest.mark.timeout(600)
+def test_nonfinite_loss_aborts_with_last_good_checkpoint(ray_local, tmp_path: Path) -> None:
+    """A diverging run stops at the first non-finite loss, before that step's
+    update, checkpoints the last good state, and fails (no retry, no
+    FINISHED MLflow run, no summary)."""
+    from mlflow.tracking import MlflowClient
+
+    from raymix.train import run
+    from raymix.worker import read_state
+
+    out = tmp_path / "nan"
+    cfg = load_config(None, SMALL + ["train.lr=1e12", "train.grad_clip=0", "train.warmup_fraction=0",
+                                     "runtime.max_failures=2", "eval.curve_points=0"])
+    with pytest.raises(RaymixError, match=r"training loss became (nan|inf).*last good state.*checkpointed at") as e:
+        run(cfg, out)
+    ckpt = str(e.value).rsplit("checkpointed at ", 1)[1].strip()
+    state = read_state(ckpt)
+    assert state["reason"] == "aborted" and state["train_tokens"] < 6000
+    import torch
+
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (out / "summary.json").exists()
+    client = MlflowClient(f"sqlite:///{out.resolve() / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("raymix").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]

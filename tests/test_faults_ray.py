@@ -1,0 +1,171 @@
+"""Faults mid-run: a killed training worker, a killed mixer actor, a killed
+driver. Each run is a real ``python -m raymix.train`` process with its own
+local Ray (2 CPUs); the test finds the process to kill through the run's
+``progress/rank<R>.json`` files and kills it with SIGKILL once the first
+checkpoint is behind it.
+
+What must hold afterwards: the run finishes; the ledger's total equals the
+workers' own count (restored, not double-counted) and lies in
+``[budget, budget + one global batch)``, the window of every run without a
+fault; the mixture schedule is continuous; exactly one MLflow run, FINISHED.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.ray
+
+BUDGET = 30000
+CHECKPOINT = 8000
+ARGS = [
+    "data.sources=[{kind: synthetic, scale: 0.02}]",
+    "data.max_test=4",
+    "model.vocab_size=512",
+    "train.micro_batch_size=4",
+    "train.sync_every=2",
+    "train.log_every=1",
+    "eval.max_test_examples=4",
+    "eval.max_new_tokens=6",
+    "eval.suite=null",
+    "eval.curve_points=2",
+    "runtime.num_cpus=2",
+    "runtime.num_workers=2",
+    "runtime.cpus_per_worker=0.5",
+    "runtime.object_store_memory=200000000",
+    f"budget.tokens={BUDGET}",
+    f"train.checkpoint_tokens={CHECKPOINT}",
+    "runtime.max_failures=1",
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e.setdefault("RAYMIX_CACHE", str(tmp_path_factory.mktemp("cache")))
+    e["RAY_ADDRESS"] = ""  # each run starts its own local Ray
+    return e
+
+
+def _cmd(out: Path, extra=(), resume: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "raymix.train", "--output", str(out)]
+    if resume:
+        return cmd + ["--resume"]
+    for a in ARGS + list(extra):
+        cmd += ["--set", a]
+    return cmd
+
+
+def _progress(out: Path, rank: int = 0) -> dict | None:
+    try:
+        return json.loads((out / "progress" / f"rank{rank}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _run_and_kill(out: Path, env: dict, pick_pid, extra=(), kill_group: bool = False,
+                  after_tokens: int = CHECKPOINT + 3000, timeout: float = 400) -> tuple[int, str]:
+    """Start a run, SIGKILL ``pick_pid(out)`` once rank 0 passed ``after_tokens``."""
+    log = out.with_suffix(".log")
+    with open(log, "w") as f:
+        p = subprocess.Popen(_cmd(out, extra), stdout=f, stderr=subprocess.STDOUT, env=env,
+                             start_new_session=True)
+    killed_at = None
+    t0 = time.monotonic()
+    try:
+        while p.poll() is None and time.monotonic() - t0 < timeout:
+            st = _progress(out)
+            if killed_at is None and st and st["train_tokens"] >= after_tokens:
+                assert st["train_tokens"] < BUDGET, "the run ended before the fault could be injected"
+                if kill_group:
+                    os.killpg(p.pid, signal.SIGKILL)
+                else:
+                    os.kill(pick_pid(out), signal.SIGKILL)
+                killed_at = st["train_tokens"]
+            time.sleep(0.05)
+        if kill_group:
+            p.wait(timeout=60)
+        else:
+            p.wait(timeout=max(1.0, timeout - (time.monotonic() - t0)))
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert killed_at is not None, f"no fault injected; log:\n{log.read_text()[-3000:]}"
+    return p.returncode, log.read_text()
+
+
+def _check_finished(out: Path) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    summary = json.loads((out / "summary.json").read_text())
+    ledger_total = sum(r["train_tokens"] for r in summary["ledger"].values())
+    assert ledger_total == summary["train_tokens"] == summary["loop_train_tokens"]
+    assert BUDGET <= summary["train_tokens"] < BUDGET + summary["global_batch_tokens"]
+    assert summary["meta_tokens"] == sum(r["meta_tokens"] for r in summary["ledger"].values())
+    offsets = [o for o, _ in summary["mixture_schedule"]]
+    assert offsets[0] == 0 and offsets == sorted(offsets)
+    # Continuous: no stretch longer than a few sync intervals without an
+    # applied entry for a policy that changes the mixture at every sync.
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    runs = client.search_runs([summary["mlflow_experiment_id"]])
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    assert runs[0].info.run_id == summary["mlflow_run_id"]
+    return summary
+
+
+@pytest.mark.timeout(900)
+def test_killed_training_worker_restores_from_checkpoint(tmp_path: Path, env: dict) -> None:
+    out = tmp_path / "worker"
+    rc, log = _run_and_kill(out, env, lambda o: _progress(o, 0)["pid"], ["policy.name=proportional"])
+    assert rc == 0, log[-4000:]
+    assert "restored from checkpoint" in log
+    summary = _check_finished(out)
+    assert summary["restores"] == 1 and summary["mixer_restarts"] == 0
+    # The curve had 3 points (start, half, end): none lost, none repeated.
+    points = [p["train_tokens"] for p in summary["curve"]]
+    assert len(points) == 3 and points == sorted(set(points)), points
+
+
+@pytest.mark.timeout(900)
+def test_killed_mixer_actor_restarts_with_its_state(tmp_path: Path, env: dict) -> None:
+    out = tmp_path / "mixer"
+    extra = ["policy.name=adapt", "policy.adapt.every_steps=4", "policy.adapt.warmup_steps=4",
+             "policy.adapt.tasks_per_step=4"]
+    rc, log = _run_and_kill(out, env, lambda o: _progress(o, 0)["mixer_pid"], extra)
+    assert rc == 0, log[-4000:]
+    assert "mixer actor restarted" in log
+    summary = _check_finished(out)
+    assert summary["mixer_restarts"] == 1 and summary["restores"] == 0
+    # ADAPT changes the mixture every meta step (4 optimizer steps): the
+    # replayed schedule has no hole where the dead actor's entries were.
+    offsets = [o for o, _ in summary["mixture_schedule"]]
+    gaps = [b - a for a, b in zip(offsets, offsets[1:])]
+    assert max(gaps) < 4 * summary["global_batch_tokens"] * 2, gaps
+
+
+@pytest.mark.timeout(900)
+def test_killed_driver_resumes_with_resume_flag(tmp_path: Path, env: dict) -> None:
+    out = tmp_path / "driver"
+    rc, log = _run_and_kill(out, env, None, ["policy.name=uniform"], kill_group=True)
+    assert rc != 0
+    assert not (out / "summary.json").exists()
+    # Without --resume the unfinished run is protected, not overwritten.
+    p = subprocess.run(_cmd(out, ["policy.name=uniform"]), env=env, capture_output=True, text=True)
+    assert p.returncode == 2 and "pass --resume" in p.stderr
+    # A config that changes results is refused, naming the field.
+    p = subprocess.run(_cmd(out, ["policy.name=proportional"]) + ["--resume"], env=env,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "policy.name: uniform -> proportional" in p.stderr
+    p = subprocess.run(_cmd(out, resume=True), env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    summary = _check_finished(out)
+    assert summary["restores"] == 1
