@@ -158,6 +158,25 @@ def _trial(params: dict) -> None:
                 | {"mlflow_run_id": summary["mlflow_run_id"], "trial": out.name})
 
 
+def write_sweep_summary(sweep_dir: Path, configs: Sequence[RunConfig], done: dict[str, str]) -> Path:
+    """``DIR/sweep_summary.json``: every trial of the grid with its identity
+    hash, status, summary.json path and MLflow run id."""
+    trials = []
+    for cfg in configs:
+        ident = identity_hash(cfg)
+        name = trial_name(cfg)
+        summary = sweep_dir / "trials" / name / "summary.json"
+        trials.append({"trial": name, "identity": ident, "policy": cfg.policy.name, "seed": cfg.seed,
+                       "status": "FINISHED" if ident in done else "MISSING",
+                       "summary": str(summary) if summary.exists() else None,
+                       "mlflow_run_id": done.get(ident)})
+    path = sweep_dir / "sweep_summary.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"trials": trials}, indent=1))
+    tmp.replace(path)
+    return path
+
+
 def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, report: bool = True,
               report_dir: Optional[Path] = None, space_file: Optional[str] = None) -> dict:
     import ray
@@ -230,6 +249,7 @@ def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, re
             if errors:
                 raise RaymixError(f"{len(errors)} trial(s) failed; first: {errors[0]}")
         done = finished_identities(client, exp_id, parent_id)
+        write_sweep_summary(sweep_dir, configs, done)
         missing = [trial_name(c) for c in configs if identity_hash(c) not in done]
         if missing:
             raise RaymixError(f"trials without a finished MLflow run: {missing}")

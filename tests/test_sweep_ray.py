@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,50 +18,65 @@ pytestmark = pytest.mark.ray
 SMOKE = Path(__file__).resolve().parents[1] / "tune_spaces" / "smoke.yaml"
 
 
+def _sweep_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "raymix.sweep", "--space", str(SMOKE), "--output", str(out),
+            "--set", "runtime.num_cpus=2", *extra]
+
+
 @pytest.mark.timeout(900)
-def test_smoke_sweep_resume_and_report(tmp_path: Path, monkeypatch) -> None:
-    import ray
+def test_smoke_sweep_killed_driver_resume_and_report(tmp_path: Path) -> None:
+    """The sweep driver is killed (SIGKILL, its whole process group, Ray
+    included) once the first trial finished; ``--resume`` finishes the
+    rest: one FINISHED MLflow run per grid point, none twice."""
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.setenv("RAYMIX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    ray.init(num_cpus=2, object_store_memory=200_000_000, include_dashboard=False)
+    env = {**os.environ, "RAYMIX_CACHE": str(tmp_path / "cache"), "RAY_ADDRESS": ""}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out = tmp_path / "sweep"
+    log = open(tmp_path / "first.log", "w")
+    p = subprocess.Popen(_sweep_cmd(out), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    t0 = time.monotonic()
     try:
-        space = load_space(SMOKE)
-        out = tmp_path / "sweep"
-        result = run_sweep(space, ["runtime.num_cpus=2"], out, resume=False)
-        client = MlflowClient(result["tracking_uri"])
-        exp_id = result["experiment_id"]
-        children = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
-        assert sorted(r.data.params["policy.name"] for r in children) == ["proportional", "uniform"]
-        assert all(r.info.status == "FINISHED" for r in children)
-        assert client.get_run(result["parent_run_id"]).info.status == "FINISHED"
-        assert len({r.data.tags["raymix.identity"] for r in children}) == 2
-        # Every trial's checkpoint was scored through lm-eval on the configured suite.
-        assert all("eval/aggregate" in r.data.metrics for r in children)
-        assert all(any(k.startswith("eval/raymix_ood_") for k in r.data.metrics) for r in children)
-
-        # A trial that did not finish: resume re-runs it alone, finished ones are not logged twice.
-        victim = next(r for r in children if r.data.params["policy.name"] == "uniform")
-        client.set_terminated(victim.info.run_id, "FAILED")
-        trial_dir = Path(victim.data.tags["raymix.output_dir"])
-        (trial_dir / "summary.json").unlink()
-        result2 = run_sweep(space, ["runtime.num_cpus=2"], out, resume=True)
-        assert result2["parent_run_id"] == result["parent_run_id"]
-        after = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
-        statuses = sorted((r.data.params["policy.name"], r.info.status) for r in after)
-        assert statuses == [("proportional", "FINISHED"), ("uniform", "FAILED"), ("uniform", "FINISHED")]
-        assert list(trial_dir.parent.glob(trial_dir.name + ".interrupted-*"))
-
-        # The report is generated from MLflow and tabulates both policies.
-        report = Path(result2["report"]).read_text()
-        assert "| uniform |" in report and "| proportional |" in report
-        assert "## Evaluation" in report and "aggregate" in report
-        assert (Path(result2["report"]).parent / "metrics_vs_budget.png").stat().st_size > 0
-        state = json.loads((out / "sweep.json").read_text())
-        assert state["parent_run_id"] == result["parent_run_id"]
+        while p.poll() is None and not list(out.glob("trials/*/summary.json")):
+            assert time.monotonic() - t0 < 600, "no trial finished in 10 minutes"
+            time.sleep(0.2)
+        assert p.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(timeout=60)
     finally:
-        ray.shutdown()
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    state = json.loads((out / "sweep.json").read_text())
+    client = MlflowClient(state["tracking_uri"])
+    assert client.get_run(state["parent_run_id"]).info.status == "RUNNING"  # killed, never ended
+
+    r = subprocess.run(_sweep_cmd(out, "--resume"), env=env, capture_output=True, text=True, timeout=800)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "1 already finished, 1 to run" in r.stdout + r.stderr
+    result = json.loads(r.stdout[r.stdout.rindex("{\n"):])
+    assert result["parent_run_id"] == state["parent_run_id"]
+
+    exp_id = result["experiment_id"]
+    children = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
+    # Grid size, no duplicates: a trial cut mid-run continued its own run.
+    assert sorted(r.data.params["policy.name"] for r in children) == ["proportional", "uniform"]
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert len({r.data.tags["raymix.identity"] for r in children}) == 2
+    assert client.get_run(result["parent_run_id"]).info.status == "FINISHED"
+    # Every trial's checkpoint was scored through lm-eval on the configured suite.
+    assert all("eval/aggregate" in r.data.metrics for r in children)
+    assert all(any(k.startswith("eval/raymix_ood_") for k in r.data.metrics) for r in children)
+
+    summary = json.loads((out / "sweep_summary.json").read_text())
+    assert [t["status"] for t in summary["trials"]] == ["FINISHED", "FINISHED"]
+    assert {t["mlflow_run_id"] for t in summary["trials"]} == {r.info.run_id for r in children}
+    assert all(Path(t["summary"]).exists() for t in summary["trials"])
+
+    # The report is generated from MLflow and tabulates both policies.
+    report = Path(result["report"]).read_text()
+    assert "| uniform |" in report and "| proportional |" in report
+    assert "## Evaluation" in report and "aggregate" in report
+    assert (Path(result["report"]).parent / "metrics_vs_budget.png").stat().st_size > 0
 
 
 def test_sweep_refuses_existing_output_without_resume(tmp_path: Path) -> None:
