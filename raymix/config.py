@@ -320,7 +320,9 @@ class RuntimeConfig:
     (up to floating-point reduction order across workers)."""
 
     num_workers: int = 2
-    """Ray Train workers (DDP)."""
+    """Ray Train workers (DDP). 0 is Ray Train's local mode: the training
+    function runs in the calling process (no worker actors to start; no
+    worker fault tolerance), which suits small runs on a laptop."""
     cpus_per_worker: float = 0.5
     """Fractional CPUs per worker leave room for Ray Data and the mixer
     (whole CPUs for every worker on a 2-CPU machine hang the data tasks)."""
@@ -347,8 +349,8 @@ class RuntimeConfig:
             raise RaymixError(f"runtime.max_failures must be >= -1, got {self.max_failures}")
         if self.mixer_max_restarts < -1:
             raise RaymixError(f"runtime.mixer_max_restarts must be >= -1, got {self.mixer_max_restarts}")
-        if self.num_workers < 1:
-            raise RaymixError(f"runtime.num_workers must be >= 1, got {self.num_workers}")
+        if self.num_workers < 0:
+            raise RaymixError(f"runtime.num_workers must be >= 0 (0: Ray Train local mode), got {self.num_workers}")
         if self.cpus_per_worker <= 0:
             raise RaymixError(f"runtime.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
 

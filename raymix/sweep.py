@@ -232,7 +232,8 @@ def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, re
                 prepare_model_and_data(cfg, sweep_dir / "prepare")
         if todo:
             cpus = ray.cluster_resources().get("CPU", 1)
-            per_trial = max(c.runtime.num_workers * c.runtime.cpus_per_worker for _, c in todo) + space.trial_cpus
+            # Local mode (0 workers) trains in the trial process: one worker's share.
+            per_trial = max(max(1, c.runtime.num_workers) * c.runtime.cpus_per_worker for _, c in todo) + space.trial_cpus
             concurrent = space.max_concurrent_trials or max(1, int(cpus // per_trial) if cpus > 2 else 1)
             tuner = tune.Tuner(
                 tune.with_resources(_trial, {"cpu": space.trial_cpus}),

@@ -272,6 +272,8 @@ def _train(cfg, out, tracker, pool, tok_dir, init_dir, budget, pool_info) -> dic
                 "mlflow_run_id": tracker.run_id,
                 "mlflow_tracking_uri": tracker.uri,
                 "output_dir": str(out),
+                # Ray Train's local mode does not persist checkpoints itself.
+                "local_checkpoint_dir": str(out / "checkpoints") if cfg.runtime.num_workers == 0 else None,
             },
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.runtime.num_workers,
@@ -307,7 +309,7 @@ def _train(cfg, out, tracker, pool, tok_dir, init_dir, budget, pool_info) -> dic
     val, em = ev["val_loss"], ev["test_exact_match"]
     finite = [v for v in val.values() if v == v]
     em_vals = [v for v in em.values() if v == v]
-    micro = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.runtime.num_workers
+    micro = cfg.train.micro_batch_size * cfg.train.grad_accum * max(1, cfg.runtime.num_workers)
     return {
         "policy": cfg.policy.name,
         "seed": cfg.seed,

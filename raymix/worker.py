@@ -80,6 +80,50 @@ def read_state(directory: str) -> dict:
     return torch.load(path, weights_only=False)
 
 
+def report_checkpoint(metrics: dict, write, local_dir: str | None, name: str, keep: int | None) -> None:
+    """Write a checkpoint with ``write(folder)`` and report it to Ray Train.
+
+    Normally into a temporary folder that Ray Train copies into its storage.
+    In local mode (no workers) Ray Train keeps the folder where it is, so it
+    goes to ``local_dir/<name>``: written as ``<name>.tmp`` and renamed once
+    complete (never picked up half-written); periodic ones beyond ``keep``
+    are pruned."""
+    import shutil
+
+    import ray.train
+
+    if not local_dir:
+        with tempfile.TemporaryDirectory() as tmp:
+            write(tmp)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        return
+    os.makedirs(local_dir, exist_ok=True)
+    final = os.path.join(local_dir, name)
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(final))
+    if keep is not None:
+        periodic = sorted(d for d in os.listdir(local_dir) if d.endswith("-periodic"))
+        for d in periodic[:-keep]:
+            shutil.rmtree(os.path.join(local_dir, d), ignore_errors=True)
+
+
+def latest_local_checkpoint(local_dir: str) -> str | None:
+    """The newest complete checkpoint under ``local_dir`` (local mode)."""
+    if not os.path.isdir(local_dir):
+        return None
+    done = [d for d in os.listdir(local_dir) if not d.endswith(".tmp") and (
+        os.path.exists(os.path.join(local_dir, d, MANIFEST_FILE))
+        or os.path.exists(os.path.join(local_dir, d, "raymix_eval.json")))]
+    if "final" in done:
+        return os.path.join(local_dir, "final")
+    return os.path.join(local_dir, max(done)) if done else None
+
+
 class ProgressFile:
     """``OUTPUT/progress/rank<R>.json``: pid, step and tokens of each worker,
     rewritten atomically every ``train.log_every`` steps, for operators (and
@@ -171,6 +215,10 @@ def train_loop(loop_cfg: dict) -> None:
         w = buf[1:].numpy().clip(0)
         return int(buf[0]), w / w.sum()
 
+    # Ray Train's local mode (no workers) does not persist checkpoints: they
+    # are written to OUTPUT/checkpoints instead, atomically (a renamed folder).
+    local_dir = loop_cfg.get("local_checkpoint_dir")
+    keep = cfg.train.checkpoints_to_keep
     mbs, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
     train_tokens = 0
     step = 0
@@ -235,10 +283,8 @@ def train_loop(loop_cfg: dict) -> None:
         state["mixer"] = mixer.snapshot()
         state["model"] = raw_model.state_dict()
         state["optimizer"] = opt.state_dict()
-        with tempfile.TemporaryDirectory() as tmp:
-            write_state(tmp, state)
-            ray.train.report({**metrics, "checkpoint_reason": reason},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        report_checkpoint({**metrics, "checkpoint_reason": reason}, lambda d: write_state(d, state),
+                          local_dir, f"{step:08d}-{reason}", keep)
         print(f"[raymix] checkpoint ({reason}) at {train_tokens} train tokens, step {step}", flush=True)
 
     def all_reduce(t):
@@ -266,6 +312,9 @@ def train_loop(loop_cfg: dict) -> None:
 
     restored = None
     ckpt = ray.train.get_checkpoint()
+    if ckpt is None and local_dir:
+        latest = latest_local_checkpoint(local_dir)
+        ckpt = ray.train.Checkpoint.from_directory(latest) if latest else None
     if ckpt is not None:
         with ckpt.as_directory() as d:
             if os.path.exists(os.path.join(d, "raymix_eval.json")):
@@ -454,13 +503,14 @@ def train_loop(loop_cfg: dict) -> None:
         em = exact_match(raw_model, tokenizer, pool, cfg.eval.max_test_examples, cfg.eval.max_new_tokens,
                          cfg.eval.batch_size, device)
         metrics["eval_seconds"] = time.perf_counter() - t_eval
-        with tempfile.TemporaryDirectory() as tmp:
-            raw_model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+        def write_final(d: str) -> None:
+            raw_model.save_pretrained(d)
+            tokenizer.save_pretrained(d)
             metrics["reported_at"] = time.time()  # after saving the model, before persisting
-            with open(os.path.join(tmp, "raymix_eval.json"), "w") as f:
+            with open(os.path.join(d, "raymix_eval.json"), "w") as f:
                 json.dump({"val_loss": val, "test_exact_match": em, "curve": curve_log, "mixer": mixer_summary,
                            "mixer_restarts": mixer.restarts, **metrics}, f)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+        report_checkpoint(metrics, write_final, local_dir, "final", None)
     else:
         ray.train.report(metrics, checkpoint=None)

@@ -169,3 +169,26 @@ def test_killed_driver_resumes_with_resume_flag(tmp_path: Path, env: dict) -> No
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     summary = _check_finished(out)
     assert summary["restores"] == 1
+
+
+@pytest.mark.timeout(900)
+def test_local_mode_driver_kill_resumes_exactly(tmp_path: Path, env: dict) -> None:
+    """Ray Train's local mode (0 workers) keeps its checkpoints in
+    OUTPUT/checkpoints. A run killed after a checkpoint and resumed ends
+    bit-identical to the same run without the fault: same ledger, same
+    validation losses (model, optimizer, RNG and data positions restored)."""
+    local = ["policy.name=proportional", "runtime.num_workers=0", "runtime.max_failures=0"]
+    clean = tmp_path / "clean"
+    r = subprocess.run(_cmd(clean, local), env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    out = tmp_path / "killed"
+    rc, _ = _run_and_kill(out, env, None, local, kill_group=True)
+    assert rc != 0
+    assert any(p.name.endswith("-periodic") for p in (out / "checkpoints").iterdir())
+    r = subprocess.run(_cmd(out, resume=True), env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    a, b = _check_finished(clean), _check_finished(out)
+    assert b["restores"] == 1 and a["restores"] == 0
+    assert a["ledger"] == b["ledger"]
+    assert a["val_loss"] == b["val_loss"]
+    assert a["curve"] == b["curve"]
