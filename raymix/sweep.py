@@ -235,8 +235,11 @@ def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, re
             # Local mode (0 workers) trains in the trial process: one worker's share.
             per_trial = max(max(1, c.runtime.num_workers) * c.runtime.cpus_per_worker for _, c in todo) + space.trial_cpus
             concurrent = space.max_concurrent_trials or max(1, int(cpus // per_trial) if cpus > 2 else 1)
+            # A trial in local mode trains in its own process: it reserves a
+            # worker's CPUs; otherwise its workers reserve theirs.
+            local = max((c.runtime.cpus_per_worker for _, c in todo if c.runtime.num_workers == 0), default=0.0)
             tuner = tune.Tuner(
-                tune.with_resources(_trial, {"cpu": space.trial_cpus}),
+                tune.with_resources(_trial, {"cpu": space.trial_cpus + local}),
                 param_space={"overrides": tune.grid_search([ov for ov, _ in todo]),
                              "sweep_dir": str(sweep_dir), "parent_run_id": parent_id,
                              "tracking_uri": uri, "experiment": space.name},

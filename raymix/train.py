@@ -216,7 +216,9 @@ def run(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = N
              **{f"pool/tokens/{t}": v for t, v in stats["tokens_per_task"].items()}}
         )
         print(f"[raymix] pool: {stats['num_tasks']} tasks, N={stats['pool_tokens']} tokens "
-              f"(prepared in {pool.seconds:.1f}s, cache {'hit' if pool.cache_hit else 'miss'}); "
+              f"(prepared in {pool.seconds:.1f}s, cache {'hit' if pool.cache_hit else 'miss'}; "
+              f"over data.max_seq_len={cfg.data.max_seq_len}: {stats['truncated']} truncated, "
+              f"{stats['dropped']} dropped); "
               f"budget {budget} tokens; policy {cfg.policy.name}", flush=True)
 
         t = time.perf_counter()
