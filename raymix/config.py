@@ -261,6 +261,15 @@ class TrainConfig:
     """Optimizer steps between reports to the mixer actor (ledger, losses) and
     mixture refreshes; the new mixture is applied one interval later so that
     fetching it never blocks a step."""
+    global_batch_tokens: Optional[int] = None
+    """Tokens (at ``data.max_seq_len`` per example) per optimizer step across
+    all workers. When set, ``grad_accum`` is derived from it, the micro-batch
+    and the worker count (see :func:`effective_grad_accum`), so a budget and
+    a global batch mean the same on any hardware, and ``micro_batch_size`` /
+    ``grad_accum`` leave the run's identity."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (Hugging Face models'
+    ``gradient_checkpointing_enable``): less memory, about a third more compute."""
     checkpoint_tokens: Optional[int] = None
     """Train tokens between checkpoints (model, optimizer, RNG states, data
     positions, mixer state and ledger); default: ``checkpoint_fraction`` of
@@ -272,6 +281,8 @@ class TrainConfig:
     """Most recent periodic checkpoints kept in Ray Train's storage."""
 
     def __post_init__(self) -> None:
+        if self.global_batch_tokens is not None and self.global_batch_tokens < 1:
+            raise RaymixError(f"train.global_batch_tokens must be >= 1 or null, got {self.global_batch_tokens}")
         if self.checkpoint_tokens is not None and self.checkpoint_tokens < 1:
             raise RaymixError(f"train.checkpoint_tokens must be >= 1 or null, got {self.checkpoint_tokens}")
         if not 0 <= self.checkpoint_fraction <= 1:
@@ -588,6 +599,22 @@ def identity_hash(cfg: RunConfig) -> str:
     """Hash of what changes the result (not runtime, tracking or cache paths)."""
     tree = {k: v for k, v in to_dict(cfg).items() if k in IDENTITY_SECTIONS}
     tree["data"].pop("cache_dir", None)
-    for key in ("checkpoint_tokens", "checkpoint_fraction", "checkpoints_to_keep"):
-        tree["train"].pop(key, None)  # when to checkpoint does not change the result
+    for key in ("checkpoint_tokens", "checkpoint_fraction", "checkpoints_to_keep", "gradient_checkpointing"):
+        tree["train"].pop(key, None)  # when to checkpoint, or recompute, does not change the result
+    if tree["train"].get("global_batch_tokens") is None:
+        tree["train"].pop("global_batch_tokens", None)
+    else:
+        # The global batch fixes the result; how it is split is hardware.
+        tree["train"].pop("micro_batch_size", None)
+        tree["train"].pop("grad_accum", None)
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def effective_grad_accum(cfg: RunConfig) -> int:
+    """Micro-batches per optimizer step: ``train.grad_accum``, or derived from
+    ``train.global_batch_tokens`` as ceil(global / (micro-batch x workers x
+    max_seq_len)), at least 1."""
+    if cfg.train.global_batch_tokens is None:
+        return cfg.train.grad_accum
+    per_micro = cfg.train.micro_batch_size * max(1, cfg.runtime.num_workers) * cfg.data.max_seq_len
+    return max(1, -(-cfg.train.global_batch_tokens // per_micro))

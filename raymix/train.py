@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
-from raymix.config import RunConfig, identity_hash, load_config, to_dict, to_yaml
+from raymix.config import RunConfig, effective_grad_accum, identity_hash, load_config, to_dict, to_yaml
 from raymix.errors import RaymixError
 
 
@@ -311,7 +311,7 @@ def _train(cfg, out, tracker, pool, tok_dir, init_dir, budget, pool_info) -> dic
     val, em = ev["val_loss"], ev["test_exact_match"]
     finite = [v for v in val.values() if v == v]
     em_vals = [v for v in em.values() if v == v]
-    micro = cfg.train.micro_batch_size * cfg.train.grad_accum * max(1, cfg.runtime.num_workers)
+    micro = cfg.train.micro_batch_size * effective_grad_accum(cfg) * max(1, cfg.runtime.num_workers)
     return {
         "policy": cfg.policy.name,
         "seed": cfg.seed,

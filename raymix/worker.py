@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from raymix.config import RunConfig, from_dict
+from raymix.config import RunConfig, effective_grad_accum, from_dict
 
 
 class TokenCosineSchedule:
@@ -173,6 +173,8 @@ def train_loop(loop_cfg: dict) -> None:
     tokenizer = load_tokenizer(loop_cfg["tokenizer_dir"])
     pad_id = tokenizer.pad_token_id
     model = AutoModelForCausalLM.from_pretrained(loop_cfg["init_model_dir"], dtype=torch.float32)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = ray.train.torch.prepare_model(model)
     raw_model = model.module if hasattr(model, "module") else model
     decay, no_decay = [], []
@@ -219,7 +221,7 @@ def train_loop(loop_cfg: dict) -> None:
     # are written to OUTPUT/checkpoints instead, atomically (a renamed folder).
     local_dir = loop_cfg.get("local_checkpoint_dir")
     keep = cfg.train.checkpoints_to_keep
-    mbs, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
+    mbs, accum = cfg.train.micro_batch_size, effective_grad_accum(cfg)
     train_tokens = 0
     step = 0
     ckpt_every = cfg.train.checkpoint_tokens or int(cfg.train.checkpoint_fraction * budget)

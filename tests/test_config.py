@@ -335,7 +335,7 @@ def test_source_kind_suggestion() -> None:
         ("train.micro_batch_size=0", "train.micro_batch_size"),
         ("train.warmup_fraction=1", "train.warmup_fraction"),
         ("train.min_lr_ratio=1.5", "train.min_lr_ratio"),
-        ("runtime.num_workers=0", "runtime.num_workers"),
+        ("runtime.num_workers=-1", "runtime.num_workers"),
         ("runtime.cpus_per_worker=0", "runtime.cpus_per_worker"),
     ],
 )
@@ -492,3 +492,22 @@ def test_config_is_frozen() -> None:
     cfg = RunConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.seed = 3  # type: ignore[misc]
+
+
+def test_global_batch_tokens_derives_accumulation_and_leaves_identity() -> None:
+    from raymix.config import effective_grad_accum
+
+    laptop = load_config(None, ["train.global_batch_tokens=16384", "runtime.num_workers=1",
+                                "train.micro_batch_size=16"])
+    cluster = load_config(None, ["train.global_batch_tokens=16384", "runtime.num_workers=8",
+                                 "train.micro_batch_size=8", "train.gradient_checkpointing=true"])
+    assert effective_grad_accum(laptop) == 8  # 16384 / (16 x 1 x 128)
+    assert effective_grad_accum(cluster) == 2  # 16384 / (8 x 8 x 128)
+    assert identity_hash(laptop) == identity_hash(cluster)
+    other = load_config(None, ["train.global_batch_tokens=8192"])
+    assert identity_hash(other) != identity_hash(laptop)
+    # Without a global batch, grad_accum is taken as given and is part of the identity.
+    assert effective_grad_accum(load_config(None, ["train.grad_accum=3"])) == 3
+    assert identity_hash(load_config(None, ["train.grad_accum=3"])) != identity_hash(load_config(None, []))
+    with pytest.raises(RaymixError, match="train.global_batch_tokens must be >= 1"):
+        load_config(None, ["train.global_batch_tokens=0"])

@@ -62,7 +62,10 @@ def test_budgeted_run_two_workers(ray_local, tmp_path: Path, policy: str, monkey
 
     # uniform without curve evaluations, proportional with 4 of them
     curve = "eval.curve_points=0" if policy == "uniform" else "eval.curve_points=4"
-    cfg = load_config(None, SMALL + [f"policy.name={policy}", curve])
+    # proportional also runs the memory-saving path: gradient checkpointing,
+    # and accumulation derived from a global batch in tokens (2 micro-batches).
+    extra = [] if policy == "uniform" else ["train.gradient_checkpointing=true", "train.global_batch_tokens=8192"]
+    cfg = load_config(None, SMALL + [f"policy.name={policy}", curve] + extra)
     summary = run(cfg, "run")
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     for key in ("policy", "seed", "budget_tokens", "train_tokens", "meta_tokens", "global_batch_tokens",
@@ -71,6 +74,8 @@ def test_budgeted_run_two_workers(ray_local, tmp_path: Path, policy: str, monkey
                 "mlflow_tracking_uri"):
         assert key in on_disk, key
     assert summary["policy"] == policy
+    if policy == "proportional":
+        assert summary["global_batch_examples"] == 16 * 2 * 2  # micro-batch x workers x derived accumulation
     ledger_total = sum(row["train_tokens"] for row in summary["ledger"].values())
     assert ledger_total == summary["train_tokens"]
     assert 0 <= summary["train_tokens"] - summary["budget_tokens"] < summary["global_batch_tokens"]
