@@ -826,17 +826,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     extra = {"task_scaling": {"warmup": args.warmup, "task_counts": task_counts},
              "data_plane": {"warmup": args.warmup}}
-    results = {}
-    for name in args.names:
-        repeats = args.repeats or DEFAULT_REPEATS[name]
-        results[name] = BENCHMARKS[name](cfg, out / name, repeats, **extra.get(name, {}))
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = "unknown"
-    (out / "bench.json").write_text(json.dumps({"commit": commit, **results}, indent=1))
-    md = _markdown(results, commit)
-    (out / "bench.md").write_text(md)
+    results: dict = {}
+    md = ""
+    for name in args.names:
+        repeats = args.repeats or DEFAULT_REPEATS[name]
+        results[name] = BENCHMARKS[name](cfg, out / name, repeats, **extra.get(name, {}))
+        # Written after every benchmark: a later one failing keeps these figures.
+        (out / "bench.json").write_text(json.dumps({"commit": commit, **results}, indent=1))
+        md = _markdown(results, commit)
+        (out / "bench.md").write_text(md)
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(md)
