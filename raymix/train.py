@@ -11,6 +11,7 @@ Hugging Face checkpoint in ``DIR/model``, and one MLflow run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from raymix.config import RunConfig, effective_grad_accum, identity_hash, load_config, to_dict, to_yaml
 from raymix.errors import RaymixError
@@ -251,51 +252,31 @@ def run(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = N
 def _train(cfg, out, tracker, pool, tok_dir, init_dir, budget, pool_info) -> dict:
     import ray
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from raymix.mixer import start_mixer_actor
-    from raymix.worker import train_loop
 
     mixer_name = f"mixer-{tracker.run_id}-{uuid.uuid4().hex[:6]}"
     mixer = start_mixer_actor(mixer_name, cfg.policy, pool_info, cfg.budget.max_epochs,
                               cfg.runtime.mixer_max_restarts)
     try:
         ray.get(mixer.mixture.remote(), timeout=120)  # surfaces policy errors here
-        trainer = TorchTrainer(
-            train_loop,
-            train_loop_config={
-                "run": to_dict(cfg),
-                "pool": {"root": pool.root, "tasks": pool.tasks, "stats": pool.stats,
-                         "cache_hit": pool.cache_hit, "seconds": pool.seconds},
-                "budget_tokens": budget,
-                "tokenizer_dir": tok_dir,
-                "init_model_dir": init_dir,
-                "mixer_name": mixer_name,
-                "mlflow_run_id": tracker.run_id,
-                "mlflow_tracking_uri": tracker.uri,
-                "output_dir": str(out),
-                # Ray Train's local mode does not persist checkpoints itself.
-                "local_checkpoint_dir": str(out / "checkpoints") if cfg.runtime.num_workers == 0 else None,
-            },
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=cfg.runtime.num_workers,
-                use_gpu=cfg.runtime.use_gpu,
-                resources_per_worker={"CPU": cfg.runtime.cpus_per_worker},
-            ),
-            run_config=ray.train.RunConfig(
-                name=f"train-{tracker.run_id}",
-                # A bucket URI (RAYMIX_STORAGE) on clusters, the run folder otherwise.
-                storage_path=os.environ.get("RAYMIX_STORAGE") or str((out / "ray").resolve()),
-                failure_config=ray.train.FailureConfig(max_failures=cfg.runtime.max_failures),
-                # The periodic ones, plus the final model (or the aborted state).
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep + 1),
-            ),
-        )
-        fit_started = time.time()
-        result = trainer.fit()
-        fit_ended = time.time()
-        if result.error:
-            raise result.error
+        loop_config = {
+            "run": to_dict(cfg),
+            "pool": {"root": pool.root, "tasks": pool.tasks, "stats": pool.stats,
+                     "cache_hit": pool.cache_hit, "seconds": pool.seconds},
+            "budget_tokens": budget,
+            "tokenizer_dir": tok_dir,
+            "init_model_dir": init_dir,
+            "mixer_name": mixer_name,
+            "mlflow_run_id": tracker.run_id,
+            "mlflow_tracking_uri": tracker.uri,
+            "output_dir": str(out),
+            "local_checkpoint_dir": str(out / "checkpoints") if cfg.runtime.num_workers == 0 else None,
+        }
+        if cfg.runtime.num_workers == 0:
+            result, fit_started, fit_ended = _train_in_process(cfg, loop_config)
+        else:
+            result, fit_started, fit_ended = _train_on_workers(cfg, out, tracker, loop_config)
         aborted = (result.metrics or {}).get("aborted")
         if aborted:
             where = result.checkpoint.path if result.checkpoint is not None else "(no checkpoint)"
@@ -303,6 +284,64 @@ def _train(cfg, out, tracker, pool, tok_dir, init_dir, budget, pool_info) -> dic
                               f"ledger) is checkpointed at {where}")
     finally:
         ray.kill(mixer)
+    return _summarise(cfg, out, tracker, result, fit_started, fit_ended, budget)
+
+
+@dataclasses.dataclass
+class _InProcessResult:
+    metrics: Optional[dict]
+    checkpoint: Any
+
+
+def _train_in_process(cfg: RunConfig, loop_config: dict):
+    """``runtime.num_workers=0``: the training function in this process (a
+    Tune trial's, in a sweep), one rank, no worker group to start."""
+    import ray.train
+
+    from raymix.worker import InProcessSession, train_loop
+
+    session = InProcessSession(cfg.runtime.use_gpu, loop_config["local_checkpoint_dir"])
+    fit_started = time.time()
+    train_loop(loop_config, session)
+    fit_ended = time.time()
+    with_ckpt = [(m, d) for m, d in session.reports if d]
+    metrics = session.reports[-1][0] if session.reports else None
+    checkpoint = ray.train.Checkpoint.from_directory(with_ckpt[-1][1]) if with_ckpt else None
+    return _InProcessResult(metrics, checkpoint), fit_started, fit_ended
+
+
+def _train_on_workers(cfg: RunConfig, out: Path, tracker, loop_config: dict):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raymix.worker import train_loop
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.runtime.num_workers,
+            use_gpu=cfg.runtime.use_gpu,
+            resources_per_worker={"CPU": cfg.runtime.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"train-{tracker.run_id}",
+            # A bucket URI (RAYMIX_STORAGE) on clusters, the run folder otherwise.
+            storage_path=os.environ.get("RAYMIX_STORAGE") or str((out / "ray").resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.runtime.max_failures),
+            # The periodic ones, plus the final model (or the aborted state).
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep + 1),
+        ),
+    )
+    fit_started = time.time()
+    result = trainer.fit()
+    fit_ended = time.time()
+    if result.error:
+        raise result.error
+    return result, fit_started, fit_ended
+
+
+def _summarise(cfg, out, tracker, result, fit_started, fit_ended, budget) -> dict:
     model_dir = out / "model"
     with result.checkpoint.as_directory() as ckpt:
         shutil.copytree(ckpt, model_dir, dirs_exist_ok=True)

@@ -80,22 +80,20 @@ def read_state(directory: str) -> dict:
     return torch.load(path, weights_only=False)
 
 
-def report_checkpoint(metrics: dict, write, local_dir: str | None, name: str, keep: int | None) -> None:
-    """Write a checkpoint with ``write(folder)`` and report it to Ray Train.
+def report_checkpoint(session, metrics: dict, write, local_dir: str | None, name: str,
+                      keep: int | None) -> None:
+    """Write a checkpoint with ``write(folder)`` and report it.
 
     Normally into a temporary folder that Ray Train copies into its storage.
-    In local mode (no workers) Ray Train keeps the folder where it is, so it
-    goes to ``local_dir/<name>``: written as ``<name>.tmp`` and renamed once
-    complete (never picked up half-written); periodic ones beyond ``keep``
-    are pruned."""
+    In-process runs (no workers) keep the folder where it is, so it goes to
+    ``local_dir/<name>``: written as ``<name>.tmp`` and renamed once complete
+    (never picked up half-written); periodic ones beyond ``keep`` are pruned."""
     import shutil
-
-    import ray.train
 
     if not local_dir:
         with tempfile.TemporaryDirectory() as tmp:
             write(tmp)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            session.report(metrics, tmp)
         return
     os.makedirs(local_dir, exist_ok=True)
     final = os.path.join(local_dir, name)
@@ -105,11 +103,73 @@ def report_checkpoint(metrics: dict, write, local_dir: str | None, name: str, ke
     write(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(final))
+    session.report(metrics, final)
     if keep is not None:
         periodic = sorted(d for d in os.listdir(local_dir) if d.endswith("-periodic"))
         for d in periodic[:-keep]:
             shutil.rmtree(os.path.join(local_dir, d), ignore_errors=True)
+
+
+class RayTrainSession:
+    """The training function's view of Ray Train inside a ``TorchTrainer`` worker."""
+
+    def context(self) -> tuple[int, int]:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size()
+
+    def device(self):
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def prepare_model(self, model):
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def checkpoint_dir(self) -> str | None:
+        """A local folder holding the checkpoint to restore, or None."""
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        return None if ckpt is None else ckpt.to_directory()
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
+                         if checkpoint_dir else None)
+
+
+class InProcessSession:
+    """The same view for a run in the calling process (``runtime.num_workers=0``).
+
+    Ray Train's own local mode cannot serve here: its ``ray.train`` calls
+    raise inside a Ray Tune trial, where sweeps run. One rank, no process
+    group; checkpoints live in the run's ``checkpoints/`` folder."""
+
+    def __init__(self, use_gpu: bool, local_dir: str):
+        self.use_gpu, self.local_dir = use_gpu, local_dir
+        self.reports: list[tuple[dict, str | None]] = []
+
+    def context(self) -> tuple[int, int]:
+        return 0, 1
+
+    def device(self):
+        import torch
+
+        return torch.device("cuda" if self.use_gpu and torch.cuda.is_available() else "cpu")
+
+    def prepare_model(self, model):
+        return model.to(self.device())
+
+    def checkpoint_dir(self) -> str | None:
+        return latest_local_checkpoint(self.local_dir)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        self.reports.append((dict(metrics), checkpoint_dir))
 
 
 def latest_local_checkpoint(local_dir: str) -> str | None:
@@ -144,7 +204,7 @@ class ProgressFile:
         os.replace(self.path + ".tmp", self.path)
 
 
-def train_loop(loop_cfg: dict) -> None:
+def train_loop(loop_cfg: dict, session=None) -> None:
     import ray
     import ray.train
     import ray.train.torch
@@ -164,10 +224,10 @@ def train_loop(loop_cfg: dict) -> None:
     cfg: RunConfig = from_dict(RunConfig, loop_cfg["run"])
     pool = PreparedPool(**loop_cfg["pool"])
     budget = int(loop_cfg["budget_tokens"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    session = session or RayTrainSession()
+    rank, world = session.context()
     torch.set_num_threads(cfg.runtime.torch_threads)
-    device = ray.train.torch.get_device()
+    device = session.device()
     distributed = dist.is_available() and dist.is_initialized() and world > 1
 
     tokenizer = load_tokenizer(loop_cfg["tokenizer_dir"])
@@ -175,7 +235,7 @@ def train_loop(loop_cfg: dict) -> None:
     model = AutoModelForCausalLM.from_pretrained(loop_cfg["init_model_dir"], dtype=torch.float32)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = ray.train.torch.prepare_model(model)
+    model = session.prepare_model(model)
     raw_model = model.module if hasattr(model, "module") else model
     decay, no_decay = [], []
     for name, p in raw_model.named_parameters():
@@ -217,8 +277,8 @@ def train_loop(loop_cfg: dict) -> None:
         w = buf[1:].numpy().clip(0)
         return int(buf[0]), w / w.sum()
 
-    # Ray Train's local mode (no workers) does not persist checkpoints: they
-    # are written to OUTPUT/checkpoints instead, atomically (a renamed folder).
+    # In-process runs (no workers) keep their checkpoints in OUTPUT/checkpoints,
+    # written atomically (a renamed folder).
     local_dir = loop_cfg.get("local_checkpoint_dir")
     keep = cfg.train.checkpoints_to_keep
     mbs, accum = cfg.train.micro_batch_size, effective_grad_accum(cfg)
@@ -271,7 +331,7 @@ def train_loop(loop_cfg: dict) -> None:
         nonlocal pending, sync_tokens, sync_loss
         state = capture(reason)
         if rank != 0:
-            ray.train.report(metrics, checkpoint=None)
+            session.report(metrics, None)
             return
         # Flush every counted token to the ledger first: the mixer state in
         # the checkpoint then matches the workers' state exactly.
@@ -285,7 +345,7 @@ def train_loop(loop_cfg: dict) -> None:
         state["mixer"] = mixer.snapshot()
         state["model"] = raw_model.state_dict()
         state["optimizer"] = opt.state_dict()
-        report_checkpoint({**metrics, "checkpoint_reason": reason}, lambda d: write_state(d, state),
+        report_checkpoint(session, {**metrics, "checkpoint_reason": reason}, lambda d: write_state(d, state),
                           local_dir, f"{step:08d}-{reason}", keep)
         print(f"[raymix] checkpoint ({reason}) at {train_tokens} train tokens, step {step}", flush=True)
 
@@ -313,20 +373,15 @@ def train_loop(loop_cfg: dict) -> None:
                 log_metrics(client, loop_cfg["mlflow_run_id"], m, step)
 
     restored = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and local_dir:
-        latest = latest_local_checkpoint(local_dir)
-        ckpt = ray.train.Checkpoint.from_directory(latest) if latest else None
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            if os.path.exists(os.path.join(d, "raymix_eval.json")):
-                # The run had finished when it failed: its final checkpoint stands.
-                final = json.loads(open(os.path.join(d, "raymix_eval.json")).read())
-                keys = ("train_tokens", "steps", "loop_seconds", "tokens_per_second")
-                ray.train.report({k: final[k] for k in keys},
-                                 checkpoint=ray.train.Checkpoint.from_directory(d) if rank == 0 else None)
-                return
-            restored = read_state(d)
+    d = session.checkpoint_dir()
+    if d is not None:
+        if os.path.exists(os.path.join(d, "raymix_eval.json")):
+            # The run had finished when it failed: its final checkpoint stands.
+            final = json.loads(open(os.path.join(d, "raymix_eval.json")).read())
+            keys = ("train_tokens", "steps", "loop_seconds", "tokens_per_second")
+            session.report({k: final[k] for k in keys}, d if rank == 0 else None)
+            return
+        restored = read_state(d)
     if restored is not None:
         if restored["world"] != world:
             raise RuntimeError(f"the checkpoint was written by {restored['world']} workers, this run has "
@@ -513,6 +568,6 @@ def train_loop(loop_cfg: dict) -> None:
                 json.dump({"val_loss": val, "test_exact_match": em, "curve": curve_log, "mixer": mixer_summary,
                            "mixer_restarts": mixer.restarts, **metrics}, f)
 
-        report_checkpoint(metrics, write_final, local_dir, "final", None)
+        report_checkpoint(session, metrics, write_final, local_dir, "final", None)
     else:
-        ray.train.report(metrics, checkpoint=None)
+        session.report(metrics, None)
