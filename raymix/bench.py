@@ -440,8 +440,9 @@ def bench_data_plane(cfg: RunConfig, out: Path, repeats: int, warmup: int = 1) -
 # ----------------------------------------------------------------------------
 # memory
 
-RAY_SYSTEM = ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "runtime_env", "ray_client",
-              "ray/_private", "ray/autoscaler")
+RAY_SYSTEM_EXES = ("gcs_server", "raylet")
+RAY_SYSTEM_SCRIPTS = ("dashboard/agent.py", "dashboard/dashboard.py", "runtime_env/agent", "log_monitor.py",
+                      "autoscaler/_private/monitor.py", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
 
 class TreeSampler:
@@ -451,18 +452,20 @@ class TreeSampler:
     recursive children: a local Ray instance's GCS, raylet and agents are
     children of the driver that started it, and Ray's worker processes are
     children of the raylet) and reads each one's RSS and PSS. Processes are
-    grouped once, when first seen: ``driver`` (the root), ``workers`` (Ray
-    worker processes: title ``ray::...`` or ``default_worker.py``; Ray Train
-    workers, the mixer actor, Ray Data tokenizer actors, idle pooled
-    workers), ``ray_system`` (GCS server, raylet, dashboard and runtime-env
-    agents, log monitor) and ``other``. Each group's figure is the peak over
+    grouped once, when first seen, by their executable and script (not their
+    arguments: the raylet's name the worker script): ``driver`` (the root),
+    ``ray_system`` (GCS server, raylet, dashboard and runtime-env agents, log
+    monitor), ``workers`` (Ray worker processes, ``default_worker.py`` or a
+    ``ray::`` title: Ray Train's workers and its own controller actors, the
+    mixer actor, Ray Data tokenizer actors, idle pooled workers) and
+    ``other``. Each group's figure is the peak over
     samples of its sum at one instant; ``total`` likewise over all groups.
     RSS counts shared pages (the Python interpreter, torch's libraries, the
     object store's shared memory) once per process that maps them, so a sum
     over processes overstates physical memory; PSS divides shared pages
     between the processes that map them and sums to what the tree occupies.
     A spike shorter than the interval can be missed; the kernel's exact peak
-    of the root process alone (``ru_maxrss``) is reported beside it."""
+    of the root process alone (``VmHWM``) is reported beside it."""
 
     def __init__(self, pid: int, interval: float = 0.1):
         import threading
@@ -481,20 +484,28 @@ class TreeSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     @staticmethod
-    def _title(proc) -> str:
+    def _argv(proc) -> list[str]:
         try:
-            return " ".join(proc.cmdline())
+            return proc.cmdline()
         except Exception:  # gone, or not readable
-            return ""
+            return []
+
+    def _title(self, proc) -> str:
+        return " ".join(self._argv(proc))
 
     def _kind(self, proc) -> str:
         if proc.pid == self.root.pid:
             return "driver"
-        cmd = self._title(proc)
-        if cmd.startswith("ray::") or "default_worker.py" in cmd:
-            return "workers"
-        if any(s in cmd for s in RAY_SYSTEM):
+        argv = self._argv(proc)
+        if not argv:
+            return "other"
+        # The program and its script: "python [-u] script.py", or a title set by Ray.
+        head = [argv[0]] + [a for a in argv[1:3] if not a.startswith("-")][:1]
+        if Path(argv[0].split(" ")[0]).name in RAY_SYSTEM_EXES or any(
+                s in h for s in RAY_SYSTEM_SCRIPTS for h in head):
             return "ray_system"
+        if argv[0].startswith("ray::") or any(h.endswith("default_worker.py") for h in head):
+            return "workers"
         return "other"
 
     def sample(self) -> None:
@@ -516,7 +527,7 @@ class TreeSampler:
             one = self.each.setdefault(proc.pid, {"group": kind, "title": "", "rss": 0.0, "pss": 0.0})
             if mem.rss > one["rss"] or not one["title"]:
                 # Ray renames a worker when it takes a task: keep the title at its peak.
-                one["title"] = self._title(proc)[:100] or one["title"]
+                one["title"] = self._title(proc)[:300] or one["title"]
             one["rss"], one["pss"] = max(one["rss"], mem.rss), max(one["pss"], mem.pss)
             for group in (kind, "total") + (("driver_and_workers",) if kind in ("driver", "workers") else ()):
                 s = sums.setdefault(group, {"rss": 0.0, "pss": 0.0, "processes": 0})
@@ -553,10 +564,17 @@ class TreeSampler:
                               for pid, e in sorted(self.each.items(), key=lambda kv: -kv[1]["rss"])]}
 
 
-def _self_peak_mib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _self_peak_mib() -> Optional[float]:
+    """This process's exact peak RSS (VmHWM, Linux). Not ``ru_maxrss``: that
+    one keeps the high-water mark across exec, so a spawned child would
+    report its parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
 
 
 def _memory_prepare(cfg: RunConfig, out: str, result: str) -> None:
@@ -686,6 +704,17 @@ BENCHMARKS = {"throughput": bench_throughput, "meta_overhead": bench_meta_overhe
 DEFAULT_REPEATS = {"throughput": 1, "meta_overhead": 1, "task_scaling": 7, "data_plane": 3, "memory": 3}
 
 
+def _short_title(title: str) -> str:
+    """``ray::Name``, a program's name, or a Python script's name."""
+    parts = title.split(" ")
+    if parts[0].startswith("ray::"):
+        return parts[0]
+    if "python" in parts[0].rsplit("/", 1)[-1]:
+        script = next((a for a in parts[1:] if a and not a.startswith("-")), parts[0])
+        return script.rsplit("/", 1)[-1]
+    return parts[0].rsplit("/", 1)[-1]
+
+
 def _markdown(results: dict, commit: str) -> str:
     lines = [f"# raymix benchmarks\n\nMeasured on commit `{commit}` by `python -m raymix.bench`.\n"]
     if "throughput" in results:
@@ -784,6 +813,14 @@ def _markdown(results: dict, commit: str) -> str:
                          f"| {label} | {x['median']:,.0f} | {x['min']:,.0f} | {x['max']:,.0f} | |")
         lines.append(f"\nraymix (driver + workers) / plain: **{r['ratio_rss']:.2f}x** RSS, {r['ratio_pss']:.2f}x PSS; "
                      f"with Ray's system processes: {r['ratio_total_rss']:.2f}x RSS, {r['ratio_total_pss']:.2f}x PSS.")
+        first = r["runs"]["raymix"][0]
+        lines += [f"\nThe raymix run's processes (first repeat; each at its own peak; the plain loop's "
+                  f"exact peak, VmHWM: {r['runs']['plain'][0].get('self_peak_mib') or 0:,.0f} MiB, the raymix "
+                  f"driver's: {first.get('self_peak_mib') or 0:,.0f} MiB):\n",
+                  "| process | group | peak RSS | peak PSS |", "|---|---|---:|---:|"]
+        for x in first["memory"]["processes"]:
+            title = "driver (raymix.train.run)" if x["group"] == "driver" else _short_title(x["title"])
+            lines.append(f"| `{title}` | {x['group']} | {x['peak_rss_mib']:,.0f} | {x['peak_pss_mib']:,.0f} |")
     return "\n".join(lines) + "\n"
 
 

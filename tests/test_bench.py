@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from raymix.bench import TreeSampler, main
+from raymix.bench import TreeSampler, _self_peak_mib, main
 
 RAY = ["--set", "runtime.num_cpus=2", "--set", "runtime.object_store_memory=200000000",
        "--set", "runtime.data_concurrency=1"]
@@ -38,6 +38,7 @@ def test_tree_sampler_counts_descendants() -> None:
     assert peak["driver"]["rss"] < peak["total"]["rss"]  # the grandchild's bytes are not the root's
     assert peak["other"]["rss"] >= 64 and peak["total"]["pss"] > 0
     assert {p["group"] for p in mem["processes"]} >= {"driver", "other"}
+    assert _self_peak_mib() > 0
 
 
 @pytest.mark.ray
