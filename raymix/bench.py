@@ -452,7 +452,7 @@ class TreeSampler:
     recursive children: a local Ray instance's GCS, raylet and agents are
     children of the driver that started it, and Ray's worker processes are
     children of the raylet) and reads each one's RSS and PSS. Processes are
-    grouped once, when first seen, by their executable and script (not their
+    grouped at each sample by their executable and script (not their
     arguments: the raylet's name the worker script): ``driver`` (the root),
     ``ray_system`` (GCS server, raylet, dashboard and runtime-env agents, log
     monitor), ``workers`` (Ray worker processes, ``default_worker.py`` or a
@@ -493,12 +493,14 @@ class TreeSampler:
     def _title(self, proc) -> str:
         return " ".join(self._argv(proc))
 
-    def _kind(self, proc) -> str:
+    def _kind(self, proc) -> Optional[str]:
+        """The process's group; None when its command line cannot be read
+        (exiting, or between fork and exec)."""
         if proc.pid == self.root.pid:
             return "driver"
         argv = self._argv(proc)
         if not argv:
-            return "other"
+            return None
         # The program and its script: "python [-u] script.py", or a title set by Ray.
         head = [argv[0]] + [a for a in argv[1:3] if not a.startswith("-")][:1]
         if Path(argv[0].split(" ")[0]).name in RAY_SYSTEM_EXES or any(
@@ -523,8 +525,11 @@ class TreeSampler:
                 mem = proc.memory_full_info()
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
-            kind = self.kinds.get(proc.pid) or self.kinds.setdefault(proc.pid, self._kind(proc))
+            # At every sample: a process caught between fork and exec shows its
+            # parent's command line, or none, and Ray renames its workers.
+            kind = self.kinds[proc.pid] = self._kind(proc) or self.kinds.get(proc.pid, "other")
             one = self.each.setdefault(proc.pid, {"group": kind, "title": "", "rss": 0.0, "pss": 0.0})
+            one["group"] = kind
             if mem.rss > one["rss"] or not one["title"]:
                 # Ray renames a worker when it takes a task: keep the title at its peak.
                 one["title"] = self._title(proc)[:300] or one["title"]
