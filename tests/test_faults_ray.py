@@ -122,6 +122,7 @@ def _check_finished(out: Path) -> dict:
     return summary
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_killed_training_worker_restores_from_checkpoint(tmp_path: Path, env: dict) -> None:
     out = tmp_path / "worker"
@@ -135,6 +136,7 @@ def test_killed_training_worker_restores_from_checkpoint(tmp_path: Path, env: di
     assert len(points) == 3 and points == sorted(set(points)), points
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_killed_mixer_actor_restarts_with_its_state(tmp_path: Path, env: dict) -> None:
     out = tmp_path / "mixer"
@@ -152,6 +154,7 @@ def test_killed_mixer_actor_restarts_with_its_state(tmp_path: Path, env: dict) -
     assert max(gaps) < 4 * summary["global_batch_tokens"] * 2, gaps
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_killed_driver_resumes_with_resume_flag(tmp_path: Path, env: dict) -> None:
     out = tmp_path / "driver"

@@ -53,6 +53,7 @@ def _stop_head(temp_dir: str) -> None:
             pass
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_ray_job_submit_smoke_space(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
