@@ -9,9 +9,10 @@ figures to DIR/bench.json and a table to DIR/bench.md. With no NAME, all run.
 
 ``throughput``: training tokens/s of the raymix path (Ray Train workers fed
 by per-task streams over the Ray Data shards, with the mixer actor) with 1 and
-2 workers, against a plain single-process PyTorch loop on the same model,
-micro-batch, sequence length, data and thread count. Both numbers are
-measured over the training loop alone (start-up is reported separately), and
+2 workers and in-process (``runtime.num_workers=0``), against a plain
+single-process PyTorch loop on the same model, micro-batch, sequence length,
+data and thread count. Both are measured over the training loop alone
+(start-up, curve evaluations and checkpoints are reported separately), and
 their ratio is printed.
 
 ``meta_overhead``: ADAPT against uniform, wall time per training token in
@@ -95,7 +96,7 @@ def bench_throughput(cfg: RunConfig, out: Path, repeats: int) -> dict:
     budget = int(cfg.budget.tokens or round(cfg.budget.fraction * pool.pool_tokens))
     plain = [plain_loop(cfg, pool, init_dir, tokenizer.pad_token_id, budget) for _ in range(repeats)]
     rows = {"plain": plain}
-    for workers in (1, 2):
+    for workers in (0, 1, 2):  # 0: in-process (no Ray Train worker group)
         runs = []
         for r in range(repeats):
             c = replace(cfg, runtime=replace(cfg.runtime, num_workers=workers),
@@ -105,7 +106,7 @@ def bench_throughput(cfg: RunConfig, out: Path, repeats: int) -> dict:
             runs.append({"tokens": s["train_tokens"], "steps": s["steps"], "seconds": s["train_loop_seconds"],
                          "tokens_per_second": s["tokens_per_second"],
                          "wall_seconds": time.perf_counter() - t0})
-        rows[f"raymix_{workers}w"] = runs
+        rows[f"raymix_{workers}w" if workers else "raymix_inprocess"] = runs
     med = {k: statistics.median(r["tokens_per_second"] for r in v) for k, v in rows.items()}
     spread = {k: (min(r["tokens_per_second"] for r in v), max(r["tokens_per_second"] for r in v))
               for k, v in rows.items()}
@@ -113,6 +114,7 @@ def bench_throughput(cfg: RunConfig, out: Path, repeats: int) -> dict:
         "model": cfg.model.preset, "micro_batch_size": cfg.train.micro_batch_size,
         "torch_threads": cfg.runtime.torch_threads, "budget_tokens": budget, "repeats": repeats,
         "runs": rows, "median_tokens_per_second": med, "min_max_tokens_per_second": spread,
+        "ratio_inprocess": med["raymix_inprocess"] / med["plain"],
         "ratio_1w": med["raymix_1w"] / med["plain"], "ratio_2w": med["raymix_2w"] / med["plain"],
     }
 

@@ -366,7 +366,8 @@ def _summarise(cfg, out, tracker, result, fit_started, fit_ended, budget) -> dic
         "ray_train_seconds": {
             "worker_start": ev["worker_entered_at"] - fit_started,
             "worker_setup": ev["worker_setup_seconds"],
-            "train_loop": ev["loop_seconds"] + ev.get("curve_seconds", 0.0),
+            "train_loop": ev["loop_seconds"] + ev.get("curve_seconds", 0.0) + ev.get("checkpoint_seconds", 0.0),
+            "checkpoints": ev.get("checkpoint_seconds", 0.0),
             "final_eval": ev["eval_seconds"],
             "report_and_shutdown": fit_ended - ev["reported_at"],
         },

@@ -327,7 +327,17 @@ def train_loop(loop_cfg: dict, session=None) -> None:
                 "weights": weights.tolist(), "meta_seconds": meta_seconds, "meta_steps": meta_steps,
                 "restores": restores, "ranks": ranks}
 
+    checkpoint_seconds = 0.0
+
     def save_checkpoint(reason: str, metrics: dict) -> None:
+        nonlocal checkpoint_seconds
+        t_ck = time.perf_counter()
+        try:
+            _save_checkpoint(reason, metrics)
+        finally:
+            checkpoint_seconds += time.perf_counter() - t_ck
+
+    def _save_checkpoint(reason: str, metrics: dict) -> None:
         nonlocal pending, sync_tokens, sync_loss
         state = capture(reason)
         if rank != 0:
@@ -538,8 +548,8 @@ def train_loop(loop_cfg: dict, session=None) -> None:
         # same divergence ``max_failures`` times).
         save_checkpoint("aborted", {"train_tokens": train_tokens, "steps": step, "aborted": aborted})
         return
-    # Curve evaluations are not training: their time is reported apart.
-    loop_seconds = time.perf_counter() - t_loop - curve_seconds
+    # Curve evaluations and checkpoints are not training: their time is reported apart.
+    loop_seconds = time.perf_counter() - t_loop - curve_seconds - checkpoint_seconds
 
     # Final flush: every token counted by the workers reaches the ledger.
     mixer_summary = None
@@ -553,7 +563,7 @@ def train_loop(loop_cfg: dict, session=None) -> None:
                "worker_entered_at": t_enter, "worker_setup_seconds": t_loop - t_enter_perf,
                "tokens_per_second": train_tokens / max(1e-9, loop_seconds),
                "meta_seconds": meta_seconds, "meta_steps": meta_steps, "curve_seconds": curve_seconds,
-               "restores": restores}
+               "restores": restores, "checkpoint_seconds": checkpoint_seconds}
     if rank == 0:
         t_eval = time.perf_counter()
         val = validation_losses(raw_model, pool, pad_id, cfg.eval.batch_size, device)
