@@ -205,9 +205,9 @@ class ProgressFile:
 
 
 def train_loop(loop_cfg: dict, session=None) -> None:
+    """The training function: a Ray Train worker's (``session`` None) or, with
+    an :class:`InProcessSession`, the calling process's."""
     import ray
-    import ray.train
-    import ray.train.torch
     import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
