@@ -28,14 +28,7 @@ from raymix.gradex import (
 )
 from raymix.pergrad import ParamSubset, PerExampleGrads
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one torch thread (spinning threads only cost time on a shared 2-core machine)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ---------------------------------------------------------------------------
 # The projection

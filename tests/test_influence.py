@@ -19,14 +19,7 @@ from raymix.influence import (
 )
 from raymix.pergrad import ParamSubset, PerExampleGrads, aggregate_gradient, lm_example_nll
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one torch thread (spinning threads only cost time on a shared 2-core machine)."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ---------------------------------------------------------------------------
 # A 2-layer MLP classifier (26 parameters), float64
