@@ -18,6 +18,7 @@ last observed loss. Streams are only read for the tasks a step touches.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import numpy as np
@@ -97,6 +98,24 @@ def val_sample(val_ids: np.ndarray, estimate: np.ndarray, k: int, seed: int, ste
     return np.sort(np.concatenate([top, rand])), weight
 
 
+@contextlib.contextmanager
+def gradients_only_on(model, params):
+    """Within the block: gradients only for ``params`` (autograd stops before
+    earlier layers) and the model in eval mode (no dropout); both restored after."""
+    chosen = {id(p) for p in params}
+    previous = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in previous:
+        p.requires_grad_(id(p) in chosen)
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        for p, flag in previous:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
 class MetaSignals:
     def __init__(self, raw_model, cfg: AdaptConfig, pool, rank: int, world: int, seed: int, pad_id: int,
                  device, distributed: bool, val_tasks: Optional[int] = VAL_TASKS_PER_STEP):
@@ -151,14 +170,8 @@ class MetaSignals:
 
         cfg, T = self.cfg, self.T
         meta_tokens = np.zeros(T)
-        frozen = [p for p in self.model.parameters() if p.requires_grad]
-        chosen = {id(p) for p in self.params}
-        # Gradients only on the subset: autograd stops before earlier layers.
-        for p in frozen:
-            p.requires_grad_(id(p) in chosen)
-        was_training = self.model.training
-        self.model.eval()  # no dropout in the signals
-        try:
+        with gradients_only_on(self.model, self.params), contextlib.ExitStack() as cleanup:
+            cleanup.callback(self.model.zero_grad, set_to_none=True)
             # 1. validation losses and the worst-case-weighted validation gradient
             val_tasks, weight = self._val_sample()
             examples, owner = [], []
@@ -207,11 +220,6 @@ class MetaSignals:
             alignment[sampled] = (g_tasks.double() @ g_val.double()).numpy()
             tokens = torch.from_numpy(meta_tokens)
             self._all_reduce(tokens)
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
-            self.model.train(was_training)
-            self.model.zero_grad(set_to_none=True)
         self.steps += 1
         return {"val_loss": val_loss.tolist(), "alignment": alignment.tolist(),
                 "meta_tokens": tokens.numpy().astype(np.int64).tolist(), "lookahead_lr": lookahead_lr,

@@ -40,6 +40,8 @@ from typing import Any, Callable, Iterator, Sequence, Union
 import torch
 from torch import nn
 
+from raymix.meta import gradients_only_on
+
 ExampleFn = Callable[[nn.Module, Any], Union[torch.Tensor, "tuple[torch.Tensor, torch.Tensor]"]]
 
 
@@ -181,17 +183,11 @@ class PerExampleGrads:
         """Run ``fn`` on ``batch`` and backpropagate; ``rest=False`` skips the loop
         over the parameters outside the hooked layers (their gradients are then absent)."""
         model, params = self.model, self.subset.params
-        chosen = {id(p) for p in params}
-        previous = [(p, p.requires_grad) for p in model.parameters()]
-        for p, _ in previous:
-            p.requires_grad_(id(p) in chosen)
-        was_training = model.training
-        model.eval()
         handles = [layer.module.register_forward_hook(self._hook(layer)) for layer in self.layers]
         for layer in self.layers:
             layer.calls = []
         try:
-            with torch.enable_grad():
+            with gradients_only_on(model, params), torch.enable_grad():
                 out = fn(model, batch)
                 values, sums, counts = split_example_output(out)
                 n = values.shape[0]
@@ -210,9 +206,6 @@ class PerExampleGrads:
         finally:
             for h in handles:
                 h.remove()
-            for p, flag in previous:
-                p.requires_grad_(flag)
-            model.train(was_training)
         calls = {}
         for li, layer in enumerate(self.layers):
             done = []
@@ -306,29 +299,18 @@ def aggregate_gradient(subset: ParamSubset, batches: Sequence[Any] | Iterator[An
     gradient of one big batch.
     """
     model, params = subset.model, subset.params
-    chosen = {id(p) for p in params}
-    previous = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in previous:
-        p.requires_grad_(id(p) in chosen)
-    was_training = model.training
-    model.eval()
     total = torch.zeros(subset.numel, dtype=torch.float64)
     denom = 0.0
-    try:
-        with torch.enable_grad():
-            for batch in batches:
-                values, sums, counts = split_example_output(fn(model, batch))
-                if sums is not None:
-                    numerator, denom = sums.sum(), denom + float(counts.sum())  # type: ignore[union-attr]
-                else:
-                    numerator, denom = values.sum(), denom + values.shape[0]
-                grads = torch.autograd.grad(numerator, params, allow_unused=True)
-                total += torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).double().cpu()
-                                    for g, p in zip(grads, params)])
-    finally:
-        for p, flag in previous:
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with gradients_only_on(model, params), torch.enable_grad():
+        for batch in batches:
+            values, sums, counts = split_example_output(fn(model, batch))
+            if sums is not None:
+                numerator, denom = sums.sum(), denom + float(counts.sum())  # type: ignore[union-attr]
+            else:
+                numerator, denom = values.sum(), denom + values.shape[0]
+            grads = torch.autograd.grad(numerator, params, allow_unused=True)
+            total += torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).double().cpu()
+                                for g, p in zip(grads, params)])
     if denom == 0:
         raise ValueError("no examples (or no completion tokens) in the batches")
     return (total / denom).to(torch.float64 if params[0].dtype == torch.float64 else torch.float32)
