@@ -16,3 +16,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(prev)
+
+
+def tiny_llama(vocab_size: int):
+    """A float64 Llama with one block of width 8 and tied embeddings, seeded:
+    small enough for dense reference solves and exact fine-tuning."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=12, max_position_embeddings=64,
+                      tie_word_embeddings=True, pad_token_id=0)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).double()

@@ -9,6 +9,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_llama
 from scipy.stats import spearmanr
 from torch import nn
 
@@ -222,13 +223,7 @@ def test_solvers_match_sklearn_and_are_optimal():
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=24, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, intermediate_size=12, max_position_embeddings=64,
-                      tie_word_embeddings=True, pad_token_id=0)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).double()
+    return tiny_llama(24)
 
 
 def _lm_examples(seed: int, n: int, low: int, high: int):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_llama
 from torch import nn
 
 from raymix.influence import (
@@ -165,13 +166,7 @@ def test_influence_scores_signs_and_identity():
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=2, intermediate_size=12, max_position_embeddings=64,
-                      tie_word_embeddings=True, pad_token_id=0)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).double()
+    model = tiny_llama(32)
     with torch.no_grad():  # norm scales away from 1 so their gradients are generic
         for n, p in model.named_parameters():
             if "norm" in n:
