@@ -28,6 +28,7 @@ from raymix.policies import PoolInfo, Signals, build_policy, cap_mixture, normal
 
 class Mixer:
     def __init__(self, policy_cfg: PolicyConfig, pool: PoolInfo, max_epochs: float):
+        self._init_args = (policy_cfg, pool, max_epochs)
         self.pool = pool
         self.policy = build_policy(policy_cfg, pool)
         self.ledger = TokenLedger(pool.tasks)
@@ -102,6 +103,14 @@ class Mixer:
         return self.mixture()
 
     # -- state ----------------------------------------------------------------
+    def reset(self) -> dict:
+        """Back to the state before any training: a worker group that starts
+        with no checkpoint to restore (its first attempt, or a restart after
+        a failure before any checkpoint was registered) trains from the first
+        token again, so the ledger and the schedule start again too."""
+        Mixer.__init__(self, *self._init_args)
+        return self.mixture()
+
     def summary(self) -> dict:
         return {
             "tasks": list(self.pool.tasks),
@@ -249,6 +258,14 @@ class MixerClient:
         self.checkpoint_state = state
         self.applied_since_checkpoint = []
         return state
+
+    def reset(self) -> dict:
+        """Reset the actor to its initial state (a run starting with no checkpoint)."""
+        self.checkpoint_state = None
+        self.applied_since_checkpoint = []
+        self.sent_train[:] = 0
+        self.sent_meta[:] = 0
+        return self.get(self.actor.reset.remote())
 
     def restore(self, state: dict) -> dict:
         """Load a checkpoint's mixer state into the actor (run restored from it)."""

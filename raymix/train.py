@@ -450,7 +450,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"raymix: error: {e}", file=sys.stderr)
         return 2
     keys = ("policy", "seed", "budget_tokens", "train_tokens", "overshoot_tokens", "worst_val_loss",
-            "worst_val_task", "mean_val_loss", "mean_test_exact_match", "tokens_per_second", "wall_seconds")
+            "worst_val_task", "mean_val_loss", "mean_test_exact_match", "tokens_per_second", "wall_seconds", "restores",
+            "mixer_restarts")
     print(json.dumps({k: summary[k] for k in keys}, indent=1))
     print(f"[raymix] wrote {Path(args.output) / 'summary.json'}; MLflow run {summary['mlflow_run_id']} "
           f"at {summary['mlflow_tracking_uri']}")

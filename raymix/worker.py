@@ -418,7 +418,10 @@ def train_loop(loop_cfg: dict, session=None) -> None:
                   f"(restore {restores})", flush=True)
         del restored
     else:
-        version, weights = broadcast_mixture(mixer.get(mixer.actor.mixture.remote()) if rank == 0 else None)
+        # No checkpoint: training starts from the first token, and so must the
+        # mixer (a restart after a failure before the first registered
+        # checkpoint would otherwise count the lost attempt's tokens twice).
+        version, weights = broadcast_mixture(mixer.reset() if rank == 0 else None)
     if rank == 0:
         mixer.applied(version, train_tokens, weights.tolist())
     progress = ProgressFile(loop_cfg.get("output_dir"), rank)

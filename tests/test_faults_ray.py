@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from raymix.worker import MANIFEST_FILE
+
 pytestmark = pytest.mark.ray
 
 BUDGET = 30000
@@ -71,9 +73,28 @@ def _progress(out: Path, rank: int = 0) -> dict | None:
         return None
 
 
+def _checkpoint_registered(out: Path) -> bool:
+    """A checkpoint that a restart would find: in-process runs keep complete
+    ones in OUTPUT/checkpoints; Ray Train knows a reported one only after its
+    controller's next poll of the workers (every 2 s), recorded in its
+    checkpoint-manager snapshot. A fault injected before that restarts the
+    run from scratch, a different (also handled) case from the one tested."""
+    local = out / "checkpoints"
+    if local.is_dir() and any((d / MANIFEST_FILE).exists() for d in local.glob("*-periodic")):
+        return True
+    for snap in (out / "ray").glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snap.read_text())["checkpoint_results"]:
+                return True
+        except (OSError, ValueError, KeyError):
+            pass
+    return False
+
+
 def _run_and_kill(out: Path, env: dict, pick_pid, extra=(), kill_group: bool = False,
                   after_tokens: int = CHECKPOINT + 3000, timeout: float = 400) -> tuple[int, str]:
-    """Start a run, SIGKILL ``pick_pid(out)`` once rank 0 passed ``after_tokens``."""
+    """Start a run, SIGKILL ``pick_pid(out)`` once rank 0 passed ``after_tokens``
+    and a checkpoint is registered."""
     log = out.with_suffix(".log")
     with open(log, "w") as f:
         p = subprocess.Popen(_cmd(out, extra), stdout=f, stderr=subprocess.STDOUT, env=env,
@@ -83,8 +104,10 @@ def _run_and_kill(out: Path, env: dict, pick_pid, extra=(), kill_group: bool = F
     try:
         while p.poll() is None and time.monotonic() - t0 < timeout:
             st = _progress(out)
-            if killed_at is None and st and st["train_tokens"] >= after_tokens:
+            if (killed_at is None and st and st["train_tokens"] >= after_tokens
+                    and _checkpoint_registered(out)):
                 assert st["train_tokens"] < BUDGET, "the run ended before the fault could be injected"
+                print(f"fault injected at {st['train_tokens']} train tokens", flush=True)
                 if kill_group:
                     os.killpg(p.pid, signal.SIGKILL)
                 else:
@@ -128,9 +151,8 @@ def test_killed_training_worker_restores_from_checkpoint(tmp_path: Path, env: di
     out = tmp_path / "worker"
     rc, log = _run_and_kill(out, env, lambda o: _progress(o, 0)["pid"], ["policy.name=proportional"])
     assert rc == 0, log[-4000:]
-    assert "restored from checkpoint" in log
     summary = _check_finished(out)
-    assert summary["restores"] == 1 and summary["mixer_restarts"] == 0
+    assert (summary["restores"], summary["mixer_restarts"]) == (1, 0), log[-4000:]
     # The curve had 3 points (start, half, end): none lost, none repeated.
     points = [p["train_tokens"] for p in summary["curve"]]
     assert len(points) == 3 and points == sorted(set(points)), points
@@ -144,9 +166,8 @@ def test_killed_mixer_actor_restarts_with_its_state(tmp_path: Path, env: dict) -
              "policy.adapt.tasks_per_step=4"]
     rc, log = _run_and_kill(out, env, lambda o: _progress(o, 0)["mixer_pid"], extra)
     assert rc == 0, log[-4000:]
-    assert "mixer actor restarted" in log
     summary = _check_finished(out)
-    assert summary["mixer_restarts"] == 1 and summary["restores"] == 0
+    assert (summary["mixer_restarts"], summary["restores"]) == (1, 0), log[-4000:]
     # ADAPT changes the mixture every meta step (4 optimizer steps): the
     # replayed schedule has no hole where the dead actor's entries were.
     offsets = [o for o, _ in summary["mixture_schedule"]]

@@ -161,6 +161,22 @@ def test_mixer_state_round_trip_reproduces_summary() -> None:
     np.testing.assert_allclose(fresh.loss_sum, m.loss_sum)
 
 
+def test_mixer_reset_returns_to_the_state_before_training() -> None:
+    """A worker group restarted with no checkpoint to restore trains from the
+    first token again: the mixer it resets must equal a fresh one, so the
+    lost attempt's tokens are not counted twice."""
+    cfg = PolicyConfig(name="schedule", schedule=[[0, {"a": 1, "b": 1, "c": 1}], [200, {"b": 1, "c": 3}]])
+    pool = make_pool((1000, 1000, 1000), budget=900)
+    m = Mixer(cfg, pool, max_epochs=8.0)
+    m.applied(0, 0, m.weights.tolist())
+    out = m.report([100, 80, 60], loss_sum=[1.0, 2.0, 3.0], loss_count=[1.0, 1.0, 1.0], meta_tokens=[0, 4, 0])
+    m.applied(out["version"], 240, out["weights"])
+    assert m.ledger.train_total == 240 and len(m.schedule) == 2
+    assert m.reset() == Mixer(cfg, pool, max_epochs=8.0).mixture()
+    assert m.state_dict() == Mixer(cfg, pool, max_epochs=8.0).state_dict()
+    assert m.ledger.train_total == 0 and m.ledger.meta_total == 0 and m.schedule == []
+
+
 def test_mixer_state_round_trip_keeps_spill() -> None:
     pool = make_pool((100, 1000, 1000), budget=450)
     m = Mixer(PolicyConfig(name="uniform"), pool, max_epochs=2.0)
