@@ -184,9 +184,11 @@ class AdaptConfig:
     """Per-task training gradients per meta step, on a random subset of tasks
     (None: all tasks); unsampled tasks keep their last estimate."""
     examples_per_task: int = 8
-    """Examples per task-gradient batch (their tokens go to meta_tokens)."""
+    """Examples per task-gradient batch (their tokens go to meta_tokens), in
+    total over the workers: each reads its share, so the signal does not
+    depend on the worker count."""
     val_examples_per_task: int = 4
-    """Validation examples per task per meta step."""
+    """Validation examples per task per meta step, in total over the workers."""
     params: Literal["all", "last_block", "head"] = "last_block"
     """Parameter subset the gradients are taken on: all, the last transformer
     block plus final norm (and head), or the output layer only."""

@@ -1,6 +1,8 @@
 """Worker-side meta signals for learned policies (ADAPT).
 
-At a meta step every worker computes, on a restricted parameter subset:
+At a meta step every worker computes, on its share of the step's examples
+(the counts in ``policy.adapt`` are totals over the workers, so the signals
+do not depend on the worker count), on a restricted parameter subset:
 per-task validation losses (all-reduced), the gradient of the smooth
 worst-case validation loss J, and training gradients for a sampled subset of
 tasks; gradients are compressed by a CountSketch (a random projection that
@@ -156,6 +158,16 @@ class MetaSignals:
                           for g, p in zip(grads, self.params)])
         return self.sketch(flat) if self.sketch is not None else flat.float().cpu()
 
+    def _share(self, n: int) -> int:
+        """This rank's share of ``n`` examples per task (the shares sum to ``n``)."""
+        return n // self.world + (1 if self.rank < n % self.world else 0)
+
+    def _zero_grad(self):
+        """What a rank with no example of a task contributes to the all-reduce."""
+        import torch
+
+        return torch.zeros(self.sketch.k if self.sketch is not None else self.dim, dtype=torch.float32)
+
     def _val_sample(self) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """This step's validation tasks and weights (see :func:`val_sample`)."""
         if self.val_tasks is None:
@@ -177,16 +189,17 @@ class MetaSignals:
             examples, owner = [], []
             for i in val_tasks:
                 stream = self.val[i]
-                for _ in range(cfg.val_examples_per_task):
+                for _ in range(self._share(cfg.val_examples_per_task)):
                     examples.append(stream.next())
                     owner.append(int(i))
-            owner_t = torch.tensor(owner)
-            batch = collate(examples, self.pad_id)
-            nll, cnt = token_nll(self.model, batch, self.device)
+            owner_t = torch.tensor(owner, dtype=torch.long)
             sums = torch.zeros(2, T, dtype=torch.float64)
-            sums[0].index_add_(0, owner_t, nll.detach().double().cpu())
-            sums[1].index_add_(0, owner_t, cnt.double().cpu())
-            np.add.at(meta_tokens, owner, batch["attention_mask"].sum(1).numpy())
+            if examples:
+                batch = collate(examples, self.pad_id)
+                nll, cnt = token_nll(self.model, batch, self.device)
+                sums[0].index_add_(0, owner_t, nll.detach().double().cpu())
+                sums[1].index_add_(0, owner_t, cnt.double().cpu())
+                np.add.at(meta_tokens, owner, batch["attention_mask"].sum(1).numpy())
             self._all_reduce(sums)
             with np.errstate(invalid="ignore", divide="ignore"):
                 val_loss = (sums[0] / sums[1]).numpy()
@@ -201,22 +214,36 @@ class MetaSignals:
             w = q[owner] / sums[1].numpy()[owner]
             if weight is not None:
                 w = w * weight[owner]
-            per_example_w = torch.tensor(w, dtype=nll.dtype)
-            g_val = self._all_reduce(self._flat_grad((nll * per_example_w.to(nll.device)).sum(), False))
+            if examples:
+                per_example_w = torch.tensor(w, dtype=nll.dtype)
+                g_val = self._flat_grad((nll * per_example_w.to(nll.device)).sum(), False)
+            else:
+                g_val = self._zero_grad()
+            g_val = self._all_reduce(g_val)
 
             # 2. training gradients for a sample of tasks, one small forward
             # each: a backward through a shared batch would pay for every row
-            # (zeros included) once per task.
+            # (zeros included) once per task. Each rank reads its share of a
+            # task's examples; the gradient is of the mean over all ranks'
+            # completion tokens (counts all-reduced first), so it is the same
+            # statistic on any number of workers.
             k = T if cfg.tasks_per_step is None else min(T, cfg.tasks_per_step)
             sampled = np.sort(self.rng.choice(T, size=k, replace=False))
             alignment = np.full(T, np.nan)
+            n_mine = self._share(cfg.examples_per_task)
+            batches = [collate([self.train[i].next() for _ in range(n_mine)], self.pad_id) if n_mine else None
+                       for i in sampled]
+            counts = self._all_reduce(torch.tensor([0.0 if b is None else float((b["labels"][:, 1:] != -100).sum())
+                                                    for b in batches], dtype=torch.float64))
             grads = []
-            for i in sampled:
-                batch = collate([self.train[i].next() for _ in range(cfg.examples_per_task)], self.pad_id)
-                nll, cnt = token_nll(self.model, batch, self.device)
+            for i, batch, count in zip(sampled, batches, counts.tolist()):
+                if batch is None:
+                    grads.append(self._zero_grad())
+                    continue
+                nll, _ = token_nll(self.model, batch, self.device)
                 meta_tokens[i] += float(batch["attention_mask"].sum())
-                grads.append(self._flat_grad(nll.sum() / cnt.sum().clamp(min=1), retain=False))
-            g_tasks = self._all_reduce(torch.stack(grads)) / self.world
+                grads.append(self._flat_grad(nll.sum() / max(count, 1.0), retain=False))
+            g_tasks = self._all_reduce(torch.stack(grads))
             alignment[sampled] = (g_tasks.double() @ g_val.double()).numpy()
             tokens = torch.from_numpy(meta_tokens)
             self._all_reduce(tokens)
