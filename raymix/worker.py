@@ -218,7 +218,7 @@ def train_loop(loop_cfg: dict, session=None) -> None:
     from raymix.models import load_tokenizer
     from raymix.policies import policy_needs_meta
     from raymix.streams import TaskStream, collate
-    from raymix.tracking import log_metrics
+    from raymix.tracking import MetricLogger
 
     t_enter = time.time()  # wall clock: compared with the driver's, to time worker start-up
     cfg: RunConfig = from_dict(RunConfig, loop_cfg["run"])
@@ -261,11 +261,11 @@ def train_loop(loop_cfg: dict, session=None) -> None:
         from raymix.mixer import MixerClient
 
         mixer = MixerClient(ray.get_actor(loop_cfg["mixer_name"], namespace=MIXER_NAMESPACE), T)
-    client = None
+    metrics_log = None
     if rank == 0 and loop_cfg.get("mlflow_run_id"):
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(loop_cfg["mlflow_tracking_uri"])
+        metrics_log = MetricLogger(MlflowClient(loop_cfg["mlflow_tracking_uri"]), loop_cfg["mlflow_run_id"])
 
     def broadcast_mixture(mix: dict | None) -> tuple[int, np.ndarray]:
         buf = torch.zeros(T + 1, dtype=torch.float64)
@@ -340,6 +340,8 @@ def train_loop(loop_cfg: dict, session=None) -> None:
     def _save_checkpoint(reason: str, metrics: dict) -> None:
         nonlocal pending, sync_tokens, sync_loss
         state = capture(reason)
+        if metrics_log is not None:
+            metrics_log.flush()  # the metrics up to a checkpoint are stored before it is
         if rank != 0:
             session.report(metrics, None)
             return
@@ -376,11 +378,11 @@ def train_loop(loop_cfg: dict, session=None) -> None:
         if rank == 0:
             # Evaluation tokens are meta tokens: spent, but not on updates.
             mixer.report([0] * T, None, None, toks.astype(np.int64).tolist())
-            if client is not None:
+            if metrics_log is not None:
                 m = {"curve/worst_val_loss": point["worst_val_loss"], "curve/mean_val_loss": point["mean_val_loss"],
                      "curve/train_tokens": train_tokens}
                 m.update({f"curve/{t}/val_loss": float(vl[i]) for i, t in enumerate(tasks)})
-                log_metrics(client, loop_cfg["mlflow_run_id"], m, step)
+                metrics_log.log(m, step)
 
     restored = None
     d = session.checkpoint_dir()
@@ -502,7 +504,7 @@ def train_loop(loop_cfg: dict, session=None) -> None:
                 version, weights = new_version, new_weights
                 if rank == 0:
                     mixer.applied(version, train_tokens, weights.tolist())
-            if rank == 0 and client is not None and signals is not None:
+            if rank == 0 and metrics_log is not None and signals is not None:
                 from raymix.policies.adapt import entropy, smooth_max
 
                 vl = np.asarray(signals["val_loss"])
@@ -514,14 +516,14 @@ def train_loop(loop_cfg: dict, session=None) -> None:
                     m[f"signal/{t}/val_loss"] = float(vl[i])
                     m[f"signal/{t}/alignment"] = float(signals["alignment"][i])
                     m[f"mixture/{t}"] = float(weights[i])
-                log_metrics(client, loop_cfg["mlflow_run_id"], m, step)
+                metrics_log.log(m, step)
 
         if curve is not None and train_tokens >= next_curve * budget / cfg.eval.curve_points:
             while train_tokens >= next_curve * budget / cfg.eval.curve_points:
                 next_curve += 1
             curve_point()
 
-        if rank == 0 and client is not None and (step % cfg.train.log_every == 0 or train_tokens >= budget):
+        if rank == 0 and metrics_log is not None and (step % cfg.train.log_every == 0 or train_tokens >= budget):
             now = time.perf_counter()
             metrics = {
                 "train/loss": step_loss,
@@ -534,7 +536,7 @@ def train_loop(loop_cfg: dict, session=None) -> None:
                 metrics[f"mixture/{t}"] = float(weights[i])
                 if log_loss[1, i] > 0:
                     metrics[f"loss/{t}"] = log_loss[0, i] / log_loss[1, i]
-            log_metrics(client, loop_cfg["mlflow_run_id"], metrics, step)
+            metrics_log.log(metrics, step)
             log_loss[:] = 0
             log_tokens_start, log_time_start = train_tokens, now
         if step % cfg.train.log_every == 0:
@@ -554,8 +556,11 @@ def train_loop(loop_cfg: dict, session=None) -> None:
     # Curve evaluations and checkpoints are not training: their time is reported apart.
     loop_seconds = time.perf_counter() - t_loop - curve_seconds - checkpoint_seconds
 
-    # Final flush: every token counted by the workers reaches the ledger.
+    # Final flush: every token counted by the workers reaches the ledger,
+    # every logged metric the store.
     mixer_summary = None
+    if metrics_log is not None:
+        metrics_log.flush()
     if rank == 0:
         if pending is not None:
             mixer.get(pending)
