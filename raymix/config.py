@@ -238,7 +238,9 @@ class GradexConfig:
     every task with validation data (the mean validation loss). Named target
     tasks are in every sampled subset and in the selection."""
     num_subsets: int = 64
-    """M: random subsets whose fine-tuned target loss is estimated for scoring."""
+    """M: random subsets whose fine-tuned target loss is estimated for scoring
+    (fewer on pools with fewer distinct subsets than M + K: see
+    ``raymix.policies.gradex.subset_counts``)."""
     subset_size: Union[int, float] = 0.5
     """Tasks per random subset: a share of the pool if below 1, else a count."""
     link: Literal["logistic", "squared"] = "logistic"

@@ -41,7 +41,7 @@ def _torch_link_loss(z, link: str):
 
 class GradexStep:
     def __init__(self, raw_model, cfg: GradexConfig, pool, pad_id: int, device, seed: int):
-        from raymix.policies.gradex import subset_tasks
+        from raymix.policies.gradex import subset_counts
 
         self.model, self.cfg, self.pool = raw_model, cfg, pool
         self.tasks = list(pool.tasks)
@@ -60,7 +60,8 @@ class GradexStep:
             self.always = list(self.target)
         if not self.target:
             raise ValueError("GradEx needs validation examples of at least one target task")
-        self.k = subset_tasks(cfg, self.T)
+        # Small pools: fewer distinct subsets than M + K exist (subset_counts).
+        self.k, self.M, self.K = subset_counts(cfg, self.T, len(self.always))
 
     # -- data --------------------------------------------------------------
     def _batches(self, split: str, ids: list[int], per_task: int, seed: int):
@@ -144,9 +145,8 @@ class GradexStep:
         est = SubsetEstimator(train, target, cfg.link, cfg.reg, cfg.fit,
                               lr=cfg.finetune_lr, steps=cfg.finetune_steps)
 
-        subsets = sample_subsets(T, cfg.num_subsets + cfg.verify_subsets, self.k, seed=self.seed,
-                                 always=self.always)
-        scoring, held_out = subsets[: cfg.num_subsets], subsets[cfg.num_subsets :]
+        subsets = sample_subsets(T, self.M + self.K, self.k, seed=self.seed, always=self.always)
+        scoring, held_out = subsets[: self.M], subsets[self.M :]
         t0 = time.perf_counter()
         losses = est.estimate_many(scoring)
         estimate_seconds = time.perf_counter() - t0

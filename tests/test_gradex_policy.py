@@ -33,10 +33,10 @@ def policy(**kw) -> GradexPolicy:
 
 def test_uniform_until_the_selection_then_only_the_selected():
     p = policy(num_subsets=2, verify_subsets=1)
-    assert np.allclose(p.initial_weights(), 1.0)
+    assert np.allclose(p.initial_weights(), 0.25)
     assert p.update(Signals(np.array([10, 10, 10, 10]))) is None  # no selection yet: keep uniform
     w = p.update(Signals(np.zeros(4), extra={"gradex_selection": [2, 0], "gradex_scores": [-1, 2, -3, 0.5]}))
-    assert np.allclose(w, [1, 0, 1, 0])
+    assert np.allclose(w, [0.5, 0, 0.5, 0])
     assert p.phase == 2 and p.selected == [0, 2] and p.scores == [-1, 2, -3, 0.5]
     # Once switched, later signals change nothing.
     assert p.update(Signals(np.zeros(4), extra={"gradex_selection": [1]})) is None
@@ -48,25 +48,31 @@ def test_uniform_until_the_selection_then_only_the_selected():
 def test_proportional_phase_two_and_bad_selection():
     p = policy(mixture="proportional", num_subsets=2, verify_subsets=1)
     w = p.update(Signals(np.zeros(4), extra={"gradex_selection": [1, 3]}))
-    assert np.allclose(w, [0, 1000, 0, 400])
+    assert np.allclose(w, np.array([0, 1000, 0, 400]) / 1400)
     with pytest.raises(ValueError, match="task indices"):
         policy(num_subsets=2, verify_subsets=1).update(Signals(np.zeros(4), extra={"gradex_selection": [7]}))
     with pytest.raises(ValueError, match="task indices"):
         policy(num_subsets=2, verify_subsets=1).update(Signals(np.zeros(4), extra={"gradex_selection": []}))
 
 
-def test_factory_checks_subsets_and_targets_against_the_pool():
-    # 4 tasks, subsets of 2: 6 distinct subsets exist.
-    with pytest.raises(RaymixError, match="only 6 exist"):
-        policy(num_subsets=6, verify_subsets=1)
-    policy(num_subsets=5, verify_subsets=1)
+def test_subset_counts_on_small_pools_and_factory_checks():
+    from raymix.policies.gradex import subset_counts
+
+    # 4 tasks, subsets of 2: 6 distinct subsets exist; K at most half of them, M the rest.
+    assert subset_counts(GradexConfig(num_subsets=4, verify_subsets=2), 4, 0) == (2, 4, 2)
+    assert subset_counts(GradexConfig(), 4, 0) == (2, 3, 3)
+    assert subset_counts(GradexConfig(verify_subsets=0), 4, 0) == (2, 6, 0)
+    assert subset_counts(GradexConfig(), 23, 0) == (12, 64, 4)  # the embedded default: as configured
+    # a target task is in every subset: 3 free tasks, 1 more per subset of 2
+    assert subset_counts(GradexConfig(), 4, 1) == (2, 2, 1)
+    with pytest.raises(RaymixError, match="subset_size=4 gives 4 tasks.*must leave some task out"):
+        subset_counts(GradexConfig(subset_size=4), 4, 0)
+    with pytest.raises(RaymixError, match="only 1 distinct"):
+        subset_counts(GradexConfig(subset_size=1), 2, 1)
     with pytest.raises(RaymixError, match=r"policy.gradex.target: unknown task\(s\) \['zz'\]"):
         policy(target=["zz"], num_subsets=1)
     with pytest.raises(RaymixError, match="subset_size=9 gives 9 tasks"):
         policy(subset_size=9, num_subsets=1)
-    # a target task is in every subset: 3 free tasks, 1 more per subset of 2
-    with pytest.raises(RaymixError, match="only 3 exist"):
-        policy(target=["a"], num_subsets=3, verify_subsets=1)
 
 
 @pytest.mark.parametrize("override,message", [

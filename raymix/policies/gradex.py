@@ -40,7 +40,7 @@ class GradexPolicy:
         self.scores: list[float] = []
 
     def initial_weights(self) -> np.ndarray:
-        return np.ones(self.T)
+        return np.full(self.T, 1.0 / self.T)
 
     def phase2_weights(self, selected: list[int]) -> np.ndarray:
         w = np.zeros(self.T)
@@ -48,7 +48,7 @@ class GradexPolicy:
         w[idx] = self.sizes[idx] if self.cfg.mixture == "proportional" else 1.0
         if w.sum() <= 0:  # proportional over empty tasks: fall back to equal weights
             w[idx] = 1.0
-        return w
+        return w / w.sum()
 
     def update(self, signals: Signals) -> Optional[np.ndarray]:
         selection = signals.extra.get("gradex_selection")
@@ -81,18 +81,26 @@ def target_indices(cfg: GradexConfig, pool: PoolInfo) -> Optional[list[int]]:
     return sorted(pool.tasks.index(t) for t in set(cfg.target))
 
 
+def subset_counts(cfg: GradexConfig, num_tasks: int, num_fixed: int) -> tuple[int, int, int]:
+    """(tasks per subset, M, K) for a pool: M and K as configured, lowered
+    when fewer distinct subsets exist than M + K (small pools): K to at most
+    half of them, M to the rest. Raises when no subset leaves a task out."""
+    k = subset_tasks(cfg, num_tasks)
+    free = num_tasks - num_fixed
+    if not num_fixed <= k < num_tasks or k - num_fixed >= free:
+        raise RaymixError(f"policy.gradex.subset_size={cfg.subset_size} gives {k} tasks per subset; the pool has "
+                          f"{num_tasks} tasks and {num_fixed} target task(s) in every subset, and a subset must "
+                          "leave some task out")
+    possible = math.comb(free, k - num_fixed)
+    if possible < 2:
+        raise RaymixError(f"policy.gradex.subset_size={cfg.subset_size}: only {possible} distinct subset(s) of {k} "
+                          "tasks exist; scores need subsets with and without each task")
+    verify = min(cfg.verify_subsets, possible // 2)
+    return k, min(cfg.num_subsets, possible - verify), verify
+
+
 @register_policy("gradex")
 def gradex(cfg: PolicyConfig, pool: PoolInfo) -> GradexPolicy:
     g = cfg.gradex
-    fixed = target_indices(g, pool) or []
-    k = subset_tasks(g, len(pool.tasks))
-    free = len(pool.tasks) - len(fixed)
-    if not len(fixed) <= k <= len(pool.tasks) or k - len(fixed) > free:
-        raise RaymixError(f"policy.gradex.subset_size={g.subset_size} gives {k} tasks per subset; the pool has "
-                          f"{len(pool.tasks)} tasks and {len(fixed)} target task(s) in every subset")
-    possible = math.comb(free, k - len(fixed))
-    if g.num_subsets + g.verify_subsets > possible:
-        raise RaymixError(f"policy.gradex.num_subsets + policy.gradex.verify_subsets = "
-                          f"{g.num_subsets + g.verify_subsets} distinct subsets of {k} tasks are asked for, "
-                          f"only {possible} exist; lower them or change policy.gradex.subset_size")
+    subset_counts(g, len(pool.tasks), len(target_indices(g, pool) or []))  # fail before training
     return GradexPolicy(g, pool)
