@@ -193,6 +193,12 @@ def test_gradex_run_end_to_end(ray_local, tmp_path: Path):
     assert mlrun.data.metrics["gradex/num_selected"] == len(chosen)
     artifacts = {a.path for a in client.list_artifacts(summary["mlflow_run_id"])}
     assert "gradex.json" in artifacts
+    # The generated report carries the estimate's error and speed-up.
+    from raymix.report import write_report
+
+    text = write_report(summary["mlflow_tracking_uri"], "raymix", tmp_path / "report").read_text()
+    section = text.split("## GradEx")[1].split("\n## ")[0]
+    assert "| gradex |" in section and f"{v['relative_error']:.4f}" in section and f"{v['speedup']:.1f}" in section
 
 
 @pytest.mark.ray
