@@ -225,3 +225,47 @@ def test_gradex_scores_only_stops_after_the_estimation(ray_local, tmp_path: Path
     assert len(fl) == len(g["selected"]) + 1 or (len(fl) == 1 and len(g["selected"]) == 1)
     for t in g["selected"]:
         assert f"\n{t}" in out
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_gradex_resume_before_and_after_the_switch(ray_local, tmp_path: Path):
+    """A run resumed from a checkpoint written after the estimation keeps its
+    report and selection (no second estimation); one resumed from before it
+    estimates again at the same point and selects the same tasks."""
+    import shutil
+
+    from raymix.train import run
+
+    cfg = load_config(None, SMALL + ["train.checkpoint_tokens=1000", "train.checkpoints_to_keep=20",
+                                     "policy.gradex.verify_subsets=0"])
+    out = tmp_path / "run"
+    first = run(cfg, out)
+    at = first["gradex"]["train_tokens_at_estimation"]
+    ckpts = out / "checkpoints"
+
+    def resume_from(keep) -> dict:
+        for d in ckpts.iterdir():
+            if d.name not in keep:
+                shutil.rmtree(d)
+        (out / "summary.json").unlink()
+        return run(cfg, out, resume=True)
+
+    def tokens(d: Path) -> int:
+        return json.loads((d / "raymix_manifest.json").read_text())["train_tokens"]
+
+    periodic = sorted(d.name for d in ckpts.iterdir() if d.name.endswith("-periodic"))
+    after = [p for p in periodic if tokens(ckpts / p) > at]
+    before = [p for p in periodic if tokens(ckpts / p) < at]
+    assert after and before
+    resumed = resume_from(periodic)  # the latest periodic one: after the switch
+    assert resumed["restores"] == 1
+    assert resumed["gradex"] == first["gradex"]  # restored with the state, not estimated again
+    assert resumed["mixture_schedule"] == first["mixture_schedule"]
+    assert resumed["ledger"] == first["ledger"]
+    again = resume_from(before)  # before the switch: estimated again, on the same θ0
+    g1, g2 = first["gradex"], again["gradex"]
+    assert g2["train_tokens_at_estimation"] == at and g2["selected"] == g1["selected"]
+    assert g2["scores"] == pytest.approx(g1["scores"])
+    assert [o for o, _ in again["mixture_schedule"]] == [0, at]
+    assert again["ledger"] == first["ledger"]
