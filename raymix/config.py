@@ -215,11 +215,105 @@ class AdaptConfig:
 
 
 @dataclass(frozen=True)
+class GradexConfig:
+    """GradEx (first-order subset estimation, see ``raymix.gradex``): train on
+    the uniform mixture for ``meta_share`` of the budget (the meta
+    initialisation), estimate the fine-tuned target loss of random task
+    subsets from projected per-example gradients, score and select tasks,
+    then train on the selection for the rest of the budget."""
+
+    meta_share: float = 0.3
+    """Share of the budget's train tokens spent on the uniform mixture before
+    the estimation (the meta initialisation)."""
+    projection_dim: int = 256
+    """d: dimensions the per-example gradients are randomly projected to."""
+    params: Literal["all", "last_block", "head"] = "last_block"
+    """Parameter subset the per-example gradients (and the verification
+    fine-tuning) are taken on, as ``policy.adapt.params``."""
+    examples_per_task: int = 16
+    """Training examples per task whose gradients are projected (their tokens
+    go to meta_tokens)."""
+    target_examples_per_task: int = 8
+    """Validation examples per target task (their tokens go to meta_tokens)."""
+    target: Optional[list[str]] = None
+    """Target tasks whose validation examples define the target loss; null:
+    every task with validation data (the mean validation loss). Named target
+    tasks are in every sampled subset and in the selection."""
+    num_subsets: int = 64
+    """M: random subsets whose fine-tuned target loss is estimated for scoring
+    (fewer on pools with fewer distinct subsets than M + K: see
+    ``raymix.policies.gradex.subset_counts``)."""
+    subset_size: Union[int, float] = 0.5
+    """Tasks per random subset: a share of the pool if below 1, else a count."""
+    link: Literal["logistic", "squared"] = "logistic"
+    """Loss of the linearised model on the per-example output (the mean
+    completion-token logit): logistic, as the authors, or squared."""
+    fit: Literal["gd", "regularised"] = "gd"
+    """Linearised fit: ``gd`` takes the same full-batch gradient steps as the
+    fine-tuning it stands for (``finetune_steps`` at ``finetune_lr``);
+    ``regularised`` solves the ``reg``-regularised problem to optimality."""
+    reg: float = 0.0
+    """Weight decay toward the meta initialisation (``gd``), or the ridge /
+    L2 penalty of the ``regularised`` fit (must then be > 0 for logistic)."""
+    finetune_lr: float = 0.5
+    """Step size of the fine-tuning the estimate stands for (plain gradient
+    descent on the subset's examples, parameter subset ``params``)."""
+    finetune_steps: int = 5
+    """Full-batch gradient steps of that fine-tuning."""
+    selection: Literal["threshold", "forward"] = "threshold"
+    """``threshold``: tasks whose score is below ``threshold``; ``forward``:
+    greedy forward selection on the estimator."""
+    threshold: float = 0.0
+    """threshold selection: keep tasks scoring below this (negative scores
+    lower the estimated target loss)."""
+    max_tasks: Optional[int] = None
+    """At most this many selected tasks (null: no limit)."""
+    min_tasks: int = 1
+    """If the selection holds fewer tasks, the best-scored others fill it up."""
+    mixture: Literal["uniform", "proportional"] = "uniform"
+    """Phase-2 mixture over the selected tasks: equal weights, or by size."""
+    verify_subsets: int = 4
+    """K: held-out random subsets (apart from the M) actually fine-tuned from
+    the meta initialisation to measure the estimate's error and speed-up; 0
+    skips the check."""
+    scores_only: bool = False
+    """Stop after the estimation: print and record the task scores, skip the
+    second training phase (and the lm-eval suite)."""
+    seed: int = 0
+    """Seed of the projection, the example sample and the random subsets."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.meta_share < 1:
+            raise RaymixError(f"policy.gradex.meta_share must be in (0, 1), got {self.meta_share}")
+        for name in ("projection_dim", "examples_per_task", "target_examples_per_task", "num_subsets",
+                     "finetune_steps", "min_tasks"):
+            if getattr(self, name) < 1:
+                raise RaymixError(f"policy.gradex.{name} must be >= 1, got {getattr(self, name)}")
+        if self.verify_subsets < 0:
+            raise RaymixError(f"policy.gradex.verify_subsets must be >= 0, got {self.verify_subsets}")
+        if self.subset_size <= 0 or (self.subset_size >= 1 and float(self.subset_size) != int(self.subset_size)):
+            raise RaymixError("policy.gradex.subset_size must be a share in (0, 1) or a whole number of "
+                              f"tasks, got {self.subset_size}")
+        if self.finetune_lr <= 0:
+            raise RaymixError(f"policy.gradex.finetune_lr must be > 0, got {self.finetune_lr}")
+        if self.reg < 0:
+            raise RaymixError(f"policy.gradex.reg must be >= 0, got {self.reg}")
+        if self.fit == "regularised" and self.link == "logistic" and self.reg <= 0:
+            raise RaymixError("policy.gradex.reg must be > 0 for fit=regularised with link=logistic "
+                              "(the minimiser may not exist otherwise)")
+        if self.max_tasks is not None and self.max_tasks < self.min_tasks:
+            raise RaymixError(f"policy.gradex.max_tasks ({self.max_tasks}) must be >= policy.gradex.min_tasks "
+                              f"({self.min_tasks}) or null")
+        if self.target is not None and not self.target:
+            raise RaymixError("policy.gradex.target is empty: give task names, or null for every task")
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     """The mixing policy and its options (see ``raymix.policies``)."""
 
     name: str = "uniform"
-    """Registered policy name: uniform, proportional, temperature, unimax, static, schedule, adapt."""
+    """Registered policy name: uniform, proportional, temperature, unimax, static, schedule, adapt, gradex."""
     temperature: float = 2.0
     """temperature: p_i proportional to n_i^(1/temperature)."""
     unimax_epochs: float = 1.0
@@ -231,6 +325,9 @@ class PolicyConfig:
     run's ``mixture_schedule``, replayed as is."""
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     """adapt: options of the learned policy."""
+    gradex: GradexConfig = field(default_factory=GradexConfig)
+    """gradex: options of first-order subset estimation (part of a run's
+    identity only when ``name`` is gradex)."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -601,6 +698,10 @@ def identity_hash(cfg: RunConfig) -> str:
     """Hash of what changes the result (not runtime, tracking or cache paths)."""
     tree = {k: v for k, v in to_dict(cfg).items() if k in IDENTITY_SECTIONS}
     tree["data"].pop("cache_dir", None)
+    if tree["policy"].get("name") != "gradex":
+        # Added after runs were recorded: other policies never read it, and
+        # leaving it out keeps their hashes (sweep and --resume identities).
+        tree["policy"].pop("gradex", None)
     for key in ("checkpoint_tokens", "checkpoint_fraction", "checkpoints_to_keep", "gradient_checkpointing"):
         tree["train"].pop(key, None)  # when to checkpoint, or recompute, does not change the result
     if tree["train"].get("global_batch_tokens") is None:

@@ -226,7 +226,7 @@ def run(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = N
         summary = _train(cfg, out, tracker, pool, tok_dir, init_dir, budget,
                          PoolInfo(pool.tasks, pool.train_tokens(), pool.train_examples(), budget))
         phases["ray_train"] = time.perf_counter() - t
-        if suite:
+        if suite and not summary.get("gradex_scores_only"):
             from raymix.eval import evaluate_checkpoint
 
             t = time.perf_counter()
@@ -351,7 +351,7 @@ def _summarise(cfg, out, tracker, result, fit_started, fit_ended, budget) -> dic
     finite = [v for v in val.values() if v == v]
     em_vals = [v for v in em.values() if v == v]
     micro = cfg.train.micro_batch_size * effective_grad_accum(cfg) * max(1, cfg.runtime.num_workers)
-    return {
+    summary = {
         "policy": cfg.policy.name,
         "seed": cfg.seed,
         "identity": identity_hash(cfg),
@@ -401,6 +401,12 @@ def _summarise(cfg, out, tracker, result, fit_started, fit_ended, budget) -> dic
         "mlflow_tracking_uri": tracker.uri,
         "mlflow_experiment_id": tracker.experiment_id,
     }
+    if cfg.policy.name == "gradex":
+        # Scores, selection, per-subset estimate vs actual (raymix.gradex_step);
+        # scores_only runs stop after it, short of the budget.
+        summary["gradex"] = ev.get("gradex")
+        summary["gradex_scores_only"] = bool(ev.get("gradex_scores_only"))
+    return summary
 
 
 def _log_summary(tracker, summary: dict, out: Path, plot_mixture) -> None:
@@ -418,6 +424,8 @@ def _log_summary(tracker, summary: dict, out: Path, plot_mixture) -> None:
     tracker.log_metrics(metrics, step=summary["steps"])
     tracker.log_json(summary["ledger"], "ledger.json", out)
     tracker.log_json(summary["mixture_schedule"], "mixture_schedule.json", out)
+    if summary.get("gradex"):
+        tracker.log_json(summary["gradex"], "gradex.json", out)
     png = plot_mixture(summary["mixture_schedule"], summary["ledger"], out / "mixture.png",
                        summary["budget_tokens"])
     tracker.log_artifact(png)
@@ -452,6 +460,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     keys = ("policy", "seed", "budget_tokens", "train_tokens", "overshoot_tokens", "worst_val_loss",
             "worst_val_task", "mean_val_loss", "mean_test_exact_match", "tokens_per_second", "wall_seconds", "restores",
             "mixer_restarts")
+    if summary.get("gradex"):
+        from raymix.gradex_step import score_table
+
+        print(score_table(summary["gradex"]))
+    if summary.get("gradex_scores_only"):
+        print(f"[raymix] policy.gradex.scores_only: stopped after the estimation, at {summary['train_tokens']} "
+              f"of {summary['budget_tokens']} train tokens (the meta initialisation)")
     print(json.dumps({k: summary[k] for k in keys}, indent=1))
     print(f"[raymix] wrote {Path(args.output) / 'summary.json'}; MLflow run {summary['mlflow_run_id']} "
           f"at {summary['mlflow_tracking_uri']}")

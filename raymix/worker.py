@@ -204,6 +204,25 @@ class ProgressFile:
         os.replace(self.path + ".tmp", self.path)
 
 
+def gradex_metrics(report: dict | None) -> dict:
+    """``gradex/*`` MLflow metrics of a GradEx report (``raymix.gradex_step``)."""
+    if not report:
+        return {}
+    m = {"gradex/train_tokens_at_estimation": report["train_tokens_at_estimation"],
+         "gradex/num_selected": len(report["selected"]), "gradex/base_loss": report["base_loss"],
+         "gradex/gradient_seconds": report["gradient_seconds"],
+         "gradex/estimate_seconds": report["estimate_seconds"], "gradex/seconds": report["seconds"],
+         "gradex/meta_tokens": report["meta_tokens"]}
+    for key in ("relative_error", "max_relative_error", "change_relative_error", "spearman", "speedup",
+                "speedup_with_gradients", "finetune_seconds_per_subset", "estimate_seconds_per_subset"):
+        if report.get("verification") and report["verification"].get(key) is not None:
+            m[f"gradex/{key}"] = report["verification"][key]
+    for t, s in report["scores"].items():
+        if s is not None:
+            m[f"gradex/score/{t}"] = s
+    return m
+
+
 def train_loop(loop_cfg: dict, session=None) -> None:
     """The training function: a Ray Train worker's (``session`` None) or, with
     an :class:`InProcessSession`, the calling process's."""
@@ -298,6 +317,17 @@ def train_loop(loop_cfg: dict, session=None) -> None:
         from raymix.meta import MetaSignals
 
         meta = MetaSignals(raw_model, cfg.policy.adapt, pool, rank, world, cfg.seed, pad_id, device, distributed)
+    # GradEx: rank 0 estimates, scores and selects once, when the meta
+    # initialisation's share of the budget is spent (raymix.gradex_step).
+    gradex = None
+    gradex_at = None
+    gradex_done, gradex_report = False, None
+    if cfg.policy.name == "gradex":
+        gradex_at = int(math.ceil(cfg.policy.gradex.meta_share * budget))
+        if rank == 0:
+            from raymix.gradex_step import GradexStep
+
+            gradex = GradexStep(raw_model, cfg.policy.gradex, pool, pad_id, device, cfg.seed)
     curve = None
     if cfg.eval.curve_points > 0:
         from raymix.evaluate import CurveEvaluator
@@ -325,7 +355,7 @@ def train_loop(loop_cfg: dict, session=None) -> None:
                 "step": step, "train_tokens": train_tokens, "next_curve": next_curve,
                 "next_ckpt": next_ckpt, "curve_log": list(curve_log), "version": version,
                 "weights": weights.tolist(), "meta_seconds": meta_seconds, "meta_steps": meta_steps,
-                "restores": restores, "ranks": ranks}
+                "restores": restores, "ranks": ranks, "gradex_done": gradex_done, "gradex_report": gradex_report}
 
     checkpoint_seconds = 0.0
 
@@ -412,6 +442,7 @@ def train_loop(loop_cfg: dict, session=None) -> None:
         curve_log = list(restored["curve_log"])
         meta_seconds, meta_steps = restored["meta_seconds"], restored["meta_steps"]
         restores = restored["restores"] + 1
+        gradex_done, gradex_report = restored.get("gradex_done", False), restored.get("gradex_report")
         if rank == 0:
             mixer.restore(restored["mixer"])
         version, weights = broadcast_mixture({"version": restored["version"], "weights": restored["weights"]})
@@ -434,6 +465,7 @@ def train_loop(loop_cfg: dict, session=None) -> None:
     if curve is not None and step == 0:
         curve_point()  # the starting point of the curve
     aborted = None
+    scores_only_stop = False
     while train_tokens < budget:
         lr = schedule(train_tokens / budget)
         for g in opt.param_groups:
@@ -478,12 +510,25 @@ def train_loop(loop_cfg: dict, session=None) -> None:
 
         is_meta = (meta is not None and step >= cfg.policy.adapt.warmup_steps
                    and step % cfg.policy.adapt.every_steps == 0 and train_tokens < budget)
-        if is_meta or (step % cfg.train.sync_every == 0 and train_tokens < budget):
+        # Every rank sees the same all-reduced train_tokens: all agree on the switch.
+        is_gradex = gradex_at is not None and not gradex_done and train_tokens >= gradex_at
+        if is_meta or is_gradex or (step % cfg.train.sync_every == 0 and train_tokens < budget):
             current = {"version": version, "weights": weights.tolist()}
             signals = None
             if is_meta:
                 t_meta = time.perf_counter()
                 signals = meta.compute(lookahead_lr=lr)
+                meta_seconds += time.perf_counter() - t_meta
+                meta_steps += 1
+            if is_gradex:
+                # Rank 0 alone computes; the others wait at the mixture broadcast below.
+                gradex_done = True
+                t_meta = time.perf_counter()
+                if rank == 0:
+                    signals = gradex.run(train_tokens)
+                    gradex_report = signals.pop("report")
+                    print(f"[raymix] gradex: estimated {gradex_report['num_subsets']} subsets at {train_tokens} "
+                          f"train tokens; selected {len(gradex_report['selected'])} of {T} tasks", flush=True)
                 meta_seconds += time.perf_counter() - t_meta
                 meta_steps += 1
             if rank == 0:
@@ -504,7 +549,9 @@ def train_loop(loop_cfg: dict, session=None) -> None:
                 version, weights = new_version, new_weights
                 if rank == 0:
                     mixer.applied(version, train_tokens, weights.tolist())
-            if rank == 0 and metrics_log is not None and signals is not None:
+            if rank == 0 and metrics_log is not None and is_gradex:
+                metrics_log.log(gradex_metrics(gradex_report), step)
+            if rank == 0 and metrics_log is not None and is_meta:
                 from raymix.policies.adapt import entropy, smooth_max
 
                 vl = np.asarray(signals["val_loss"])
@@ -517,6 +564,10 @@ def train_loop(loop_cfg: dict, session=None) -> None:
                     m[f"signal/{t}/alignment"] = float(signals["alignment"][i])
                     m[f"mixture/{t}"] = float(weights[i])
                 metrics_log.log(m, step)
+
+        if is_gradex and cfg.policy.gradex.scores_only:
+            scores_only_stop = True  # the scores were all that was asked for
+            break
 
         if curve is not None and train_tokens >= next_curve * budget / cfg.eval.curve_points:
             while train_tokens >= next_curve * budget / cfg.eval.curve_points:
@@ -572,6 +623,9 @@ def train_loop(loop_cfg: dict, session=None) -> None:
                "tokens_per_second": train_tokens / max(1e-9, loop_seconds),
                "meta_seconds": meta_seconds, "meta_steps": meta_steps, "curve_seconds": curve_seconds,
                "restores": restores, "checkpoint_seconds": checkpoint_seconds}
+    if gradex_at is not None:
+        metrics["gradex"] = gradex_report
+        metrics["gradex_scores_only"] = scores_only_stop
     if rank == 0:
         t_eval = time.perf_counter()
         val = validation_losses(raw_model, pool, pad_id, cfg.eval.batch_size, device)
