@@ -1,6 +1,6 @@
 """Mixing policies, registered by name (import registers them)."""
 
-from raymix.policies import adapt, static  # noqa: F401  (import registers the policies)
+from raymix.policies import adapt, ideal, static  # noqa: F401  (import registers the policies)
 from raymix.policies.base import (
     POLICIES,
     MixingPolicy,
