@@ -85,7 +85,7 @@ def score_tasks(cfg: RunConfig, model_dir: str, pool, pad_id: int, ref_tasks: li
     icfg = cfg.policy.ideal
     t0 = time.perf_counter()
     device = "cuda" if cfg.runtime.use_gpu and torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     bs = cfg.train.micro_batch_size
     tasks = list(pool.tasks)
     read = np.zeros(len(tasks), dtype=np.int64)
