@@ -182,6 +182,7 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
         # The pool and tokenizer the rounds will find cached; the driver needs
         # them for the budget, the initial volumes and the influence batches.
         tokenizer, _, pool, _ = prepare_model_and_data(cfg, out)
+        phases = {"setup": time.perf_counter() - t0}
         budget = budget_tokens(cfg, pool.pool_tokens)
         info = PoolInfo(pool.tasks, pool.train_tokens(), pool.train_examples(), budget)
         ref = reference_tasks(cfg, pool.tasks)
@@ -193,7 +194,9 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
             rdir = out / f"round{r}"
             print(f"[raymix] ideal: round {r}/{icfg.rounds}, volumes "
                   f"{dict(zip(pool.tasks, volumes.tolist()))}", flush=True)
+            t = time.perf_counter()
             s = _round(rcfg, rdir, tracker.run_id)
+            phases[f"round{r}"] = time.perf_counter() - t
             tracker.client.set_tag(s["mlflow_run_id"], ROUND_TAG, str(r))
             summaries.append(s)
             rec = {"round": r, "volumes": dict(zip(pool.tasks, volumes.tolist())),
@@ -205,11 +208,13 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
             metrics.update({f"ideal/round{r}/volume/{t}": float(v) for t, v in zip(pool.tasks, volumes)})
             if r < icfg.rounds:
                 score_file = rdir / SCORES_FILE
+                t = time.perf_counter()
                 if score_file.exists():
                     sc = json.loads(score_file.read_text())
                 else:
                     sc = score_tasks(cfg, s["model_dir"], pool, tokenizer.pad_token_id, ref, r)
                     score_file.write_text(json.dumps(sc, indent=1))
+                phases[f"influence{r}"] = time.perf_counter() - t
                 scores = np.array([sc["scores"][t] for t in pool.tasks])
                 beta, volumes = next_volumes(volumes, scores, icfg, budget)
                 influence_meta += np.array([sc["meta_tokens"][t] for t in pool.tasks], dtype=np.int64)
@@ -227,6 +232,9 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
 
         summary = _combine(cfg, summaries, rounds, influence_meta, influence_seconds, tracker,
                            time.perf_counter() - t0)
+        # This driver's phases (a round's own are in its summary.json); a
+        # round finished before a resume takes no time here.
+        summary["phase_seconds"] = phases
         tracker.log_json(rounds, "ideal_rounds.json", out)
         _log_summary(tracker, summary, out, plot_mixture)
         tracker.log_metrics({k: summary[k] for k in (
