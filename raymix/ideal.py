@@ -235,6 +235,7 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
         # This driver's phases (a round's own are in its summary.json); a
         # round finished before a resume takes no time here.
         summary["phase_seconds"] = phases
+        _copy_curve(tracker, summaries[-1]["mlflow_run_id"])
         tracker.log_json(rounds, "ideal_rounds.json", out)
         _log_summary(tracker, summary, out, plot_mixture)
         tracker.log_metrics({k: summary[k] for k in (
@@ -246,6 +247,20 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
         return summary
     finally:
         tracker.end(status)
+
+
+def _copy_curve(tracker, round_run_id: str) -> None:
+    """The final round's loss curve (``curve/*`` metrics) on the IDEAL run,
+    where the report reads effective tokens from."""
+    from collections import defaultdict
+
+    keys = [k for k in tracker.client.get_run(round_run_id).data.metrics if k.startswith("curve/")]
+    by_step: dict[int, dict[str, float]] = defaultdict(dict)
+    for key in keys:
+        for m in tracker.client.get_metric_history(round_run_id, key):
+            by_step[m.step][key] = m.value
+    for step, metrics in sorted(by_step.items()):
+        tracker.log_metrics(metrics, step=step)
 
 
 def _combine(cfg: RunConfig, summaries: list[dict], rounds: list[dict], influence_meta: np.ndarray,

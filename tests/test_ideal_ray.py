@@ -118,6 +118,13 @@ def test_ideal_two_rounds_end_to_end(ray_local, tmp_path: Path) -> None:
     assert parent["total_train_tokens_all_rounds"] == summary["total_train_tokens_all_rounds"]
     assert json.loads((out / "summary.json").read_text())["total_meta_tokens_all_rounds"] == \
         summary["total_meta_tokens_all_rounds"]
+    # The final round's loss curve is on the IDEAL run too (the report reads it there).
+    def curve(run_id):
+        return sorted((m.step, m.value) for m in client.get_metric_history(run_id, "curve/worst_val_loss"))
+
+    assert len(curve(summary["mlflow_run_id"])) >= 2
+    assert curve(summary["mlflow_run_id"]) == curve(rounds[1]["mlflow_run_id"])
+    assert set(summary["phase_seconds"]) == {"setup", "round1", "influence1", "round2"}
 
     # --resume of an IDEAL run whose rounds finished trains nothing again:
     # no new round runs, the same scores, the same totals.
