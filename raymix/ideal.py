@@ -231,11 +231,11 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
             rounds.append(rec)
 
         summary = _combine(cfg, summaries, rounds, influence_meta, influence_seconds, tracker,
-                           time.perf_counter() - t0)
+                           time.perf_counter() - t0, phases["setup"])
         # This driver's phases (a round's own are in its summary.json); a
         # round finished before a resume takes no time here.
         summary["phase_seconds"] = phases
-        _copy_curve(tracker, summaries[-1]["mlflow_run_id"])
+        _copy_round_metrics(tracker, summaries[-1]["mlflow_run_id"])
         tracker.log_json(rounds, "ideal_rounds.json", out)
         _log_summary(tracker, summary, out, plot_mixture)
         tracker.log_metrics({k: summary[k] for k in (
@@ -249,12 +249,13 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
         tracker.end(status)
 
 
-def _copy_curve(tracker, round_run_id: str) -> None:
-    """The final round's loss curve (``curve/*`` metrics) on the IDEAL run,
-    where the report reads effective tokens from."""
+def _copy_round_metrics(tracker, round_run_id: str, prefixes=("curve/", "eval/")) -> None:
+    """The final round's loss curve (``curve/*``) and lm-eval scores
+    (``eval/*``, logged by ``raymix.eval`` to the round's run) on the IDEAL
+    run, where the report reads them; the eval JSON artifacts stay with the round."""
     from collections import defaultdict
 
-    keys = [k for k in tracker.client.get_run(round_run_id).data.metrics if k.startswith("curve/")]
+    keys = [k for k in tracker.client.get_run(round_run_id).data.metrics if k.startswith(prefixes)]
     by_step: dict[int, dict[str, float]] = defaultdict(dict)
     for key in keys:
         for m in tracker.client.get_metric_history(round_run_id, key):
@@ -264,7 +265,7 @@ def _copy_curve(tracker, round_run_id: str) -> None:
 
 
 def _combine(cfg: RunConfig, summaries: list[dict], rounds: list[dict], influence_meta: np.ndarray,
-             influence_seconds: float, tracker, wall: float) -> dict:
+             influence_seconds: float, tracker, wall: float, setup_seconds: float) -> dict:
     """The IDEAL run's summary: the final round's, with the influence tokens
     in the ledger's meta tokens and the compute of every round."""
     last = summaries[-1]
@@ -287,10 +288,13 @@ def _combine(cfg: RunConfig, summaries: list[dict], rounds: list[dict], influenc
         "influence_seconds": influence_seconds,
         "total_train_tokens_all_rounds": int(sum(s["train_tokens"] for s in summaries)),
         "total_meta_tokens_all_rounds": int(sum(s["meta_tokens"] for s in summaries) + influence_meta.sum()),
-        # Every round's wall time and the influence scoring between rounds
-        # (from their records, so a resumed driver still counts all of them);
-        # ``wall_seconds`` is this driver invocation's own time.
-        "total_wall_seconds_all_rounds": float(sum(s["wall_seconds"] for s in summaries) + influence_seconds),
+        # The driver's setup (pool, tokenizer, Ray: what a single run's
+        # wall_seconds includes too), every round's wall time and the
+        # influence scoring, the latter two from their records so that a
+        # resumed driver still counts them; ``wall_seconds`` is this driver
+        # invocation's own time.
+        "total_wall_seconds_all_rounds": float(setup_seconds + sum(s["wall_seconds"] for s in summaries)
+                                               + influence_seconds),
         "rounds_wall_seconds": [s["wall_seconds"] for s in summaries],
         "ideal_rounds": rounds,
     })

@@ -113,7 +113,8 @@ def test_ideal_two_rounds_end_to_end(ray_local, tmp_path: Path) -> None:
     assert summary["total_train_tokens_all_rounds"] == sum(s["train_tokens"] for s in rounds)
     assert summary["total_meta_tokens_all_rounds"] == sum(s["meta_tokens"] for s in rounds) + infl
     assert summary["total_wall_seconds_all_rounds"] == pytest.approx(
-        sum(s["wall_seconds"] for s in rounds) + summary["influence_seconds"])
+        summary["phase_seconds"]["setup"] + sum(s["wall_seconds"] for s in rounds) + summary["influence_seconds"])
+    assert summary["total_wall_seconds_all_rounds"] <= summary["wall_seconds"]
     assert summary["final_round"]["train_tokens"] == rounds[1]["train_tokens"]
     assert parent["total_train_tokens_all_rounds"] == summary["total_train_tokens_all_rounds"]
     assert json.loads((out / "summary.json").read_text())["total_meta_tokens_all_rounds"] == \
