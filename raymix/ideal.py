@@ -194,9 +194,9 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
             rdir = out / f"round{r}"
             print(f"[raymix] ideal: round {r}/{icfg.rounds}, volumes "
                   f"{dict(zip(pool.tasks, volumes.tolist()))}", flush=True)
-            t = time.perf_counter()
+            t_phase = time.perf_counter()
             s = _round(rcfg, rdir, tracker.run_id)
-            phases[f"round{r}"] = time.perf_counter() - t
+            phases[f"round{r}"] = time.perf_counter() - t_phase
             tracker.client.set_tag(s["mlflow_run_id"], ROUND_TAG, str(r))
             summaries.append(s)
             rec = {"round": r, "volumes": dict(zip(pool.tasks, volumes.tolist())),
@@ -208,13 +208,13 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
             metrics.update({f"ideal/round{r}/volume/{t}": float(v) for t, v in zip(pool.tasks, volumes)})
             if r < icfg.rounds:
                 score_file = rdir / SCORES_FILE
-                t = time.perf_counter()
+                t_phase = time.perf_counter()
                 if score_file.exists():
                     sc = json.loads(score_file.read_text())
                 else:
                     sc = score_tasks(cfg, s["model_dir"], pool, tokenizer.pad_token_id, ref, r)
                     score_file.write_text(json.dumps(sc, indent=1))
-                phases[f"influence{r}"] = time.perf_counter() - t
+                phases[f"influence{r}"] = time.perf_counter() - t_phase
                 scores = np.array([sc["scores"][t] for t in pool.tasks])
                 beta, volumes = next_volumes(volumes, scores, icfg, budget)
                 influence_meta += np.array([sc["meta_tokens"][t] for t in pool.tasks], dtype=np.int64)
