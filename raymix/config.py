@@ -214,6 +214,54 @@ class AdaptConfig:
             raise RaymixError("policy.adapt.sketch_dim must be >= 1 or null")
 
 
+CURVATURES = ("identity", "diag_fisher", "kfac", "ekfac")
+
+
+@dataclass(frozen=True)
+class IdealConfig:
+    """IDEAL: per-task volumes moved by influence scores between training
+    rounds, each round retrained from the base model (see ``raymix.ideal``)."""
+
+    rounds: int = 2
+    """R: training rounds; influence is scored after each of the first R-1."""
+    m: float = 0.15
+    """Step size: beta_j = -m * s_j / max_k |s_k|, n_j <- (1 + beta_j) n_j."""
+    curvature: Literal["identity", "diag_fisher", "kfac", "ekfac"] = "ekfac"
+    """H in s_j = -grad L_ref^T H^-1 grad L_j: identity, damped diagonal
+    Fisher, or K-FAC / EK-FAC on the linear layers of ``params``."""
+    damping: float = 0.1
+    """lambda, relative to the mean eigenvalue of the undamped curvature
+    (ignored by ``identity``)."""
+    params: Literal["all", "last_block", "head"] = "last_block"
+    """Parameter subset the gradients and the curvature are taken on."""
+    examples_per_task: int = 32
+    """Training examples per task for its gradient grad L_j (the same
+    examples, all tasks together, fit the curvature). Their tokens go to
+    meta_tokens."""
+    reference_tasks: Optional[list[str]] = None
+    """Tasks whose validation splits form the reference loss L_ref
+    (null: every task of the pool)."""
+    reference_examples_per_task: int = 32
+    """At most this many validation examples per reference task (capped by
+    ``data.max_val``)."""
+    init: Literal["uniform", "proportional"] = "uniform"
+    """Round 1's volumes: the budget split evenly, or in proportion to each
+    task's training tokens."""
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise RaymixError(f"policy.ideal.rounds must be >= 1, got {self.rounds}")
+        if not 0 < self.m < 1:
+            raise RaymixError(f"policy.ideal.m must be in (0, 1), got {self.m}")
+        if self.damping <= 0:
+            raise RaymixError(f"policy.ideal.damping must be > 0, got {self.damping}")
+        for name in ("examples_per_task", "reference_examples_per_task"):
+            if getattr(self, name) < 1:
+                raise RaymixError(f"policy.ideal.{name} must be >= 1, got {getattr(self, name)}")
+        if self.reference_tasks is not None and not self.reference_tasks:
+            raise RaymixError("policy.ideal.reference_tasks must be null (all tasks) or a non-empty list")
+
+
 @dataclass(frozen=True)
 class GradexConfig:
     """GradEx (first-order subset estimation, see ``raymix.gradex``): train on
@@ -313,7 +361,7 @@ class PolicyConfig:
     """The mixing policy and its options (see ``raymix.policies``)."""
 
     name: str = "uniform"
-    """Registered policy name: uniform, proportional, temperature, unimax, static, schedule, adapt, gradex."""
+    """Registered policy name: uniform, proportional, temperature, unimax, static, schedule, adapt, gradex, ideal."""
     temperature: float = 2.0
     """temperature: p_i proportional to n_i^(1/temperature)."""
     unimax_epochs: float = 1.0
@@ -328,6 +376,9 @@ class PolicyConfig:
     gradex: GradexConfig = field(default_factory=GradexConfig)
     """gradex: options of first-order subset estimation (part of a run's
     identity only when ``name`` is gradex)."""
+    ideal: IdealConfig = field(default_factory=IdealConfig)
+    """ideal: options of the multi-round influence policy (part of the
+    identity only when ``name`` is ``ideal``)."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -698,10 +749,12 @@ def identity_hash(cfg: RunConfig) -> str:
     """Hash of what changes the result (not runtime, tracking or cache paths)."""
     tree = {k: v for k, v in to_dict(cfg).items() if k in IDENTITY_SECTIONS}
     tree["data"].pop("cache_dir", None)
-    if tree["policy"].get("name") != "gradex":
-        # Added after runs were recorded: other policies never read it, and
-        # leaving it out keeps their hashes (sweep and --resume identities).
-        tree["policy"].pop("gradex", None)
+    for block in ("gradex", "ideal"):
+        if tree["policy"].get("name") != block:
+            # Option blocks added after runs were recorded count only for
+            # their own policy: the other policies' hashes (sweep and
+            # --resume identities) stay as they were.
+            tree["policy"].pop(block, None)
     for key in ("checkpoint_tokens", "checkpoint_fraction", "checkpoints_to_keep", "gradient_checkpointing"):
         tree["train"].pop(key, None)  # when to checkpoint, or recompute, does not change the result
     if tree["train"].get("global_batch_tokens") is None:

@@ -31,6 +31,9 @@ METRICS = [
     ("meta_tokens", "meta tokens", "{:,.0f}"),
     ("effective_tokens", "effective tokens", "{:.2f}"),
     ("wall_seconds", "wall s", "{:.0f}"),
+    # Total compute: a multi-round policy (IDEAL) trains once per round.
+    ("total_train_tokens_all_rounds", "train tokens, all rounds", "{:,.0f}"),
+    ("total_wall_seconds_all_rounds", "wall s, all rounds", "{:.0f}"),
 ]
 
 GRADEX_METRICS = [
@@ -107,7 +110,8 @@ def load_runs(tracking_uri: str, experiment: str):
     rows, seen = [], set()
     for r in runs:
         ident = r.data.tags.get("raymix.identity")
-        if ident is None or ident in seen:
+        # An IDEAL round is part of its IDEAL run's row, not a trial of its own.
+        if ident is None or ident in seen or "raymix.ideal_round" in r.data.tags:
             continue
         seen.add(ident)
         p = r.data.params
@@ -120,6 +124,9 @@ def load_runs(tracking_uri: str, experiment: str):
             "seed": int(p.get("seed", 0)),
         }
         row.update({k: v for k, v in r.data.metrics.items()})
+        # Single-round runs: their total compute is their own.
+        row.setdefault("total_train_tokens_all_rounds", row.get("train_tokens", float("nan")))
+        row.setdefault("total_wall_seconds_all_rounds", row.get("wall_seconds", float("nan")))
         rows.append(row)
     if not rows:
         raise RaymixError(f"experiment {experiment!r} has no finished raymix runs")

@@ -169,6 +169,11 @@ def run(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = N
     ``resume=True`` continues the unfinished run in ``output_dir`` (a killed
     driver, a failed attempt): the same MLflow run, Ray Train restoring the
     latest checkpoint in the run's storage."""
+    if cfg.policy.name == "ideal":
+        # Multi-round: one nested run of this function per round.
+        from raymix.ideal import run_ideal
+
+        return run_ideal(cfg, output_dir, parent_run_id, resume)
     from raymix.data import pool_summary
     from raymix.policies import PoolInfo
     from raymix.tracking import RunTracker, plot_mixture

@@ -1,6 +1,6 @@
 """Mixing policies, registered by name (import registers them)."""
 
-from raymix.policies import adapt, gradex, static  # noqa: F401  (import registers the policies)
+from raymix.policies import adapt, gradex, ideal, static  # noqa: F401  (import registers the policies)
 from raymix.policies.base import (
     POLICIES,
     MixingPolicy,

@@ -1,0 +1,301 @@
+"""IDEAL end to end: R training rounds, influence scores between them.
+
+    python -m raymix.train --set policy.name=ideal --output DIR
+
+Round r trains the base model on the static mixture of the current volumes
+(weights = n / budget) as an ordinary run, nested under the IDEAL MLflow run
+in ``DIR/round<r>``; every round builds the same initial model from the seed
+(or loads the same pretrained one), so each round restarts from the base
+model. After rounds 1..R-1 the driver loads the round's final checkpoint and
+scores every task, s_j = -∇L_refᵀ H⁻¹ ∇L_j (``raymix.influence``), steps the
+volumes (``raymix.policies.ideal.next_volumes``) and starts the next round.
+
+``DIR/summary.json`` is the final round's summary (its model, evaluation,
+ledger train tokens) under the IDEAL run's identity, with the influence
+tokens added to the ledger's ``meta_tokens`` and the compute of all rounds
+(``total_*_all_rounds``) next to the final round's own (``final_round``).
+
+Resume: a round whose ``summary.json`` exists is not trained again, an
+unfinished round continues from its last checkpoint, and scores already
+written (``round<r>/ideal_scores.json``) are not recomputed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from raymix.config import RunConfig, identity_hash, to_yaml
+from raymix.errors import RaymixError
+
+SCORES_FILE = "ideal_scores.json"
+ROUND_TAG = "raymix.ideal_round"
+"""Tag of a round's nested run; the report lists the IDEAL run, not its rounds."""
+
+
+def round_config(cfg: RunConfig, r: int, weights: dict[str, float], tracking_uri: str) -> RunConfig:
+    """Round ``r``'s run: a static mixture of the round's volumes, logged to
+    the IDEAL run's MLflow store. Only the last round is scored on the
+    lm-eval suite (earlier rounds' checkpoints only feed the influence scores)."""
+    policy = dataclasses.replace(cfg.policy, name="static", weights=weights)
+    tracking = dataclasses.replace(cfg.tracking, tracking_uri=tracking_uri,
+                                   run_name=f"{cfg.tracking.run_name or 'ideal'}-round{r}")
+    ev = cfg.eval if r == cfg.policy.ideal.rounds else dataclasses.replace(cfg.eval, suite=None)
+    return dataclasses.replace(cfg, policy=policy, tracking=tracking, eval=ev)
+
+
+def reference_tasks(cfg: RunConfig, tasks: tuple[str, ...]) -> list[str]:
+    chosen = cfg.policy.ideal.reference_tasks
+    if chosen is None:
+        return list(tasks)
+    unknown = sorted(set(chosen) - set(tasks))
+    if unknown:
+        raise RaymixError(f"policy.ideal.reference_tasks: unknown task(s) {unknown}; the pool has {list(tasks)}")
+    return list(dict.fromkeys(chosen))
+
+
+def _batches(examples: list, pad_id: int, size: int) -> list:
+    from raymix.streams import collate
+
+    return [collate(examples[s : s + size], pad_id) for s in range(0, len(examples), size)]
+
+
+def score_tasks(cfg: RunConfig, model_dir: str, pool, pad_id: int, ref_tasks: list[str], r: int) -> dict:
+    """Influence scores of every task on the round's final checkpoint.
+
+    Task j's gradient is taken on ``examples_per_task`` examples of its
+    training split (a seeded stream, different each round); the curvature is
+    fitted on the same examples of all tasks; the reference loss is the
+    token-weighted validation NLL of ``ref_tasks``. Tokens are counted once
+    per pass the influence code makes over them (the curvature fit makes one,
+    EK-FAC two; the gradients one more), per task, as meta tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from raymix.influence import ideal_influence
+    from raymix.pergrad import lm_example_nll
+    from raymix.streams import TaskStream, read_split
+
+    icfg = cfg.policy.ideal
+    t0 = time.perf_counter()
+    device = "cuda" if cfg.runtime.use_gpu and torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    bs = cfg.train.micro_batch_size
+    tasks = list(pool.tasks)
+    read = np.zeros(len(tasks), dtype=np.int64)
+    task_batches = []
+    for j, task in enumerate(tasks):
+        # A seed of its own per run seed and round: not the training streams' order.
+        stream = TaskStream(pool.shard_dir("train", task), seed=7919 * (cfg.seed + 1) + r)
+        batches = _batches([stream.next() for _ in range(icfg.examples_per_task)], pad_id, bs)
+        read[j] += sum(int(b["attention_mask"].sum()) for b in batches)
+        task_batches.append(batches)
+    ref_batches, ref_read = [], np.zeros(len(tasks), dtype=np.int64)
+    for task in ref_tasks:
+        rows = read_split(pool.shard_dir("val", task), ["input_ids", "prompt_len"])
+        ex = [(np.asarray(i, dtype=np.int64), int(p))
+              for i, p in list(zip(rows["input_ids"], rows["prompt_len"]))[: icfg.reference_examples_per_task]]
+        for b in _batches(ex, pad_id, bs):
+            ref_batches.append(b)
+            ref_read[tasks.index(task)] += int(b["attention_mask"].sum())
+    if not ref_batches:
+        raise RaymixError(f"policy.ideal.reference_tasks: no validation examples in {ref_tasks}")
+    curvature_batches = [b for batches in task_batches for b in batches]
+    res = ideal_influence(model, icfg.params, ref_batches, task_batches, curvature_batches,
+                          lm_example_nll(device), icfg.curvature, icfg.damping)
+    passes = {"identity": 1, "diag_fisher": 2, "kfac": 2, "ekfac": 3}[icfg.curvature]
+    scores = np.asarray(res.scores, dtype=np.float64)
+    if not np.all(np.isfinite(scores)):
+        raise RaymixError(f"round {r}: influence scores are not finite ({scores.tolist()}); "
+                          "raise policy.ideal.damping or change policy.ideal.curvature")
+    return {
+        "round": r,
+        "scores": dict(zip(tasks, scores.tolist())),
+        "reference_tasks": ref_tasks,
+        "curvature": res.curvature.kind,
+        "damping_absolute": float(res.curvature.damping),
+        "subset_numel": int(res.task_grads.shape[1]),
+        "meta_tokens": dict(zip(tasks, (read * passes + ref_read).tolist())),
+        "tokens_read": int(read.sum() + ref_read.sum()),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _round(rcfg: RunConfig, rdir: Path, parent_run_id: str) -> dict:
+    from raymix.train import run
+
+    if (rdir / "summary.json").exists():
+        print(f"[raymix] ideal: {rdir.name} finished before; not trained again", flush=True)
+        return json.loads((rdir / "summary.json").read_text())
+    return run(rcfg, rdir, parent_run_id=parent_run_id, resume=(rdir / "run.json").exists())
+
+
+def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = None,
+              resume: bool = False) -> dict:
+    """``raymix.train.run`` for ``policy.name=ideal``: same contract (summary.json, one MLflow run)."""
+    from raymix.policies import PoolInfo
+    from raymix.policies.ideal import initial_volumes, next_volumes, round_weights
+    from raymix.tracking import RunTracker, plot_mixture
+    from raymix.train import (
+        RUN_FILE,
+        _log_summary,
+        budget_tokens,
+        check_resumable,
+        init_ray,
+        prepare_model_and_data,
+        resolve_suite,
+    )
+
+    out = Path(output_dir).resolve()
+    if (out / "summary.json").exists():
+        raise RaymixError(f"--output {out} already holds a finished run (summary.json); choose another directory")
+    saved = check_resumable(cfg, out) if resume else None
+    if not resume and (out / RUN_FILE).exists():
+        raise RaymixError(f"--output {out} holds an unfinished run ({RUN_FILE}); pass --resume to continue "
+                          "it (finished rounds are kept), or choose another directory")
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    t0 = time.perf_counter()
+    resolve_suite(cfg)  # an unusable suite fails before round 1, not after round R
+    if saved:
+        tracker = RunTracker(cfg, out, resume_run_id=saved["mlflow_run_id"], resume_uri=saved["mlflow_tracking_uri"])
+        print(f"[raymix] ideal: resuming MLflow run {tracker.run_id} in {out}", flush=True)
+    else:
+        tracker = RunTracker(cfg, out, parent_run_id)
+        (out / RUN_FILE).write_text(json.dumps({
+            "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.uri,
+            "mlflow_experiment_id": tracker.experiment_id, "identity": identity_hash(cfg),
+            "started": time.time()}, indent=1))
+    status = "FAILED"
+    try:
+        if not saved:
+            tracker.log_artifact(out / "config.yaml")
+        icfg = cfg.policy.ideal
+        init_ray(cfg)
+        # The pool and tokenizer the rounds will find cached; the driver needs
+        # them for the budget, the initial volumes and the influence batches.
+        tokenizer, _, pool, _ = prepare_model_and_data(cfg, out)
+        phases = {"setup": time.perf_counter() - t0}
+        budget = budget_tokens(cfg, pool.pool_tokens)
+        info = PoolInfo(pool.tasks, pool.train_tokens(), pool.train_examples(), budget)
+        ref = reference_tasks(cfg, pool.tasks)
+        volumes = initial_volumes(icfg, info)
+        rounds, summaries, influence_meta = [], [], np.zeros(len(pool.tasks), dtype=np.int64)
+        influence_seconds = 0.0
+        for r in range(1, icfg.rounds + 1):
+            rcfg = round_config(cfg, r, round_weights(volumes, pool.tasks, budget), tracker.uri)
+            rdir = out / f"round{r}"
+            print(f"[raymix] ideal: round {r}/{icfg.rounds}, volumes "
+                  f"{dict(zip(pool.tasks, volumes.tolist()))}", flush=True)
+            t_phase = time.perf_counter()
+            s = _round(rcfg, rdir, tracker.run_id)
+            phases[f"round{r}"] = time.perf_counter() - t_phase
+            tracker.client.set_tag(s["mlflow_run_id"], ROUND_TAG, str(r))
+            summaries.append(s)
+            rec = {"round": r, "volumes": dict(zip(pool.tasks, volumes.tolist())),
+                   "weights": rcfg.policy.weights, "mlflow_run_id": s["mlflow_run_id"],
+                   **{k: s[k] for k in ("train_tokens", "meta_tokens", "wall_seconds", "worst_val_loss",
+                                        "worst_val_task", "mean_val_loss", "mean_test_exact_match", "val_loss")}}
+            metrics = {f"ideal/round{r}/{k}": s[k] for k in (
+                "train_tokens", "meta_tokens", "wall_seconds", "worst_val_loss", "mean_val_loss")}
+            metrics.update({f"ideal/round{r}/volume/{t}": float(v) for t, v in zip(pool.tasks, volumes)})
+            if r < icfg.rounds:
+                score_file = rdir / SCORES_FILE
+                t_phase = time.perf_counter()
+                if score_file.exists():
+                    sc = json.loads(score_file.read_text())
+                else:
+                    sc = score_tasks(cfg, s["model_dir"], pool, tokenizer.pad_token_id, ref, r)
+                    score_file.write_text(json.dumps(sc, indent=1))
+                phases[f"influence{r}"] = time.perf_counter() - t_phase
+                scores = np.array([sc["scores"][t] for t in pool.tasks])
+                beta, volumes = next_volumes(volumes, scores, icfg, budget)
+                influence_meta += np.array([sc["meta_tokens"][t] for t in pool.tasks], dtype=np.int64)
+                influence_seconds += sc["seconds"]
+                rec.update({"scores": sc["scores"], "beta": dict(zip(pool.tasks, beta.tolist())),
+                            "next_volumes": dict(zip(pool.tasks, volumes.tolist())),
+                            "influence_meta_tokens": int(sum(sc["meta_tokens"].values())),
+                            "influence_seconds": sc["seconds"], "curvature": sc["curvature"]})
+                metrics.update({f"ideal/round{r}/score/{t}": v for t, v in sc["scores"].items()})
+                metrics.update({f"ideal/round{r}/beta/{t}": float(b) for t, b in zip(pool.tasks, beta)})
+                metrics[f"ideal/round{r}/influence_seconds"] = sc["seconds"]
+                metrics[f"ideal/round{r}/influence_meta_tokens"] = rec["influence_meta_tokens"]
+            tracker.log_metrics(metrics)
+            rounds.append(rec)
+
+        summary = _combine(cfg, summaries, rounds, influence_meta, influence_seconds, tracker,
+                           time.perf_counter() - t0, phases["setup"])
+        # This driver's phases (a round's own are in its summary.json); a
+        # round finished before a resume takes no time here.
+        summary["phase_seconds"] = phases
+        _copy_round_metrics(tracker, summaries[-1]["mlflow_run_id"])
+        tracker.log_json(rounds, "ideal_rounds.json", out)
+        _log_summary(tracker, summary, out, plot_mixture)
+        tracker.log_metrics({k: summary[k] for k in (
+            "total_train_tokens_all_rounds", "total_meta_tokens_all_rounds", "total_wall_seconds_all_rounds",
+            "influence_seconds", "influence_meta_tokens")})
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        tracker.log_artifact(out / "summary.json")
+        status = "FINISHED"
+        return summary
+    finally:
+        tracker.end(status)
+
+
+def _copy_round_metrics(tracker, round_run_id: str, prefixes=("curve/", "eval/")) -> None:
+    """The final round's loss curve (``curve/*``) and lm-eval scores
+    (``eval/*``, logged by ``raymix.eval`` to the round's run) on the IDEAL
+    run, where the report reads them; the eval JSON artifacts stay with the round."""
+    from collections import defaultdict
+
+    keys = [k for k in tracker.client.get_run(round_run_id).data.metrics if k.startswith(prefixes)]
+    by_step: dict[int, dict[str, float]] = defaultdict(dict)
+    for key in keys:
+        for m in tracker.client.get_metric_history(round_run_id, key):
+            by_step[m.step][key] = m.value
+    for step, metrics in sorted(by_step.items()):
+        tracker.log_metrics(metrics, step=step)
+
+
+def _combine(cfg: RunConfig, summaries: list[dict], rounds: list[dict], influence_meta: np.ndarray,
+             influence_seconds: float, tracker, wall: float, setup_seconds: float) -> dict:
+    """The IDEAL run's summary: the final round's, with the influence tokens
+    in the ledger's meta tokens and the compute of every round."""
+    last = summaries[-1]
+    summary = copy.deepcopy(last)
+    tasks = list(last["ledger"])
+    ledger = summary["ledger"]
+    for t, extra in zip(tasks, influence_meta.tolist()):
+        ledger[t]["meta_tokens"] += int(extra)
+    summary.update({
+        "policy": "ideal",
+        "identity": identity_hash(cfg),
+        "meta_tokens": last["meta_tokens"] + int(influence_meta.sum()),
+        "wall_seconds": wall,
+        "mlflow_run_id": tracker.run_id,
+        "mlflow_tracking_uri": tracker.uri,
+        "mlflow_experiment_id": tracker.experiment_id,
+        "final_round": {k: last[k] for k in ("train_tokens", "meta_tokens", "wall_seconds", "mlflow_run_id",
+                                             "identity")},
+        "influence_meta_tokens": int(influence_meta.sum()),
+        "influence_seconds": influence_seconds,
+        "total_train_tokens_all_rounds": int(sum(s["train_tokens"] for s in summaries)),
+        "total_meta_tokens_all_rounds": int(sum(s["meta_tokens"] for s in summaries) + influence_meta.sum()),
+        # The driver's setup (pool, tokenizer, Ray: what a single run's
+        # wall_seconds includes too), every round's wall time and the
+        # influence scoring, the latter two from their records so that a
+        # resumed driver still counts them; ``wall_seconds`` is this driver
+        # invocation's own time.
+        "total_wall_seconds_all_rounds": float(setup_seconds + sum(s["wall_seconds"] for s in summaries)
+                                               + influence_seconds),
+        "rounds_wall_seconds": [s["wall_seconds"] for s in summaries],
+        "ideal_rounds": rounds,
+    })
+    return summary

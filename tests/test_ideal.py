@@ -1,0 +1,108 @@
+"""IDEAL's pure parts: volumes, the step, round configs, config and identity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raymix.config import RunConfig, identity_hash, load_config
+from raymix.errors import RaymixError
+from raymix.ideal import reference_tasks, round_config
+from raymix.influence import ideal_volumes
+from raymix.policies import PoolInfo, build_policy
+from raymix.policies.ideal import initial_volumes, next_volumes, round_to_total, round_weights
+
+TASKS = ("a", "b", "c", "d")
+
+
+def _pool(budget: int = 1001, tokens=(100, 300, 500, 100)) -> PoolInfo:
+    return PoolInfo(TASKS, np.array(tokens), np.array(tokens) // 10, budget)
+
+
+def test_round_to_total_is_exact_and_close() -> None:
+    v = round_to_total(np.ones(3), 10)
+    assert v.sum() == 10 and sorted(v.tolist()) == [3, 3, 4]
+    w = round_to_total(np.array([0.2, 0.3, 0.5]), 7)
+    assert w.sum() == 7 and np.all(np.abs(w - np.array([0.2, 0.3, 0.5]) * 7) < 1)
+    with pytest.raises(ValueError):
+        round_to_total(np.zeros(2), 5)
+
+
+def test_initial_volumes_uniform_and_proportional() -> None:
+    pool = _pool()
+    uni = initial_volumes(load_config(None, ["policy.name=ideal"]).policy.ideal, pool)
+    assert uni.sum() == 1001 and uni.max() - uni.min() == 1
+    prop = initial_volumes(load_config(None, ["policy.name=ideal", "policy.ideal.init=proportional"]).policy.ideal,
+                           pool)
+    assert prop.sum() == 1001
+    np.testing.assert_allclose(prop, 1001 * np.array([1, 3, 5, 1]) / 10, atol=1)
+
+
+def test_registered_policy_is_the_round_one_static_mixture() -> None:
+    pool = _pool(budget=1000)
+    cfg = load_config(None, ["policy.name=ideal"]).policy
+    pol = build_policy(cfg, pool)
+    np.testing.assert_allclose(pol.initial_weights(), np.full(4, 0.25))
+    assert pol.update(None) is None  # static within a round
+
+
+def test_next_volumes_step_and_budget() -> None:
+    icfg = load_config(None, ["policy.name=ideal", "policy.ideal.m=0.2"]).policy.ideal
+    vol = np.array([250, 250, 250, 250])
+    scores = np.array([-2.0, 1.0, 0.0, 0.5])  # a helps, b hurts most
+    beta, new = next_volumes(vol, scores, icfg, 1000)
+    np.testing.assert_allclose(beta, [0.2, -0.1, 0.0, -0.05])
+    assert new.sum() == 1000 and new.dtype == np.int64
+    np.testing.assert_array_equal(new, ideal_volumes(vol, scores, 0.2, budget=1000, integer=True))
+    # (1 + β) n renormalised: 300, 225, 250, 237.5 scaled by 1000/1012.5.
+    np.testing.assert_allclose(new, np.array([300, 225, 250, 237.5]) * 1000 / 1012.5, atol=1)
+    assert new[0] > new[2] > new[3] > new[1]
+
+
+def test_round_config_is_a_static_mixture_of_the_volumes() -> None:
+    cfg = load_config(None, ["policy.name=ideal", "eval.suite=ood_embedded"])
+    w = round_weights(np.array([1, 2, 3, 4]), TASKS, 10)
+    assert w == {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4}
+    r1 = round_config(cfg, 1, w, "sqlite:///x.db")
+    r2 = round_config(cfg, 2, w, "sqlite:///x.db")
+    assert r1.policy.name == "static" and r1.policy.weights == w
+    assert r1.tracking.tracking_uri == "sqlite:///x.db" and r1.tracking.run_name == "ideal-round1"
+    assert r1.eval.suite is None and r2.eval.suite == "ood_embedded"  # lm-eval on the final round only
+    assert r1.seed == cfg.seed and r1.model == cfg.model and r1.train == cfg.train and r1.budget == cfg.budget
+
+
+def test_reference_tasks() -> None:
+    assert reference_tasks(load_config(None, ["policy.name=ideal"]), TASKS) == list(TASKS)
+    cfg = load_config(None, ["policy.name=ideal", "policy.ideal.reference_tasks=[c, a]"])
+    assert reference_tasks(cfg, TASKS) == ["c", "a"]
+    bad = load_config(None, ["policy.name=ideal", "policy.ideal.reference_tasks=[zz]"])
+    with pytest.raises(RaymixError, match=r"policy.ideal.reference_tasks: unknown task\(s\) \['zz'\]"):
+        reference_tasks(bad, TASKS)
+
+
+@pytest.mark.parametrize("override,field", [
+    ("policy.ideal.rounds=0", "policy.ideal.rounds"),
+    ("policy.ideal.m=1", "policy.ideal.m"),
+    ("policy.ideal.m=0", "policy.ideal.m"),
+    ("policy.ideal.damping=0", "policy.ideal.damping"),
+    ("policy.ideal.examples_per_task=0", "policy.ideal.examples_per_task"),
+    ("policy.ideal.reference_examples_per_task=0", "policy.ideal.reference_examples_per_task"),
+    ("policy.ideal.reference_tasks=[]", "policy.ideal.reference_tasks"),
+    ("policy.ideal.curvature=hessian", "policy.ideal.curvature"),
+    ("policy.ideal.params=first_block", "policy.ideal.params"),
+])
+def test_ideal_config_validation_names_the_field(override: str, field: str) -> None:
+    with pytest.raises(RaymixError, match=field.replace(".", r"\.")):
+        load_config(None, ["policy.name=ideal", override])
+
+
+def test_identity_of_existing_policies_is_unchanged() -> None:
+    # Hashes of the commit before policy.ideal existed.
+    assert identity_hash(RunConfig()) == "cfd04137b5601627"
+    assert identity_hash(load_config(None, ["policy.name=proportional"])) == "b594ce98d5f12b9c"
+    assert identity_hash(load_config(None, ["policy.name=adapt"])) == "4c6cf66cf227e14b"
+    # policy.ideal only counts for policy ideal.
+    assert identity_hash(load_config(None, ["policy.ideal.m=0.3"])) == identity_hash(RunConfig())
+    ideal = identity_hash(load_config(None, ["policy.name=ideal"]))
+    assert identity_hash(load_config(None, ["policy.name=ideal", "policy.ideal.m=0.3"])) != ideal
+    assert identity_hash(load_config(None, ["policy.name=ideal", "policy.ideal.curvature=kfac"])) != ideal
