@@ -137,6 +137,15 @@ def _trial(params: dict) -> None:
 
     from raymix.train import run
 
+    # Ray Tune runs a trial in its own log directory; relative paths in a
+    # space or --set (task files, models) mean the directory the sweep was
+    # started from, which Tune records as TUNE_ORIG_WORKING_DIR (locally the
+    # driver's; under ray job submit the job's working_dir on each node).
+    # RAY_CHDIR_TO_TRIAL_DIR=0 would keep it too, but must be in the trial
+    # actors' environment before they start, which a driver joining a
+    # running cluster does not control. Outputs use absolute paths.
+    if os.environ.get("TUNE_ORIG_WORKING_DIR"):
+        os.chdir(os.environ["TUNE_ORIG_WORKING_DIR"])
     cfg = load_config(None, list(params["overrides"]) + [
         f"tracking.tracking_uri={params['tracking_uri']}", f"tracking.experiment={params['experiment']}"])
     out = Path(params["sweep_dir"]) / "trials" / trial_name(cfg)

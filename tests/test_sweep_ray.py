@@ -23,6 +23,11 @@ def _sweep_cmd(out: Path, *extra: str) -> list[str]:
             "--set", "runtime.num_cpus=2", *extra]
 
 
+# Tasks given by a path relative to where the sweep starts: trials run in
+# Ray Tune's trial directories and must still find them.
+RELATIVE_TASKS = ["--set", "data.sources=[{kind: jsonl, path: tasks/tasks.jsonl}]"]
+
+
 @pytest.mark.timeout(900)
 def test_smoke_sweep_killed_driver_resume_and_report(tmp_path: Path) -> None:
     """The sweep driver is killed (SIGKILL, its whole process group, Ray
@@ -32,9 +37,13 @@ def test_smoke_sweep_killed_driver_resume_and_report(tmp_path: Path) -> None:
 
     env = {**os.environ, "RAYMIX_CACHE": str(tmp_path / "cache"), "RAY_ADDRESS": ""}
     env.pop("MLFLOW_TRACKING_URI", None)
+    from raymix.bench import write_synthetic_tasks
+
+    write_synthetic_tasks(tmp_path / "tasks", tasks=3, examples=60)
     out = tmp_path / "sweep"
     log = open(tmp_path / "first.log", "w")
-    p = subprocess.Popen(_sweep_cmd(out), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    p = subprocess.Popen(_sweep_cmd(out, *RELATIVE_TASKS), stdout=log, stderr=subprocess.STDOUT, env=env,
+                         start_new_session=True, cwd=tmp_path)
     t0 = time.monotonic()
     try:
         while p.poll() is None and not list(out.glob("trials/*/summary.json")):
@@ -50,7 +59,8 @@ def test_smoke_sweep_killed_driver_resume_and_report(tmp_path: Path) -> None:
     client = MlflowClient(state["tracking_uri"])
     assert client.get_run(state["parent_run_id"]).info.status == "RUNNING"  # killed, never ended
 
-    r = subprocess.run(_sweep_cmd(out, "--resume"), env=env, capture_output=True, text=True, timeout=800)
+    r = subprocess.run(_sweep_cmd(out, *RELATIVE_TASKS, "--resume"), env=env, capture_output=True, text=True,
+                       timeout=800, cwd=tmp_path)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "1 already finished, 1 to run" in r.stdout + r.stderr
     result = json.loads(r.stdout[r.stdout.rindex("{\n"):])
@@ -60,6 +70,7 @@ def test_smoke_sweep_killed_driver_resume_and_report(tmp_path: Path) -> None:
     children = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
     # Grid size, no duplicates: a trial cut mid-run continued its own run.
     assert sorted(r.data.params["policy.name"] for r in children) == ["proportional", "uniform"]
+    assert all(r.data.metrics["pool/num_tasks"] == 3 for r in children), "not the relative task file"
     assert all(r.info.status == "FINISHED" for r in children)
     assert len({r.data.tags["raymix.identity"] for r in children}) == 2
     assert client.get_run(result["parent_run_id"]).info.status == "FINISHED"
