@@ -87,9 +87,10 @@ def load_full_state(model, opt, model_state: dict, optimizer_state: dict) -> Non
     and ``opt``; every rank passes the whole state (each read the checkpoint)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    set_model_state_dict(model, model_state, options=_options())
+    # Copies: the setters replace the dicts' values with shards in place.
+    set_model_state_dict(model, dict(model_state), options=_options())
     names = _param_names(model, opt)
-    osd = {"state": {names[i]: v for i, v in optimizer_state["state"].items()},
+    osd = {"state": {names[i]: dict(v) for i, v in optimizer_state["state"].items()},
            "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
                             for g in optimizer_state["param_groups"]]}
     set_optimizer_state_dict(model, opt, osd, options=_options())

@@ -446,8 +446,7 @@ def train_loop(loop_cfg: dict, session=None) -> None:
         if fsdp:
             from raymix.fsdp import load_full_state
 
-            # Every rank read the whole checkpoint and keeps its own shard
-            # (the dicts are consumed: converted in place).
+            # Every rank read the whole checkpoint and keeps its own shard.
             load_full_state(model, opt, restored["model"], restored["optimizer"])
         else:
             raw_model.load_state_dict(restored["model"])

@@ -48,6 +48,7 @@ def _step(model, opt, rank: int, world: int, ranks, sharded: bool):
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
+    import copy
     import os
 
     import torch.distributed as dist
@@ -61,10 +62,12 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         model = shard_model(_tiny_llama(), torch.device("cpu"))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         norm = _step(model, opt, rank, world, [rank], sharded=True)
-        state, optim = full_model_state(model), full_optimizer_state(model, opt, rank)
+        # Copied as a checkpoint writes them (optimizer.state_dict(), like
+        # this, refers to the live step counters).
+        state, optim = copy.deepcopy((full_model_state(model), full_optimizer_state(model, opt, rank)))
         # Resume: a fresh sharded model loads the full state and takes the
         # next step exactly as the original does.
-        both = [state, optim]
+        both = copy.deepcopy([state, optim])  # the loaded optimizer goes on from these tensors
         dist.broadcast_object_list(both, src=0)
         again = shard_model(_tiny_llama(), torch.device("cpu"))
         again_opt = torch.optim.AdamW(again.parameters(), lr=1e-2)
