@@ -475,6 +475,9 @@ class EvalConfig:
     """Task directory for the ``ni_heldout`` suite."""
 
 
+PARALLELISMS = ("ddp", "fsdp")
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     """Resources. Not part of a run's identity: they change speed, not results
@@ -504,8 +507,20 @@ class RuntimeConfig:
     mixer_max_restarts: int = 3
     """Restarts of the mixer actor after its process dies; rank 0 then
     reloads the last checkpoint's mixer state and re-syncs the ledger."""
+    parallelism: str = "ddp"
+    """How workers share the model: ``ddp`` (each worker holds a full copy;
+    gradients all-reduced) or ``fsdp`` (PyTorch FSDP2: parameters, gradients
+    and optimizer state sharded over the workers, per decoder layer, for models
+    whose training state does not fit one device). Same results either way,
+    up to floating-point reduction order; needs ``runtime.num_workers >= 1``."""
 
     def __post_init__(self) -> None:
+        if self.parallelism not in PARALLELISMS:
+            raise RaymixError(f"runtime.parallelism must be one of {', '.join(PARALLELISMS)}, "
+                              f"got {self.parallelism!r}{_suggest(self.parallelism, PARALLELISMS)}")
+        if self.parallelism == "fsdp" and self.num_workers == 0:
+            raise RaymixError("runtime.parallelism=fsdp shards the model over Ray Train workers: "
+                              "it needs runtime.num_workers >= 1, got 0")
         if self.max_failures < -1:
             raise RaymixError(f"runtime.max_failures must be >= -1, got {self.max_failures}")
         if self.mixer_max_restarts < -1:
@@ -541,7 +556,7 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        from raymix.policies import POLICIES  # late import: policies import config types
+        from raymix.policies import POLICIES, policy_needs_meta  # late import: policies import config types
 
         if self.policy.name not in POLICIES:
             raise RaymixError(
@@ -549,6 +564,15 @@ class RunConfig:
                 f"choose one of {', '.join(sorted(POLICIES))}"
                 f"{_suggest(self.policy.name, POLICIES)}"
             )
+        if self.runtime.parallelism == "fsdp" and (policy_needs_meta(self.policy.name)
+                                                  or self.policy.name == "gradex"):
+            # ADAPT's meta step runs a different number of forwards on each
+            # worker and takes autograd.grad on a parameter subset, and GradEx
+            # runs on rank 0 alone: with sharded parameters every forward is a
+            # collective over all workers, so neither is correct under FSDP.
+            raise RaymixError(f"policy.name={self.policy.name} needs the full model on every worker: "
+                              "use runtime.parallelism=ddp (runtime.parallelism=fsdp supports the "
+                              "policies without a model-side meta step)")
 
 
 # --------------------------------------------------------------------------

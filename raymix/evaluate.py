@@ -126,16 +126,26 @@ class CurveEvaluator:
     """Per-task validation loss on a fixed subset, sharded over ranks and
     all-reduced, at evenly spaced fractions of the budget."""
 
-    def __init__(self, pool, per_task: int, rank: int, world: int, pad_id: int, batch_size: int, device):
+    def __init__(self, pool, per_task: int, rank: int, world: int, pad_id: int, batch_size: int, device,
+                 lockstep: bool = False):
         self.tasks = pool.tasks
         self.examples, self.owner = [], []
+        per_rank = [0] * world
+        self.filler = None  # any example, for lockstep forwards on a rank with none of its own
         for i, task in enumerate(pool.tasks):
             rows = read_split(pool.shard_dir("val", task), ["input_ids", "prompt_len"])
             for j, (ids, plen) in enumerate(zip(rows["input_ids"][:per_task], rows["prompt_len"][:per_task])):
+                per_rank[(i * per_task + j) % world] += 1
+                if self.filler is None:
+                    self.filler = [(np.asarray(ids, dtype=np.int64), int(plen))]
                 if (i * per_task + j) % world == rank:
                     self.examples.append((np.asarray(ids, dtype=np.int64), int(plen)))
                     self.owner.append(i)
         self.pad_id, self.batch_size, self.device = pad_id, batch_size, device
+        # Under FSDP every forward is a collective (it gathers each layer's
+        # shards from all ranks): every rank must run as many as the busiest
+        # one, so a rank with fewer examples repeats a batch and drops it.
+        self.forwards = -(-max(per_rank) // batch_size) if lockstep else None
 
     def __call__(self, model, all_reduce) -> tuple[np.ndarray, np.ndarray]:
         """(val loss per task, tokens read per task), identical on all ranks."""
@@ -145,14 +155,19 @@ class CurveEvaluator:
         sums = torch.zeros(3, T, dtype=torch.float64)
         was_training = model.training
         model.eval()
+        starts = list(range(0, len(self.examples), self.batch_size))
         with torch.no_grad():
-            for s in range(0, len(self.examples), self.batch_size):
+            for s in starts:
                 batch = collate(self.examples[s : s + self.batch_size], self.pad_id)
                 nll, cnt = token_nll(model, batch, self.device)
                 owner = torch.tensor(self.owner[s : s + self.batch_size])
                 sums[0].index_add_(0, owner, nll.double().cpu())
                 sums[1].index_add_(0, owner, cnt.double().cpu())
                 sums[2].index_add_(0, owner, batch["attention_mask"].sum(1).double())
+            if self.forwards is not None and self.forwards > len(starts):
+                filler = collate(self.examples[: self.batch_size] or self.filler, self.pad_id)
+                for _ in range(self.forwards - len(starts)):
+                    token_nll(model, filler, self.device)  # result unused: only keeps the collectives paired
         model.train(was_training)
         all_reduce(sums)
         with np.errstate(invalid="ignore", divide="ignore"):

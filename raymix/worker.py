@@ -124,9 +124,13 @@ class RayTrainSession:
 
         return ray.train.torch.get_device()
 
-    def prepare_model(self, model):
+    def prepare_model(self, model, parallelism: str = "ddp"):
         import ray.train.torch
 
+        if parallelism == "fsdp":
+            from raymix.fsdp import shard_model
+
+            return shard_model(model, self.device())
         return ray.train.torch.prepare_model(model)
 
     def checkpoint_dir(self) -> str | None:
@@ -162,7 +166,8 @@ class InProcessSession:
 
         return torch.device("cuda" if self.use_gpu and torch.cuda.is_available() else "cpu")
 
-    def prepare_model(self, model):
+    def prepare_model(self, model, parallelism: str = "ddp"):
+        # One rank: nothing to shard (config refuses fsdp with num_workers=0).
         return model.to(self.device())
 
     def checkpoint_dir(self) -> str | None:
@@ -254,8 +259,10 @@ def train_loop(loop_cfg: dict, session=None) -> None:
     model = AutoModelForCausalLM.from_pretrained(loop_cfg["init_model_dir"], dtype=torch.float32)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = session.prepare_model(model)
+    model = session.prepare_model(model, cfg.runtime.parallelism)
+    # FSDP2 shards in place (no wrapper): the model is its own raw model.
     raw_model = model.module if hasattr(model, "module") else model
+    fsdp = cfg.runtime.parallelism == "fsdp"  # config refuses it without workers (a process group)
     decay, no_decay = [], []
     for name, p in raw_model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
@@ -333,7 +340,7 @@ def train_loop(loop_cfg: dict, session=None) -> None:
         from raymix.evaluate import CurveEvaluator
 
         curve = CurveEvaluator(pool, cfg.eval.curve_examples_per_task, rank, world, pad_id,
-                               cfg.eval.batch_size, device)
+                               cfg.eval.batch_size, device, lockstep=fsdp)
     next_curve = 1
     curve_seconds = 0.0
     curve_log: list = []
@@ -370,6 +377,14 @@ def train_loop(loop_cfg: dict, session=None) -> None:
     def _save_checkpoint(reason: str, metrics: dict) -> None:
         nonlocal pending, sync_tokens, sync_loss
         state = capture(reason)
+        if fsdp:
+            from raymix.fsdp import full_model_state, full_optimizer_state
+
+            # Collectives (every rank gathers its shards to rank 0): before
+            # the other ranks leave below. The same format as under DDP.
+            model_state, optimizer_state = full_model_state(model), full_optimizer_state(model, opt, rank)
+        elif rank == 0:
+            model_state, optimizer_state = raw_model.state_dict(), opt.state_dict()
         if metrics_log is not None:
             metrics_log.flush()  # the metrics up to a checkpoint are stored before it is
         if rank != 0:
@@ -385,8 +400,8 @@ def train_loop(loop_cfg: dict, session=None) -> None:
         sync_tokens[:] = 0
         sync_loss[:] = 0
         state["mixer"] = mixer.snapshot()
-        state["model"] = raw_model.state_dict()
-        state["optimizer"] = opt.state_dict()
+        state["model"] = model_state
+        state["optimizer"] = optimizer_state
         report_checkpoint(session, {**metrics, "checkpoint_reason": reason}, lambda d: write_state(d, state),
                           local_dir, f"{step:08d}-{reason}", keep)
         print(f"[raymix] checkpoint ({reason}) at {train_tokens} train tokens, step {step}", flush=True)
@@ -428,8 +443,14 @@ def train_loop(loop_cfg: dict, session=None) -> None:
         if restored["world"] != world:
             raise RuntimeError(f"the checkpoint was written by {restored['world']} workers, this run has "
                                f"{world}: resume with runtime.num_workers={restored['world']}")
-        raw_model.load_state_dict(restored["model"])
-        opt.load_state_dict(restored["optimizer"])
+        if fsdp:
+            from raymix.fsdp import load_full_state
+
+            # Every rank read the whole checkpoint and keeps its own shard.
+            load_full_state(model, opt, restored["model"], restored["optimizer"])
+        else:
+            raw_model.load_state_dict(restored["model"])
+            opt.load_state_dict(restored["optimizer"])
         mine = restored["ranks"][rank]
         rng.bit_generator.state = mine["rng"]
         torch.set_rng_state(mine["torch_rng"])
@@ -477,7 +498,13 @@ def train_loop(loop_cfg: dict, session=None) -> None:
         n_completion = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in micro)
         step_stats = np.zeros((3, T))  # tokens, loss sum, loss count per task
         for k, (idx, batch) in enumerate(micro):
-            sync_ctx = model.no_sync() if (distributed and k < accum - 1) else contextlib.nullcontext()
+            if fsdp:
+                # FSDP2's no_sync: gradients stay unsharded and accumulate
+                # locally until the last micro-batch reduce-scatters them.
+                model.set_requires_gradient_sync(k == accum - 1)
+                sync_ctx = contextlib.nullcontext()
+            else:
+                sync_ctx = model.no_sync() if (distributed and k < accum - 1) else contextlib.nullcontext()
             with sync_ctx, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 nll, cnt = token_nll(model, batch, device)
                 loss = nll.sum() / max(1, n_completion)
@@ -499,6 +526,8 @@ def train_loop(loop_cfg: dict, session=None) -> None:
                        f"of {budget}); lower train.lr or check the data")
             break
         if cfg.train.grad_clip > 0:
+            # Under FSDP the gradients are DTensor shards: clip_grad_norm_
+            # reduces the norm over the workers, so every rank clips alike.
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -626,14 +655,27 @@ def train_loop(loop_cfg: dict, session=None) -> None:
     if gradex_at is not None:
         metrics["gradex"] = gradex_report
         metrics["gradex_scores_only"] = scores_only_stop
+    final_model = raw_model
+    if fsdp:
+        from raymix.fsdp import full_model_state
+
+        # Rank 0 alone evaluates and saves: with sharded parameters each of
+        # its forwards would wait on the other ranks, so it rebuilds the
+        # unsharded model from the gathered state (a collective) instead.
+        full = full_model_state(model)
+        if rank == 0:
+            final_model = AutoModelForCausalLM.from_pretrained(loop_cfg["init_model_dir"], dtype=torch.float32)
+            final_model.load_state_dict(full)
+            final_model.to(device)
+        del full
     if rank == 0:
         t_eval = time.perf_counter()
-        val = validation_losses(raw_model, pool, pad_id, cfg.eval.batch_size, device)
-        em = exact_match(raw_model, tokenizer, pool, cfg.eval.max_test_examples, cfg.eval.max_new_tokens,
+        val = validation_losses(final_model, pool, pad_id, cfg.eval.batch_size, device)
+        em = exact_match(final_model, tokenizer, pool, cfg.eval.max_test_examples, cfg.eval.max_new_tokens,
                          cfg.eval.batch_size, device)
         metrics["eval_seconds"] = time.perf_counter() - t_eval
         def write_final(d: str) -> None:
-            raw_model.save_pretrained(d)
+            final_model.save_pretrained(d)
             tokenizer.save_pretrained(d)
             metrics["reported_at"] = time.time()  # after saving the model, before persisting
             with open(os.path.join(d, "raymix_eval.json"), "w") as f:

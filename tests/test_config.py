@@ -412,6 +412,7 @@ def test_identity_hash_is_stable() -> None:
         "runtime.use_gpu=true",
         "runtime.cpus_per_worker=2",
         "runtime.torch_threads=8",
+        "runtime.parallelism=fsdp",
         "tracking.run_name=other",
         "tracking.experiment=exp2",
         "tracking.tracking_uri=http://localhost:5000",
@@ -420,6 +421,20 @@ def test_identity_hash_is_stable() -> None:
 )
 def test_identity_hash_ignores_runtime(override: str) -> None:
     assert identity_hash(load_config(None, [override])) == identity_hash(RunConfig())
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["runtime.parallelism=fdsp"], r"runtime.parallelism must be one of ddp, fsdp, got 'fdsp' \(did you mean 'fsdp'"),
+        (["runtime.parallelism=fsdp", "runtime.num_workers=0"], r"runtime.parallelism=fsdp .* runtime.num_workers >= 1"),
+        (["runtime.parallelism=fsdp", "policy.name=adapt"], r"policy.name=adapt .* runtime.parallelism=ddp"),
+        (["runtime.parallelism=fsdp", "policy.name=gradex"], r"policy.name=gradex .* runtime.parallelism=ddp"),
+    ],
+)
+def test_parallelism_is_validated(overrides: list, message: str) -> None:
+    with pytest.raises(RaymixError, match=message):
+        load_config(None, overrides)
 
 
 @pytest.mark.parametrize(

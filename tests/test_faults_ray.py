@@ -216,3 +216,22 @@ def test_local_mode_driver_kill_resumes_exactly(tmp_path: Path, env: dict) -> No
     assert a["ledger"] == b["ledger"]
     assert a["val_loss"] == b["val_loss"]
     assert a["curve"] == b["curve"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("first, then", [("fsdp", "ddp"), ("ddp", "fsdp")])
+def test_checkpoint_resumes_under_the_other_parallelism(tmp_path: Path, env: dict, first: str, then: str) -> None:
+    """A run under one runtime.parallelism, its driver killed after a
+    checkpoint, resumes under the other (a runtime field, so --resume accepts
+    the change) from that checkpoint: FSDP writes and reads the DDP format."""
+    out = tmp_path / first
+    rc, log = _run_and_kill(out, env, None, ["policy.name=uniform", f"runtime.parallelism={first}"],
+                            kill_group=True)
+    assert rc != 0
+    p = subprocess.run(_cmd(out, ["policy.name=uniform", f"runtime.parallelism={then}"]) + ["--resume"], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    assert "restored from checkpoint" in p.stdout + p.stderr
+    summary = _check_finished(out)
+    assert summary["restores"] == 1
