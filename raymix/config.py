@@ -484,7 +484,7 @@ class RuntimeConfig:
     (up to floating-point reduction order across workers)."""
 
     num_workers: int = 2
-    """Ray Train workers (DDP). 0 is Ray Train's local mode: the training
+    """Ray Train workers (DDP or FSDP: ``runtime.parallelism``). 0 is Ray Train's local mode: the training
     function runs in the calling process (no worker actors to start; no
     worker fault tolerance), which suits small runs on a laptop."""
     cpus_per_worker: float = 0.5
