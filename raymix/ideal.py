@@ -31,7 +31,7 @@ from typing import Optional
 
 import numpy as np
 
-from raymix.config import RunConfig, identity_hash, to_yaml
+from raymix.config import RunConfig, identity_hash
 from raymix.errors import RaymixError
 
 SCORES_FILE = "ideal_scores.json"
@@ -141,38 +141,23 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
     """``raymix.train.run`` for ``policy.name=ideal``: same contract (summary.json, one MLflow run)."""
     from raymix.policies import PoolInfo
     from raymix.policies.ideal import initial_volumes, next_volumes, round_weights
-    from raymix.tracking import RunTracker, plot_mixture
+    from raymix.tracking import plot_mixture
     from raymix.train import (
-        RUN_FILE,
         _log_summary,
         budget_tokens,
-        check_resumable,
         init_ray,
+        open_tracker,
         prepare_model_and_data,
+        prepare_output,
         resolve_suite,
     )
 
-    out = Path(output_dir).resolve()
-    if (out / "summary.json").exists():
-        raise RaymixError(f"--output {out} already holds a finished run (summary.json); choose another directory")
-    saved = check_resumable(cfg, out) if resume else None
-    if not resume and (out / RUN_FILE).exists():
-        raise RaymixError(f"--output {out} holds an unfinished run ({RUN_FILE}); pass --resume to continue "
-                          "it (finished rounds are kept), or choose another directory")
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (out / "config.yaml").write_text(to_yaml(cfg))
+    out, saved = prepare_output(cfg, output_dir, resume, "it (finished rounds are kept)")
     t0 = time.perf_counter()
     resolve_suite(cfg)  # an unusable suite fails before round 1, not after round R
+    tracker = open_tracker(cfg, out, parent_run_id, saved)
     if saved:
-        tracker = RunTracker(cfg, out, resume_run_id=saved["mlflow_run_id"], resume_uri=saved["mlflow_tracking_uri"])
         print(f"[raymix] ideal: resuming MLflow run {tracker.run_id} in {out}", flush=True)
-    else:
-        tracker = RunTracker(cfg, out, parent_run_id)
-        (out / RUN_FILE).write_text(json.dumps({
-            "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.uri,
-            "mlflow_experiment_id": tracker.experiment_id, "identity": identity_hash(cfg),
-            "started": time.time()}, indent=1))
     status = "FAILED"
     try:
         if not saved:

@@ -162,6 +162,42 @@ def check_resumable(cfg: RunConfig, out: Path) -> dict:
     return saved
 
 
+def prepare_output(cfg: RunConfig, output_dir: str | Path, resume: bool, continue_hint: str
+                   ) -> tuple[Path, Optional[dict]]:
+    """The run's folder, checked before anything is written (a finished run
+    is never overwritten, an unfinished one only continued with --resume),
+    with its config.yaml; and the saved run to continue, if resuming."""
+    # Absolute: Ray workers do not share the driver's working directory.
+    out = Path(output_dir).resolve()
+    if (out / "summary.json").exists():
+        raise RaymixError(
+            f"--output {out} already holds a finished run (summary.json); choose another directory"
+        )
+    saved = check_resumable(cfg, out) if resume else None
+    if not resume and (out / RUN_FILE).exists():
+        raise RaymixError(f"--output {out} holds an unfinished run ({RUN_FILE}); pass --resume to continue "
+                          f"{continue_hint}, or choose another directory")
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    return out, saved
+
+
+def open_tracker(cfg: RunConfig, out: Path, parent_run_id: Optional[str], saved: Optional[dict]):
+    """The run's MLflow run: the saved one continued, or a new one recorded
+    in OUTPUT/run.json (what --resume finds)."""
+    from raymix.tracking import RunTracker
+
+    if saved:
+        return RunTracker(cfg, out, resume_run_id=saved["mlflow_run_id"], resume_uri=saved["mlflow_tracking_uri"])
+    tracker = RunTracker(cfg, out, parent_run_id)
+    (out / RUN_FILE).write_text(json.dumps({
+        "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.uri,
+        "mlflow_experiment_id": tracker.experiment_id, "identity": identity_hash(cfg),
+        "started": time.time()}, indent=1))
+    return tracker
+
+
 def run(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = None,
         resume: bool = False) -> dict:
     """Train under the budget, evaluate, write summary.json; return the summary.
@@ -176,32 +212,14 @@ def run(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = N
         return run_ideal(cfg, output_dir, parent_run_id, resume)
     from raymix.data import pool_summary
     from raymix.policies import PoolInfo
-    from raymix.tracking import RunTracker, plot_mixture
+    from raymix.tracking import plot_mixture
 
-    # Absolute: Ray workers do not share the driver's working directory.
-    out = Path(output_dir).resolve()
-    if (out / "summary.json").exists():
-        raise RaymixError(
-            f"--output {out} already holds a finished run (summary.json); choose another directory"
-        )
-    saved = check_resumable(cfg, out) if resume else None
-    if not resume and (out / RUN_FILE).exists():
-        raise RaymixError(f"--output {out} holds an unfinished run ({RUN_FILE}); pass --resume to continue "
-                          "it from its last checkpoint, or choose another directory")
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (out / "config.yaml").write_text(to_yaml(cfg))
+    out, saved = prepare_output(cfg, output_dir, resume, "it from its last checkpoint")
     t0 = time.perf_counter()
     suite = resolve_suite(cfg)
+    tracker = open_tracker(cfg, out, parent_run_id, saved)
     if saved:
-        tracker = RunTracker(cfg, out, resume_run_id=saved["mlflow_run_id"], resume_uri=saved["mlflow_tracking_uri"])
         print(f"[raymix] resuming MLflow run {tracker.run_id} from the latest checkpoint in {out}", flush=True)
-    else:
-        tracker = RunTracker(cfg, out, parent_run_id)
-        (out / RUN_FILE).write_text(json.dumps({
-            "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.uri,
-            "mlflow_experiment_id": tracker.experiment_id, "identity": identity_hash(cfg),
-            "started": time.time()}, indent=1))
     status = "FAILED"
     try:
         if not saved:
