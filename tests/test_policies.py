@@ -320,3 +320,15 @@ def test_cap_mixture_property_random() -> None:
         if free.sum() >= 2:
             ratio = alloc[free] / normalise(w)[free]
             np.testing.assert_allclose(ratio, ratio[0], rtol=1e-6)
+
+
+def test_policies_and_mixer_do_not_import_torch() -> None:
+    """The mixer actor builds policies: importing them must not load torch
+    (about 180 MiB more for an actor that does numpy arithmetic)."""
+    import subprocess
+    import sys
+
+    code = "import sys, raymix.mixer, raymix.policies; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

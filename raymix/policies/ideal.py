@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 
 from raymix.config import IdealConfig, PolicyConfig
-from raymix.influence import ideal_step, ideal_volumes
 from raymix.policies.base import PoolInfo, register_policy
 from raymix.policies.static import StaticPolicy
 
@@ -45,6 +44,10 @@ def next_volumes(volumes: np.ndarray, scores: np.ndarray, cfg: IdealConfig, budg
                  ) -> tuple[np.ndarray, np.ndarray]:
     """(β, the next round's volumes): β_j = -m·s_j/max|s|, n_j ← (1+β_j)·n_j,
     renormalised to the budget with exact integer rounding."""
+    # Imported here: raymix.influence needs torch, and every process that
+    # builds a policy (the mixer actor among them) imports this module.
+    from raymix.influence import ideal_step, ideal_volumes
+
     beta = ideal_step(scores, cfg.m)
     return beta, ideal_volumes(volumes, scores, cfg.m, budget=int(budget), integer=True)
 
