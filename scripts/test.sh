@@ -10,7 +10,8 @@ if [ -z "${RAYMIX_NI_SAMPLE:-}" ] && [ -d ../shared/data/ni-sample ]; then
   export RAYMIX_NI_SAMPLE="$(cd ../shared/data/ni-sample && pwd)"
 fi
 # RAYMIX_TESTS=all adds the slow tests (killed workers, mixer actor and
-# driver; ray job submit): about 10 more minutes on 2 cores. CI sets it.
+# driver; resume across parallelisms; ray job submit): about 13 more minutes
+# on 2 cores. CI sets it.
 if [ "${RAYMIX_TESTS:-}" = "all" ]; then
   exec .venv/bin/python -m pytest -m "slow or not slow" "$@"
 fi
