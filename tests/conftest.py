@@ -18,6 +18,20 @@ def one_torch_thread():
     torch.set_num_threads(prev)
 
 
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    """A local Ray for one test module, sized for a 2-core machine; the
+    pool cache is a temporary folder unless RAYMIX_CACHE is set."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAYMIX_CACHE", str(tmp_path_factory.mktemp("cache")))
+    ray.init(num_cpus=2, object_store_memory=200_000_000, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
 def tiny_llama(vocab_size: int):
     """A float64 Llama with one block of width 8 and tied embeddings, seeded:
     small enough for dense reference solves and exact fine-tuning."""

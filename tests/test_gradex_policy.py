@@ -5,7 +5,6 @@ vs train tokens, the verification's fields, MLflow, and scores_only."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -125,16 +124,6 @@ SMALL = [
     "policy.gradex.finetune_steps=2",
     "policy.gradex.max_tasks=5",
 ]
-
-
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    import ray
-
-    os.environ.setdefault("RAYMIX_CACHE", str(tmp_path_factory.mktemp("cache")))
-    ray.init(num_cpus=2, object_store_memory=200_000_000, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.ray

@@ -36,18 +36,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    import os
-
-    import ray
-
-    os.environ.setdefault("RAYMIX_CACHE", str(tmp_path_factory.mktemp("cache")))
-    ray.init(num_cpus=2, object_store_memory=200_000_000, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.timeout(600)
 def test_ideal_two_rounds_end_to_end(ray_local, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient

@@ -36,16 +36,6 @@ SMALL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ray_local(tmp_path_factory):
-    import ray
-
-    os.environ.setdefault("RAYMIX_CACHE", str(tmp_path_factory.mktemp("cache")))
-    ray.init(num_cpus=2, object_store_memory=200_000_000, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def _mlflow_run(summary: dict):
     from mlflow.tracking import MlflowClient
 
