@@ -8,6 +8,10 @@ verbatim (flattened) as MLflow params.
 Identity vs runtime: every section except ``runtime`` and ``tracking`` changes
 the result and goes into :func:`identity_hash`; ``runtime`` (workers, CPUs,
 threads) and ``tracking`` only change speed or where results are written.
+
+Over 500 lines on purpose: it is the one reference of every field a user can
+set (each with its docstring and its checks), read top to bottom; the README
+points here, and the YAML round trip below serves all sections alike.
 """
 
 from __future__ import annotations
@@ -220,7 +224,7 @@ CURVATURES = ("identity", "diag_fisher", "kfac", "ekfac")
 @dataclass(frozen=True)
 class IdealConfig:
     """IDEAL: per-task volumes moved by influence scores between training
-    rounds, each round retrained from the base model (see ``raymix.ideal``)."""
+    rounds, each round retrained from the base model (see ``raymix.driver.ideal``)."""
 
     rounds: int = 2
     """R: training rounds; influence is scored after each of the first R-1."""
@@ -264,7 +268,7 @@ class IdealConfig:
 
 @dataclass(frozen=True)
 class GradexConfig:
-    """GradEx (first-order subset estimation, see ``raymix.gradex``): train on
+    """GradEx (first-order subset estimation, see ``raymix.policies.gradex.estimator``): train on
     the uniform mixture for ``meta_share`` of the budget (the meta
     initialisation), estimate the fine-tuned target loss of random task
     subsets from projected per-example gradients, score and select tasks,
@@ -556,7 +560,7 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
-        from raymix.policies import POLICIES, policy_needs_meta  # late import: policies import config types
+        from raymix.registry import POLICIES  # filled when raymix.policies is imported (raymix/__init__.py)
 
         if self.policy.name not in POLICIES:
             raise RaymixError(
@@ -564,12 +568,11 @@ class RunConfig:
                 f"choose one of {', '.join(sorted(POLICIES))}"
                 f"{_suggest(self.policy.name, POLICIES)}"
             )
-        if self.runtime.parallelism == "fsdp" and (policy_needs_meta(self.policy.name)
-                                                  or self.policy.name == "gradex"):
-            # ADAPT's meta step runs a different number of forwards on each
-            # worker and takes autograd.grad on a parameter subset, and GradEx
-            # runs on rank 0 alone: with sharded parameters every forward is a
-            # collective over all workers, so neither is correct under FSDP.
+        if self.runtime.parallelism == "fsdp" and not POLICIES[self.policy.name].fsdp:
+            # A signal that runs a different number of forwards on each worker
+            # (ADAPT's meta step, with autograd.grad on a parameter subset) or
+            # on rank 0 alone (GradEx) is not correct when every forward is a
+            # collective over all workers, as under FSDP (the registry says which).
             raise RaymixError(f"policy.name={self.policy.name} needs the full model on every worker: "
                               "use runtime.parallelism=ddp (runtime.parallelism=fsdp supports the "
                               "policies without a model-side meta step)")

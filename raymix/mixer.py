@@ -189,6 +189,41 @@ def start_mixer_actor(name: str, policy_cfg: PolicyConfig, pool: PoolInfo, max_e
     )
 
 
+class LocalMixerClient:
+    """Rank 0's side of a :class:`Mixer` in the same process, with
+    :class:`MixerClient`'s interface: for running the training loop without
+    Ray (tests, tools). A reply is its own reference."""
+
+    restarts = 0
+
+    def __init__(self, mixer: Mixer):
+        self.mixer = mixer
+        self.pid = os.getpid()
+
+    def report(self, train_tokens, loss_sum=None, loss_count=None, meta_tokens=None, meta=None) -> dict:
+        return self.mixer.report(list(map(int, train_tokens)), loss_sum, loss_count,
+                                 None if meta_tokens is None else list(map(int, meta_tokens)), meta)
+
+    def get(self, reply: dict) -> dict:
+        return reply
+
+    def applied(self, version: int, token_offset: int, weights: list[float]) -> None:
+        self.mixer.applied(version, token_offset, weights)
+
+    def call(self, method: str, *args):
+        return getattr(self.mixer, method)(*args)
+
+    def snapshot(self) -> dict:
+        return self.mixer.state_dict()
+
+    def reset(self) -> dict:
+        return self.mixer.reset()
+
+    def restore(self, state: dict) -> dict:
+        self.mixer.load_state_dict(state)
+        return self.mixer.mixture()
+
+
 class MixerClient:
     """Rank 0's side of the mixer actor.
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from raymix.errors import RaymixError
+from raymix.policies import POLICIES, resolve
 
 METRICS = [
     ("worst_val_loss", "worst val loss", "{:.3f}"),
@@ -36,17 +37,10 @@ METRICS = [
     ("total_wall_seconds_all_rounds", "wall s, all rounds", "{:.0f}"),
 ]
 
-GRADEX_METRICS = [
-    ("gradex/relative_error", "relative error", "{:.4f}"),
-    ("gradex/max_relative_error", "max relative error", "{:.4f}"),
-    ("gradex/change_relative_error", "error / change", "{:.3f}"),
-    ("gradex/spearman", "Spearman", "{:.3f}"),
-    ("gradex/speedup", "speed-up", "{:.1f}"),
-    ("gradex/speedup_with_gradients", "speed-up incl. gradients", "{:.1f}"),
-    ("gradex/num_selected", "tasks selected", "{:.1f}"),
-]
 
-STATIC_POLICIES = {"uniform", "proportional", "temperature", "unimax", "static", "schedule"}
+def _static_policies() -> set[str]:
+    """Fixed mixtures: the baselines that effective tokens are measured against."""
+    return {name for name, spec in POLICIES.items() if spec.static}
 
 
 def _curve(client, run_id: str) -> list[tuple[float, float]]:
@@ -67,7 +61,7 @@ def add_effective_tokens(client, df):
     df["effective_tokens"] = np.nan
     curves = {r: _curve(client, r) for r in df["run_id"]}
     for _, g in df.groupby(["model", "budget_value"]):
-        static = g[g["policy"].isin(STATIC_POLICIES)]
+        static = g[g["policy"].isin(_static_policies())]
         finals = {idx: curves[r][-1][1] for idx, r in static["run_id"].items() if curves[r]}
         if not finals:
             continue
@@ -280,14 +274,10 @@ def write_report(tracking_uri: str, experiment: str, out: str | Path, space_file
     ]
     if eval_keys:
         lines += ["## Evaluation", "", *_table(df, [(k, k[len("eval/"):], "{:.3f}") for k in eval_keys]), ""]
-    if "gradex/relative_error" in df:
-        lines += ["## GradEx: estimated vs actually fine-tuned target loss", "",
-                  "Per run, on its held-out subsets (policy.gradex.verify_subsets): mean and max |L̂ - L| / L, "
-                  "the error relative to how far fine-tuning moved the loss (Σ|L̂ - L| / Σ|L - L(θ0)|), "
-                  "Spearman's rank correlation across the subsets, and the time of fine-tuning the M scored "
-                  "subsets (extrapolated from the measured ones) over the time of estimating them, without and "
-                  "with the one-off gradient projection. Published: about 1% error, about 30x faster.", "",
-                  *_table(df[df["policy"] == "gradex"], GRADEX_METRICS), ""]
+    for name in sorted(set(df["policy"])):
+        spec = POLICIES.get(name)
+        if spec is not None and spec.report_section is not None:
+            lines += resolve(spec.report_section)(df[df["policy"] == name], _table)
     _plot_metrics(df, ["worst_val_loss", "mean_val_loss", "mean_test_exact_match"], out / "metrics_vs_budget.png")
     lines += ["## Plots", "", "![metrics against budget](metrics_vs_budget.png)", ""]
     if _plot_mixtures(client, df, out / "mixtures.png"):

@@ -3,7 +3,7 @@
     python -m raymix.sweep --space tune_spaces/quickstart.yaml [--set key=value ...]
                            [--output DIR] [--resume] [--no-report]
 
-Each trial is one budgeted run (``raymix.train.run``: a Tune function
+Each trial is one budgeted run (``raymix.driver.run``: a Tune function
 trainable that launches a ``TorchTrainer``, the Ray Train V2 pattern) with its
 own MLflow run nested under the sweep's parent run. Trials are named by an
 identity hash of the fields that change results, so ``--resume`` after a
@@ -135,7 +135,7 @@ def _trial(params: dict) -> None:
     """The Tune function trainable: one budgeted run, its metrics reported to Tune."""
     from ray import tune
 
-    from raymix.train import run
+    from raymix.driver import run
 
     # Ray Tune runs a trial in its own log directory; relative paths in a
     # space or --set (task files, models) mean the directory the sweep was
@@ -192,8 +192,8 @@ def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, re
     from mlflow.tracking import MlflowClient
     from ray import tune
 
+    from raymix.driver.setup import init_ray, prepare_model_and_data
     from raymix.tracking import check_reachable
-    from raymix.train import init_ray, prepare_model_and_data
 
     configs = space.configs(extra)
     sweep_dir = output.resolve()

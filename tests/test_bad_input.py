@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from raymix.config import load_config
+from raymix.driver.setup import budget_tokens, prepare_model_and_data
 from raymix.errors import RaymixError
-from raymix.train import budget_tokens, prepare_model_and_data
 
 
 def test_budget_beyond_repetition_cap_names_the_fields() -> None:
@@ -126,7 +126,7 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path: Path) 
 
 
 def test_unreachable_mlflow_server_fails_before_training(tmp_path: Path) -> None:
-    from raymix.train import run
+    from raymix.driver import run
 
     out = tmp_path / "run"
     out.mkdir()

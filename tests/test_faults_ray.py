@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from raymix.worker import MANIFEST_FILE
+from raymix.loop.checkpoint import MANIFEST_FILE
 
 pytestmark = pytest.mark.ray
 

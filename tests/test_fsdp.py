@@ -32,7 +32,7 @@ def _batch(rank: int, micro: int) -> dict:
 def _step(model, opt, rank: int, world: int, ranks, sharded: bool):
     """One optimizer step over 2 micro-batches of each rank in ``ranks``; the
     loss is normalised as the worker does (by the global count, here fixed)."""
-    from raymix.evaluate import token_nll
+    from raymix.loss import token_nll
 
     for r in ranks:
         for k in range(2):

@@ -13,7 +13,8 @@ from conftest import tiny_llama
 from scipy.stats import spearmanr
 from torch import nn
 
-from raymix.gradex import (
+from raymix.gradients import ParamSubset, PerExampleGrads
+from raymix.policies.gradex.estimator import (
     Projector,
     SubsetEstimator,
     actual_loss,
@@ -27,7 +28,6 @@ from raymix.gradex import (
     task_scores,
     threshold_selection,
 )
-from raymix.pergrad import ParamSubset, PerExampleGrads
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -336,7 +336,7 @@ def test_estimation_error_and_estimator_checks():
     assert err["max_relative_error"] == pytest.approx(rel.max())
     assert err["spearman"] == pytest.approx(spearmanr(est, act)[0]) and err["spearman"] == pytest.approx(1.0)
     assert err["change_relative_error"] == pytest.approx(np.abs(np.subtract(est, act)).sum() / np.abs(np.subtract(act, 0.5)).sum())
-    from raymix.gradex import ProjectedGradients
+    from raymix.policies.gradex.estimator import ProjectedGradients
 
     a = ProjectedGradients(np.zeros((2, 3)), np.zeros(2), np.ones(2), np.array([0, 1]), (3, 3, 0, "rademacher", 4))
     b = ProjectedGradients(np.zeros((2, 3)), np.zeros(2), np.ones(2), np.array([0, 0]), (3, 3, 1, "rademacher", 4))

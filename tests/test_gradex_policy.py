@@ -131,7 +131,7 @@ SMALL = [
 def test_gradex_run_end_to_end(ray_local, tmp_path: Path):
     from mlflow.tracking import MlflowClient
 
-    from raymix.train import run
+    from raymix.driver import run
 
     summary = run(load_config(None, SMALL), tmp_path / "run")
     g = summary["gradex"]
@@ -224,7 +224,7 @@ def test_gradex_resume_before_and_after_the_switch(ray_local, tmp_path: Path):
     estimates again at the same point and selects the same tasks."""
     import shutil
 
-    from raymix.train import run
+    from raymix.driver import run
 
     cfg = load_config(None, SMALL + ["train.checkpoint_tokens=1000", "train.checkpoints_to_keep=20",
                                      "policy.gradex.verify_subsets=0"])

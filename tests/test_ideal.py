@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from raymix.config import RunConfig, identity_hash, load_config
+from raymix.driver.ideal import round_config
 from raymix.errors import RaymixError
-from raymix.ideal import reference_tasks, round_config
-from raymix.influence import ideal_volumes
 from raymix.policies import PoolInfo, build_policy
 from raymix.policies.ideal import initial_volumes, next_volumes, round_to_total, round_weights
+from raymix.policies.ideal.influence import ideal_volumes
+from raymix.policies.ideal.scoring import reference_tasks
 
 TASKS = ("a", "b", "c", "d")
 

@@ -41,9 +41,9 @@ def test_ideal_two_rounds_end_to_end(ray_local, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
 
-    from raymix.ideal import ROUND_TAG, SCORES_FILE
-    from raymix.influence import ideal_volumes
-    from raymix.train import run
+    from raymix.driver import run
+    from raymix.driver.ideal import ROUND_TAG, SCORES_FILE
+    from raymix.policies.ideal.influence import ideal_volumes
 
     cfg = load_config(None, TINY)
     out = tmp_path / "ideal"

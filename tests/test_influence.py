@@ -9,7 +9,8 @@ import torch
 from conftest import tiny_llama
 from torch import nn
 
-from raymix.influence import (
+from raymix.gradients import ParamSubset, PerExampleGrads, aggregate_gradient, lm_example_nll
+from raymix.policies.ideal.influence import (
     DiagFisher,
     KroneckerCurvature,
     fit_curvature,
@@ -18,7 +19,6 @@ from raymix.influence import (
     ideal_volumes,
     influence_scores,
 )
-from raymix.pergrad import ParamSubset, PerExampleGrads, aggregate_gradient, lm_example_nll
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -248,7 +248,7 @@ def test_lm_kfac_blocks_masking_and_dense_solve(tiny_lm):
 
 
 def test_aggregate_gradient_is_token_weighted_and_batch_invariant(tiny_lm):
-    from raymix.evaluate import token_nll
+    from raymix.loss import token_nll
 
     fn = lm_example_nll()
     batches = _lm_batches(5, 3, 3)

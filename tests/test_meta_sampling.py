@@ -1,13 +1,13 @@
 """Validation-task sampling of ADAPT's meta step on large pools
-(raymix.meta.val_sample): which tasks are read, their weights, and an
+(raymix.policies.adapt.signal.val_sample): which tasks are read, their weights, and an
 unbiased estimate of g_val = sum_j q_j grad L_j."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from raymix.meta import VAL_TASKS_PER_STEP, val_sample
 from raymix.policies.adapt import smooth_max
+from raymix.policies.adapt.signal import VAL_TASKS_PER_STEP, val_sample
 
 
 def test_reads_the_worst_tasks_and_a_weighted_uniform_sample_of_the_rest() -> None:
@@ -96,7 +96,7 @@ def test_meta_step_on_a_large_pool_reads_only_the_sampled_tasks(tmp_path) -> Non
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from raymix.config import AdaptConfig
-    from raymix.meta import MetaSignals
+    from raymix.policies.adapt.signal import MetaSignals
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,

@@ -1,5 +1,5 @@
 """Tests for building the task pool from JSONL sources (raymix.data.load_pool)
-and for the token-based learning-rate schedule (raymix.worker)."""
+and for the token-based learning-rate schedule (raymix.loop.step)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from raymix.config import DataConfig, SourceConfig
 from raymix.data import load_pool, records_fingerprint
 from raymix.errors import RaymixError
+from raymix.loop.step import TokenCosineSchedule
 from raymix.tasks.records import TaskRecord
-from raymix.worker import TokenCosineSchedule
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

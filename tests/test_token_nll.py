@@ -1,4 +1,4 @@
-"""``raymix.evaluate.token_nll`` applies the output layer at completion
+"""``raymix.loss.token_nll`` applies the output layer at completion
 positions only: same losses and gradients as the full logits, on a Llama and
 on a Gemma-3 (whose forward soft-caps the logits after the output layer)."""
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_llama
 
-from raymix.evaluate import token_nll
+from raymix.loss import token_nll
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

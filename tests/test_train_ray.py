@@ -46,7 +46,7 @@ def _mlflow_run(summary: dict):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("policy", ["uniform", "proportional"])
 def test_budgeted_run_two_workers(ray_local, tmp_path: Path, policy: str, monkeypatch) -> None:
-    from raymix.train import run
+    from raymix.driver import run
 
     monkeypatch.chdir(tmp_path)  # a relative --output must work: workers have another cwd
 
@@ -113,7 +113,7 @@ def test_natural_instructions_pool(ray_local, tmp_path: Path) -> None:
     ni = os.environ.get("RAYMIX_NI_SAMPLE")
     if not ni:
         pytest.skip("RAYMIX_NI_SAMPLE is not set (path to the Natural Instructions sample)")
-    from raymix.train import run
+    from raymix.driver import run
 
     cfg = load_config(None, SMALL + [
         f"data.sources=[{{kind: natural_instructions, path: {ni}}}]",
@@ -135,7 +135,7 @@ def test_natural_instructions_pool(ray_local, tmp_path: Path) -> None:
 def test_failed_run_is_marked_failed_and_keeps_output(ray_local, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from raymix.train import run
+    from raymix.driver import run
 
     out = tmp_path / "bad"
     out.mkdir()
@@ -164,7 +164,7 @@ def test_cli_refuses_bad_input_before_training(tmp_path: Path, capsys) -> None:
 
 
 def test_output_with_finished_run_is_refused(tmp_path: Path) -> None:
-    from raymix.train import run
+    from raymix.driver import run
 
     (tmp_path / "summary.json").write_text("{}")
     with pytest.raises(RaymixError, match="already holds a finished run"):
@@ -176,7 +176,7 @@ def test_output_with_finished_run_is_refused(tmp_path: Path) -> None:
 def test_adapt_run_two_workers(ray_local, tmp_path: Path) -> None:
     """ADAPT end to end: meta signals all-reduced over 2 workers, applied by the
     mixer, meta tokens in the ledger apart from train tokens, signals in MLflow."""
-    from raymix.train import run
+    from raymix.driver import run
 
     cfg = load_config(None, SMALL + ["policy.name=adapt", "policy.adapt.every_steps=2",
                                      "policy.adapt.warmup_steps=2", "policy.adapt.tasks_per_step=4",
@@ -208,8 +208,8 @@ def test_nonfinite_loss_aborts_with_last_good_checkpoint(ray_local, tmp_path: Pa
     FINISHED MLflow run, no summary)."""
     from mlflow.tracking import MlflowClient
 
-    from raymix.train import run
-    from raymix.worker import read_state
+    from raymix.driver import run
+    from raymix.loop.checkpoint import read_state
 
     out = tmp_path / "nan"
     cfg = load_config(None, SMALL + ["train.lr=1e12", "train.grad_clip=0", "train.warmup_fraction=0",
@@ -230,7 +230,7 @@ def test_nonfinite_loss_aborts_with_last_good_checkpoint(ray_local, tmp_path: Pa
 
 def _periodic_states(out: Path) -> dict[int, dict]:
     """The periodic checkpoints a Ray Train run kept, by step."""
-    from raymix.worker import read_state
+    from raymix.loop.checkpoint import read_state
 
     states = (read_state(str(m.parent)) for m in (out / "ray").rglob("raymix_manifest.json"))
     return {s["step"]: s for s in states if s["reason"] == "periodic"}
@@ -246,7 +246,7 @@ def test_fsdp_run_matches_ddp_two_workers(ray_local, tmp_path: Path) -> None:
     import torch
 
     from raymix.config import identity_hash
-    from raymix.train import run
+    from raymix.driver import run
 
     common = SMALL + ["train.grad_accum=2", "train.micro_batch_size=8", "train.grad_clip=0.5"]
     fsdp_cfg = load_config(None, common + ["runtime.parallelism=fsdp", "train.gradient_checkpointing=true"])

@@ -1,19 +1,21 @@
 """The mixing-policy interface, its registry, and the repetition cap.
 
 A policy is one small class: it proposes task weights and updates its state
-from signals (tokens consumed, per-task losses, later gradient statistics). No
+from signals (tokens consumed, per-task losses, gradient statistics). No
 Ray, no logging and no I/O inside, so every policy is unit-tested on CPU; the
-mixer actor (``raymix.mixer``) owns the one live instance.
+mixer actor (``raymix.mixer``) owns the one live instance. Its registry entry
+(:class:`PolicySpec`) names what else it brings: a worker-side signal
+(``raymix.policies.signal``), a multi-run driver, whether it runs under FSDP.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol
+from typing import Optional, Protocol
 
 import numpy as np
 
-from raymix.config import PolicyConfig
+from raymix.registry import POLICIES, PolicySpec, build_policy, policy_spec, register_policy, resolve  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -52,32 +54,6 @@ class MixingPolicy(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
-
-
-PolicyFactory = Callable[[PolicyConfig, PoolInfo], MixingPolicy]
-POLICIES: dict[str, PolicyFactory] = {}
-
-
-def register_policy(name: str, needs_meta: bool = False) -> Callable[[PolicyFactory], PolicyFactory]:
-    def deco(factory: PolicyFactory) -> PolicyFactory:
-        POLICIES[name] = factory
-        if needs_meta:
-            META_POLICIES.add(name)
-        return factory
-
-    return deco
-
-
-def build_policy(cfg: PolicyConfig, pool: PoolInfo) -> MixingPolicy:
-    return POLICIES[cfg.name](cfg, pool)
-
-
-META_POLICIES: set[str] = set()
-"""Policies whose workers compute meta signals (``raymix.meta``)."""
-
-
-def policy_needs_meta(name: str) -> bool:
-    return name in META_POLICIES
 
 
 def normalise(w: np.ndarray) -> np.ndarray:

@@ -31,25 +31,25 @@ class StaticPolicy:
         self.weights = np.asarray(state["weights"], dtype=np.float64)
 
 
-@register_policy("uniform")
+@register_policy("uniform", static=True)
 def uniform(cfg: PolicyConfig, pool: PoolInfo) -> StaticPolicy:
     return StaticPolicy(np.ones(len(pool.tasks)))
 
 
-@register_policy("proportional")
+@register_policy("proportional", static=True)
 def proportional(cfg: PolicyConfig, pool: PoolInfo) -> StaticPolicy:
     """p_i proportional to the task's training tokens."""
     return StaticPolicy(pool.train_tokens.astype(np.float64))
 
 
-@register_policy("temperature")
+@register_policy("temperature", static=True)
 def temperature(cfg: PolicyConfig, pool: PoolInfo) -> StaticPolicy:
     """p_i proportional to n_i^(1/t): t=1 is proportional, t->inf uniform."""
     n = pool.train_tokens.astype(np.float64)
     return StaticPolicy(n ** (1.0 / cfg.temperature))
 
 
-@register_policy("unimax")
+@register_policy("unimax", static=True)
 def unimax(cfg: PolicyConfig, pool: PoolInfo) -> StaticPolicy:
     """UniMax (Chung et al., 2023): the budget spread uniformly, no task beyond
     ``unimax_epochs`` epochs, the excess given to the remaining tasks."""
@@ -74,7 +74,7 @@ def _weights_from_mapping(mapping: dict, pool: PoolInfo, where: str) -> np.ndarr
     return w
 
 
-@register_policy("static")
+@register_policy("static", static=True)
 def static(cfg: PolicyConfig, pool: PoolInfo) -> StaticPolicy:
     if not cfg.weights:
         raise RaymixError("policy.weights is required for policy 'static' ({task: weight})")
@@ -108,7 +108,7 @@ class SchedulePolicy:
         self.stage = int(state["stage"])
 
 
-@register_policy("schedule")
+@register_policy("schedule", static=True)
 def schedule(cfg: PolicyConfig, pool: PoolInfo) -> SchedulePolicy:
     if not cfg.schedule:
         raise RaymixError("policy.schedule is required for policy 'schedule'")

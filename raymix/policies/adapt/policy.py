@@ -41,8 +41,6 @@ def entropy(p: np.ndarray) -> float:
 
 
 class AdaptPolicy:
-    needs_meta = True
-
     def __init__(self, cfg: AdaptConfig, pool: PoolInfo):
         self.cfg = cfg
         self.T = len(pool.tasks)
@@ -114,6 +112,6 @@ class AdaptPolicy:
         self.alignment = np.asarray(state["alignment"])
 
 
-@register_policy("adapt", needs_meta=True)
+@register_policy("adapt", signal="raymix.policies.adapt.signal:AdaptSignal", fsdp=False)
 def adapt(cfg: PolicyConfig, pool: PoolInfo) -> AdaptPolicy:
     return AdaptPolicy(cfg.adapt, pool)

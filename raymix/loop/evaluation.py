@@ -2,60 +2,18 @@
 token NLL over completion tokens) and exact match of greedy generation on a
 bounded sample of the test split. Out-of-domain benchmarks go through lm-eval
 (``raymix.eval``); this module only scores the pool's tasks, in-process, on
-the model that just finished training.
+the model being trained: at evenly spaced points of the budget
+(:class:`CurveEvaluator`) and once at the end.
 """
 
 from __future__ import annotations
 
-import contextlib
 import re
 
 import numpy as np
 
+from raymix.loss import token_nll
 from raymix.streams import collate, read_split
-
-
-@contextlib.contextmanager
-def _output_layer_sees(model, rows, cols):
-    """Within the block, the model's output layer is applied to the hidden
-    states at ``(rows, cols)`` only, as one row ``[1, N, hidden]``.
-
-    Why: the loss reads logits at completion positions alone (often a tenth
-    of a padded batch), and the output layer over the vocabulary is the
-    largest matmul of small models and a large one of every model; skipping
-    the other positions saves its forward, its backward and the
-    cross-entropy over them. A pre-hook, rather than calling the decoder and
-    the head separately, keeps the model's own forward (and so what follows
-    the head, such as Gemma's logit soft-capping, and DDP's forward)."""
-    head = getattr(model, "module", model).get_output_embeddings()
-
-    def gather(_module, args):
-        return (args[0][rows, cols].unsqueeze(0),) + tuple(args[1:])
-
-    handle = head.register_forward_pre_hook(gather)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def token_nll(model, batch, device):
-    """Per-row (sum of completion-token NLL, completion-token count)."""
-    import torch
-    import torch.nn.functional as F
-
-    input_ids = batch["input_ids"].to(device)
-    shift_labels = batch["labels"].to(device)[:, 1:]
-    mask = shift_labels != -100
-    rows, cols = mask.nonzero(as_tuple=True)
-    with _output_layer_sees(model, rows, cols):
-        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
-    if tuple(logits.shape[:2]) != (1, len(rows)):
-        raise RuntimeError(f"{type(getattr(model, 'module', model)).__name__}'s forward reshapes the output "
-                           f"layer's result ({tuple(logits.shape)}): raymix cannot score completion tokens alone")
-    nll_tok = F.cross_entropy(logits[0].float(), shift_labels[rows, cols], reduction="none")
-    nll = torch.zeros(input_ids.shape[0], dtype=nll_tok.dtype, device=nll_tok.device).index_add(0, rows, nll_tok)
-    return nll, mask.sum(dim=1).to(torch.float32)
 
 
 def validation_losses(model, pool, pad_id: int, batch_size: int, device="cpu") -> dict[str, float]:

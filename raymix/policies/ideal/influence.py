@@ -71,7 +71,7 @@ from typing import Any, Literal, Sequence, Union
 import numpy as np
 import torch
 
-from raymix.pergrad import (
+from raymix.gradients import (
     ExampleFn,
     ParamSubset,
     PerExampleGrads,
@@ -354,7 +354,7 @@ def ideal_influence(
     ``ref_batches``: batches of the reference (validation) set; ``task_batches[j]``:
     batches of task j's training data; ``curvature_batches``: the data H is fitted
     on (typically training batches of the current mixture). ``fn`` as in
-    :func:`fit_curvature` (``raymix.pergrad.lm_example_nll()`` for LM batches).
+    :func:`fit_curvature` (``raymix.gradients.lm_example_nll()`` for LM batches).
     """
     sub = subset if isinstance(subset, ParamSubset) else ParamSubset.select(model, subset)
     curvature = fit_curvature(sub, curvature_batches, fn, method, damping, damping_mode, token_mask)

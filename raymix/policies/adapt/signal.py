@@ -1,4 +1,4 @@
-"""Worker-side meta signals for learned policies (ADAPT).
+"""ADAPT's worker-side signal: the meta step.
 
 At a meta step every worker computes, on its share of the step's examples
 (the counts in ``policy.adapt`` are totals over the workers, so the signals
@@ -26,24 +26,11 @@ from typing import Optional
 import numpy as np
 
 from raymix.config import AdaptConfig
-from raymix.evaluate import token_nll
+from raymix.gradients import gradients_only_on, select_params
+from raymix.loss import token_nll
+from raymix.policies.adapt.policy import entropy, smooth_max
+from raymix.policies.signal import NoSignal, SignalContext, StepView
 from raymix.streams import TaskStream, collate
-
-
-def select_params(model, subset: str):
-    """The parameters meta-gradients are taken on (and only those)."""
-    named = list(model.named_parameters())
-    if subset == "all":
-        return [p for _, p in named]
-    if subset == "head":
-        head = model.get_output_embeddings()
-        return [head.weight]
-    layers = [n for n, _ in named if ".layers." in n]
-    if not layers:
-        return [p for _, p in named]
-    last = max(int(n.split(".layers.")[1].split(".")[0]) for n in layers)
-    prefix = f".layers.{last}."
-    return [p for n, p in named if prefix in n or n.endswith("model.norm.weight")]
 
 
 class CountSketch:
@@ -98,24 +85,6 @@ def val_sample(val_ids: np.ndarray, estimate: np.ndarray, k: int, seed: int, ste
     if len(rand):
         weight[rand] = len(rest) / len(rand)
     return np.sort(np.concatenate([top, rand])), weight
-
-
-@contextlib.contextmanager
-def gradients_only_on(model, params):
-    """Within the block: gradients only for ``params`` (autograd stops before
-    earlier layers) and the model in eval mode (no dropout); both restored after."""
-    chosen = {id(p) for p in params}
-    previous = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in previous:
-        p.requires_grad_(id(p) in chosen)
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        for p, flag in previous:
-            p.requires_grad_(flag)
-        model.train(was_training)
 
 
 class MetaSignals:
@@ -177,8 +146,6 @@ class MetaSignals:
     def compute(self, lookahead_lr: float) -> dict:
         """One meta step's signals, identical on every rank."""
         import torch
-
-        from raymix.policies.adapt import smooth_max
 
         cfg, T = self.cfg, self.T
         meta_tokens = np.zeros(T)
@@ -269,3 +236,42 @@ class MetaSignals:
             s.load_state_dict(st)
         if "val_estimate" in state:
             self.val_estimate = np.array([np.nan if v is None else v for v in state["val_estimate"]])
+
+
+class AdaptSignal(NoSignal):
+    """The meta step as the training loop's worker-side signal: due every
+    ``policy.adapt.every_steps`` steps after ``warmup_steps``, while budget
+    remains; its signals go to :class:`raymix.policies.adapt.AdaptPolicy`."""
+
+    def __init__(self, ctx: SignalContext):
+        self.cfg = ctx.run.policy.adapt
+        self.tasks = ctx.pool.tasks
+        self.meta = MetaSignals(ctx.model, self.cfg, ctx.pool, ctx.rank, ctx.world, ctx.run.seed, ctx.pad_id,
+                                ctx.device, ctx.distributed)
+
+    def due(self, view: StepView) -> bool:
+        return (view.step >= self.cfg.warmup_steps and view.step % self.cfg.every_steps == 0
+                and view.train_tokens < view.budget_tokens)
+
+    def compute(self, view: StepView) -> Optional[dict]:
+        # The look-ahead step length: the learning rate of the step just taken.
+        return self.meta.compute(lookahead_lr=view.lr)
+
+    def metrics(self, signals: Optional[dict], weights: np.ndarray, timing: dict[str, float]) -> dict[str, float]:
+        assert signals is not None
+        vl = np.asarray(signals["val_loss"])
+        m = {"meta/J": smooth_max(vl[np.isfinite(vl)], self.cfg.tau)[0], "meta/entropy": entropy(weights),
+             "meta/step_seconds": timing["step_seconds"], "meta/time_share": timing["time_share"],
+             "meta/tokens": float(np.sum(signals["meta_tokens"]))}
+        for i, t in enumerate(self.tasks):
+            m[f"signal/{t}/val_loss"] = float(vl[i])
+            m[f"signal/{t}/alignment"] = float(signals["alignment"][i])
+            m[f"mixture/{t}"] = float(weights[i])
+        return m
+
+    def rank_state_dict(self) -> dict:
+        return {"meta": self.meta.state_dict()}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        if "meta" in state:
+            self.meta.load_state_dict(state["meta"])

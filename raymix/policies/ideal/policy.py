@@ -1,7 +1,7 @@
 """IDEAL's volumes: the initial per-task token volumes, their update from
 influence scores, and the static mixture one round trains on.
 
-IDEAL is multi-round (``raymix.ideal`` drives the rounds); inside a round the
+IDEAL is multi-round (``raymix.driver.ideal`` drives the rounds); inside a round the
 mixture is static, weights = volumes / budget. The registered ``ideal``
 policy is that round-1 mixture, so the mixer can run it like any other.
 
@@ -44,9 +44,9 @@ def next_volumes(volumes: np.ndarray, scores: np.ndarray, cfg: IdealConfig, budg
                  ) -> tuple[np.ndarray, np.ndarray]:
     """(β, the next round's volumes): β_j = -m·s_j/max|s|, n_j ← (1+β_j)·n_j,
     renormalised to the budget with exact integer rounding."""
-    # Imported here: raymix.influence needs torch, and every process that
+    # Imported here: raymix.policies.ideal.influence needs torch, and every process that
     # builds a policy (the mixer actor among them) imports this module.
-    from raymix.influence import ideal_step, ideal_volumes
+    from raymix.policies.ideal.influence import ideal_step, ideal_volumes
 
     beta = ideal_step(scores, cfg.m)
     return beta, ideal_volumes(volumes, scores, cfg.m, budget=int(budget), integer=True)
@@ -57,8 +57,8 @@ def round_weights(volumes: np.ndarray, tasks: tuple[str, ...], budget: int) -> d
     return {t: float(v) / float(budget) for t, v in zip(tasks, volumes)}
 
 
-@register_policy("ideal")
+@register_policy("ideal", driver="raymix.driver.ideal:run_ideal")
 def ideal(cfg: PolicyConfig, pool: PoolInfo) -> StaticPolicy:
     """Round 1 of IDEAL: the static mixture of the initial volumes (later
-    rounds run as ``static`` with the updated volumes; see ``raymix.ideal``)."""
+    rounds run as ``static`` with the updated volumes; see ``raymix.driver.ideal``)."""
     return StaticPolicy(initial_volumes(cfg.ideal, pool).astype(np.float64))

@@ -1,5 +1,7 @@
-"""Per-example gradients on a parameter subset, for influence (IDEAL) and
-first-order subset estimation (GradEx).
+"""Gradient helpers shared by the learned policies: the parameter subset a
+meta-gradient is taken on (:func:`select_params`, :func:`gradients_only_on`,
+used by ADAPT, IDEAL and GradEx), and per-example gradients on such a subset,
+for influence (IDEAL) and first-order subset estimation (GradEx).
 
 Both methods need, for every example n of a batch, the gradient of one
 scalar per example (a loss, or a model output) with respect to a subset of
@@ -23,7 +25,7 @@ graph, one backward pass per example).
 
 Per-example scalars come from a function ``fn(model, batch)`` returning either
 a tensor of shape [n] or a pair ``(sums, counts)`` of shape [n] each (what
-``raymix.evaluate.token_nll`` returns: summed completion-token NLL and the
+``raymix.loss.token_nll`` returns: summed completion-token NLL and the
 completion-token count); a pair stands for the per-example mean
 ``sums / counts`` and the aggregate ``Σ sums / Σ counts``, and examples with a
 zero count are excluded from per-example statistics.
@@ -34,13 +36,47 @@ more than one batch.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence, Union
 
 import torch
 from torch import nn
 
-from raymix.meta import gradients_only_on
+
+def select_params(model, subset: str):
+    """The parameters meta-gradients are taken on (and only those)."""
+    named = list(model.named_parameters())
+    if subset == "all":
+        return [p for _, p in named]
+    if subset == "head":
+        head = model.get_output_embeddings()
+        return [head.weight]
+    layers = [n for n, _ in named if ".layers." in n]
+    if not layers:
+        return [p for _, p in named]
+    last = max(int(n.split(".layers.")[1].split(".")[0]) for n in layers)
+    prefix = f".layers.{last}."
+    return [p for n, p in named if prefix in n or n.endswith("model.norm.weight")]
+
+
+@contextlib.contextmanager
+def gradients_only_on(model, params):
+    """Within the block: gradients only for ``params`` (autograd stops before
+    earlier layers) and the model in eval mode (no dropout); both restored after."""
+    chosen = {id(p) for p in params}
+    previous = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in previous:
+        p.requires_grad_(id(p) in chosen)
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        for p, flag in previous:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
 
 ExampleFn = Callable[[nn.Module, Any], Union[torch.Tensor, "tuple[torch.Tensor, torch.Tensor]"]]
 
@@ -73,11 +109,9 @@ class ParamSubset:
 
     @classmethod
     def select(cls, model: nn.Module, subset: Union[str, Sequence[str]]) -> ParamSubset:
-        """``"all"``, ``"last_block"`` or ``"head"`` (as ``raymix.meta.select_params``
+        """``"all"``, ``"last_block"`` or ``"head"`` (as :func:`select_params`
         chooses them), or an explicit list of parameter names."""
         if isinstance(subset, str):
-            from raymix.meta import select_params
-
             name_of = {id(p): n for n, p in model.named_parameters()}
             return cls(model, [name_of[id(p)] for p in select_params(model, subset)])
         return cls(model, list(subset))
@@ -294,7 +328,7 @@ def aggregate_gradient(subset: ParamSubset, batches: Sequence[Any] | Iterator[An
     """Flat gradient of the aggregate loss over several batches.
 
     For ``fn`` returning (sums, counts) the aggregate is Σ sums / Σ counts
-    (token-weighted mean NLL, as ``raymix.meta`` uses); for a plain tensor it is
+    (token-weighted mean NLL, as ADAPT's meta step uses); for a plain tensor it is
     the mean over all examples. Batches are accumulated, so the result equals the
     gradient of one big batch.
     """
@@ -319,7 +353,7 @@ def aggregate_gradient(subset: ParamSubset, batches: Sequence[Any] | Iterator[An
 def lm_example_nll(device: Union[str, torch.device] = "cpu") -> ExampleFn:
     """``fn`` for causal-LM batches from ``raymix.streams.collate``: per-row
     (summed completion-token NLL, completion-token count), via ``token_nll``."""
-    from raymix.evaluate import token_nll
+    from raymix.loss import token_nll
 
     def fn(model, batch):
         return token_nll(model, batch, device)

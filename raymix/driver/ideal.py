@@ -7,7 +7,7 @@ Round r trains the base model on the static mixture of the current volumes
 in ``DIR/round<r>``; every round builds the same initial model from the seed
 (or loads the same pretrained one), so each round restarts from the base
 model. After rounds 1..R-1 the driver loads the round's final checkpoint and
-scores every task, s_j = -∇L_refᵀ H⁻¹ ∇L_j (``raymix.influence``), steps the
+scores every task, s_j = -∇L_refᵀ H⁻¹ ∇L_j (``raymix.policies.ideal.influence``), steps the
 volumes (``raymix.policies.ideal.next_volumes``) and starts the next round.
 
 ``DIR/summary.json`` is the final round's summary (its model, evaluation,
@@ -32,7 +32,15 @@ from typing import Optional
 import numpy as np
 
 from raymix.config import RunConfig, identity_hash
-from raymix.errors import RaymixError
+from raymix.driver.setup import (
+    budget_tokens,
+    init_ray,
+    open_tracker,
+    prepare_model_and_data,
+    prepare_output,
+    resolve_suite,
+)
+from raymix.driver.single import log_summary, run_single
 
 SCORES_FILE = "ideal_scores.json"
 ROUND_TAG = "raymix.ideal_round"
@@ -50,107 +58,21 @@ def round_config(cfg: RunConfig, r: int, weights: dict[str, float], tracking_uri
     return dataclasses.replace(cfg, policy=policy, tracking=tracking, eval=ev)
 
 
-def reference_tasks(cfg: RunConfig, tasks: tuple[str, ...]) -> list[str]:
-    chosen = cfg.policy.ideal.reference_tasks
-    if chosen is None:
-        return list(tasks)
-    unknown = sorted(set(chosen) - set(tasks))
-    if unknown:
-        raise RaymixError(f"policy.ideal.reference_tasks: unknown task(s) {unknown}; the pool has {list(tasks)}")
-    return list(dict.fromkeys(chosen))
-
-
-def _batches(examples: list, pad_id: int, size: int) -> list:
-    from raymix.streams import collate
-
-    return [collate(examples[s : s + size], pad_id) for s in range(0, len(examples), size)]
-
-
-def score_tasks(cfg: RunConfig, model_dir: str, pool, pad_id: int, ref_tasks: list[str], r: int) -> dict:
-    """Influence scores of every task on the round's final checkpoint.
-
-    Task j's gradient is taken on ``examples_per_task`` examples of its
-    training split (a seeded stream, different each round); the curvature is
-    fitted on the same examples of all tasks; the reference loss is the
-    token-weighted validation NLL of ``ref_tasks``. Tokens are counted once
-    per pass the influence code makes over them (the curvature fit makes one,
-    EK-FAC two; the gradients one more), per task, as meta tokens."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from raymix.influence import ideal_influence
-    from raymix.pergrad import lm_example_nll
-    from raymix.streams import TaskStream, read_split
-
-    icfg = cfg.policy.ideal
-    t0 = time.perf_counter()
-    device = "cuda" if cfg.runtime.use_gpu and torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
-    bs = cfg.train.micro_batch_size
-    tasks = list(pool.tasks)
-    read = np.zeros(len(tasks), dtype=np.int64)
-    task_batches = []
-    for j, task in enumerate(tasks):
-        # A seed of its own per run seed and round: not the training streams' order.
-        stream = TaskStream(pool.shard_dir("train", task), seed=7919 * (cfg.seed + 1) + r)
-        batches = _batches([stream.next() for _ in range(icfg.examples_per_task)], pad_id, bs)
-        read[j] += sum(int(b["attention_mask"].sum()) for b in batches)
-        task_batches.append(batches)
-    ref_batches, ref_read = [], np.zeros(len(tasks), dtype=np.int64)
-    for task in ref_tasks:
-        rows = read_split(pool.shard_dir("val", task), ["input_ids", "prompt_len"])
-        ex = [(np.asarray(i, dtype=np.int64), int(p))
-              for i, p in list(zip(rows["input_ids"], rows["prompt_len"]))[: icfg.reference_examples_per_task]]
-        for b in _batches(ex, pad_id, bs):
-            ref_batches.append(b)
-            ref_read[tasks.index(task)] += int(b["attention_mask"].sum())
-    if not ref_batches:
-        raise RaymixError(f"policy.ideal.reference_tasks: no validation examples in {ref_tasks}")
-    curvature_batches = [b for batches in task_batches for b in batches]
-    res = ideal_influence(model, icfg.params, ref_batches, task_batches, curvature_batches,
-                          lm_example_nll(device), icfg.curvature, icfg.damping)
-    passes = {"identity": 1, "diag_fisher": 2, "kfac": 2, "ekfac": 3}[icfg.curvature]
-    scores = np.asarray(res.scores, dtype=np.float64)
-    if not np.all(np.isfinite(scores)):
-        raise RaymixError(f"round {r}: influence scores are not finite ({scores.tolist()}); "
-                          "raise policy.ideal.damping or change policy.ideal.curvature")
-    return {
-        "round": r,
-        "scores": dict(zip(tasks, scores.tolist())),
-        "reference_tasks": ref_tasks,
-        "curvature": res.curvature.kind,
-        "damping_absolute": float(res.curvature.damping),
-        "subset_numel": int(res.task_grads.shape[1]),
-        "meta_tokens": dict(zip(tasks, (read * passes + ref_read).tolist())),
-        "tokens_read": int(read.sum() + ref_read.sum()),
-        "seconds": time.perf_counter() - t0,
-    }
-
-
 def _round(rcfg: RunConfig, rdir: Path, parent_run_id: str) -> dict:
-    from raymix.train import run
-
     if (rdir / "summary.json").exists():
         print(f"[raymix] ideal: {rdir.name} finished before; not trained again", flush=True)
         return json.loads((rdir / "summary.json").read_text())
-    return run(rcfg, rdir, parent_run_id=parent_run_id, resume=(rdir / "run.json").exists())
+    return run_single(rcfg, rdir, parent_run_id=parent_run_id, resume=(rdir / "run.json").exists())
 
 
 def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = None,
               resume: bool = False) -> dict:
-    """``raymix.train.run`` for ``policy.name=ideal``: same contract (summary.json, one MLflow run)."""
+    """:func:`raymix.driver.run` for ``policy.name=ideal`` (its registry entry
+    names this driver): same contract (summary.json, one MLflow run)."""
     from raymix.policies import PoolInfo
     from raymix.policies.ideal import initial_volumes, next_volumes, round_weights
+    from raymix.policies.ideal.scoring import reference_tasks, score_tasks
     from raymix.tracking import plot_mixture
-    from raymix.train import (
-        _log_summary,
-        budget_tokens,
-        init_ray,
-        open_tracker,
-        prepare_model_and_data,
-        prepare_output,
-        resolve_suite,
-    )
 
     out, saved = prepare_output(cfg, output_dir, resume, "it (finished rounds are kept)")
     t0 = time.perf_counter()
@@ -222,7 +144,7 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
         summary["phase_seconds"] = phases
         _copy_round_metrics(tracker, summaries[-1]["mlflow_run_id"])
         tracker.log_json(rounds, "ideal_rounds.json", out)
-        _log_summary(tracker, summary, out, plot_mixture)
+        log_summary(tracker, summary, out, plot_mixture)
         tracker.log_metrics({k: summary[k] for k in (
             "total_train_tokens_all_rounds", "total_meta_tokens_all_rounds", "total_wall_seconds_all_rounds",
             "influence_seconds", "influence_meta_tokens")})

@@ -54,6 +54,10 @@ there; the linearised fit is only accurate in the projected (inner-product)
 space, so this module evaluates the linearised model itself, which is what
 the method's first-order estimate is. :func:`delta_parameters` still maps w
 back for callers who want the authors' variant.
+
+Over 500 lines on purpose: the whole estimator (projection, linearised fits,
+scores, selection, error measures), pure and tested as one unit, next to the
+derivation in this docstring.
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
-from raymix.pergrad import ExampleFn, ParamSubset, PerExampleGrads, split_example_output
+from raymix.gradients import ExampleFn, ParamSubset, PerExampleGrads, split_example_output
 
 Link = Literal["logistic", "squared"]
 

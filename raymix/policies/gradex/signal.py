@@ -1,9 +1,9 @@
-"""GradEx's worker-side step: estimate, score, select, and verify.
+"""GradEx's worker-side signal: estimate, score, select, and verify.
 
 Run once, by rank 0, when the meta initialisation (uniform training on
 ``policy.gradex.meta_share`` of the budget) is done:
 
-1. per-example outputs and projected gradients at θ0 (``raymix.gradex``) of
+1. per-example outputs and projected gradients at θ0 (``raymix.policies.gradex.estimator``) of
    ``examples_per_task`` training examples of every task and of
    ``target_examples_per_task`` validation examples of every target task;
 2. the estimated fine-tuned target loss L̂(S) of ``num_subsets`` random
@@ -20,12 +20,14 @@ Every token read here is a meta token (the ledger's ``meta_tokens``).
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Optional
 
 import numpy as np
 
 from raymix.config import GradexConfig
+from raymix.policies.signal import NoSignal, SignalContext, StepView
 from raymix.streams import TaskStream, collate
 
 BATCH = 16
@@ -35,7 +37,7 @@ BATCH = 16
 def _torch_link_loss(z, link: str):
     import torch
 
-    # Labels are 1 for LM outputs (raymix.gradex.lm_mean_logit).
+    # Labels are 1 for LM outputs (raymix.policies.gradex.estimator.lm_mean_logit).
     return torch.nn.functional.softplus(-z) if link == "logistic" else 0.5 * (z - 1.0) ** 2
 
 
@@ -84,9 +86,8 @@ class GradexStep:
         read the target loss, restore θ0; returns the target loss."""
         import torch
 
-        from raymix.gradex import actual_loss
-        from raymix.meta import gradients_only_on
-        from raymix.pergrad import split_example_output
+        from raymix.gradients import gradients_only_on, split_example_output
+        from raymix.policies.gradex.estimator import actual_loss
 
         cfg = self.cfg
         mine = [b for b, t in train_batches if t in subset]
@@ -115,7 +116,8 @@ class GradexStep:
 
     # -- the step ------------------------------------------------------------
     def run(self, train_tokens: int) -> dict:
-        from raymix.gradex import (
+        from raymix.gradients import ParamSubset
+        from raymix.policies.gradex.estimator import (
             Projector,
             SubsetEstimator,
             estimation_error,
@@ -126,7 +128,6 @@ class GradexStep:
             task_scores,
             threshold_selection,
         )
-        from raymix.pergrad import ParamSubset
 
         cfg, T = self.cfg, self.T
         t_start = time.perf_counter()
@@ -235,3 +236,104 @@ def score_table(report: dict) -> str:
                      f"(max {v['max_relative_error']:.4f}), Spearman {v['spearman']:.3f}, "
                      f"speed-up {v['speedup']:.1f}x ({v['speedup_with_gradients']:.1f}x with the gradients)")
     return "\n".join(lines)
+
+
+def gradex_metrics(report: dict | None) -> dict:
+    """``gradex/*`` MLflow metrics of a GradEx report (this module)."""
+    if not report:
+        return {}
+    m = {"gradex/train_tokens_at_estimation": report["train_tokens_at_estimation"],
+         "gradex/num_selected": len(report["selected"]), "gradex/base_loss": report["base_loss"],
+         "gradex/gradient_seconds": report["gradient_seconds"],
+         "gradex/estimate_seconds": report["estimate_seconds"], "gradex/seconds": report["seconds"],
+         "gradex/meta_tokens": report["meta_tokens"]}
+    for key in ("relative_error", "max_relative_error", "change_relative_error", "spearman", "speedup",
+                "speedup_with_gradients", "finetune_seconds_per_subset", "estimate_seconds_per_subset"):
+        if report.get("verification") and report["verification"].get(key) is not None:
+            m[f"gradex/{key}"] = report["verification"][key]
+    for t, s in report["scores"].items():
+        if s is not None:
+            m[f"gradex/score/{t}"] = s
+    return m
+
+
+class GradexSignal(NoSignal):
+    """GradEx as the training loop's worker-side signal: due once, when
+    ``policy.gradex.meta_share`` of the budget is spent (the same all-reduced
+    count on every rank). Rank 0 alone computes; the other ranks wait for the
+    mixture it leads to."""
+
+    def __init__(self, ctx: SignalContext):
+        self.cfg = ctx.run.policy.gradex
+        self.at = int(math.ceil(self.cfg.meta_share * ctx.budget_tokens))
+        self.rank, self.T = ctx.rank, len(ctx.pool.tasks)
+        self.step = (GradexStep(ctx.model, self.cfg, ctx.pool, ctx.pad_id, ctx.device, ctx.run.seed)
+                     if ctx.rank == 0 else None)
+        self.done, self.report, self.stopped = False, None, False
+
+    def due(self, view: StepView) -> bool:
+        return not self.done and view.train_tokens >= self.at
+
+    def compute(self, view: StepView) -> Optional[dict]:
+        self.done = True
+        if self.step is None:
+            return None
+        signals = self.step.run(view.train_tokens)
+        self.report = signals.pop("report")
+        print(f"[raymix] gradex: estimated {self.report['num_subsets']} subsets at {view.train_tokens} "
+              f"train tokens; selected {len(self.report['selected'])} of {self.T} tasks", flush=True)
+        return signals
+
+    def metrics(self, signals: Optional[dict], weights: np.ndarray, timing: dict[str, float]) -> dict[str, float]:
+        return gradex_metrics(self.report)
+
+    def stops_run(self) -> bool:
+        self.stopped = self.cfg.scores_only  # the scores were all that was asked for
+        return self.stopped
+
+    def summary(self) -> dict:
+        # Scores, selection, per-subset estimate vs actual; scores_only runs
+        # stop after it, short of the budget.
+        return {"gradex": self.report, "gradex_scores_only": self.stopped}
+
+    def state_dict(self) -> dict:
+        return {"gradex_done": self.done, "gradex_report": self.report}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.done, self.report = state.get("gradex_done", False), state.get("gradex_report")
+
+
+def describe(summary: dict) -> list[str]:
+    """What ``python -m raymix.train`` prints after a GradEx run."""
+    lines = []
+    if summary.get("gradex"):
+        lines.append(score_table(summary["gradex"]))
+    if summary.get("gradex_scores_only"):
+        lines.append(f"[raymix] policy.gradex.scores_only: stopped after the estimation, at "
+                     f"{summary['train_tokens']} of {summary['budget_tokens']} train tokens (the meta initialisation)")
+    return lines
+
+
+REPORT_METRICS = [
+    ("gradex/relative_error", "relative error", "{:.4f}"),
+    ("gradex/max_relative_error", "max relative error", "{:.4f}"),
+    ("gradex/change_relative_error", "error / change", "{:.3f}"),
+    ("gradex/spearman", "Spearman", "{:.3f}"),
+    ("gradex/speedup", "speed-up", "{:.1f}"),
+    ("gradex/speedup_with_gradients", "speed-up incl. gradients", "{:.1f}"),
+    ("gradex/num_selected", "tasks selected", "{:.1f}"),
+]
+
+
+def report_section(df, table) -> list[str]:
+    """The sweep report's GradEx section: ``df`` holds this policy's runs,
+    ``table(df, metrics)`` renders a Markdown table."""
+    if "gradex/relative_error" not in df:
+        return []
+    return ["## GradEx: estimated vs actually fine-tuned target loss", "",
+            "Per run, on its held-out subsets (policy.gradex.verify_subsets): mean and max |L̂ - L| / L, "
+            "the error relative to how far fine-tuning moved the loss (Σ|L̂ - L| / Σ|L - L(θ0)|), "
+            "Spearman's rank correlation across the subsets, and the time of fine-tuning the M scored "
+            "subsets (extrapolated from the measured ones) over the time of estimating them, without and "
+            "with the one-off gradient projection. Published: about 1% error, about 30x faster.", "",
+            *table(df, REPORT_METRICS), ""]

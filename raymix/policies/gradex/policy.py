@@ -4,7 +4,7 @@ mixture over the tasks it selected.
 Phase 1 serves the uniform mixture (the meta initialisation: multitask
 training on all tasks). When ``policy.gradex.meta_share`` of the budget is
 spent, rank 0 of the workers estimates fine-tuned target losses of random
-task subsets (``raymix.gradex_step``) and reports the task scores and the
+task subsets (``raymix.policies.gradex.signal``) and reports the task scores and the
 selection as signals; from then on the policy serves a mixture over the
 selected tasks only (uniform, or proportional to their size).
 
@@ -99,7 +99,9 @@ def subset_counts(cfg: GradexConfig, num_tasks: int, num_fixed: int) -> tuple[in
     return k, min(cfg.num_subsets, possible - verify), verify
 
 
-@register_policy("gradex")
+@register_policy("gradex", signal="raymix.policies.gradex.signal:GradexSignal", fsdp=False,
+                 describe="raymix.policies.gradex.signal:describe",
+                 report_section="raymix.policies.gradex.signal:report_section")
 def gradex(cfg: PolicyConfig, pool: PoolInfo) -> GradexPolicy:
     g = cfg.gradex
     subset_counts(g, len(pool.tasks), len(target_indices(g, pool) or []))  # fail before training

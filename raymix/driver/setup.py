@@ -1,0 +1,191 @@
+"""What every run does before it trains: Ray, the pool, the tokenizer and the
+initial model, the budget in tokens, the lm-eval suite check, and the run's
+output folder and MLflow run (new, or the saved one to continue).
+
+Used by the single run (``raymix.driver.single``), multi-run drivers such as
+IDEAL's (``raymix.driver.ideal``), the sweep and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from raymix.config import RunConfig, identity_hash, load_config, to_yaml
+from raymix.errors import RaymixError
+
+
+def init_ray(cfg: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict = {"include_dashboard": False, "log_to_driver": True}
+    if not os.environ.get("RAY_ADDRESS"):
+        kwargs["num_cpus"] = cfg.runtime.num_cpus
+        kwargs["object_store_memory"] = cfg.runtime.object_store_memory
+    ray.init(**kwargs)
+
+
+def budget_tokens(cfg: RunConfig, pool_tokens: int) -> int:
+    if cfg.budget.tokens is not None:
+        budget = int(cfg.budget.tokens)
+    else:
+        budget = int(round(cfg.budget.fraction * pool_tokens))
+    if budget <= 0:
+        raise RaymixError(
+            f"budget.fraction={cfg.budget.fraction} of the pool's {pool_tokens} tokens is 0 tokens; "
+            "raise budget.fraction or set budget.tokens"
+        )
+    capacity = cfg.budget.max_epochs * pool_tokens
+    if budget > capacity:
+        raise RaymixError(
+            f"budget of {budget} tokens exceeds what the repetition cap allows "
+            f"(budget.max_epochs={cfg.budget.max_epochs} x {pool_tokens} pool tokens = {capacity:.0f}); "
+            "lower the budget or raise budget.max_epochs"
+        )
+    return budget
+
+
+TOKENIZER_SAMPLE = 100_000
+
+
+def tokenizer_corpus(records, limit: int = TOKENIZER_SAMPLE):
+    """Training texts for a local tokenizer: an evenly strided sample of at
+    most ``limit`` train examples (BPE statistics settle long before the
+    whole pool, and training time grows with the corpus)."""
+    train = [r for r in records if r.split == "train"]
+    step = max(1, len(train) // limit)
+    return (f"{r.prompt}\nAnswer: {r.completion}" for r in train[::step])
+
+
+def prepare_model_and_data(cfg: RunConfig, output_dir: Path, phases: Optional[dict] = None):
+    """Records -> tokenizer -> shards -> initial model. Returns what workers need."""
+    from raymix.data import cache_root, load_pool, pool_fingerprint, prepare_shards
+    from raymix.models import build_model, load_tokenizer, train_tokenizer
+
+    phases = {} if phases is None else phases
+    t = time.perf_counter()
+    fingerprint = pool_fingerprint(cfg.data)
+    loaded: list = []
+
+    def records():
+        # Loaded at most once, and only when a cache misses.
+        if not loaded:
+            t_load = time.perf_counter()
+            loaded.append(load_pool(cfg.data))
+            phases["records"] = time.perf_counter() - t_load
+        return loaded[0]
+
+    if cfg.model.pretrained or cfg.model.tokenizer:
+        tok_name = cfg.model.tokenizer or cfg.model.pretrained
+        tokenizer = load_tokenizer(tok_name, "model.tokenizer" if cfg.model.tokenizer else "model.pretrained")
+        tok_dir = output_dir / "tokenizer"
+        tokenizer.save_pretrained(str(tok_dir))
+        tok_fp = f"{tok_name}:{len(tokenizer)}"
+    else:
+        texts = lambda: tokenizer_corpus(records())  # noqa: E731
+        tokenizer, tok_path = train_tokenizer(texts, cfg.model.vocab_size, cache_root(cfg.data),
+                                              f"{fingerprint}:sample{TOKENIZER_SAMPLE}")
+        tok_dir = Path(tok_path)
+        tok_fp = f"trained:{tok_path}"
+    phases["tokenizer"] = time.perf_counter() - t
+    pool = prepare_shards(records, fingerprint, str(tok_dir), tok_fp, cfg.data, cfg.runtime.data_concurrency)
+    phases["shards"] = pool.seconds
+    t = time.perf_counter()
+    if cfg.model.pretrained:
+        init_dir = cfg.model.pretrained
+        build_model(cfg.model, tokenizer, cfg.seed)  # fail before training if it cannot load
+    else:
+        model = build_model(cfg.model, tokenizer, cfg.seed)
+        init_dir = str(output_dir / "init_model")
+        model.save_pretrained(init_dir)
+        del model
+    phases["model_init"] = time.perf_counter() - t
+    return tokenizer, str(tok_dir), pool, init_dir
+
+
+def resolve_suite(cfg: RunConfig) -> Optional[str]:
+    """The lm-eval suite to score the final checkpoint on, checked before any
+    training: an unknown suite, or a hub suite whose datasets cannot be
+    reached, fails here."""
+    from raymix.eval import check_harness_suite, load_suite
+
+    name = cfg.eval.suite
+    if name == "auto":
+        name = "ood_embedded" if all(s.kind == "synthetic" for s in cfg.data.sources) else None
+    if not name:
+        return None
+    try:
+        spec = load_suite(name)
+    except RaymixError as e:
+        raise RaymixError(str(e).replace("--suite", "eval.suite")) from None
+    if spec["kind"] == "harness":
+        check_harness_suite(spec)
+    if spec["kind"] == "natural_instructions" and not cfg.eval.ni_dir:
+        raise RaymixError(f"eval.suite={name} needs eval.ni_dir (a directory of held-out task files)")
+    return name
+
+
+RUN_FILE = "run.json"
+
+
+def _identity_diff(saved: RunConfig, cfg: RunConfig) -> list[str]:
+    from raymix.config import IDENTITY_SECTIONS, flatten
+
+    a, b = flatten(saved), flatten(cfg)
+    keys = sorted(k for k in set(a) | set(b)
+                  if k.split(".")[0] in IDENTITY_SECTIONS and a.get(k) != b.get(k))
+    return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in keys]
+
+
+def check_resumable(cfg: RunConfig, out: Path) -> dict:
+    """The saved run record of ``out``, if ``cfg`` may continue it."""
+    run_file = out / RUN_FILE
+    if not run_file.exists():
+        raise RaymixError(f"--resume: {out} holds no run to resume (no {RUN_FILE})")
+    saved = json.loads(run_file.read_text())
+    if saved["identity"] != identity_hash(cfg):
+        diff = _identity_diff(load_config(str(out / "config.yaml")), cfg)
+        raise RaymixError(f"--resume: the config differs from the run in {out} in fields that change "
+                          f"results: {'; '.join(diff) or saved['identity']}")
+    return saved
+
+
+def prepare_output(cfg: RunConfig, output_dir: str | Path, resume: bool, continue_hint: str
+                   ) -> tuple[Path, Optional[dict]]:
+    """The run's folder, checked before anything is written (a finished run
+    is never overwritten, an unfinished one only continued with --resume),
+    with its config.yaml; and the saved run to continue, if resuming."""
+    # Absolute: Ray workers do not share the driver's working directory.
+    out = Path(output_dir).resolve()
+    if (out / "summary.json").exists():
+        raise RaymixError(
+            f"--output {out} already holds a finished run (summary.json); choose another directory"
+        )
+    saved = check_resumable(cfg, out) if resume else None
+    if not resume and (out / RUN_FILE).exists():
+        raise RaymixError(f"--output {out} holds an unfinished run ({RUN_FILE}); pass --resume to continue "
+                          f"{continue_hint}, or choose another directory")
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (out / "config.yaml").write_text(to_yaml(cfg))
+    return out, saved
+
+
+def open_tracker(cfg: RunConfig, out: Path, parent_run_id: Optional[str], saved: Optional[dict]):
+    """The run's MLflow run: the saved one continued, or a new one recorded
+    in OUTPUT/run.json (what --resume finds)."""
+    from raymix.tracking import RunTracker
+
+    if saved:
+        return RunTracker(cfg, out, resume_run_id=saved["mlflow_run_id"], resume_uri=saved["mlflow_tracking_uri"])
+    tracker = RunTracker(cfg, out, parent_run_id)
+    (out / RUN_FILE).write_text(json.dumps({
+        "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.uri,
+        "mlflow_experiment_id": tracker.experiment_id, "identity": identity_hash(cfg),
+        "started": time.time()}, indent=1))
+    return tracker

@@ -1,0 +1,275 @@
+"""One budgeted multi-task SFT run on Ray: the driver's side.
+
+Prepares the pool and the model (``raymix.driver.setup``), starts the mixer
+actor, runs the training loop (``raymix.loop``) on a Ray Train worker group
+or in this process, scores the final checkpoint through lm-eval, and writes
+``DIR/summary.json`` (the fields scripts compare runs by), the final Hugging
+Face checkpoint in ``DIR/model``, and one MLflow run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+from raymix.config import RunConfig, effective_grad_accum, identity_hash
+from raymix.driver.setup import (
+    budget_tokens,
+    init_ray,
+    open_tracker,
+    prepare_model_and_data,
+    prepare_output,
+    resolve_suite,
+)
+from raymix.errors import RaymixError
+from raymix.loop.contract import LoopConfig, LoopResult
+
+
+def run_single(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = None,
+               resume: bool = False) -> dict:
+    """Train under the budget, evaluate, write summary.json; return the summary.
+
+    ``resume=True`` continues the unfinished run in ``output_dir`` (a killed
+    driver, a failed attempt): the same MLflow run, Ray Train restoring the
+    latest checkpoint in the run's storage."""
+    from raymix.data import pool_summary
+    from raymix.policies import PoolInfo
+    from raymix.tracking import plot_mixture
+
+    out, saved = prepare_output(cfg, output_dir, resume, "it from its last checkpoint")
+    t0 = time.perf_counter()
+    suite = resolve_suite(cfg)
+    tracker = open_tracker(cfg, out, parent_run_id, saved)
+    if saved:
+        print(f"[raymix] resuming MLflow run {tracker.run_id} from the latest checkpoint in {out}", flush=True)
+    status = "FAILED"
+    try:
+        if not saved:
+            tracker.log_artifact(out / "config.yaml")
+        phases: dict[str, float] = {"tracking_setup": time.perf_counter() - t0}
+        t = time.perf_counter()
+        init_ray(cfg)
+        phases["ray_init"] = time.perf_counter() - t
+        tokenizer, tok_dir, pool, init_dir = prepare_model_and_data(cfg, out, phases)
+        stats = pool_summary(pool)
+        budget = budget_tokens(cfg, pool.pool_tokens)
+        tracker.log_json(pool.stats, "pool_stats.json", out)
+        tracker.log_metrics(
+            {"pool/tokens": stats["pool_tokens"], "pool/num_tasks": stats["num_tasks"],
+             "pool/truncated": stats["truncated"], "pool/dropped": stats["dropped"],
+             "pool/prepare_seconds": pool.seconds, "pool/cache_hit": float(pool.cache_hit),
+             "budget/tokens": budget,
+             **{f"pool/tokens/{t}": v for t, v in stats["tokens_per_task"].items()}}
+        )
+        print(f"[raymix] pool: {stats['num_tasks']} tasks, N={stats['pool_tokens']} tokens "
+              f"(prepared in {pool.seconds:.1f}s, cache {'hit' if pool.cache_hit else 'miss'}; "
+              f"over data.max_seq_len={cfg.data.max_seq_len}: {stats['truncated']} truncated, "
+              f"{stats['dropped']} dropped); "
+              f"budget {budget} tokens; policy {cfg.policy.name}", flush=True)
+
+        t = time.perf_counter()
+        summary, loop_result = _train(cfg, out, tracker, pool, tok_dir, init_dir, budget,
+                                      PoolInfo(pool.tasks, pool.train_tokens(), pool.train_examples(), budget))
+        phases["ray_train"] = time.perf_counter() - t
+        if suite and not loop_result.stopped_early:
+            from raymix.eval import evaluate_checkpoint
+
+            t = time.perf_counter()
+            ev = evaluate_checkpoint(summary["model_dir"], suite, str(out / "eval"), cfg.eval.suite_limit,
+                                     ni_dir=cfg.eval.ni_dir, seed=cfg.seed, mlflow_run_id=tracker.run_id,
+                                     tracking_uri=tracker.uri)
+            summary["eval"] = ev["tasks"]
+            summary["eval_aggregate"] = ev["aggregate"]
+            summary["eval_suite"] = suite
+            phases["lm_eval"] = time.perf_counter() - t
+        summary["wall_seconds"] = time.perf_counter() - t0
+        summary["phase_seconds"] = phases
+        summary["pool"] = stats
+        # The signal's reports (GradEx's scores and verification) as JSON artifacts too.
+        log_summary(tracker, summary, out, plot_mixture,
+                    {k: v for k, v in loop_result.signal_summary.items() if isinstance(v, dict)})
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        tracker.log_artifact(out / "summary.json")
+        status = "FINISHED"
+        return summary
+    finally:
+        tracker.end(status)
+
+
+def _train(cfg, out, tracker, pool, tok_dir, init_dir, budget, pool_info) -> tuple[dict, LoopResult]:
+    import ray
+    import ray.train
+
+    from raymix.mixer import start_mixer_actor
+
+    mixer_name = f"mixer-{tracker.run_id}-{uuid.uuid4().hex[:6]}"
+    mixer = start_mixer_actor(mixer_name, cfg.policy, pool_info, cfg.budget.max_epochs,
+                              cfg.runtime.mixer_max_restarts)
+    try:
+        ray.get(mixer.mixture.remote(), timeout=120)  # surfaces policy errors here
+        loop_config = LoopConfig(
+            run=cfg, pool=pool, budget_tokens=budget, tokenizer_dir=tok_dir, init_model_dir=init_dir,
+            mixer_name=mixer_name, mlflow_run_id=tracker.run_id, mlflow_tracking_uri=tracker.uri,
+            output_dir=str(out),
+            local_checkpoint_dir=str(out / "checkpoints") if cfg.runtime.num_workers == 0 else None,
+        )
+        if cfg.runtime.num_workers == 0:
+            result, fit_started, fit_ended = _train_in_process(cfg, loop_config)
+        else:
+            result, fit_started, fit_ended = _train_on_workers(cfg, out, tracker, loop_config)
+        aborted = (result.metrics or {}).get("aborted")
+        if aborted:
+            where = result.checkpoint.path if result.checkpoint is not None else "(no checkpoint)"
+            raise RaymixError(f"{aborted}. The last good state (model, optimizer, data positions, mixer, "
+                              f"ledger) is checkpointed at {where}")
+    finally:
+        ray.kill(mixer)
+    return _summarise(cfg, out, tracker, result, fit_started, fit_ended, budget)
+
+
+@dataclasses.dataclass
+class _InProcessResult:
+    metrics: Optional[dict]
+    checkpoint: Any
+
+
+def _train_in_process(cfg: RunConfig, loop_config: LoopConfig):
+    """``runtime.num_workers=0``: the training function in this process (a
+    Tune trial's, in a sweep), one rank, no worker group to start."""
+    import ray.train
+
+    from raymix.loop import InProcessSession, train_loop
+
+    session = InProcessSession(cfg.runtime.use_gpu, loop_config.local_checkpoint_dir)
+    fit_started = time.time()
+    train_loop(loop_config, session)
+    fit_ended = time.time()
+    with_ckpt = [(m, d) for m, d in session.reports if d]
+    metrics = session.reports[-1][0] if session.reports else None
+    checkpoint = ray.train.Checkpoint.from_directory(with_ckpt[-1][1]) if with_ckpt else None
+    return _InProcessResult(metrics, checkpoint), fit_started, fit_ended
+
+
+def _train_on_workers(cfg: RunConfig, out: Path, tracker, loop_config: LoopConfig):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raymix.loop import train_loop
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config.as_train_loop_config(),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.runtime.num_workers,
+            use_gpu=cfg.runtime.use_gpu,
+            resources_per_worker={"CPU": cfg.runtime.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"train-{tracker.run_id}",
+            # A bucket URI (RAYMIX_STORAGE) on clusters, the run folder otherwise.
+            storage_path=os.environ.get("RAYMIX_STORAGE") or str((out / "ray").resolve()),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.runtime.max_failures),
+            # The periodic ones, plus the final model (or the aborted state).
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.checkpoints_to_keep + 1),
+        ),
+    )
+    fit_started = time.time()
+    result = trainer.fit()
+    fit_ended = time.time()
+    if result.error:
+        raise result.error
+    return result, fit_started, fit_ended
+
+
+def _summarise(cfg, out, tracker, result, fit_started, fit_ended, budget) -> tuple[dict, LoopResult]:
+    model_dir = out / "model"
+    with result.checkpoint.as_directory() as ckpt:
+        shutil.copytree(ckpt, model_dir, dirs_exist_ok=True)
+    ev = LoopResult.read(str(model_dir))
+    mix = ev.mixer
+    val, em = ev.val_loss, ev.test_exact_match
+    finite = [v for v in val.values() if v == v]
+    em_vals = [v for v in em.values() if v == v]
+    micro = cfg.train.micro_batch_size * effective_grad_accum(cfg) * max(1, cfg.runtime.num_workers)
+    summary = {
+        "policy": cfg.policy.name,
+        "seed": cfg.seed,
+        "identity": identity_hash(cfg),
+        "budget_tokens": budget,
+        "train_tokens": mix["train_tokens"],
+        "meta_tokens": mix["meta_tokens"],
+        "meta_seconds": ev.meta_seconds,
+        "meta_steps": ev.meta_steps,
+        "curve": ev.curve,
+        # Where a TorchTrainer run's time goes besides training: starting the
+        # worker group, per-worker setup, and checkpointing plus shutdown.
+        "ray_train_seconds": {
+            "worker_start": ev.worker_entered_at - fit_started,
+            "worker_setup": ev.worker_setup_seconds,
+            "train_loop": ev.loop_seconds + ev.curve_seconds + ev.checkpoint_seconds,
+            "checkpoints": ev.checkpoint_seconds,
+            "final_eval": ev.eval_seconds,
+            "report_and_shutdown": fit_ended - ev.reported_at,
+        },
+        "curve_seconds": ev.curve_seconds,
+        # Worker-group restarts restored from a checkpoint, and mixer actor restarts.
+        "restores": ev.restores,
+        "mixer_restarts": ev.mixer_restarts,
+        "meta_time_share": ev.meta_seconds / max(1e-9, ev.loop_seconds),
+        "overshoot_tokens": mix["train_tokens"] - budget,
+        "global_batch_examples": micro,
+        "global_batch_tokens": micro * cfg.data.max_seq_len,
+        "mean_step_tokens": ev.train_tokens / max(1, ev.steps),
+        "loop_train_tokens": ev.train_tokens,  # the workers' own all-reduced count
+        "steps": ev.steps,
+        "ledger": mix["ledger"],
+        "val_loss": val,
+        "worst_val_loss": max(finite) if finite else float("nan"),
+        "worst_val_task": max(val, key=lambda t: val[t] if val[t] == val[t] else -1.0),
+        "mean_val_loss": sum(finite) / len(finite) if finite else float("nan"),
+        "test_exact_match": em,
+        "mean_test_exact_match": sum(em_vals) / len(em_vals) if em_vals else float("nan"),
+        "tokens_per_second": ev.tokens_per_second,
+        "train_loop_seconds": ev.loop_seconds,
+        "eval_seconds": ev.eval_seconds,
+        "mixer_update_seconds": mix["mixer_update_seconds"],
+        "mixture_schedule": mix["mixture_schedule"],
+        "final_weights": mix["final_weights"],
+        "spill_tokens": mix["spill_tokens"],
+        "model_dir": str(model_dir.resolve()),
+        "mlflow_run_id": tracker.run_id,
+        "mlflow_tracking_uri": tracker.uri,
+        "mlflow_experiment_id": tracker.experiment_id,
+    }
+    summary.update(ev.signal_summary)  # what the policy's worker-side signal adds
+    return summary, ev
+
+
+def log_summary(tracker, summary: dict, out: Path, plot_mixture, artifacts: Optional[dict] = None) -> None:
+    """The summary's numbers as MLflow metrics; the ledger, the schedule, the
+    mixture plot and ``artifacts`` (``{name: json-able}``) as artifacts."""
+    metrics = {k: summary[k] for k in (
+        "train_tokens", "meta_tokens", "budget_tokens", "overshoot_tokens", "worst_val_loss",
+        "mean_val_loss", "mean_test_exact_match", "tokens_per_second", "wall_seconds",
+        "train_loop_seconds", "eval_seconds", "mixer_update_seconds")}
+    for t, v in summary["val_loss"].items():
+        metrics[f"val_loss/{t}"] = v
+    for t, v in summary["test_exact_match"].items():
+        metrics[f"test_exact_match/{t}"] = v
+    for t, row in summary["ledger"].items():
+        metrics[f"ledger/{t}/train_tokens"] = row["train_tokens"]
+        metrics[f"ledger/{t}/meta_tokens"] = row["meta_tokens"]
+    tracker.log_metrics(metrics, step=summary["steps"])
+    tracker.log_json(summary["ledger"], "ledger.json", out)
+    tracker.log_json(summary["mixture_schedule"], "mixture_schedule.json", out)
+    for name, value in (artifacts or {}).items():
+        tracker.log_json(value, f"{name}.json", out)
+    png = plot_mixture(summary["mixture_schedule"], summary["ledger"], out / "mixture.png",
+                       summary["budget_tokens"])
+    tracker.log_artifact(png)

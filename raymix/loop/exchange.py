@@ -1,0 +1,129 @@
+"""The workers' side of the mixer: the mixture in force on every rank, the
+per-task counts not yet reported, and the reply in flight.
+
+Rank 0 alone talks to the mixer actor (through ``raymix.mixer.MixerClient``,
+or an in-process client); every rank receives the mixture by broadcast, so
+all sample from the same weights. A report's reply is collected at the next
+sync, one interval later, so that the call never blocks a step; a report
+carrying a signal's result is answered at once and its mixture applies now.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+
+class MixerExchange:
+    def __init__(self, client, num_tasks: int, rank: int, distributed: bool):
+        self.client = client if rank == 0 else None
+        self.T, self.rank, self.distributed = num_tasks, rank, distributed
+        self.sync_tokens = np.zeros(num_tasks)
+        self.sync_loss = np.zeros((2, num_tasks))
+        self.pending = None
+        self.version, self.weights = 0, np.full(num_tasks, 1.0 / num_tasks)
+        self._restored: Optional[dict] = None
+
+    def broadcast(self, mix: Optional[dict]) -> tuple[int, np.ndarray]:
+        """Rank 0's ``{"version", "weights"}`` on every rank."""
+        import torch
+
+        buf = torch.zeros(self.T + 1, dtype=torch.float64)
+        if self.rank == 0:
+            buf[0] = mix["version"]
+            buf[1:] = torch.tensor(mix["weights"], dtype=torch.float64)
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.broadcast(buf, src=0)
+        w = buf[1:].numpy().clip(0)
+        return int(buf[0]), w / w.sum()
+
+    def start(self, train_tokens: int) -> None:
+        """The mixture to start with: the restored checkpoint's, or (no
+        checkpoint) the mixer reset to its initial state, since training
+        starts from the first token again (a restart after a failure before
+        the first registered checkpoint would otherwise count the lost
+        attempt's tokens twice)."""
+        restored = self._restored
+        if restored is not None:
+            if self.client is not None:
+                self.client.restore(restored["mixer"])
+            self.version, self.weights = self.broadcast(
+                {"version": restored["version"], "weights": restored["weights"]})
+        else:
+            self.version, self.weights = self.broadcast(self.client.reset() if self.client is not None else None)
+        self._restored = None
+        if self.client is not None:
+            self.client.applied(self.version, train_tokens, self.weights.tolist())
+
+    def add(self, stats: np.ndarray) -> None:
+        """Count a step's all-reduced [tokens, loss sum, loss count] per task."""
+        self.sync_tokens += stats[0]
+        self.sync_loss += stats[1:]
+
+    def sync(self, signals: Optional[dict], train_tokens: int) -> None:
+        """Report the counts since the last sync (and a signal's result), and
+        apply the mixture rank 0 then holds."""
+        current = {"version": self.version, "weights": self.weights.tolist()}
+        if self.client is not None:
+            # The reply to the previous report was sent one interval ago
+            # and is ready; this interval's report is collected at the next
+            # sync, except after a signal's computation, whose new mixture applies now.
+            current = self.client.get(self.pending) if self.pending is not None else current
+            self.pending = self.client.report(
+                self.sync_tokens.astype(np.int64).tolist(), self.sync_loss[0].tolist(), self.sync_loss[1].tolist(),
+                signals["meta_tokens"] if signals else None, signals,
+            )
+            if signals is not None:
+                current, self.pending = self.client.get(self.pending), None
+        self.sync_tokens[:] = 0
+        self.sync_loss[:] = 0
+        version, weights = self.broadcast(current)
+        if version != self.version:
+            self.version, self.weights = version, weights
+            if self.client is not None:
+                self.client.applied(self.version, train_tokens, self.weights.tolist())
+
+    def report_meta_tokens(self, tokens: np.ndarray) -> None:
+        """Tokens read only for evaluation or signals (rank 0; not awaited)."""
+        if self.client is not None:
+            self.client.report([0] * self.T, None, None, tokens.astype(np.int64).tolist())
+
+    def flush(self) -> None:
+        """Rank 0: every counted token reaches the ledger, and the replies are in."""
+        if self.client is None:
+            return
+        if self.pending is not None:
+            self.client.get(self.pending)
+            self.pending = None
+        self.client.get(self.client.report(self.sync_tokens.astype(np.int64).tolist(), self.sync_loss[0].tolist(),
+                                           self.sync_loss[1].tolist()))
+        self.sync_tokens[:] = 0
+        self.sync_loss[:] = 0
+
+    def snapshot(self) -> dict:
+        """Rank 0: the mixer actor's state once every count is in."""
+        self.flush()
+        return self.client.snapshot()
+
+    def summary(self) -> dict:
+        self.flush()
+        return self.client.call("summary")
+
+    @property
+    def restarts(self) -> Optional[int]:
+        return self.client.restarts if self.client is not None else None
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.client.pid if self.client is not None else None
+
+    # -- checkpoint part ------------------------------------------------------
+    def state_dict(self) -> dict:
+        # The actor's own state (key "mixer") is added by rank 0 when it saves.
+        return {"version": self.version, "weights": self.weights.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._restored = {"version": state["version"], "weights": state["weights"], "mixer": state.get("mixer")}

@@ -1,0 +1,50 @@
+"""The end of a loop: the last counts to the mixer, the final evaluation on
+the pool's own splits (validation loss, test exact match) by rank 0, and the
+final checkpoint (the Hugging Face model, its tokenizer and the
+:class:`~raymix.loop.contract.LoopResult`)."""
+
+from __future__ import annotations
+
+import time
+
+from raymix.loop.checkpoint import report_checkpoint
+from raymix.loop.contract import LoopResult
+
+
+def finish(w, session, exchange, metrics_log, signal, progress, curve, checkpointer, timing: dict) -> None:
+    from raymix.loop.evaluation import exact_match, validation_losses
+
+    cfg = w.cfg
+    if metrics_log is not None:
+        metrics_log.flush()  # every logged metric reaches the store
+    mixer_summary = exchange.summary() if w.rank == 0 else None  # and every counted token the ledger
+    loop_seconds = timing["loop_seconds"]
+    numbers = {"train_tokens": progress.train_tokens, "steps": progress.step, "loop_seconds": loop_seconds,
+               "worker_entered_at": timing["entered_at"], "worker_setup_seconds": timing["setup_seconds"],
+               "tokens_per_second": progress.train_tokens / max(1e-9, loop_seconds),
+               "meta_seconds": progress.meta_seconds, "meta_steps": progress.meta_steps,
+               "curve_seconds": curve.seconds if curve is not None else 0.0, "restores": progress.restores,
+               "checkpoint_seconds": checkpointer.seconds}
+    model = w.final_model()  # a collective under FSDP: every rank takes part
+    if w.rank != 0:
+        session.report(numbers, None)
+        return
+    t_eval = time.perf_counter()
+    pool = w.loop.pool
+    val = validation_losses(model, pool, w.pad_id, cfg.eval.batch_size, w.device)
+    em = exact_match(model, w.tokenizer, pool, cfg.eval.max_test_examples, cfg.eval.max_new_tokens,
+                     cfg.eval.batch_size, w.device)
+    result = LoopResult(**numbers, eval_seconds=time.perf_counter() - t_eval, reported_at=0.0, val_loss=val,
+                        test_exact_match=em, curve=curve.log if curve is not None else [], mixer=mixer_summary,
+                        mixer_restarts=exchange.restarts, stopped_early=timing["stopped_early"],
+                        signal_summary=signal.summary())
+    reported: dict = {}
+
+    def write_final(d: str) -> None:
+        model.save_pretrained(d)
+        w.tokenizer.save_pretrained(d)
+        result.reported_at = time.time()  # after saving the model, before persisting
+        result.write(d)
+        reported.update(result.metrics())
+
+    report_checkpoint(session, reported, write_final, w.local_checkpoint_dir, "final", None)

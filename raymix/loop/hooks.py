@@ -1,0 +1,141 @@
+"""What the loop does around the step, each part deciding its own cadence:
+the loss curve on a fixed validation subset (:class:`CurveHook`), the
+training metrics (:class:`MetricsHook`), the progress file
+(:class:`ProgressFile`), and the loop's own counters (:class:`Progress`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Progress:
+    """Where the run is; a checkpoint part."""
+
+    step: int = 0
+    train_tokens: int = 0
+    restores: int = 0
+    """Worker-group restarts that restored a checkpoint."""
+    meta_seconds: float = 0.0
+    """Time in the policy's worker-side signal, and how often it ran."""
+    meta_steps: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "train_tokens": self.train_tokens, "restores": self.restores,
+                "meta_seconds": self.meta_seconds, "meta_steps": self.meta_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.train_tokens = state["step"], state["train_tokens"]
+        self.meta_seconds, self.meta_steps = state["meta_seconds"], state["meta_steps"]
+        self.restores = state["restores"] + 1
+
+
+class CurveHook:
+    """Per-task validation loss on a fixed subset at ``eval.curve_points``
+    evenly spaced points of the budget (and at its start); a checkpoint part."""
+
+    def __init__(self, w, exchange, metrics_log):
+        from raymix.loop.evaluation import CurveEvaluator
+
+        cfg = w.cfg
+        self.w, self.exchange, self.metrics_log = w, exchange, metrics_log
+        self.points = cfg.eval.curve_points
+        self.evaluate = CurveEvaluator(w.loop.pool, cfg.eval.curve_examples_per_task, w.rank, w.world, w.pad_id,
+                                       cfg.eval.batch_size, w.device, lockstep=w.fsdp)
+        self.next_curve = 1
+        self.log: list = []
+        self.seconds = 0.0
+
+    def start(self, progress: Progress) -> None:
+        if progress.step == 0:
+            self.point(progress)  # the starting point of the curve
+
+    def after_step(self, progress: Progress) -> None:
+        due = self.w.budget / self.points
+        if progress.train_tokens >= self.next_curve * due:
+            while progress.train_tokens >= self.next_curve * due:
+                self.next_curve += 1
+            self.point(progress)
+
+    def point(self, progress: Progress) -> None:
+        t = time.perf_counter()
+        vl, toks = self.evaluate(self.w.raw_model, self.w.all_reduce)
+        self.seconds += time.perf_counter() - t
+        finite = vl[np.isfinite(vl)]
+        point = {"train_tokens": progress.train_tokens, "worst_val_loss": float(finite.max()),
+                 "mean_val_loss": float(finite.mean())}
+        self.log.append(point)
+        # Evaluation tokens are meta tokens: spent, but not on updates.
+        self.exchange.report_meta_tokens(toks)
+        if self.metrics_log is not None:
+            m = {"curve/worst_val_loss": point["worst_val_loss"], "curve/mean_val_loss": point["mean_val_loss"],
+                 "curve/train_tokens": progress.train_tokens}
+            m.update({f"curve/{t}/val_loss": float(vl[i]) for i, t in enumerate(self.w.loop.pool.tasks)})
+            self.metrics_log.log(m, progress.step)
+
+    def state_dict(self) -> dict:
+        return {"next_curve": self.next_curve, "curve_log": list(self.log)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next_curve, self.log = state["next_curve"], list(state["curve_log"])
+
+
+class MetricsHook:
+    """``train/*``, ``mixture/<task>`` and ``loss/<task>`` every
+    ``train.log_every`` steps and at the end of the budget (rank 0)."""
+
+    def __init__(self, w, metrics_log):
+        self.w, self.metrics_log = w, metrics_log
+        self.loss = np.zeros((2, len(w.loop.pool.tasks)))
+        self.tokens_start, self.time_start = 0, time.perf_counter()
+
+    def start(self, progress: Progress) -> None:
+        self.tokens_start, self.time_start = progress.train_tokens, time.perf_counter()
+
+    def after_step(self, progress: Progress, outcome, weights: np.ndarray) -> None:
+        if self.metrics_log is None:
+            return
+        self.loss += outcome.stats[1:]
+        if progress.step % self.w.cfg.train.log_every and progress.train_tokens < self.w.budget:
+            return
+        now = time.perf_counter()
+        budget = self.w.budget
+        metrics = {
+            "train/loss": outcome.loss,
+            "train/lr": outcome.lr,
+            "train/tokens": progress.train_tokens,
+            "train/tokens_per_second": (progress.train_tokens - self.tokens_start) / max(1e-9, now - self.time_start),
+            "train/budget_progress": progress.train_tokens / budget,
+        }
+        for i, t in enumerate(self.w.loop.pool.tasks):
+            metrics[f"mixture/{t}"] = float(weights[i])
+            if self.loss[1, i] > 0:
+                metrics[f"loss/{t}"] = self.loss[0, i] / self.loss[1, i]
+        self.metrics_log.log(metrics, progress.step)
+        self.loss[:] = 0
+        self.tokens_start, self.time_start = progress.train_tokens, now
+
+
+class ProgressFile:
+    """``OUTPUT/progress/rank<R>.json``: pid, step and tokens of each worker,
+    rewritten atomically every ``train.log_every`` steps, for operators (and
+    tests) that need to find a worker process or follow a run without MLflow."""
+
+    def __init__(self, output_dir: str | None, rank: int):
+        self.path = None
+        if output_dir:
+            os.makedirs(os.path.join(output_dir, "progress"), exist_ok=True)
+            self.path = os.path.join(output_dir, "progress", f"rank{rank}.json")
+        self.rank = rank
+
+    def write(self, **fields) -> None:
+        if self.path is None:
+            return
+        with open(self.path + ".tmp", "w") as f:
+            json.dump({"rank": self.rank, "pid": os.getpid(), "updated_at": time.time(), **fields}, f)
+        os.replace(self.path + ".tmp", self.path)

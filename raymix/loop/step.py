@@ -1,0 +1,146 @@
+"""The training step: sample micro-batches from the mixture, forward and
+backward with the loss on completion tokens, all-reduce the per-task
+statistics, stop before a non-finite update, clip, and step AdamW.
+
+:class:`TrainStep` also owns what the step draws from: each task's example
+stream and the random generator that picks each example's task. Its state
+(their positions) is per rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from raymix.config import effective_grad_accum
+
+
+class TokenCosineSchedule:
+    """Learning rate as a function of the budget spent: linear warm-up over
+    ``warmup`` of the budget, then cosine decay to ``min_ratio * peak``. Tied
+    to tokens, not steps, so it means the same with any batch or worker count."""
+
+    def __init__(self, peak: float, warmup: float, min_ratio: float):
+        self.peak, self.warmup, self.min_ratio = peak, warmup, min_ratio
+
+    def __call__(self, progress: float) -> float:
+        progress = min(max(progress, 0.0), 1.0)
+        if self.warmup > 0 and progress < self.warmup:
+            return self.peak * max(progress / self.warmup, 0.01)
+        t = (progress - self.warmup) / max(1e-12, 1 - self.warmup)
+        return self.peak * (self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    stats: np.ndarray
+    """Per task, summed over ranks: [tokens, completion-token NLL sum, completion-token count]."""
+    loss: float
+    """Mean completion-token NLL of the step (over all ranks)."""
+    lr: float
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss)
+
+
+class TrainStep:
+    def __init__(self, w):
+        import torch
+
+        from raymix.streams import TaskStream
+
+        cfg = w.cfg
+        self.w = w
+        decay, no_decay = [], []
+        for name, p in w.raw_model.named_parameters():
+            (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+        w.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.train.lr,
+            betas=cfg.train.betas,
+        )
+        self.schedule = TokenCosineSchedule(cfg.train.lr, cfg.train.warmup_fraction, cfg.train.min_lr_ratio)
+        self.use_amp = w.device.type == "cuda"
+        self.mbs, self.accum = cfg.train.micro_batch_size, effective_grad_accum(cfg)
+        pool = w.loop.pool
+        self.T = len(pool.tasks)
+        self.streams = [
+            TaskStream(pool.shard_dir("train", t), seed=cfg.seed * 100003 + i, rank=w.rank, world=w.world)
+            for i, t in enumerate(pool.tasks)
+        ]
+        self.rng = np.random.default_rng([cfg.seed, w.rank, 7])
+
+    def __call__(self, weights: np.ndarray, progress: float) -> StepOutcome:
+        import torch
+
+        from raymix.loss import token_nll
+        from raymix.streams import collate
+
+        w, model, opt = self.w, self.w.model, self.w.optimizer
+        lr = self.schedule(progress)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        micro = []
+        for _ in range(self.accum):
+            idx = self.rng.choice(self.T, size=self.mbs, p=weights)
+            micro.append((idx, collate([self.streams[i].next() for i in idx], w.pad_id)))
+        n_completion = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in micro)
+        step_stats = np.zeros((3, self.T))  # tokens, loss sum, loss count per task
+        for k, (idx, batch) in enumerate(micro):
+            with self._sync(k), torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+                nll, cnt = token_nll(model, batch, w.device)
+                loss = nll.sum() / max(1, n_completion)
+                loss.backward()
+            lengths = batch["attention_mask"].sum(dim=1).numpy()
+            np.add.at(step_stats[0], idx, lengths)
+            np.add.at(step_stats[1], idx, nll.detach().float().cpu().numpy())
+            np.add.at(step_stats[2], idx, cnt.cpu().numpy())
+        stats = w.all_reduce(torch.from_numpy(step_stats)).numpy()
+        outcome = StepOutcome(stats, stats[1].sum() / max(1.0, stats[2].sum()), lr)
+        if not outcome.finite:
+            # Every rank sees the same reduced loss and stops here, before
+            # the update: the parameters are still the last good ones.
+            opt.zero_grad(set_to_none=True)
+            return outcome
+        if w.cfg.train.grad_clip > 0:
+            # Under FSDP the gradients are DTensor shards: clip_grad_norm_
+            # reduces the norm over the workers, so every rank clips alike.
+            torch.nn.utils.clip_grad_norm_(model.parameters(), w.cfg.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return outcome
+
+    def _sync(self, k: int):
+        """Gradient synchronisation on the last micro-batch of a step only."""
+        w, last = self.w, k == self.accum - 1
+        if w.fsdp:
+            # FSDP2's no_sync: gradients stay unsharded and accumulate
+            # locally until the last micro-batch reduce-scatters them.
+            w.model.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
+        return w.model.no_sync() if (w.distributed and not last) else contextlib.nullcontext()
+
+    # -- the positions it draws from (per rank) ------------------------------
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def rank_state_dict(self) -> dict:
+        import torch
+
+        return {"rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                "streams": [s.state_dict() for s in self.streams]}
+
+    def load_rank_state_dict(self, state: dict) -> None:
+        import torch
+
+        self.rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        for stream, st in zip(self.streams, state["streams"]):
+            stream.load_state_dict(st)

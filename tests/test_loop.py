@@ -1,0 +1,270 @@
+"""The training loop in this process, with an in-process mixer: no Ray.
+
+``raymix.loop.train_loop`` runs under an ``InProcessSession`` with a
+``LocalMixerClient``. Checked: a budgeted run's ledger, a checkpoint round
+trip (stopped after its first checkpoint, resumed, equal to an uninterrupted
+run), that a do-nothing worker-side signal changes nothing, and that a toy
+learned policy defined entirely in this file (a mixer-side policy and a
+worker-side signal, registered from here) trains end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raymix.config import load_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SMALL = [
+    "data.sources=[{kind: synthetic, scale: 0.02}]",
+    "data.max_test=4",
+    "model.vocab_size=512",
+    "train.micro_batch_size=8",
+    "train.sync_every=2",
+    "train.log_every=2",
+    "eval.max_test_examples=2",
+    "eval.max_new_tokens=4",
+    "eval.curve_points=2",
+    "runtime.num_workers=0",
+    "budget.tokens=3000",
+    "eval.suite=null",
+]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """The pool, tokenizer and initial model, prepared once (Ray Data tokenises: a local Ray)."""
+    import ray
+
+    from raymix.driver.setup import prepare_model_and_data
+
+    os.environ.setdefault("RAYMIX_CACHE", str(tmp_path_factory.mktemp("cache")))
+    cfg = load_config(None, SMALL)
+    out = tmp_path_factory.mktemp("prepared")
+    ray.init(num_cpus=2, object_store_memory=200_000_000, include_dashboard=False)
+    try:
+        _, tok_dir, pool, init_dir = prepare_model_and_data(cfg, out)
+    finally:
+        ray.shutdown()
+    return pool, tok_dir, init_dir
+
+
+class RecordingSession:
+    """An ``InProcessSession`` that keeps every report, and can stop the run
+    (as a lost worker would) right after its first periodic checkpoint."""
+
+    def __init__(self, local_dir: str, stop_after_checkpoint: bool = False):
+        from raymix.loop import InProcessSession
+
+        self.inner = InProcessSession(False, local_dir)
+        self.stop = stop_after_checkpoint
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def report(self, metrics: dict, checkpoint_dir):
+        self.inner.report(metrics, checkpoint_dir)
+        if self.stop and checkpoint_dir and metrics.get("checkpoint_reason") == "periodic":
+            raise KeyboardInterrupt("stopped after the first checkpoint")
+
+
+def _run(prepared, tmp: Path, overrides=(), mixer_state=None, stop=False, mixer=None):
+    from raymix.loop import LoopConfig, LoopResult, train_loop
+    from raymix.mixer import LocalMixerClient, Mixer
+    from raymix.policies import PoolInfo
+
+    pool, tok_dir, init_dir = prepared
+    cfg = load_config(None, SMALL + list(overrides))
+    budget = cfg.budget.tokens
+    info = PoolInfo(pool.tasks, pool.train_tokens(), pool.train_examples(), budget)
+    mixer = mixer or LocalMixerClient(Mixer(cfg.policy, info, cfg.budget.max_epochs))
+    loop = LoopConfig(run=cfg, pool=pool, budget_tokens=budget, tokenizer_dir=tok_dir, init_model_dir=init_dir,
+                      output_dir=str(tmp), local_checkpoint_dir=str(tmp / "checkpoints"))
+    session = RecordingSession(str(tmp / "checkpoints"), stop_after_checkpoint=stop)
+    try:
+        train_loop(loop, session, mixer=mixer)
+    except KeyboardInterrupt:
+        return None, mixer, session
+    return LoopResult.read(str(tmp / "checkpoints" / "final")), mixer, session
+
+
+def test_budgeted_run_ledger(prepared, tmp_path: Path) -> None:
+    result, mixer, session = _run(prepared, tmp_path)
+    ledger = result.mixer["ledger"]
+    train = sum(row["train_tokens"] for row in ledger.values())
+    assert train == result.train_tokens == result.mixer["train_tokens"]
+    # The run stops at the budget, overshooting by less than one step's tokens.
+    assert 3000 <= train < 3000 + 8 * 64
+    # Curve evaluations are meta tokens, never train tokens.
+    assert result.mixer["meta_tokens"] > 0 and len(result.curve) == 3  # the start and 2 points
+    assert result.steps > 0 and set(result.val_loss) == set(prepared[0].tasks)
+    assert os.path.exists(tmp_path / "progress" / "rank0.json")
+    assert session.inner.reports[-1][1].endswith("final")
+
+
+def test_checkpoint_round_trip(prepared, tmp_path: Path) -> None:
+    """Stopped right after its first checkpoint and run again in the same
+    folder, the run restores and ends where an uninterrupted run ends. The
+    comparison is exact: one process, the same kernels and the same data
+    order, so resuming must reproduce every floating-point operation."""
+    every = ["train.checkpoint_tokens=1000"]
+    full, _, _ = _run(prepared, tmp_path / "full", every)
+    part, _, session = _run(prepared, tmp_path / "cut", every, stop=True)
+    assert part is None and any(d and d.endswith("-periodic") for _, d in session.inner.reports)
+    resumed, _, _ = _run(prepared, tmp_path / "cut", every)  # a fresh mixer, as after a driver restart
+    assert resumed.restores == 1 and full.restores == 0
+    assert resumed.train_tokens == full.train_tokens and resumed.steps == full.steps
+    assert resumed.mixer["ledger"] == full.mixer["ledger"]
+    assert resumed.val_loss == full.val_loss
+    assert resumed.curve == full.curve
+
+
+class ObservingSignal:
+    """A worker-side signal that does nothing but look: it observes every
+    step, is due every third step, and computes nothing."""
+
+    seen: list = []
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def observe(self, view):
+        ObservingSignal.seen.append(view.step)
+
+    def due(self, view):
+        return view.step % 3 == 0
+
+    def compute(self, view):
+        return None
+
+    def metrics(self, signals, weights, timing):
+        return {}
+
+    def stops_run(self):
+        return False
+
+    def summary(self):
+        return {}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_do_nothing_signal_changes_nothing(prepared, tmp_path: Path) -> None:
+    """Uniform, with and without a signal that is due but computes nothing:
+    bit-identical losses (same process, same kernels, same draws)."""
+    from raymix.policies import register_policy
+    from raymix.policies.static import StaticPolicy
+    from raymix.registry import POLICIES
+
+    register_policy("test_observer", signal=ObservingSignal)(
+        lambda cfg, pool: StaticPolicy(np.ones(len(pool.tasks))))
+    try:
+        plain, _, _ = _run(prepared, tmp_path / "plain", ["policy.name=uniform"])
+        ObservingSignal.seen = []
+        watched, _, _ = _run(prepared, tmp_path / "watched", ["policy.name=test_observer"])
+    finally:
+        POLICIES.pop("test_observer")
+    assert ObservingSignal.seen == list(range(1, watched.steps + 1))
+    assert watched.val_loss == plain.val_loss
+    assert watched.curve == plain.curve
+    assert watched.mixer["ledger"] == plain.mixer["ledger"]
+    assert watched.meta_steps == watched.steps // 3
+
+
+class FocusPolicy:
+    """A toy learned policy: moves all weight to the task the workers name."""
+
+    def __init__(self, cfg, pool):
+        self.T = len(pool.tasks)
+        self.focus = None
+
+    def initial_weights(self):
+        return np.ones(self.T)
+
+    def update(self, signals):
+        if "focus" not in signals.extra:
+            return None
+        self.focus = int(signals.extra["focus"])
+        w = np.full(self.T, 1e-9)
+        w[self.focus] = 1.0
+        return w
+
+    def state_dict(self):
+        return {"focus": self.focus}
+
+    def load_state_dict(self, state):
+        self.focus = state["focus"]
+
+
+class FocusSignal:
+    """Its worker-side signal: once, after the fourth step, names the task
+    with the highest training loss seen so far (from the loop's all-reduced
+    per-task statistics) and stops reporting."""
+
+    def __init__(self, ctx):
+        self.T = len(ctx.pool.tasks)
+        self.loss = np.zeros((2, self.T))
+        self.done = False
+
+    def observe(self, view):
+        self.loss += view.stats[1:]
+
+    def due(self, view):
+        return not self.done and view.step == 4
+
+    def compute(self, view):
+        self.done = True
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(self.loss[1] > 0, self.loss[0] / np.maximum(self.loss[1], 1), -np.inf)
+        return {"focus": int(np.argmax(mean)), "meta_tokens": [0] * self.T}
+
+    def metrics(self, signals, weights, timing):
+        return {"toy/focus": float(signals["focus"])}
+
+    def stops_run(self):
+        return False
+
+    def summary(self):
+        return {"toy_done": self.done}
+
+    def state_dict(self):
+        return {"toy_done": self.done}
+
+    def load_state_dict(self, state):
+        self.done = state.get("toy_done", False)
+
+
+def test_toy_learned_policy_from_a_test_file(prepared, tmp_path: Path) -> None:
+    """A policy defined and registered here, without touching raymix/: its
+    signal's result reaches the mixer, the mixture follows, the loop stays
+    the same."""
+    from raymix.policies import register_policy
+    from raymix.registry import POLICIES
+
+    register_policy("test_focus", signal=FocusSignal)(FocusPolicy)
+    try:
+        result, mixer, _ = _run(prepared, tmp_path, ["policy.name=test_focus"])
+    finally:
+        POLICIES.pop("test_focus")
+    focus = mixer.mixer.policy.focus
+    assert focus is not None and result.meta_steps == 1
+    assert result.signal_summary == {"toy_done": True}
+    schedule = result.mixer["mixture_schedule"]
+    assert len(schedule) == 2  # uniform, then the focused mixture from step 4 on
+    tasks = list(prepared[0].tasks)
+    assert schedule[1][1][tasks[focus]] > 0.99
+    ledger = result.mixer["ledger"]
+    first = schedule[1][0]
+    # After the switch (at `first` train tokens) almost every token is the focused task's.
+    assert ledger[tasks[focus]]["train_tokens"] >= 0.9 * (result.train_tokens - first)
+    assert json.dumps(result.signal_summary)
