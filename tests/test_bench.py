@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from raymix.bench import TreeSampler, _self_peak_mib, main
+from raymix.bench import main
+from raymix.bench.memory import TreeSampler, _self_peak_mib
 
 RAY = ["--set", "runtime.num_cpus=2", "--set", "runtime.object_store_memory=200000000",
        "--set", "runtime.data_concurrency=1"]

@@ -37,7 +37,7 @@ def test_smoke_sweep_killed_driver_resume_and_report(tmp_path: Path) -> None:
 
     env = {**os.environ, "RAYMIX_CACHE": str(tmp_path / "cache"), "RAY_ADDRESS": ""}
     env.pop("MLFLOW_TRACKING_URI", None)
-    from raymix.bench import write_synthetic_tasks
+    from raymix.bench.task_scaling import write_synthetic_tasks
 
     write_synthetic_tasks(tmp_path / "tasks", tasks=3, examples=60)
     out = tmp_path / "sweep"

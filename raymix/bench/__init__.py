@@ -1,0 +1,128 @@
+"""Benchmarks that measure raymix against its yardstick in the same process run.
+
+    python -m raymix.bench [NAME ...] --output DIR [--repeats N] [--warmup N]
+        [--tasks 20,100,400,1000] [--config FILE] [--set key=value ...] [--report FILE]
+
+Every benchmark repeats its measurement (``--repeats``, default per
+benchmark), reports the median and the spread (min, max), and writes its
+figures to DIR/bench.json and a table to DIR/bench.md. With no NAME, all run.
+
+``throughput``: training tokens/s of the raymix path (Ray Train workers fed
+by per-task streams over the Ray Data shards, with the mixer actor) with 1 and
+2 workers and in-process (``runtime.num_workers=0``), against a plain
+single-process PyTorch loop on the same model, micro-batch, sequence length,
+data and thread count. Both are measured over the training loop alone
+(start-up, curve evaluations and checkpoints are reported separately), and
+their ratio is printed.
+
+``meta_overhead``: ADAPT against uniform, wall time per training token in
+one run each.
+
+``task_scaling``: seconds of one ADAPT meta step (``MetaSignals.compute``)
+and of one mixer update (``Mixer.report`` with meta signals) on pools of
+20, 100, 400 and 1000 small synthetic tasks prepared by the real data path;
+the yardstick is the smallest pool, and cost(1000)/cost(20) is reported
+(target for the meta step: at most 3).
+
+``data_plane``: rows/s and tokens/s of ``raymix.data.prepare_shards`` (Ray
+Data, from an empty cache) against the same tokenisation in a plain
+single-process loop, and the time of a cache hit.
+
+``memory``: peak memory (RSS and PSS, summed over the process tree: driver,
+Ray workers, and separately Ray's own GCS/raylet/agents) of a short raymix
+run against the plain loop on the same model and tokens.
+
+Ray starts with ``runtime.num_cpus`` CPUs (all cores when unset),
+``runtime.object_store_memory`` and ``runtime.data_concurrency`` as set; each
+benchmark's JSON records them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from raymix.bench import data_plane, memory, meta_overhead, task_scaling, throughput
+from raymix.config import load_config
+from raymix.errors import RaymixError
+
+MODULES = {"throughput": throughput, "meta_overhead": meta_overhead, "task_scaling": task_scaling,
+           "data_plane": data_plane, "memory": memory}
+BENCHMARKS = {"throughput": throughput.bench_throughput, "meta_overhead": meta_overhead.bench_meta_overhead,
+              "task_scaling": task_scaling.bench_task_scaling, "data_plane": data_plane.bench_data_plane,
+              "memory": memory.bench_memory}
+DEFAULT_REPEATS = {"throughput": 1, "meta_overhead": 1, "task_scaling": 7, "data_plane": 3, "memory": 3}
+
+
+def _markdown(results: dict, commit: str) -> str:
+    lines = [f"# raymix benchmarks\n\nMeasured on commit `{commit}` by `python -m raymix.bench`.\n"]
+    for name, module in MODULES.items():
+        if name in results:
+            lines += module.markdown(results[name])
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import subprocess
+
+    parser = argparse.ArgumentParser(prog="python -m raymix.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", default=list(BENCHMARKS), help=f"benchmarks: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed repeats per measurement (default per benchmark: "
+                             + ", ".join(f"{k} {v}" for k, v in DEFAULT_REPEATS.items()) + ")")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls (task_scaling, data_plane)")
+    parser.add_argument("--tasks", default="20,100,400,1000",
+                        help="task_scaling: comma-separated task counts (the smallest is the yardstick)")
+    parser.add_argument("--report", default=None, help="also write the Markdown table here (e.g. reports/bench.md)")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in BENCHMARKS]
+    if unknown:
+        print(f"raymix: error: unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except RaymixError as e:
+        print(f"raymix: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        task_counts = sorted({int(x) for x in args.tasks.split(",") if x.strip()})
+    except ValueError:
+        task_counts = []
+    if len(task_counts) < 2 or task_counts[0] < 1:
+        print(f"raymix: error: --tasks needs two or more positive task counts, got {args.tasks!r}", file=sys.stderr)
+        return 2
+    if (args.repeats is not None and args.repeats < 1) or args.warmup < 0:
+        print("raymix: error: --repeats must be >= 1 and --warmup >= 0", file=sys.stderr)
+        return 2
+    extra = {"task_scaling": {"warmup": args.warmup, "task_counts": task_counts},
+             "data_plane": {"warmup": args.warmup}}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    results: dict = {}
+    md = ""
+    for name in args.names:
+        repeats = args.repeats or DEFAULT_REPEATS[name]
+        results[name] = BENCHMARKS[name](cfg, out / name, repeats, **extra.get(name, {}))
+        # Written after every benchmark: a later one failing keeps these figures.
+        (out / "bench.json").write_text(json.dumps({"commit": commit, **results}, indent=1))
+        md = _markdown(results, commit)
+        (out / "bench.md").write_text(md)
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""``throughput``: training tokens/s of the raymix path (1 and 2 Ray Train
+workers, in-process) against a plain single-process PyTorch loop."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+from raymix.bench.common import plain_loop
+from raymix.config import RunConfig
+
+
+def bench_throughput(cfg: RunConfig, out: Path, repeats: int) -> dict:
+    from dataclasses import replace
+
+    from raymix.driver import run
+    from raymix.driver.setup import init_ray, prepare_model_and_data
+
+    init_ray(cfg)
+    tokenizer, _, pool, init_dir = prepare_model_and_data(cfg, out)
+    budget = int(cfg.budget.tokens or round(cfg.budget.fraction * pool.pool_tokens))
+    plain = [plain_loop(cfg, pool, init_dir, tokenizer.pad_token_id, budget) for _ in range(repeats)]
+    rows = {"plain": plain}
+    for workers in (0, 1, 2):  # 0: in-process (no Ray Train worker group)
+        runs = []
+        for r in range(repeats):
+            c = replace(cfg, runtime=replace(cfg.runtime, num_workers=workers),
+                        eval=replace(cfg.eval, max_test_examples=1))
+            t0 = time.perf_counter()
+            s = run(c, out / f"raymix-{workers}w-{r}")
+            runs.append({"tokens": s["train_tokens"], "steps": s["steps"], "seconds": s["train_loop_seconds"],
+                         "tokens_per_second": s["tokens_per_second"],
+                         "wall_seconds": time.perf_counter() - t0})
+        rows[f"raymix_{workers}w" if workers else "raymix_inprocess"] = runs
+    med = {k: statistics.median(r["tokens_per_second"] for r in v) for k, v in rows.items()}
+    spread = {k: (min(r["tokens_per_second"] for r in v), max(r["tokens_per_second"] for r in v))
+              for k, v in rows.items()}
+    return {
+        "model": cfg.model.preset, "micro_batch_size": cfg.train.micro_batch_size,
+        "torch_threads": cfg.runtime.torch_threads, "budget_tokens": budget, "repeats": repeats,
+        "runs": rows, "median_tokens_per_second": med, "min_max_tokens_per_second": spread,
+        "ratio_inprocess": med["raymix_inprocess"] / med["plain"],
+        "ratio_1w": med["raymix_1w"] / med["plain"], "ratio_2w": med["raymix_2w"] / med["plain"],
+    }
+
+
+
+def markdown(r: dict) -> list[str]:
+    """This benchmark's section of bench.md."""
+    lines: list[str] = []
+    lines += [
+        "## throughput\n",
+        f"Model `{r['model']}`, micro-batch {r['micro_batch_size']}, {r['torch_threads']} torch thread(s) "
+        f"per process, {r['budget_tokens']} training tokens per run, {r['repeats']} repeat(s).\n",
+        "| path | median tokens/s | min | max | ratio to plain |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for k, v in r["median_tokens_per_second"].items():
+        lo, hi = r["min_max_tokens_per_second"][k]
+        lines.append(f"| {k} | {v:,.0f} | {lo:,.0f} | {hi:,.0f} | {v / r['median_tokens_per_second']['plain']:.2f} |")
+    return lines
