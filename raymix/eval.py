@@ -29,6 +29,10 @@ value}}, "aggregate", "suite", "limit", "seconds", "primary_metrics"}``),
 own CLI through ``--include_path``). With ``--mlflow-run-id`` the metrics go
 to that run as ``eval/<task>/<metric>`` and ``eval/aggregate``, and both JSON
 files as artifacts under ``eval/<suite>/``.
+
+Over 500 lines on purpose: one module per Ray role, and this is the lm-eval
+role whole (suites, offline task rendering, the hub check, the CLI), which
+the training driver and the command line share.
 """
 
 from __future__ import annotations
