@@ -137,3 +137,50 @@ def test_unreachable_mlflow_server_fails_before_training(tmp_path: Path) -> None
     assert (out / "notes.txt").read_text() == "keep me"
     assert not (out / "summary.json").exists() and not (out / "run.json").exists()
     assert not (out / "ray").exists()  # no training started
+
+
+def test_output_on_a_read_only_filesystem_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """Root ignores permission bits, so the filesystem's answer is simulated:
+    the probe write fails as on a read-only mount. Nothing is left behind."""
+    import errno
+
+    from raymix.driver.setup import prepare_output
+
+    def read_only(self, *a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    with pytest.raises(RaymixError, match=r"--output .*out cannot be written \(a read-only filesystem"):
+        prepare_output(load_config(None, []), tmp_path / "out", False, "")
+    monkeypatch.undo()
+    assert not (tmp_path / "out" / "config.yaml").exists()
+
+
+def test_output_on_a_full_filesystem_is_refused(tmp_path: Path, monkeypatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    from raymix.driver.setup import prepare_output
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))
+    with pytest.raises(RaymixError, match=r"--output .*only 1 MiB free"):
+        prepare_output(load_config(None, []), tmp_path / "out", False, "")
+    assert not (tmp_path / "out" / "config.yaml").exists()
+
+
+def test_more_workers_than_a_local_ray_can_place_is_refused(monkeypatch) -> None:
+    import ray
+
+    from raymix.driver.setup import check_worker_resources
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    cfg = load_config(None, ["runtime.num_workers=64", "runtime.cpus_per_worker=1"])
+    with pytest.raises(RaymixError, match=r"runtime.num_workers=64 x runtime.cpus_per_worker=1.0 = 64 CPU\(s\), "
+                                          r"but the local Ray has 2 CPU"):
+        check_worker_resources(cfg)
+    check_worker_resources(load_config(None, ["runtime.num_workers=2", "runtime.cpus_per_worker=0.5"]))
+    # On a cluster the autoscaler may add nodes: it says what it waits for instead.
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    check_worker_resources(cfg)

@@ -170,10 +170,64 @@ def prepare_output(cfg: RunConfig, output_dir: str | Path, resume: bool, continu
     if not resume and (out / RUN_FILE).exists():
         raise RaymixError(f"--output {out} holds an unfinished run ({RUN_FILE}); pass --resume to continue "
                           f"{continue_hint}, or choose another directory")
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     if not resume:
         (out / "config.yaml").write_text(to_yaml(cfg))
     return out, saved
+
+
+MIN_FREE_BYTES = 64 * 1024**2
+"""Free space an output folder needs before a run starts: a checkpoint of
+the embedded default is a few MiB, the pool cache and a larger model's far
+more; under this, the run would fail at its first checkpoint instead. Kept low: CI machines
+have had a few hundred MiB free."""
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an output folder that cannot be written (a read-only or full
+    filesystem) before anything trains, naming the flag; nothing is deleted."""
+    import errno
+    import shutil
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".raymix-write-probe"
+        probe.write_text("raymix")
+        probe.unlink()
+    except OSError as e:
+        why = {errno.EROFS: "a read-only filesystem", errno.ENOSPC: "a full filesystem",
+               errno.EACCES: "not writable by this user", errno.EDQUOT: "over its disk quota"}.get(e.errno, str(e))
+        raise RaymixError(f"--output {out} cannot be written ({why}: {e.strerror}); choose another directory") from None
+    free = shutil.disk_usage(out).free
+    if free < MIN_FREE_BYTES:
+        raise RaymixError(f"--output {out}: only {free / 1024**2:.0f} MiB free on its filesystem, under the "
+                          f"{MIN_FREE_BYTES / 1024**2:.0f} MiB a run needs for its checkpoints; free some space "
+                          "or choose another directory")
+
+
+def check_worker_resources(cfg: RunConfig) -> None:
+    """Refuse a worker group that the local Ray raymix started can never
+    place (it cannot autoscale: Ray Train would retry its start forever). On
+    a cluster the autoscaler may add nodes, so it only says what it waits for."""
+    import ray
+
+    if cfg.runtime.num_workers == 0:
+        return
+    want_cpu = cfg.runtime.num_workers * cfg.runtime.cpus_per_worker
+    want_gpu = cfg.runtime.num_workers if cfg.runtime.use_gpu else 0
+    total = ray.cluster_resources()
+    have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    if want_cpu <= have_cpu + 1e-9 and want_gpu <= have_gpu:
+        return
+    asked = (f"runtime.num_workers={cfg.runtime.num_workers} x runtime.cpus_per_worker={cfg.runtime.cpus_per_worker}"
+             f" = {want_cpu:g} CPU(s){f' and {want_gpu} GPU(s)' if want_gpu else ''}")
+    if os.environ.get("RAY_ADDRESS"):
+        print(f"[raymix] waiting for the cluster to place {asked}; it has {have_cpu:g} CPU(s) and "
+              f"{have_gpu:g} GPU(s) now (the autoscaler may add nodes)", flush=True)
+        return
+    raise RaymixError(f"{asked}, but the local Ray has {have_cpu:g} CPU(s) and {have_gpu:g} GPU(s) "
+                      "(runtime.num_cpus) and cannot grow: lower runtime.num_workers or "
+                      "runtime.cpus_per_worker, or run on a cluster (RAY_ADDRESS)")
 
 
 def open_tracker(cfg: RunConfig, out: Path, parent_run_id: Optional[str], saved: Optional[dict]):

@@ -21,6 +21,7 @@ from typing import Any, Optional
 from raymix.config import RunConfig, effective_grad_accum, identity_hash
 from raymix.driver.setup import (
     budget_tokens,
+    check_worker_resources,
     init_ray,
     open_tracker,
     prepare_model_and_data,
@@ -55,6 +56,7 @@ def run_single(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         phases: dict[str, float] = {"tracking_setup": time.perf_counter() - t0}
         t = time.perf_counter()
         init_ray(cfg)
+        check_worker_resources(cfg)
         phases["ray_init"] = time.perf_counter() - t
         tokenizer, tok_dir, pool, init_dir = prepare_model_and_data(cfg, out, phases)
         stats = pool_summary(pool)
