@@ -186,6 +186,19 @@ def write_sweep_summary(sweep_dir: Path, configs: Sequence[RunConfig], done: dic
     return path
 
 
+def check_resume_identity(space: Space, saved_extra: Sequence[str], extra: Sequence[str], configs) -> None:
+    """Refuse a ``--resume`` whose ``--set`` changes what the sweep's trials
+    compute (``runtime.*`` and ``tracking.*`` may change: they are not in the
+    identity); nothing is written before this check."""
+    before = sorted(identity_hash(c) for c in space.configs(list(saved_extra)))
+    if before == sorted(identity_hash(c) for c in configs):
+        return
+    changed = sorted(set(extra) ^ set(saved_extra))
+    raise RaymixError(f"--resume: --set {changed} changes the identity of sweep {space.name!r}'s trials (fields "
+                      f"that change results); resume with the sweep's own --set {list(saved_extra)} (runtime.* "
+                      "may change), or start the new grid in another --output")
+
+
 def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, report: bool = True,
               report_dir: Optional[Path] = None, space_file: Optional[str] = None) -> dict:
     import ray
@@ -203,6 +216,8 @@ def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, re
                           "or choose another --output")
     if resume and not state_file.exists():
         raise RaymixError(f"--resume: {sweep_dir} holds no sweep to resume (no sweep.json)")
+    if resume:
+        check_resume_identity(space, json.loads(state_file.read_text()).get("extra", []), extra, configs)
     sweep_dir.mkdir(parents=True, exist_ok=True)
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or configs[0].tracking.tracking_uri or f"sqlite:///{sweep_dir / 'mlflow.db'}"

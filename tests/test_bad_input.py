@@ -184,3 +184,24 @@ def test_more_workers_than_a_local_ray_can_place_is_refused(monkeypatch) -> None
     # On a cluster the autoscaler may add nodes: it says what it waits for instead.
     monkeypatch.setenv("RAY_ADDRESS", "auto")
     check_worker_resources(cfg)
+
+
+def test_sweep_resume_that_changes_trial_identity_is_refused(tmp_path: Path) -> None:
+    """``--resume`` with a ``--set`` that changes results is refused before
+    anything is written; a runtime-only ``--set`` passes the check."""
+    import json
+
+    from raymix.sweep import check_resume_identity, load_space, run_sweep
+
+    space = load_space(Path(__file__).resolve().parents[1] / "tune_spaces" / "smoke.yaml")
+    out = tmp_path / "sweep"
+    out.mkdir()
+    state = {"space": space.name, "extra": ["budget.tokens=4000"]}
+    (out / "sweep.json").write_text(json.dumps(state))
+    with pytest.raises(RaymixError, match=r"--resume: --set \['budget.tokens=4000', 'budget.tokens=5000'\] "
+                                          r"changes the identity"):
+        run_sweep(space, ["budget.tokens=5000"], out, resume=True)
+    assert sorted(p.name for p in out.iterdir()) == ["sweep.json"]
+    assert json.loads((out / "sweep.json").read_text()) == state
+    same = ["budget.tokens=4000", "runtime.num_cpus=1"]
+    check_resume_identity(space, state["extra"], same, space.configs(same))
