@@ -15,7 +15,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -218,14 +217,14 @@ def test_ood_paper_fails_fast_offline(checkpoints, tmp_path: Path) -> None:
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_CACHE": str(tmp_path / "hf" / "ds"),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     out = tmp_path / "out"
-    t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "raymix.eval", "--checkpoint", checkpoints["untrained"],
          "--suite", "ood_paper", "--output", str(out)],
         env=env, capture_output=True, text=True, timeout=120)
-    seconds = time.perf_counter() - t0
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert seconds < 10, seconds
+    # Fast means before any model is loaded or scored (a wall-clock bound
+    # only measured how busy the machine was: 15 s on a loaded 2-core one).
+    assert "Loading weights" not in proc.stdout + proc.stderr
     for t in load_suite("ood_paper")["tasks"]:
         assert t["task"] in proc.stderr
     assert "could not be loaded offline" in proc.stderr
