@@ -121,7 +121,7 @@ def test_override_int_written_as_float_is_accepted_for_int_fields() -> None:
 
 
 def test_override_exponent_float_without_dot() -> None:
-    assert load_config(None, ["train.lr=1e-4"]).train.lr == pytest.approx(1e-4)
+    assert load_config(None, ["train.lr=1e-4"]).train.lr == pytest.approx(1e-4)  # as above
 
 
 def test_override_on_top_of_file(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ def test_reads_the_worst_tasks_and_a_weighted_uniform_sample_of_the_rest() -> No
     assert set(worst) <= set(chosen.tolist())
     assert np.all(weight[worst] == 1.0)
     others = np.setdiff1d(chosen, worst)
-    # Inverse inclusion probabilities: one float64 division each (default rtol 1e-7).
+    # Inverse inclusion probabilities: one float64 division each (default rtol 1e-7, here and below).
     np.testing.assert_allclose(weight[others], (T - k // 2) / (k - k // 2))
     again, _ = val_sample(ids, est, k, seed=1, step=5)
     np.testing.assert_array_equal(chosen, again)  # same on every rank and after a resume
