@@ -284,7 +284,7 @@ def prepare_shards(
     ).hexdigest()[:20]
     root = cache_root(cfg) / "shards" / key
     stats_file = root / "stats.json"
-    if stats_file.exists():
+    if root.exists():  # stats.json missing is one of its problems
         problem = cache_problem(root)
         if problem is None:
             stats = json.loads(stats_file.read_text())
