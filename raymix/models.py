@@ -57,8 +57,15 @@ def train_tokenizer(
 
     key = hashlib.sha256(f"{fingerprint}:{vocab_size}".encode()).hexdigest()[:16]
     out = cache_root / "tokenizers" / key
-    if (out / "tokenizer.json").exists():
+    if (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists():
         return load_tokenizer(str(out)), str(out)
+    if out.exists():  # incomplete (files deleted since): trained again below
+        aside = out.parent / f".{out.name}.bad.{os.getpid()}"
+        try:
+            out.rename(aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        except OSError:
+            pass
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -84,10 +91,39 @@ def train_tokenizer(
     return load_tokenizer(str(out)), str(out)
 
 
+# A tokenizer directory holds its vocabulary in one of these forms (fast,
+# SentencePiece, byte-level BPE, WordPiece), the first the most common.
+_VOCAB_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"), ("vocab.txt",))
+
+
+def _check_tokenizer_dir(name: str, field: str) -> None:
+    """A local tokenizer directory must hold a vocabulary, and its special
+    tokens (tokenizer_config.json, or a config.json naming the model type
+    whose defaults apply): refused naming the missing file and the field,
+    rather than failing inside transformers or losing the pad/eos tokens."""
+    d = Path(name).expanduser()
+    if not d.is_dir():
+        return
+    have = {p.name for p in d.iterdir()}
+    if not any(all(f in have for f in group) for group in _VOCAB_FILES):
+        partial = next((group for group in _VOCAB_FILES if any(f in have for f in group)), None)
+        missing = ([f for f in partial if f not in have] if partial else ["tokenizer.json"])
+        raise RaymixError(
+            f"{field}: tokenizer directory {name} is missing {' and '.join(missing)} (a tokenizer needs one of "
+            f"{', '.join(' + '.join(g) for g in _VOCAB_FILES)}); copy the complete tokenizer there"
+        )
+    if "tokenizer_config.json" not in have and "config.json" not in have:
+        raise RaymixError(
+            f"{field}: tokenizer directory {name} is missing tokenizer_config.json (its special tokens "
+            "and chat template); copy the complete tokenizer there"
+        )
+
+
 def load_tokenizer(name: str, field: str = "model.tokenizer"):
     from transformers import AutoTokenizer
 
     _check_local(name, "tokenizer", field)
+    _check_tokenizer_dir(name, field)
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:

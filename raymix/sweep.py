@@ -41,6 +41,14 @@ from raymix.errors import RaymixError
 
 SPACE_KEYS = ("name", "description", "base", "grid", "max_concurrent_trials", "trial_cpus")
 
+CLUSTER_MAX_FAILURES = 3
+"""``runtime.max_failures`` for trials of a sweep that joins a running
+cluster (``RAY_ADDRESS``, as under ``ray job submit``) when neither the space
+nor ``--set`` gives one: a lost worker or node (spot instances) restarts the
+trial's workers from its last checkpoint instead of failing the trial.
+Errors that would repeat are not retried: a non-finite loss stops the run
+cleanly, and bad input is refused before training starts."""
+
 
 @dataclass(frozen=True)
 class Space:
@@ -89,14 +97,18 @@ def load_space(path: str | Path) -> Space:
         raise RaymixError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise RaymixError(f"{p}: top level must be a mapping with name, base, grid")
-    unknown = sorted(set(tree) - set(SPACE_KEYS))
+    unknown = sorted(set(map(str, tree)) - set(SPACE_KEYS))
     if unknown:
         from raymix.config import _suggest
 
         raise RaymixError(f"{p}: unknown key(s) {unknown}{_suggest(unknown[0], SPACE_KEYS)}")
+    _check_space_types(p, tree)
     grid = tree.get("grid") or {}
     if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-        raise RaymixError(f"{p}: grid must map config keys to non-empty lists of values")
+        bad = next((k for k, v in grid.items() if not (isinstance(v, list) and v)), None) \
+            if isinstance(grid, dict) else None
+        where = f" (grid.{bad}: {grid[bad]!r})" if bad is not None else ""
+        raise RaymixError(f"{p}: grid must map config keys to non-empty lists of values{where}")
     base = tree.get("base") or {}
     if not isinstance(base, dict):
         raise RaymixError(f"{p}: base must be a mapping of config keys to values")
@@ -113,6 +125,38 @@ def load_space(path: str | Path) -> Space:
     except RaymixError as e:
         raise RaymixError(f"{p}: {e}") from None
     return space
+
+
+def _check_space_types(p: Path, tree: dict) -> None:
+    """The space's own keys (config keys inside base and grid are checked by
+    the config): refused naming the key, the file and the expected type."""
+    def bad(key: str, expected: str) -> RaymixError:
+        value = tree[key]
+        return RaymixError(f"{p}: {key} must be {expected}, got {value!r} ({type(value).__name__})")
+
+    for key in ("name", "description"):
+        if tree.get(key) is not None and not isinstance(tree[key], str):
+            raise bad(key, "a string")
+    for key in ("base", "grid"):
+        if tree.get(key) is not None and not isinstance(tree[key], dict):
+            raise bad(key, "a mapping of config keys to " + ("values" if key == "base" else "lists of values"))
+    n = tree.get("max_concurrent_trials")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise bad("max_concurrent_trials", "an integer >= 1 (or absent: derived from the cluster's CPUs)")
+    c = tree.get("trial_cpus")
+    if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or c < 0):
+        raise bad("trial_cpus", "a number >= 0")
+
+
+def cluster_defaults(space: Space, extra: Sequence[str], env=None) -> list[str]:
+    """Overrides a sweep adds for a running cluster (``RAY_ADDRESS`` set):
+    ``runtime.max_failures`` (:data:`CLUSTER_MAX_FAILURES`) unless the space
+    or ``--set`` gives it. Runtime fields only: no trial's identity changes."""
+    env = os.environ if env is None else env
+    if not env.get("RAY_ADDRESS"):
+        return []
+    given = {*space.base, *space.grid, *(parse_override(e)[0] for e in extra)}
+    return [] if "runtime.max_failures" in given else [f"runtime.max_failures={CLUSTER_MAX_FAILURES}"]
 
 
 def trial_name(cfg: RunConfig) -> str:
@@ -313,7 +357,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(trial_name(cfg))
             return 0
         out = Path(args.output or Path("runs") / space.name)
-        result = run_sweep(space, args.overrides, out, args.resume, report=not args.no_report,
+        defaults = cluster_defaults(space, args.overrides)
+        if defaults:
+            print(f"[raymix] sweep joins the cluster at RAY_ADDRESS: {' '.join(defaults)} (a lost worker "
+                  "restarts from the trial's last checkpoint; --set runtime.max_failures=N to change)", flush=True)
+        result = run_sweep(space, defaults + list(args.overrides), out, args.resume, report=not args.no_report,
                            report_dir=Path(args.report_dir) if args.report_dir else None, space_file=args.space)
     except RaymixError as e:
         print(f"raymix: error: {e}", file=sys.stderr)

@@ -80,6 +80,10 @@ def test_meta_gradient_matches_finite_differences_of_lookahead_objective() -> No
         numeric[k] = (J(policy.phi + e) - J(policy.phi - e)) / (2 * h)
     rel = np.linalg.norm(analytic - numeric) / np.linalg.norm(numeric)
     assert np.linalg.norm(numeric) > 1e-6
+    # Not rounding (float64 model; central differences at h=1e-3 are off by
+    # ~eps64 |J| / h ~ 1e-13 and h^2 |J'''| ~ 1e-6): the analytic meta-gradient is
+    # first order in the look-ahead step eta=0.02, the finite differences
+    # take the real step, so they differ by O(eta |H|), a few percent.
     assert rel < 0.05, (analytic, numeric, rel)
 
 
@@ -93,6 +97,9 @@ def test_entropy_gradient_matches_finite_differences() -> None:
         / (2 * h)
         for k in range(5)
     ])
+    # float64: central differences at h=1e-6 err by h^2 |H'''| ~ 1e-12 plus
+    # rounding eps64 |H| / h ~ 2e-10 (entropy O(1)): atol 1e-9 for components
+    # near 0, rtol 1e-5 leaves the rest a wide margin.
     np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-9)
 
 
@@ -114,6 +121,7 @@ def test_entropy_keeps_mixture_off_the_corners(lam: float) -> None:
 def test_floor_bounds_every_weight_and_update_shifts_toward_aligned_tasks() -> None:
     cfg = PolicyConfig(name="adapt", adapt=AdaptConfig(floor=0.1, entropy=0.0, lr=0.5))
     policy = build_policy(cfg, _pool(4))
+    # float64 numpy on a handful of terms: errors ~1e-16, default rtol 1e-7 (here and below).
     np.testing.assert_allclose(policy.initial_weights(), 0.25)
     assert policy.update(Signals(np.zeros(4))) is None  # no meta signals: no change
     align = np.array([3.0, 0.0, 0.0, -3.0])
@@ -131,10 +139,12 @@ def test_unsampled_tasks_keep_their_last_alignment_and_state_round_trips() -> No
     np.testing.assert_allclose(policy.alignment, [1.0, 5.0, 3.0])
     clone = AdaptPolicy(AdaptConfig(), _pool(3))
     clone.load_state_dict(policy.state_dict())
-    np.testing.assert_allclose(clone.probs(), policy.probs())
+    # A state round trip in one process: the same float64 operations on the
+    # same values, so bit-identical.
+    np.testing.assert_array_equal(clone.probs(), policy.probs())
     a = policy.update(Signals(np.zeros(3), None, {"alignment": [1.0, 1.0, 0.0], "lookahead_lr": 0.1}))
     b = clone.update(Signals(np.zeros(3), None, {"alignment": [1.0, 1.0, 0.0], "lookahead_lr": 0.1}))
-    np.testing.assert_allclose(a, b)
+    np.testing.assert_array_equal(a, b)
 
 
 def test_proportional_init() -> None:

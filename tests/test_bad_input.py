@@ -205,3 +205,116 @@ def test_sweep_resume_that_changes_trial_identity_is_refused(tmp_path: Path) -> 
     assert json.loads((out / "sweep.json").read_text()) == state
     same = ["budget.tokens=4000", "runtime.num_cpus=1"]
     check_resume_identity(space, state["extra"], same, space.configs(same))
+
+
+def test_tokenizer_directory_missing_files_names_file_and_field(tmp_path: Path) -> None:
+    """A tokenizer directory copied incompletely is refused naming the file
+    it lacks and the field that points at it, not with transformers' error
+    (no vocabulary) or a misleading one (no special tokens: no pad token)."""
+    from raymix.models import load_tokenizer
+
+    full = Path(_word_tokenizer(tmp_path, {"eos_token": "</s>", "pad_token": "<pad>"}))
+    no_vocab = tmp_path / "no-vocab"
+    no_config = tmp_path / "no-config"
+    no_vocab.mkdir()
+    no_config.mkdir()
+    (no_vocab / "tokenizer_config.json").write_bytes((full / "tokenizer_config.json").read_bytes())
+    (no_config / "tokenizer.json").write_bytes((full / "tokenizer.json").read_bytes())
+    with pytest.raises(RaymixError, match=r"^model.tokenizer: tokenizer directory .*no-vocab is missing tokenizer.json"):
+        load_tokenizer(str(no_vocab))
+    with pytest.raises(RaymixError, match=r"^model.pretrained: .*no-config is missing tokenizer_config.json"):
+        load_tokenizer(str(no_config), "model.pretrained")
+    (no_vocab / "vocab.json").write_text("{}")  # half of a byte-level BPE vocabulary
+    with pytest.raises(RaymixError, match=r"no-vocab is missing merges.txt"):
+        load_tokenizer(str(no_vocab))
+    # Through a run's configuration, before anything is tokenised.
+    path = _jsonl(tmp_path, '{"prompt": "w1", "completion": "w2"}\n' * 3)
+    cfg = load_config(None, [f"data.sources=[{{kind: jsonl, path: {path}}}]", f"model.tokenizer={no_config}"])
+    with pytest.raises(RaymixError, match=r"model.tokenizer: .*missing tokenizer_config.json"):
+        prepare_model_and_data(cfg, tmp_path / "out")
+    assert load_tokenizer(str(full)).pad_token == "<pad>"  # the complete one loads
+
+
+def _cached_pool(tmp_path: Path):
+    """A small pool tokenised into a fresh cache (needs Ray)."""
+    lines = "".join(f'{{"prompt": "w{i % 50} w1", "completion": "w{(i * 7) % 50}", "task": "t{i % 2}"}}\n'
+                    for i in range(40))
+    path = _jsonl(tmp_path, lines)
+    tok = _word_tokenizer(tmp_path, {"eos_token": "</s>", "pad_token": "<pad>"})
+    return load_config(None, [f"data.sources=[{{kind: jsonl, path: {path}}}]", f"model.tokenizer={tok}",
+                              f"data.cache_dir={tmp_path / 'cache'}", "runtime.data_concurrency=1"])
+
+
+def _read_all(pool) -> int:
+    import pyarrow.dataset as pads
+
+    return pads.dataset([str(f) for f in Path(pool.root).rglob("*.parquet")], format="parquet").count_rows()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_corrupted_or_truncated_shard_is_detected_and_rebuilt(ray_local, tmp_path: Path, capsys) -> None:
+    """A Parquet shard damaged in the cache (a truncated copy, a flipped
+    byte) is found by its size and SHA-256 in the cache's manifest and the
+    entry rebuilt from the sources, with a message naming the file; the
+    sources are untouched and the rebuilt pool is the same."""
+    cfg = _cached_pool(tmp_path)
+    _, _, pool, _ = prepare_model_and_data(cfg, tmp_path / "out")
+    assert not pool.cache_hit
+    root = Path(pool.root)
+    rows = _read_all(pool)
+    shards = sorted(root.rglob("*.parquet"))
+    assert shards and rows == 40
+    source = Path(cfg.data.sources[0].path).read_bytes()
+
+    # Truncated: half of the file.
+    data = shards[0].read_bytes()
+    shards[0].write_bytes(data[: len(data) // 2])
+    _, _, again, _ = prepare_model_and_data(cfg, tmp_path / "out2")
+    err = capsys.readouterr().err
+    rel = str(shards[0].relative_to(root))
+    assert not again.cache_hit and again.root == pool.root and again.stats == pool.stats
+    assert f"pool cache {root}: file {rel} has {len(data) // 2} bytes, {len(data)} were written" in err
+    assert "rebuilding it" in err
+    assert _read_all(again) == rows
+
+    # Corrupted in place: same size, one byte changed.
+    shard = sorted(root.rglob("*.parquet"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    _, _, third, _ = prepare_model_and_data(cfg, tmp_path / "out3")
+    assert not third.cache_hit and "SHA-256 mismatch" in capsys.readouterr().err
+    assert _read_all(third) == rows
+    # ... and a clean entry is a hit again, with no message.
+    _, _, hit, _ = prepare_model_and_data(cfg, tmp_path / "out4")
+    assert hit.cache_hit and "rebuilding" not in capsys.readouterr().err
+    assert Path(cfg.data.sources[0].path).read_bytes() == source  # nothing lost
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_cache_of_an_older_format_is_rebuilt_with_a_message(ray_local, tmp_path: Path, capsys) -> None:
+    """A cache entry without a manifest (written by raymix before format 3)
+    or with another format version is rebuilt in place, saying why."""
+    import json
+
+    from raymix.data import MANIFEST, SHARD_FORMAT_VERSION
+
+    cfg = _cached_pool(tmp_path)
+    _, _, pool, _ = prepare_model_and_data(cfg, tmp_path / "out")
+    manifest = Path(pool.root) / MANIFEST
+    assert json.loads(manifest.read_text())["format"] == SHARD_FORMAT_VERSION
+
+    manifest.unlink()  # as raymix wrote entries before the manifest existed
+    _, _, again, _ = prepare_model_and_data(cfg, tmp_path / "out2")
+    assert not again.cache_hit and again.stats == pool.stats
+    assert f"written by an older raymix (no {MANIFEST}" in capsys.readouterr().err
+
+    m = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**m, "format": SHARD_FORMAT_VERSION - 1}))
+    _, _, third, _ = prepare_model_and_data(cfg, tmp_path / "out3")
+    assert not third.cache_hit
+    assert f"format version {SHARD_FORMAT_VERSION - 1} in {MANIFEST}" in capsys.readouterr().err
+    _, _, hit, _ = prepare_model_and_data(cfg, tmp_path / "out4")
+    assert hit.cache_hit and _read_all(hit) == 40

@@ -99,6 +99,7 @@ def test_override_typed_values() -> None:
         ],
     )
     assert cfg.seed == 3 and isinstance(cfg.seed, int)
+    # YAML parses "1e-4" to the float64 nearest 1e-4; approx only spares the spelling.
     assert cfg.train.lr == pytest.approx(1e-4) and isinstance(cfg.train.lr, float)
     assert cfg.train.micro_batch_size == 8
     assert cfg.budget.fraction == 0.5
@@ -120,7 +121,7 @@ def test_override_int_written_as_float_is_accepted_for_int_fields() -> None:
 
 
 def test_override_exponent_float_without_dot() -> None:
-    assert load_config(None, ["train.lr=1e-4"]).train.lr == pytest.approx(1e-4)
+    assert load_config(None, ["train.lr=1e-4"]).train.lr == pytest.approx(1e-4)  # as above
 
 
 def test_override_on_top_of_file(tmp_path: Path) -> None:

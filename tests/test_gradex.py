@@ -31,6 +31,14 @@ from raymix.policies.gradex.estimator import (
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+# Tolerances: everything here is float64 (eps 2.2e-16) on tiny models and
+# values of order 1, through sums of at most ~1e3 terms: two code paths for
+# the same quantity (chunked or whole projections, hooks or loops, dense or
+# block solves) differ by <= n eps ~ 2e-13 on any CPU, hence atol 1e-10 to
+# 1e-12 (and torch.allclose's default rtol 1e-5 / atol 1e-8 where it is
+# used). Comparisons with fine-tuning or scikit-learn are bounded by those
+# solvers' convergence tolerances instead, stated next to them.
+
 # ---------------------------------------------------------------------------
 # The projection
 
@@ -50,7 +58,7 @@ def test_projector_segments_blocks_and_back():
         w = np.arange(5.0)
         assert torch.allclose(proj.back(w), M @ torch.arange(5.0, dtype=torch.float64))
         assert not torch.allclose(Projector(23, 5, seed=8, kind=kind, block_rows=4, dtype=torch.float64).matrix(), M)
-    rad = Projector(23, 5, seed=7, block_rows=4).matrix()
+    rad = Projector(23, 5, seed=7, block_rows=4).matrix()  # float32: 1/sqrt(5) within an ulp
     assert torch.allclose(rad.abs(), torch.full_like(rad, 5**-0.5))
     ident = Projector(23, 23, kind="identity", block_rows=4, dtype=torch.float64)
     assert torch.equal(ident(x), x)
@@ -153,11 +161,15 @@ def test_linear_model_estimate_equals_finetuning():
     gd_est = SubsetEstimator(tr, tg, fit="gd", lr=0.5, steps=15, reg=0.0)
     for S in subsets:
         _finetune(model, theta0, train, S, reg=0.05)
+        # LBFGS stops at |grad| < 1e-12 or a change < 1e-15 in the loss, but its
+        # line search limits the minimiser's accuracy to ~sqrt(eps64) ~ 1e-8
+        # in θ: the loss agrees to ~1e-8 relative (rel 1e-7), θ to 1e-6.
         assert reg_est.estimate(S) == pytest.approx(_bce(model, *target).item(), rel=1e-7)
         # the fitted w is the parameter change itself (identity projection)
         delta = torch.cat([(p - p0).reshape(-1) for p, p0 in zip(model.parameters(), theta0)])
         assert np.allclose(reg_est.fit(S), delta.detach().numpy(), atol=1e-6)
         _finetune(model, theta0, train, S, lr=0.5, steps=15)
+        # The same 15 gradient steps both ways, in float64: rounding only.
         assert gd_est.estimate(S) == pytest.approx(_bce(model, *target).item(), rel=1e-9)
     _reset(model, theta0)
     assert reg_est.estimate(()) == pytest.approx(_bce(model, *target).item(), rel=1e-12)
@@ -202,12 +214,14 @@ def test_solvers_match_sklearn_and_are_optimal():
     reg = 0.05
     w = fit_linearised(X, np.zeros(60), y, "logistic", reg)
     ref = LogisticRegression(C=1 / (60 * reg), fit_intercept=False, tol=1e-12, max_iter=10000).fit(X, y)
+    # scikit-learn's lbfgs stops at tol=1e-12 on the gradient, but its
+    # solution is only as accurate as its line search (~1e-6 in w, |w| ~ 1).
     assert np.allclose(w, ref.coef_[0], atol=1e-5)
     r = rng.normal(size=60)
     f0 = rng.normal(size=60)
     w = fit_linearised(X, f0, r, "squared", reg)
     ridge = Ridge(alpha=60 * reg, fit_intercept=False).fit(X, r - f0)  # ridge on the residual
-    assert np.allclose(w, ridge.coef_, atol=1e-10)
+    assert np.allclose(w, ridge.coef_, atol=1e-10)  # both direct float64 solves of an 8x8 system
     # with offsets, the Newton solution zeroes the regularised gradient
     w = fit_linearised(X, f0, y, "logistic", reg)
     z = f0 + X @ w

@@ -17,6 +17,10 @@ from raymix.policies.gradex import GradexPolicy
 
 SIZES = np.array([100, 1000, 10000, 400], dtype=np.int64)
 
+# Tolerances: the policy's mixtures are float64 ratios of a few token counts
+# (~1e-16 relative on any CPU): numpy's and pytest's defaults hold with a
+# wide margin. The end-to-end runs' figures are compared where they say.
+
 
 def pool(sizes: np.ndarray = SIZES) -> PoolInfo:
     tasks = tuple("abcdefgh"[: len(sizes)])
@@ -168,10 +172,11 @@ def test_gradex_run_end_to_end(ray_local, tmp_path: Path):
     assert len(v["estimated"]) == len(v["actual"]) == len(v["subsets"]) == 3
     assert all(np.isfinite(v["estimated"])) and all(np.isfinite(v["actual"]))
     rel = np.mean(np.abs(np.subtract(v["estimated"], v["actual"])) / np.abs(v["actual"]))
-    assert v["relative_error"] == pytest.approx(rel)
+    assert v["relative_error"] == pytest.approx(rel)  # float64 mean of 3 ratios: default rel 1e-6
     assert -1 <= v["spearman"] <= 1 or np.isnan(v["spearman"])
     assert v["speedup"] > 0 and v["finetune_seconds_per_subset"] > 0
     # The held-out subsets are not among the M scored ones, and fine-tuning moved the loss.
+    # Fine-tuning moves a loss by O(0.1); rounding would be ~1e-7 (float32 model).
     assert not any(np.isclose(a, g["base_loss"], rtol=1e-9) for a in v["actual"])
     on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert on_disk["gradex"]["selected"] == g["selected"]
@@ -255,6 +260,9 @@ def test_gradex_resume_before_and_after_the_switch(ray_local, tmp_path: Path):
     again = resume_from(before)  # before the switch: estimated again, on the same θ0
     g1, g2 = first["gradex"], again["gradex"]
     assert g2["train_tokens_at_estimation"] == at and g2["selected"] == g1["selected"]
-    assert g2["scores"] == pytest.approx(g1["scores"])
+    # Resumed in this process (local mode, one torch thread), the run retrains
+    # the same steps from the checkpoint to the same θ0 with the same kernels:
+    # bit-identical (as the ledger above), so the scores are compared exactly.
+    assert g2["scores"] == g1["scores"]
     assert [o for o, _ in again["mixture_schedule"]] == [0, at]
     assert again["ledger"] == first["ledger"]

@@ -36,6 +36,7 @@ def test_initial_volumes_uniform_and_proportional() -> None:
     prop = initial_volumes(load_config(None, ["policy.name=ideal", "policy.ideal.init=proportional"]).policy.ideal,
                            pool)
     assert prop.sum() == 1001
+    # Whole tokens: each volume is its real share rounded, so within 1 token.
     np.testing.assert_allclose(prop, 1001 * np.array([1, 3, 5, 1]) / 10, atol=1)
 
 
@@ -52,11 +53,11 @@ def test_next_volumes_step_and_budget() -> None:
     vol = np.array([250, 250, 250, 250])
     scores = np.array([-2.0, 1.0, 0.0, 0.5])  # a helps, b hurts most
     beta, new = next_volumes(vol, scores, icfg, 1000)
-    np.testing.assert_allclose(beta, [0.2, -0.1, 0.0, -0.05])
+    np.testing.assert_allclose(beta, [0.2, -0.1, 0.0, -0.05])  # float64, two operations: default rtol 1e-7
     assert new.sum() == 1000 and new.dtype == np.int64
     np.testing.assert_array_equal(new, ideal_volumes(vol, scores, 0.2, budget=1000, integer=True))
     # (1 + β) n renormalised: 300, 225, 250, 237.5 scaled by 1000/1012.5.
-    np.testing.assert_allclose(new, np.array([300, 225, 250, 237.5]) * 1000 / 1012.5, atol=1)
+    np.testing.assert_allclose(new, np.array([300, 225, 250, 237.5]) * 1000 / 1012.5, atol=1)  # whole tokens
     assert new[0] > new[2] > new[3] > new[1]
 
 

@@ -20,6 +20,14 @@ from raymix.policies.ideal.influence import (
     influence_scores,
 )
 
+# Tolerances: all float64 (eps 2.2e-16) on models of a few hundred
+# parameters with gradients and factors of order <= 1. Two computations of
+# one quantity (hooks or brute force, factors or their definition) differ by
+# at most n eps for sums of n <= 1e3 terms: ~2e-13 on any CPU, so atol 1e-12
+# (1e-10 through a tiny Llama's deeper graph). Solves multiply that by the
+# damped matrix's condition number, (largest eigenvalue + lambda) / lambda
+# <= 1e3 here: rtol 1e-10 to 1e-8, atol 1e-12 to 1e-9.
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ---------------------------------------------------------------------------

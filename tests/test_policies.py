@@ -11,6 +11,12 @@ from raymix.policies import POLICIES, PoolInfo, Signals, build_policy, cap_mixtu
 
 SIZES = np.array([100, 1000, 10000], dtype=np.int64)
 
+# Tolerances: policies and the cap are float64 numpy on at most a few dozen
+# values, a few operations each (no BLAS, no threads), so results carry
+# ~10 eps64 ~ 2e-15 relative error on any CPU: rtol 1e-12 (or numpy's
+# default 1e-7) holds with a wide margin; token counts (spill, allocations up
+# to 1e4) get atol 1e-9 for the values that should be 0. Looser ones say why.
+
 
 def pool(budget: int = 3000, sizes: np.ndarray = SIZES) -> PoolInfo:
     tasks = tuple("abcdefghijklmnopqrstuvwxyz"[: len(sizes)])
@@ -83,6 +89,7 @@ def test_temperature_two_is_sqrt() -> None:
 
 def test_large_temperature_approaches_uniform() -> None:
     w = build_policy(PolicyConfig(name="temperature", temperature=1e6), pool()).initial_weights()
+    # Not rounding: n^(1/t) is within log(n)/t ~ 1e-5 of 1 at t=1e6 (n <= 1e4).
     np.testing.assert_allclose(w, [1 / 3] * 3, atol=1e-5)
     # and the distance to uniform shrinks as t grows
     dists = [
@@ -306,6 +313,9 @@ def test_cap_mixture_property_random() -> None:
         capped, spill = cap_mixture(w, cap, budget)
         want = normalise(w) * budget
         alloc = capped * budget
+        # Random cases up to 1e4 tokens: the water-filling loop's sums and
+        # divisions stay within ~1e-13 relative; 1e-9 (and 1e-6 of the budget
+        # for token amounts) only admits rounding, not a misallocated token.
         assert capped.sum() == pytest.approx(1.0, abs=1e-9), case
         assert (capped >= 0).all(), case
         assert (alloc <= cap * (1 + 1e-9) + 1e-9).all(), (case, alloc, cap)

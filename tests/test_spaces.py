@@ -44,3 +44,50 @@ def test_runtime_overrides_do_not_change_trial_identity() -> None:
     a = [trial_name(c) for c in space.configs()]
     b = [trial_name(c) for c in space.configs(["runtime.num_workers=8", "runtime.use_gpu=true"])]
     assert a == b
+
+
+def test_space_with_wrong_type_or_unknown_key_is_refused_naming_key_and_file(tmp_path: Path, monkeypatch) -> None:
+    """A space file is checked whole, key by key, before the sweep starts Ray
+    or any trial: the message names the file and the key."""
+    from raymix import sweep
+
+    p = tmp_path / "typo.yaml"
+    cases = {
+        "name: x\nmax_concurrent_trials: two\ngrid: {seed: [0]}\n": r"typo.yaml: max_concurrent_trials must be an integer >= 1.*'two' \(str\)",
+        "name: x\nmax_concurrent_trials: 0\ngrid: {seed: [0]}\n": r"typo.yaml: max_concurrent_trials must be",
+        "name: x\ntrial_cpus: lots\ngrid: {seed: [0]}\n": r"typo.yaml: trial_cpus must be a number >= 0, got 'lots'",
+        "name: [a, b]\ngrid: {seed: [0]}\n": r"typo.yaml: name must be a string",
+        "name: x\nbase: [seed]\n": r"typo.yaml: base must be a mapping",
+        "name: x\ngrid: {seed: 0}\n": r"typo.yaml: grid must map config keys to non-empty lists of values \(grid.seed: 0\)",
+        "name: x\ngrid: {budget.fraction: [lots]}\n": r"typo.yaml: .*budget.fraction",
+        "name: x\nbase: {train.lr: fast}\ngrid: {seed: [0]}\n": r"typo.yaml: .*train.lr",
+        "name: x\nbase: {train.lrate: 0.1}\ngrid: {seed: [0]}\n": r"typo.yaml: .*train.lrate.*did you mean 'lr'",
+        "name: x\nmax_trials: 2\ngrid: {seed: [0]}\n": r"typo.yaml: unknown key\(s\) \['max_trials'\]",
+    }
+    started = []
+    monkeypatch.setattr(sweep, "run_sweep", lambda *a, **k: started.append(a))
+    for text, pattern in cases.items():
+        p.write_text(text)
+        with pytest.raises(RaymixError, match=pattern):
+            load_space(p)
+        assert sweep.main(["--space", str(p), "--output", str(tmp_path / "out")]) == 2, text
+    assert not started and not (tmp_path / "out").exists()
+
+
+def test_sweep_on_a_cluster_retries_lost_workers_by_default() -> None:
+    """Joining a running cluster (RAY_ADDRESS, as ray job submit sets it), a
+    sweep's trials restart lost workers from their last checkpoint unless
+    the space or --set says otherwise; locally nothing changes."""
+    from raymix.sweep import CLUSTER_MAX_FAILURES, cluster_defaults
+
+    smoke = load_space(Path(SPACES[0]).parent / "smoke.yaml")
+    cluster = {"RAY_ADDRESS": "http://127.0.0.1:8265"}
+    assert cluster_defaults(smoke, [], env={}) == []
+    extra = cluster_defaults(smoke, [], env=cluster)
+    assert extra == [f"runtime.max_failures={CLUSTER_MAX_FAILURES}"] and CLUSTER_MAX_FAILURES > 0
+    assert all(c.runtime.max_failures == CLUSTER_MAX_FAILURES for c in smoke.configs(extra))
+    assert [trial_name(c) for c in smoke.configs(extra)] == [trial_name(c) for c in smoke.configs()]
+    assert cluster_defaults(smoke, ["runtime.max_failures=0"], env=cluster) == []  # the user's choice stands
+    paper = load_space(Path(SPACES[0]).parent / "adapt_paper.yaml")
+    assert cluster_defaults(paper, [], env=cluster) == []
+    assert all(c.runtime.max_failures == 3 for c in paper.configs()[:3])

@@ -254,6 +254,7 @@ def test_fsdp_run_matches_ddp_two_workers(ray_local, tmp_path: Path) -> None:
     assert identity_hash(fsdp_cfg) == identity_hash(ddp_cfg)
     fsdp = run(fsdp_cfg, tmp_path / "fsdp")
     ddp = run(ddp_cfg, tmp_path / "ddp")
+    lr = ddp_cfg.train.lr
 
     assert 0 <= fsdp["train_tokens"] - fsdp["budget_tokens"] < fsdp["global_batch_tokens"]
     assert sum(r["train_tokens"] for r in fsdp["ledger"].values()) == fsdp["train_tokens"]
@@ -261,6 +262,16 @@ def test_fsdp_run_matches_ddp_two_workers(ray_local, tmp_path: Path) -> None:
     assert fsdp["mixture_schedule"] == ddp["mixture_schedule"]
     # Training moved the model: the comparison below is not of two untrained models.
     assert fsdp["curve"][-1]["worst_val_loss"] < fsdp["curve"][0]["worst_val_loss"] - 0.5
+    # Tolerances. The two runs take the same float32 steps through different
+    # reductions (reduce-scatter of shards against an all-reduce), so they
+    # drift apart by rounding, amplified over the steps; no closed form bounds
+    # that, so the figures below are measured here (8 steps, 2 cores) with a
+    # wide margin. Adam adds one discontinuity: its step is about
+    # lr * sign(g), so an element whose gradient is within rounding of 0 can
+    # step the other way on one side (2 lr apart). The losses do not see such
+    # an element (its gradient is ~0, so is their sensitivity to it); the
+    # parameters are compared in norm, which admits a few of them.
+    # Validation losses (~3-6): measured within 7e-7, abs 1e-4.
     for t, loss in ddp["val_loss"].items():
         assert fsdp["val_loss"][t] == pytest.approx(loss, abs=1e-4), t
     for a, b in zip(fsdp["curve"], ddp["curve"]):
@@ -277,12 +288,20 @@ def test_fsdp_run_matches_ddp_two_workers(ray_local, tmp_path: Path) -> None:
         assert a["model"].keys() == b["model"].keys()
         for k, v in b["model"].items():
             assert type(a["model"][k]) is torch.Tensor and a["model"][k].shape == v.shape
-            torch.testing.assert_close(a["model"][k], v, atol=1e-5, rtol=1e-4)
+            # Rounding drift: measured 3e-7 of a tensor's norm; 1e-4 allows 300x.
+            # Sign flips: 2 lr each; 4 lr in norm admits up to 4 of them. A real
+            # difference (a wrong shard, a missing average) moves every
+            # element by ~lr per step: sqrt(numel) lr in norm, far beyond.
+            diff = float((a["model"][k].double() - v.double()).norm())
+            assert diff <= 1e-4 * float(v.double().norm()) + 4 * lr, (step, k, diff)
         assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
         assert [g["params"] for g in a["optimizer"]["param_groups"]] == \
             [g["params"] for g in b["optimizer"]["param_groups"]]
         for i, st in b["optimizer"]["state"].items():
-            torch.testing.assert_close(a["optimizer"]["state"][i]["exp_avg"], st["exp_avg"], atol=1e-5, rtol=1e-3)
+            # exp_avg: an average of gradients whose rounding differs by ~1e-6
+            # of their scale (measured 6e-7 of the tensor's norm): 1e-3 in norm.
+            m_a, m_b = a["optimizer"]["state"][i]["exp_avg"].double(), st["exp_avg"].double()
+            assert float((m_a - m_b).norm()) <= 1e-3 * float(m_b.norm()), (step, i)
     # The final model is a full Hugging Face checkpoint that loads.
     from transformers import AutoModelForCausalLM
 

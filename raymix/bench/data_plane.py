@@ -71,7 +71,8 @@ def bench_data_plane(cfg: RunConfig, out: Path, repeats: int, warmup: int = 1) -
     and task, token statistics) on the run's pool, from a fresh empty cache
     directory at each repeat (the cold path), against :func:`plain_tokenise`
     on the same records in this process; and the cache hit (a second
-    ``prepare_shards`` call on the same cache: reads ``stats.json`` only).
+    ``prepare_shards`` call on the same cache: checks every file's size and
+    SHA-256 against the cache's manifest, then reads ``stats.json``).
 
     Both are timed from records in memory to Parquet on disk: loading the
     records (``records_seconds``) and training the tokenizer are done once,
