@@ -134,6 +134,7 @@ class Spec:
     timeout: int = 300
     check: Optional[Callable[[Path, Path, str], None]] = None  # (checkout, its HOME, output)
     variants: tuple[str, ...] = ("",)  # job submit: an empty HOME, and one with ~/.ray/auth_token
+    retry_on: str = ""  # output of a failure outside the block's control: run once more (fresh ~/.ray)
     file: str = "README.md"
 
 
@@ -241,7 +242,9 @@ BLOCKS: tuple[Spec, ...] = (
     Spec("mlflow-server", "mlflow server --backend-store-uri", "run", server="/health", timeout=420),
     Spec("job-submit", "ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\\n"
          "      python -m raymix.sweep --space tune_spaces/smoke.yaml", "slow", timeout=900,
-         check=_check_job, variants=("empty-home", "token-in-home")),
+         check=_check_job, variants=("empty-home", "token-in-home"),
+         # Ray's head gives its raylet 30 s to register: too short on 2 cores under a load of 20-40.
+         retry_on="The current node timed out during startup"),
     Spec("train-prop", "--output runs/prop-5pct", "slow", timeout=900, check=_check_prop),
     Spec("print-config", "--print-config", "run", timeout=120, check=_check_print_config),
     Spec("ni", "kind: natural_instructions, path: /data/ni/tasks", "slow", timeout=900, check=_check_ni),
@@ -407,6 +410,19 @@ def run_block(co: Checkout, spec: Spec) -> tuple[int, str]:
     for need in spec.needs:
         rc, out = run_block(co, SPECS[need])
         assert rc == 0, f"{spec.id} needs {need}, which failed:\n{out[-3000:]}"
+    had_ray_dir = (co.home / ".ray").exists()
+    rc, out = _run_once(co, spec)
+    if rc != 0 and spec.retry_on and spec.retry_on in out:
+        print(f"{spec.id}: {spec.retry_on!r}: once more")
+        if not had_ray_dir:
+            shutil.rmtree(co.home / ".ray", ignore_errors=True)
+        rc, out2 = _run_once(co, spec)
+        out = f"{out}\n[test] first try failed ({spec.retry_on}); second try:\n{out2}"
+    co.results[spec.id] = (rc, out)
+    return rc, out
+
+
+def _run_once(co: Checkout, spec: Spec) -> tuple[int, str]:
     block = FOUND[spec.id]
     ports = {k: _free_port() for k in ("mlflow", "dashboard", "gcs", "client", "agent", "agent_grpc", "rtenv",
                                        "metrics")}
@@ -448,7 +464,6 @@ def run_block(co: Checkout, spec: Spec) -> tuple[int, str]:
     if spec.server is None and rc == 0:
         rc = proc.returncode
     print(f"{spec.id}: exit {rc} in {time.monotonic() - t0:.0f} s")
-    co.results[spec.id] = (rc, out)
     return rc, out
 
 
@@ -484,15 +499,18 @@ def test_block_runs_as_printed(spec: Spec, variant: str, checkout: Checkout, tmp
         co = Checkout(tmp_path / "co")
     if variant == "token-in-home":
         # Any local Ray run writes ~/.ray/auth_token (the situation that broke this block).
-        ray_tmp = tempfile.mkdtemp(prefix="rmxt-", dir="/tmp")
-        env = co.env(ray_tmp, {})
-        try:
-            r = subprocess.run([sys.executable, "-c", "import ray; ray.init(num_cpus=1, include_dashboard=False);"
-                                " ray.shutdown()"], cwd=co.root, env=env, capture_output=True, text=True,
-                               timeout=180)
-        finally:
-            _stop_ray_under(ray_tmp)
-            shutil.rmtree(ray_tmp, ignore_errors=True)
+        for _ in range(2):  # once more only when Ray's node does not come up (machine load)
+            ray_tmp = tempfile.mkdtemp(prefix="rmxt-", dir="/tmp")
+            env = co.env(ray_tmp, {})
+            try:
+                r = subprocess.run([sys.executable, "-c", "import ray; ray.init(num_cpus=1, include_dashboard="
+                                    "False); ray.shutdown()"], cwd=co.root, env=env, capture_output=True,
+                                   text=True, timeout=180)
+            finally:
+                _stop_ray_under(ray_tmp)
+                shutil.rmtree(ray_tmp, ignore_errors=True)
+            if r.returncode == 0 or SPECS["job-submit"].retry_on not in r.stderr:
+                break
         assert r.returncode == 0, r.stderr[-3000:]
         assert (co.home / ".ray/auth_token").is_file()
     rc, out = run_block(co, spec)
