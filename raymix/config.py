@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -734,6 +735,10 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             raise RaymixError(f"config file {p}: not valid YAML: {e}") from None
         if not isinstance(tree, dict):
             raise RaymixError(f"config file {p}: top level must be a mapping")
+    else:
+        # RAYMIX_SET: key=value lines that change the embedded default (under the
+        # command's own --set), e.g. a tiny pool for the README's blocks in tests.
+        overrides = [*filter(None, map(str.strip, os.environ.get("RAYMIX_SET", "").splitlines())), *overrides]
     for item in overrides:
         key, value = parse_override(item)
         _set_path(tree, key, value)

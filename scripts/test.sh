@@ -13,6 +13,6 @@ fi
 # driver; resume across parallelisms; ray job submit): about 13 more minutes
 # on 2 cores. CI sets it.
 if [ "${RAYMIX_TESTS:-}" = "all" ]; then
-  exec .venv/bin/python -m pytest -m "slow or not slow" "$@"
+  exec .venv/bin/python -m pytest -rs -m "slow or not slow" "$@"
 fi
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest -rs "$@"
