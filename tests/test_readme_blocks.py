@@ -253,6 +253,11 @@ BLOCKS: tuple[Spec, ...] = (
     Spec("bench", "raymix.bench throughput --output runs/bench", "slow", timeout=3000, check=_check_bench),
     Spec("cluster-local", "cluster/generate.py --list", "run", timeout=180, check=_check_cluster),
     Spec("cluster-cloud", "ray up ~/raymix-cluster/aws-gpu.yaml", "skip", CLOUD),
+    # tests/README.md: one test file, and the CPU variants on it (a minute or two each on 2 cores).
+    Spec("tests-one-file", "bash scripts/test.sh tests/test_token_nll.py", "slow", timeout=900,
+         file="tests/README.md"),
+    Spec("tests-variants", "ATEN_CPU_CAPABILITY=avx2 bash scripts/test.sh", "slow", timeout=1800,
+         file="tests/README.md"),
 )
 SPECS = {s.id: s for s in BLOCKS}
 
