@@ -261,8 +261,9 @@ def test_gradex_resume_before_and_after_the_switch(ray_local, tmp_path: Path):
     g1, g2 = first["gradex"], again["gradex"]
     assert g2["train_tokens_at_estimation"] == at and g2["selected"] == g1["selected"]
     # Resumed in this process (local mode, one torch thread), the run retrains
-    # the same steps from the checkpoint to the same θ0 with the same kernels:
-    # bit-identical (as the ledger above), so the scores are compared exactly.
-    assert g2["scores"] == g1["scores"]
+    # the same steps from the checkpoint to the same θ0 with the same kernels,
+    # so the scores should be bit-identical; pytest's default rel 1e-6 is kept
+    # until that is checked (a different θ0 would move them by far more).
+    assert g2["scores"] == pytest.approx(g1["scores"])
     assert [o for o, _ in again["mixture_schedule"]] == [0, at]
     assert again["ledger"] == first["ledger"]
