@@ -162,7 +162,8 @@ def _trial(params: dict) -> None:
             # folder, keeping the old one for inspection.
             out.rename(out.with_name(out.name + f".interrupted-{int(time.time())}"))
         summary = run(cfg, out, parent_run_id=params["parent_run_id"])
-    tune.report({k: summary[k] for k in ("worst_val_loss", "mean_val_loss", "mean_test_exact_match",
+    tune.report({k: summary[k] for k in ("worst_val_loss", "mean_val_loss", "worst_test_loss", "mean_test_loss",
+                                         "mean_test_exact_match",
                                          "train_tokens", "budget_tokens", "wall_seconds")}
                 | {"mlflow_run_id": summary["mlflow_run_id"], "trial": out.name})
 

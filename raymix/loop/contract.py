@@ -78,6 +78,8 @@ class LoopResult:
     reported_at: float
     val_loss: dict[str, float]
     test_exact_match: dict[str, float]
+    test_loss: dict[str, float]
+    """Per task, on the test split that no policy reads (runs are compared on it)."""
     curve: list[dict]
     mixer: dict
     """The mixer's summary: ledger, schedule, final weights, spill."""
