@@ -74,7 +74,7 @@ def add_effective_tokens(client, df):
     df["effective_tokens_with_meta"] = np.nan
     curves = {r: _curve(client, r) for r in df["run_id"]}
     for _, g in df.groupby(["model", "budget_value"]):
-        static = g[g["policy"].isin(_static_policies())]
+        static = g[g.get("policy_name", g["policy"]).isin(_static_policies())]
         finals = {idx: curves[r][-1][1] for idx, r in static["run_id"].items() if curves[r]}
         if not finals:
             continue
@@ -131,6 +131,7 @@ def load_runs(tracking_uri: str, experiment: str):
             "budget_value": _budget_value(p),
             "seed": int(p.get("seed", 0)),
         }
+        row["_policy_params"] = {k: v for k, v in p.items() if k.startswith("policy.") and k != "policy.name"}
         row.update({k: v for k, v in r.data.metrics.items()})
         # Single-round runs: their total compute is their own.
         row.setdefault("total_train_tokens_all_rounds", row.get("train_tokens", float("nan")))
@@ -138,7 +139,28 @@ def load_runs(tracking_uri: str, experiment: str):
         rows.append(row)
     if not rows:
         raise RaymixError(f"experiment {experiment!r} has no finished raymix runs")
+    _label_variants(rows)
     return client, exp, pd.DataFrame(rows)
+
+
+def _label_variants(rows: list[dict]) -> None:
+    """Runs of one policy with different policy settings (temperature t=2 and
+    t=5) are different rows of the tables: ``policy`` becomes
+    ``name (field=value)`` for the ``policy.*`` params that differ between
+    them; ``policy_name`` keeps the registered name."""
+    by_name: dict[str, list[dict]] = {}
+    for row in rows:
+        row["policy_name"] = row["policy"]
+        by_name.setdefault(row["policy"], []).append(row)
+    for name, group in by_name.items():
+        keys = sorted({k for row in group for k in row["_policy_params"]})
+        varying = [k for k in keys if len({row["_policy_params"].get(k) for row in group}) > 1]
+        for row in group:
+            if varying:
+                row["policy"] = f"{name} (" + ", ".join(
+                    f"{k[len('policy.'):]}={row['_policy_params'].get(k)}" for k in varying) + ")"
+    for row in rows:
+        del row["_policy_params"]
 
 
 def _fmt(mean: float, std: float, pattern: str, n: int) -> str:
@@ -295,10 +317,11 @@ def write_report(tracking_uri: str, experiment: str, out: str | Path, space_file
     ]
     if eval_keys:
         lines += ["## Evaluation", "", *_table(df, [(k, k[len("eval/"):], "{:.3f}") for k in eval_keys]), ""]
-    for name in sorted(set(df["policy"])):
+    names = df["policy_name"] if "policy_name" in df else df["policy"]
+    for name in sorted(set(names)):
         spec = POLICIES.get(name)
         if spec is not None and spec.report_section is not None:
-            lines += resolve(spec.report_section)(df[df["policy"] == name], _table)
+            lines += resolve(spec.report_section)(df[names == name], _table)
     _plot_metrics(df, ["worst_test_loss", "mean_test_loss", "worst_val_loss", "mean_test_exact_match"],
                   out / "metrics_vs_budget.png")
     lines += ["## Plots", "", "![metrics against budget](metrics_vs_budget.png)", ""]

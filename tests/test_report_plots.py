@@ -77,3 +77,15 @@ def test_run_mixture_plot_is_written(tmp_path: Path) -> None:
     ledger = client.artifacts["l"]["ledger.json"]
     path = plot_mixture(sched, ledger, tmp_path / "mixture.png", 1000)
     assert path.stat().st_size > 1000
+
+
+def test_policy_variants_get_their_own_rows() -> None:
+    from raymix.report import _label_variants
+
+    rows = [{"policy": "temperature", "_policy_params": {"policy.temperature": "2.0", "policy.adapt.lr": "0.2"}},
+            {"policy": "temperature", "_policy_params": {"policy.temperature": "5.0", "policy.adapt.lr": "0.2"}},
+            {"policy": "uniform", "_policy_params": {"policy.temperature": "2.0"}}]
+    _label_variants(rows)
+    assert [r["policy"] for r in rows] == ["temperature (temperature=2.0)", "temperature (temperature=5.0)", "uniform"]
+    assert [r["policy_name"] for r in rows] == ["temperature", "temperature", "uniform"]
+    assert all("_policy_params" not in r for r in rows)

@@ -44,3 +44,14 @@ def test_runtime_overrides_do_not_change_trial_identity() -> None:
     a = [trial_name(c) for c in space.configs()]
     b = [trial_name(c) for c in space.configs(["runtime.num_workers=8", "runtime.use_gpu=true"])]
     assert a == b
+
+
+def test_set_on_a_grid_key_fixes_that_axis() -> None:
+    from raymix.sweep import load_space
+
+    space = load_space(Path(__file__).resolve().parent.parent / "tune_spaces" / "adapt_compare.yaml")
+    assert len(space.configs()) == 54
+    one = space.configs(["budget.fraction=0.01", "seed=0"])
+    assert len(one) == 6 and {c.budget.fraction for c in one} == {0.01} and {c.seed for c in one} == {0}
+    assert sorted((c.policy.name, c.policy.temperature) for c in one if c.policy.name == "temperature") == [
+        ("temperature", 2.0), ("temperature", 5.0)]
