@@ -224,7 +224,7 @@ def _plot_mixtures(client, df, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from raymix.tracking import mixture_heatmap
+    from raymix.tracking import mixture_heatmap, mixture_lim
 
     top = df[df["budget_value"] == df["budget_value"].max()]
     picks = top.sort_values("seed").groupby(["model", "policy"]).head(1)
@@ -236,12 +236,14 @@ def _plot_mixtures(client, df, path: Path) -> bool:
     fig, axes = plt.subplots(1, len(picks), figsize=(4.5 * len(picks) + 2, max(4, 0.22 * T + 1.5)),
                              squeeze=False, sharey=True)
     img = None
+    # One colour scale for every panel, so that colours compare across policies.
+    lim = max([mixture_lim(s, list(s[0][1])) for s, _ in schedules if s] or [1.0])
     for ax, (schedule, row) in zip(axes[0], schedules):
         if not schedule:
             continue
         tasks = list(schedule[0][1])
         end = row.get("train_tokens", schedule[-1][0])
-        img = mixture_heatmap(ax, schedule, tasks, end) or img
+        img = mixture_heatmap(ax, schedule, tasks, end, lim) or img
         ax.set_title(f"{row['policy']} ({row['budget']})", fontsize=9)
     if img is not None:
         fig.colorbar(img, ax=list(axes[0]), fraction=0.02, pad=0.01).set_label("weight / uniform (log2)")

@@ -143,10 +143,21 @@ class RunTracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def mixture_heatmap(ax, schedule: list, tasks: list, end: float):
+def mixture_lim(schedule: list, tasks: list) -> float:
+    """The largest |log2(T w)| of a schedule (at least 1): a colour scale
+    several heatmaps can share."""
+    import numpy as np
+
+    T = len(tasks)
+    vals = [abs(float(np.log2(max(w.get(t, 0.0) * T, 1e-3)))) for _, w in schedule for t in tasks]
+    return max([1.0] + vals)
+
+
+def mixture_heatmap(ax, schedule: list, tasks: list, end: float, lim: Optional[float] = None):
     """Draw each task's applied weight relative to uniform (T * w, on a log2
     colour scale centred on 1 = uniform) over training tokens, task names on
-    rows. Returns the image for a colour bar, or None without a schedule."""
+    rows; ``lim``: the colour scale's half-range (default: this schedule's).
+    Returns the image for a colour bar, or None without a schedule."""
     import numpy as np
     from matplotlib.colors import TwoSlopeNorm
 
@@ -156,7 +167,7 @@ def mixture_heatmap(ax, schedule: list, tasks: list, end: float):
     edges = [o for o, _ in schedule] + [max(end, schedule[-1][0] + 1)]
     rel = np.array([[max(w.get(t, 0.0) * T, 1e-3) for _, w in schedule] for t in tasks])
     z = np.log2(rel)
-    lim = max(1.0, float(np.abs(z).max()))
+    lim = lim or max(1.0, float(np.abs(z).max()))
     img = ax.pcolormesh(edges, np.arange(T + 1), z, cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -lim, lim),
                         shading="flat")
     ax.set_yticks(np.arange(T) + 0.5)
