@@ -165,44 +165,79 @@ class BudgetConfig:
 @dataclass(frozen=True)
 class AdaptConfig:
     """ADAPT: task logits learned by a first-order meta-gradient of the smooth
-    worst-case validation loss (see ``raymix.policies.adapt``)."""
+    worst-case validation loss (see ``raymix.policies.adapt`` and the README's
+    ADAPT section, which gives each default's reason)."""
 
     every_steps: int = 20
-    """K: optimizer steps between meta updates."""
+    """K: optimizer steps between meta updates (the interval a mixture is in force)."""
     warmup_steps: int = 20
     """Optimizer steps before the first meta update."""
     tau: float = 0.5
     """Temperature of J = tau * log sum_j exp(L_j^val / tau) (small: worst case)."""
-    entropy: float = 0.01
-    """lambda: weight of the entropy bonus -lambda*H(p) in the meta objective."""
-    lr: float = 0.3
-    """beta: step size on the logits."""
-    optimizer: Literal["adam", "sgd"] = "adam"
-    """Update rule on the logits (Adam normalises the meta-gradient's scale)."""
+    normalise: Literal["std", "none"] = "std"
+    """Scale of the meta-signal. ``std``: the alignments <g_val, g_i> are
+    divided by their standard deviation across tasks (after centring), so the
+    signal is in units of "standard deviations of alignment" whatever the
+    learning rate, optimizer or batch, and ``entropy`` is scale-free.
+    ``none``: the raw first-order look-ahead a_i = -eta <g_val, g_i> (its scale
+    falls with the learning rate; kept for comparison)."""
+    entropy: float = 1.0
+    """lambda: weight of the entropy bonus -lambda*H(p). With ``normalise: std``
+    the fixed point under a constant signal is log(p_i/p_j) = (z_i - z_j)/lambda
+    (z: the normalised alignment, token-share and cap Jacobians aside), so
+    lambda=1 gives a task one standard deviation better e times the weight.
+    lambda=0 collapses the mixture on the best task."""
+    lr: float = 0.2
+    """beta: step size on the logits. Under ``optimizer: eg`` the logits are an
+    exponential moving average of the fixed point with weight beta*lambda per
+    meta step (0.2: about 5 meta steps of memory); must satisfy beta*lambda < 1."""
+    optimizer: Literal["eg", "sgd", "adam"] = "eg"
+    """Update rule: ``eg`` exponentiated gradient (mirror descent on the
+    simplex with the entropy mirror map: log s <- (1-beta lambda) log s -
+    beta dJ/ds); ``sgd`` a plain step on phi; ``adam`` Adam on phi (its first
+    step is about lr*sign(g) whatever the signal; an option only)."""
     floor: float = 0.05
     """epsilon: p = (1-eps) softmax(phi) + eps/T keeps every task sampled."""
     lookahead_lr: Optional[float] = None
-    """eta of the look-ahead step; default: the current training learning rate."""
+    """eta of the look-ahead step with ``normalise: none``; default: the
+    current training learning rate. Unused with ``normalise: std``."""
     init: Literal["uniform", "proportional"] = "uniform"
     """Initial mixture."""
-    tasks_per_step: Optional[int] = 8
-    """Per-task training gradients per meta step, on a random subset of tasks
-    (None: all tasks); unsampled tasks keep their last estimate."""
+    token_share: bool = True
+    """Differentiate through the token share of the update: the loss is a mean
+    over completion tokens, so task i's share of an update is
+    p_i l_i / sum_j p_j l_j (l: completion tokens per example), not p_i."""
+    tasks_per_step: Optional[int] = 64
+    """Tasks whose training gradient (and validation loss) is refreshed per
+    meta step: every task on pools of up to this many, a random subset on
+    larger ones (None: every task always). Stale alignments decay by
+    ``stale_decay`` per meta step."""
+    stale_decay: float = 0.5
+    """On pools larger than ``tasks_per_step``: a task's normalised signal is
+    multiplied by this at every meta step that does not refresh it."""
     examples_per_task: int = 8
     """Examples per task-gradient batch (their tokens go to meta_tokens), in
     total over the workers: each reads its share, so the signal does not
     depend on the worker count."""
-    val_examples_per_task: int = 4
+    val_examples_per_task: int = 16
     """Validation examples per task per meta step, in total over the workers."""
+    val_ema: float = 0.5
+    """Weight of the past in the exponential moving average of each task's
+    validation loss that sets the soft-max weights q = softmax(L/tau)
+    (0: the last reading only)."""
     params: Literal["all", "last_block", "head"] = "last_block"
     """Parameter subset the gradients are taken on: all, the last transformer
     block plus final norm (and head), or the output layer only."""
-    sketch_dim: Optional[int] = 256
-    """Random-projection sketch size for the gradients before inner products
-    and all-reduce (None: exact inner products)."""
+    sketch_above: Optional[int] = 50_000_000
+    """Inner products are exact (g_val all-reduced once, local dot products,
+    T scalars all-reduced) on parameter subsets of at most this many
+    parameters; above it both sides are CountSketched to ``sketch_dim``
+    dimensions with a hash redrawn at every meta step (None: always exact)."""
+    sketch_dim: int = 16384
+    """CountSketch size when the subset is above ``sketch_above``."""
 
     def __post_init__(self) -> None:
-        for name in ("every_steps", "examples_per_task", "val_examples_per_task"):
+        for name in ("every_steps", "examples_per_task", "val_examples_per_task", "sketch_dim"):
             if getattr(self, name) < 1:
                 raise RaymixError(f"policy.adapt.{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
@@ -213,10 +248,15 @@ class AdaptConfig:
             raise RaymixError(f"policy.adapt.floor must be in [0, 1), got {self.floor}")
         if self.entropy < 0:
             raise RaymixError("policy.adapt.entropy must be >= 0")
+        if self.optimizer == "eg" and self.lr * self.entropy >= 1:
+            raise RaymixError(f"policy.adapt.lr * policy.adapt.entropy must be < 1 with optimizer eg (got "
+                              f"{self.lr} * {self.entropy}): the logits would overshoot their fixed point")
         if self.tasks_per_step is not None and self.tasks_per_step < 1:
             raise RaymixError("policy.adapt.tasks_per_step must be >= 1 or null")
-        if self.sketch_dim is not None and self.sketch_dim < 1:
-            raise RaymixError("policy.adapt.sketch_dim must be >= 1 or null")
+        if not 0 <= self.stale_decay <= 1 or not 0 <= self.val_ema < 1:
+            raise RaymixError("policy.adapt.stale_decay must be in [0, 1] and policy.adapt.val_ema in [0, 1)")
+        if self.sketch_above is not None and self.sketch_above < 0:
+            raise RaymixError("policy.adapt.sketch_above must be >= 0 or null")
 
 
 CURVATURES = ("identity", "diag_fisher", "kfac", "ekfac")
@@ -777,10 +817,22 @@ def flatten(cfg: RunConfig) -> dict[str, str]:
 IDENTITY_SECTIONS = ("seed", "data", "model", "budget", "policy", "train", "eval")
 
 
+_ADAPT_BLOCK_BEFORE_13 = {
+    "every_steps": 20, "warmup_steps": 20, "tau": 0.5, "entropy": 0.01, "lr": 0.3, "optimizer": "adam",
+    "floor": 0.05, "lookahead_lr": None, "init": "uniform", "tasks_per_step": 8, "examples_per_task": 8,
+    "val_examples_per_task": 4, "params": "last_block", "sketch_dim": 256}
+
+
 def identity_hash(cfg: RunConfig) -> str:
     """Hash of what changes the result (not runtime, tracking or cache paths)."""
     tree = {k: v for k, v in to_dict(cfg).items() if k in IDENTITY_SECTIONS}
     tree["data"].pop("cache_dir", None)
+    if tree["policy"].get("name") != "adapt":
+        # ADAPT's block entered every policy's hash before it was popped for
+        # the others; its defaults then changed (issue #13). The other
+        # policies hash the block as it was, so their identities (sweep
+        # resume, reports) stay what they were.
+        tree["policy"]["adapt"] = dict(_ADAPT_BLOCK_BEFORE_13)
     for block in ("gradex", "ideal"):
         if tree["policy"].get("name") != block:
             # Option blocks added after runs were recorded count only for

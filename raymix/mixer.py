@@ -90,7 +90,12 @@ class Mixer:
             self.loss_count += lc
             with np.errstate(invalid="ignore", divide="ignore"):
                 interval_loss = np.where(lc > 0, ls / np.maximum(lc, 1), np.nan)
-        new = self.policy.update(Signals(self.ledger.train.copy(), interval_loss, dict(meta or {})))
+        # What the current proposal is served as now, and where the cap
+        # binds: a policy differentiates at these weights, not its proposal.
+        served = self._capped(self.proposed)
+        capped = self.spill > 1e-9
+        new = self.policy.update(Signals(self.ledger.train.copy(), interval_loss, dict(meta or {}),
+                                         served.copy(), capped.copy()))
         if new is not None:
             self.proposed = normalise(new)
         # Re-cap every report: a task nearing its cap must stop being sampled

@@ -25,12 +25,17 @@ from raymix.errors import RaymixError
 from raymix.policies import POLICIES, resolve
 
 METRICS = [
+    # Test: read by no policy, so the comparison. Validation: what ADAPT's
+    # meta-gradient reads, kept beside it.
+    ("worst_test_loss", "worst test loss", "{:.3f}"),
+    ("mean_test_loss", "mean test loss", "{:.3f}"),
     ("worst_val_loss", "worst val loss", "{:.3f}"),
     ("mean_val_loss", "mean val loss", "{:.3f}"),
     ("mean_test_exact_match", "mean test EM", "{:.3f}"),
     ("train_tokens", "train tokens", "{:,.0f}"),
     ("meta_tokens", "meta tokens", "{:,.0f}"),
-    ("effective_tokens", "effective tokens", "{:.2f}"),
+    ("effective_tokens", "effective tokens (train)", "{:.2f}"),
+    ("effective_tokens_with_meta", "effective tokens (train + meta)", "{:.2f}"),
     ("wall_seconds", "wall s", "{:.0f}"),
     # Total compute: a multi-round policy (IDEAL) trains once per round.
     ("total_train_tokens_all_rounds", "train tokens, all rounds", "{:,.0f}"),
@@ -43,25 +48,33 @@ def _static_policies() -> set[str]:
     return {name for name, spec in POLICIES.items() if spec.static}
 
 
-def _curve(client, run_id: str) -> list[tuple[float, float]]:
-    """(train tokens, worst-case val loss) at each logged curve point."""
+def _curve(client, run_id: str) -> list[tuple[float, float, float]]:
+    """(train tokens, worst-case test loss, meta tokens so far) at each logged
+    curve point; runs logged before the test curve existed fall back to the
+    validation curve, and to NaN meta tokens."""
     tokens = {m.step: m.value for m in client.get_metric_history(run_id, "curve/train_tokens")}
-    return sorted((tokens[m.step], m.value) for m in client.get_metric_history(run_id, "curve/worst_val_loss")
-                  if m.step in tokens)
+    meta = {m.step: m.value for m in client.get_metric_history(run_id, "curve/meta_tokens")}
+    worst = client.get_metric_history(run_id, "curve/worst_test_loss") or \
+        client.get_metric_history(run_id, "curve/worst_val_loss")
+    return sorted((tokens[m.step], m.value, meta.get(m.step, float("nan"))) for m in worst if m.step in tokens)
 
 
 def add_effective_tokens(client, df):
-    """Per run: the share of its budget at which its worst-case validation
-    loss curve first reaches the best static mixture's final point on the same
+    """Per run: the share of its budget at which its worst-case test loss
+    curve first reaches the best static mixture's final point on the same
     curve (mean over seeds, same model and budget); NaN if it never does.
-    Curves and target come from the same fixed validation subset."""
+    ``effective_tokens`` counts train tokens only; ``effective_tokens_with_meta``
+    adds the meta tokens spent by then (meta-gradients and evaluation), so a
+    learned policy pays for its signal. Curves and target come from the same
+    fixed test subset, which no policy reads."""
     import numpy as np
 
     df = df.copy()
     df["effective_tokens"] = np.nan
+    df["effective_tokens_with_meta"] = np.nan
     curves = {r: _curve(client, r) for r in df["run_id"]}
     for _, g in df.groupby(["model", "budget_value"]):
-        static = g[g["policy"].isin(_static_policies())]
+        static = g[g.get("policy_name", g["policy"]).isin(_static_policies())]
         finals = {idx: curves[r][-1][1] for idx, r in static["run_id"].items() if curves[r]}
         if not finals:
             continue
@@ -69,9 +82,10 @@ def add_effective_tokens(client, df):
                      for _, rows in static.groupby("policy") if any(i in finals for i in rows.index))
         for idx, row in g.iterrows():
             budget = row.get("budget_tokens", float("nan"))
-            for tokens, worst in curves[row["run_id"]]:
+            for tokens, worst, meta in curves[row["run_id"]]:
                 if worst <= target + 1e-12:
                     df.loc[idx, "effective_tokens"] = tokens / budget
+                    df.loc[idx, "effective_tokens_with_meta"] = (tokens + meta) / budget
                     break
     return df
 
@@ -117,6 +131,7 @@ def load_runs(tracking_uri: str, experiment: str):
             "budget_value": _budget_value(p),
             "seed": int(p.get("seed", 0)),
         }
+        row["_policy_params"] = {k: v for k, v in p.items() if k.startswith("policy.") and k != "policy.name"}
         row.update({k: v for k, v in r.data.metrics.items()})
         # Single-round runs: their total compute is their own.
         row.setdefault("total_train_tokens_all_rounds", row.get("train_tokens", float("nan")))
@@ -124,7 +139,28 @@ def load_runs(tracking_uri: str, experiment: str):
         rows.append(row)
     if not rows:
         raise RaymixError(f"experiment {experiment!r} has no finished raymix runs")
+    _label_variants(rows)
     return client, exp, pd.DataFrame(rows)
+
+
+def _label_variants(rows: list[dict]) -> None:
+    """Runs of one policy with different policy settings (temperature t=2 and
+    t=5) are different rows of the tables: ``policy`` becomes
+    ``name (field=value)`` for the ``policy.*`` params that differ between
+    them; ``policy_name`` keeps the registered name."""
+    by_name: dict[str, list[dict]] = {}
+    for row in rows:
+        row["policy_name"] = row["policy"]
+        by_name.setdefault(row["policy"], []).append(row)
+    for name, group in by_name.items():
+        keys = sorted({k for row in group for k in row["_policy_params"]})
+        varying = [k for k in keys if len({row["_policy_params"].get(k) for row in group}) > 1]
+        for row in group:
+            if varying:
+                row["policy"] = f"{name} (" + ", ".join(
+                    f"{k[len('policy.'):]}={row['_policy_params'].get(k)}" for k in varying) + ")"
+    for row in rows:
+        del row["_policy_params"]
 
 
 def _fmt(mean: float, std: float, pattern: str, n: int) -> str:
@@ -180,35 +216,38 @@ def _artifact_json(client, run_id: str, name: str):
 
 
 def _plot_mixtures(client, df, path: Path) -> bool:
-    """Applied mixture over tokens: one panel per policy, at the largest budget, seed 0 (or lowest)."""
+    """Each task's applied weight relative to uniform over training tokens (a
+    heatmap, task names on rows): one panel per policy, at the largest
+    budget, seed 0 (or lowest)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
+
+    from raymix.tracking import mixture_heatmap, mixture_lim
 
     top = df[df["budget_value"] == df["budget_value"].max()]
     picks = top.sort_values("seed").groupby(["model", "policy"]).head(1)
     if picks.empty:
         return False
-    fig, axes = plt.subplots(1, len(picks), figsize=(4.5 * len(picks), 4), squeeze=False, sharey=True)
-    for ax, (_, row) in zip(axes[0], picks.iterrows()):
-        schedule = _artifact_json(client, row["run_id"], "mixture_schedule.json") or []
+    schedules = [(_artifact_json(client, row["run_id"], "mixture_schedule.json") or [], row)
+                 for _, row in picks.iterrows()]
+    T = max((len(s[0][1]) for s, _ in schedules if s), default=1)
+    fig, axes = plt.subplots(1, len(picks), figsize=(4.5 * len(picks) + 2, max(4, 0.22 * T + 1.5)),
+                             squeeze=False, sharey=True)
+    img = None
+    # One colour scale for every panel, so that colours compare across policies.
+    lim = max([mixture_lim(s, list(s[0][1])) for s, _ in schedules if s] or [1.0])
+    for ax, (schedule, row) in zip(axes[0], schedules):
         if not schedule:
             continue
         tasks = list(schedule[0][1])
         end = row.get("train_tokens", schedule[-1][0])
-        offsets = [o for o, _ in schedule] + [max(end, schedule[-1][0])]
-        ys = np.array([[w.get(t, 0.0) for t in tasks] for _, w in schedule])
-        xs = np.repeat(offsets, 2)[1:-1]
-        ax.stackplot(xs, np.repeat(ys, 2, axis=0).T)
-        ax.set_xlim(0, offsets[-1])
+        img = mixture_heatmap(ax, schedule, tasks, end, lim) or img
         ax.set_title(f"{row['policy']} ({row['budget']})", fontsize=9)
-        ax.set_xlabel("train tokens")
-        ax.set_ylim(0, 1)
-    axes[0][0].set_ylabel("mixture weight")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    if img is not None:
+        fig.colorbar(img, ax=list(axes[0]), fraction=0.02, pad=0.01).set_label("weight / uniform (log2)")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 
@@ -234,6 +273,9 @@ def _plot_allocation(client, df, path: Path) -> bool:
     for i, (label, ledger) in enumerate(ledgers.items()):
         ax.bar(np.arange(len(tasks)) + i * width, [ledger.get(t, {}).get("train_tokens", 0) for t in tasks],
                width, label=label)
+    totals = [sum(row.get("train_tokens", 0) for row in ledger.values()) for ledger in ledgers.values()]
+    ax.axhline(np.mean(totals) / max(1, len(tasks)), color="k", linestyle="--", linewidth=1,
+               label="uniform share")
     ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2)
     ax.set_xticklabels(tasks, rotation=70, ha="right", fontsize=7)
     ax.set_ylabel("train tokens")
@@ -262,9 +304,12 @@ def write_report(tracking_uri: str, experiment: str, out: str | Path, space_file
         f"(`{tracking_uri}`, experiment id {exp.experiment_id}) at raymix commit `{commit}`"
         + (f", space `{space_file}`" if space_file else "") + ".",
         f"{len(df)} finished trial runs; values are mean ± sample std over seeds. "
-        "Effective tokens: the share of the budget at which a run's worst-case validation loss "
-        "(logged at evenly spaced points) first reaches the best static mixture's final worst-case "
-        "loss at the same budget; – where it never does.",
+        "Test loss is on each task's test split, which no policy reads (ADAPT's meta-gradient "
+        "reads the validation split); compare policies on it. "
+        "Effective tokens: the share of the budget at which a run's worst-case test loss "
+        "(logged at evenly spaced points on a fixed test subset) first reaches the best static mixture's "
+        "final worst-case loss at the same budget, counting train tokens only, or train plus meta tokens "
+        "(meta-gradients and evaluation) spent by then; – where it never does.",
         "",
         "## Policies x budgets",
         "",
@@ -274,16 +319,20 @@ def write_report(tracking_uri: str, experiment: str, out: str | Path, space_file
     ]
     if eval_keys:
         lines += ["## Evaluation", "", *_table(df, [(k, k[len("eval/"):], "{:.3f}") for k in eval_keys]), ""]
-    for name in sorted(set(df["policy"])):
+    names = df["policy_name"] if "policy_name" in df else df["policy"]
+    for name in sorted(set(names)):
         spec = POLICIES.get(name)
         if spec is not None and spec.report_section is not None:
-            lines += resolve(spec.report_section)(df[df["policy"] == name], _table)
-    _plot_metrics(df, ["worst_val_loss", "mean_val_loss", "mean_test_exact_match"], out / "metrics_vs_budget.png")
+            lines += resolve(spec.report_section)(df[names == name], _table)
+    _plot_metrics(df, ["worst_test_loss", "mean_test_loss", "worst_val_loss", "mean_test_exact_match"],
+                  out / "metrics_vs_budget.png")
     lines += ["## Plots", "", "![metrics against budget](metrics_vs_budget.png)", ""]
     if _plot_mixtures(client, df, out / "mixtures.png"):
-        lines += ["Applied mixture over training tokens (largest budget):", "", "![mixtures](mixtures.png)", ""]
+        lines += ["Applied mixture over training tokens, each task's weight relative to uniform "
+                  "(log2; red: more than uniform, blue: less; largest budget):", "", "![mixtures](mixtures.png)", ""]
     if _plot_allocation(client, df, out / "allocation.png"):
-        lines += ["Training tokens per task (largest budget):", "", "![allocation](allocation.png)", ""]
+        lines += ["Training tokens per task, with the uniform share (largest budget):", "",
+                  "![allocation](allocation.png)", ""]
     lines += ["## Runs", "", "| run | model | policy | budget | seed |", "|---|---|---|---|---|"]
     for _, r in df.sort_values(["model", "budget_value", "policy", "seed"]).iterrows():
         lines.append(f"| `{r['run_id']}` | {r['model']} | {r['policy']} | {r['budget']} | {r['seed']} |")

@@ -61,9 +61,12 @@ class Space:
     """CPUs reserved for a trial's own driver process (its workers reserve theirs)."""
 
     def overrides(self, extra: Sequence[str] = ()) -> list[list[str]]:
-        """One ``key=value`` override list per trial, grid order."""
+        """One ``key=value`` override list per trial, grid order. An ``extra``
+        override of a grid key fixes that axis to its value (``--set
+        budget.fraction=0.01`` runs the 1% slice of a space)."""
         base = [f"{k}={_yaml_value(v)}" for k, v in self.base.items()]
-        keys = list(self.grid)
+        fixed = {ov.split("=", 1)[0].strip() for ov in extra}
+        keys = [k for k in self.grid if k not in fixed]
         trials = []
         for combo in itertools.product(*(self.grid[k] for k in keys)):
             trial = [f"{k}={_yaml_value(v)}" for k, v in zip(keys, combo)]
@@ -206,7 +209,8 @@ def _trial(params: dict) -> None:
             # folder, keeping the old one for inspection.
             out.rename(out.with_name(out.name + f".interrupted-{int(time.time())}"))
         summary = run(cfg, out, parent_run_id=params["parent_run_id"])
-    tune.report({k: summary[k] for k in ("worst_val_loss", "mean_val_loss", "mean_test_exact_match",
+    tune.report({k: summary[k] for k in ("worst_val_loss", "mean_val_loss", "worst_test_loss", "mean_test_loss",
+                                         "mean_test_exact_match",
                                          "train_tokens", "budget_tokens", "wall_seconds")}
                 | {"mlflow_run_id": summary["mlflow_run_id"], "trial": out.name})
 
@@ -341,7 +345,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m raymix.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--space", required=True, help="YAML search space (see tune_spaces/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field in every trial")
+                        help="override a config field in every trial (a grid key: fix that axis)")
     parser.add_argument("--output", default=None, help="sweep directory (default: runs/<space name>)")
     parser.add_argument("--resume", action="store_true", help="finish a sweep whose driver was stopped")
     parser.add_argument("--no-report", action="store_true")

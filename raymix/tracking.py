@@ -143,29 +143,64 @@ class RunTracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
+def mixture_lim(schedule: list, tasks: list) -> float:
+    """The largest |log2(T w)| of a schedule (at least 1): a colour scale
+    several heatmaps can share."""
+    import numpy as np
+
+    T = len(tasks)
+    vals = [abs(float(np.log2(max(w.get(t, 0.0) * T, 1e-3)))) for _, w in schedule for t in tasks]
+    return max([1.0] + vals)
+
+
+def mixture_heatmap(ax, schedule: list, tasks: list, end: float, lim: Optional[float] = None):
+    """Draw each task's applied weight relative to uniform (T * w, on a log2
+    colour scale centred on 1 = uniform) over training tokens, task names on
+    rows; ``lim``: the colour scale's half-range (default: this schedule's).
+    Returns the image for a colour bar, or None without a schedule."""
+    import numpy as np
+    from matplotlib.colors import TwoSlopeNorm
+
+    if not schedule:
+        return None
+    T = len(tasks)
+    edges = [o for o, _ in schedule] + [max(end, schedule[-1][0] + 1)]
+    rel = np.array([[max(w.get(t, 0.0) * T, 1e-3) for _, w in schedule] for t in tasks])
+    z = np.log2(rel)
+    lim = lim or max(1.0, float(np.abs(z).max()))
+    img = ax.pcolormesh(edges, np.arange(T + 1), z, cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -lim, lim),
+                        shading="flat")
+    ax.set_yticks(np.arange(T) + 0.5)
+    ax.set_yticklabels(tasks, fontsize=max(4, min(8, int(400 / max(T, 1)))))
+    ax.invert_yaxis()
+    ax.set_xlabel("train tokens")
+    return img
+
+
 def plot_mixture(schedule: list, ledger: dict, path: Path, budget: int) -> Path:
-    """Two panels: the applied mixture over tokens, and tokens per task."""
+    """Two panels a person can read: each task's weight relative to uniform
+    over training tokens (a heatmap, task names on rows; red: more than
+    uniform, blue: less), and train tokens per task with the uniform share."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     tasks = list(ledger)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
-    offsets = [o for o, _ in schedule] + [max(budget, schedule[-1][0] if schedule else 0)]
-    ys = np.array([[w.get(t, 0.0) for t in tasks] for _, w in schedule])
-    if len(ys):
-        xs = np.repeat(offsets, 2)[1:-1]
-        stacked = np.repeat(ys, 2, axis=0)
-        ax1.stackplot(xs, stacked.T, labels=tasks, step=None)
-    ax1.set_xlabel("train tokens")
-    ax1.set_ylabel("mixture weight")
-    ax1.set_title("applied mixture")
-    ax1.set_xlim(0, offsets[-1])
-    ax1.set_ylim(0, 1)
-    ax2.barh(tasks, [ledger[t]["train_tokens"] for t in tasks])
+    T = max(1, len(tasks))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, max(4.5, 0.22 * T + 1.5)),
+                                   gridspec_kw={"width_ratios": [3, 2]})
+    end = max(budget, schedule[-1][0] if schedule else 0)
+    img = mixture_heatmap(ax1, schedule, tasks, end)
+    if img is not None:
+        bar = fig.colorbar(img, ax=ax1, fraction=0.04, pad=0.01)
+        bar.set_label("weight / uniform (log2: +1 = twice uniform)")
+    ax1.set_title("applied mixture relative to uniform")
+    consumed = [ledger[t]["train_tokens"] for t in tasks]
+    ax2.barh(tasks, consumed)
+    ax2.axvline(sum(consumed) / T, color="k", linestyle="--", linewidth=1, label="uniform share")
     ax2.set_xlabel("train tokens consumed")
+    ax2.legend(fontsize=7, loc="lower right")
     ax2.invert_yaxis()
     ax2.tick_params(axis="y", labelsize=7)
     fig.tight_layout()

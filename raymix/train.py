@@ -50,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"raymix: error: {e}", file=sys.stderr)
         return 2
     keys = ("policy", "seed", "budget_tokens", "train_tokens", "overshoot_tokens", "worst_val_loss",
-            "worst_val_task", "mean_val_loss", "mean_test_exact_match", "tokens_per_second", "wall_seconds", "restores",
+            "worst_val_task", "mean_val_loss", "worst_test_loss", "mean_test_loss", "mean_test_exact_match", "tokens_per_second", "wall_seconds", "restores",
             "mixer_restarts")
     describe = policy_spec(cfg.policy.name).describe
     for line in resolve(describe)(summary) if describe is not None else []:

@@ -1,5 +1,7 @@
-"""ADAPT's meta-gradient against finite differences on a real model, and its
-entropy regulariser."""
+"""ADAPT's meta-gradient against finite differences on a real model, its
+entropy regulariser, and the scale-free signal of issue #13: the fixed point
+under a constant signal, scale invariance, the token-share Jacobian, the
+gradient through the repetition cap at the served weights."""
 
 from __future__ import annotations
 
@@ -150,3 +152,141 @@ def test_unsampled_tasks_keep_their_last_alignment_and_state_round_trips() -> No
 def test_proportional_init() -> None:
     policy = AdaptPolicy(AdaptConfig(init="proportional", floor=0.0), _pool(3))
     np.testing.assert_allclose(policy.initial_weights(), softmax(np.log([100.0, 200.0, 300.0])))
+
+
+# --------------------------------------------------------------------------- the scale-free signal (issue #13)
+def _updates(policy, signal_extra: dict, n: int, served=None, capped=None):
+    p = None
+    for _ in range(n):
+        p = policy.update(Signals(np.zeros(policy.T), None, dict(signal_extra),
+                                  None if served is None else np.asarray(served),
+                                  None if capped is None else np.asarray(capped)))
+    return p
+
+
+def test_fixed_point_under_a_constant_signal_is_the_predicted_log_ratio() -> None:
+    """EG with the entropy bonus: log s converges to (1-eps) z / lambda + c (z:
+    the standardised alignment; equal completion lengths, nothing capped)."""
+    T, lam, beta, eps = 5, 0.5, 0.8, 0.05
+    policy = AdaptPolicy(AdaptConfig(entropy=lam, lr=beta, floor=eps), _pool(T))
+    align = np.array([3.0, 1.0, 0.5, -1.0, 2.0])
+    _updates(policy, {"alignment": align}, 200)
+    z = (align - align.mean()) / align.std()
+    log_s = np.log(softmax(policy.phi))
+    np.testing.assert_allclose(log_s - log_s[0], (1 - eps) * (z - z[0]) / lam, rtol=1e-9, atol=1e-9)
+    # The convergence is geometric at rate 1 - beta*lambda: after 10 steps it is 0.6**10 of the way.
+    fresh = AdaptPolicy(AdaptConfig(entropy=lam, lr=beta, floor=eps), _pool(T))
+    _updates(fresh, {"alignment": align}, 10)
+    gap = np.log(softmax(fresh.phi)) - log_s
+    assert np.abs(gap - gap.mean()).max() < 0.6**10 * np.abs(log_s - log_s.mean()).max() * 1.01
+
+
+def test_signal_is_scale_free() -> None:
+    """Alignments a million times smaller (a learning rate or a preconditioner
+    that shrinks them) give the same mixture: lambda does not depend on their scale."""
+    T = 4
+    align = np.array([2.0, -1.0, 0.3, 0.1])
+    a = _updates(AdaptPolicy(AdaptConfig(), _pool(T)), {"alignment": align}, 7)
+    b = _updates(AdaptPolicy(AdaptConfig(), _pool(T)), {"alignment": 1e-6 * align}, 7)
+    np.testing.assert_allclose(a, b, rtol=1e-9)
+    assert a.max() / a.min() > 2  # and it does reallocate
+    # The raw look-ahead, kept as an option, does depend on it.
+    c = _updates(AdaptPolicy(AdaptConfig(normalise="none"), _pool(T)), {"alignment": align, "lookahead_lr": 1e-3}, 7)
+    assert np.abs(c - 0.25).max() < 0.01
+
+
+def test_fixed_point_with_token_shares_satisfies_the_stationarity_equation() -> None:
+    """Unequal completion lengths: at the fixed point lambda log s_k + (1-eps)
+    dJ/dp_k (token-share Jacobian at the served weights) is the same for every k."""
+    T, lam = 4, 1.0
+    policy = AdaptPolicy(AdaptConfig(entropy=lam, lr=0.5), _pool(T))
+    align = np.array([1.0, 0.0, -1.0, 0.5])
+    lengths = np.array([10.0, 40.0, 20.0, 5.0])
+    for _ in range(300):
+        p = policy.probs()
+        policy.update(Signals(np.zeros(T), None, {"alignment": align, "completion_per_example": lengths}, p))
+    p = policy.probs()
+    z = (align - align.mean()) / align.std()
+    a = policy.dj_dp(z, p, np.zeros(T, bool), lengths)
+    resid = lam * np.log(softmax(policy.phi)) + (1 - policy.cfg.floor) * a
+    np.testing.assert_allclose(resid - resid.mean(), 0.0, atol=1e-8)
+    # The token-share Jacobian is the derivative of -sum_i u_i z_i, u_i = p_i l_i / sum_j p_j l_j.
+    def lin(q):
+        u = q * lengths / (q * lengths).sum()
+        return -(u * z).sum()
+    h = 1e-6
+    numeric = np.array([(lin(p + h * np.eye(T)[k]) - lin(p - h * np.eye(T)[k])) / (2 * h) for k in range(T)])
+    from raymix.policies.adapt.policy import token_share_grad
+    np.testing.assert_allclose(token_share_grad(z, p, lengths), numeric, rtol=1e-6, atol=1e-9)
+
+
+def test_meta_gradient_through_the_repetition_cap_matches_finite_differences() -> None:
+    """d/dphi of A . cap(p(phi)) with one task's cap binding, against the
+    Jacobian the policy uses (cap_vjp, then the softmax)."""
+    from raymix.policies import cap_mixture
+    from raymix.policies.adapt.policy import cap_vjp
+
+    T, budget = 5, 1000.0
+    policy = AdaptPolicy(AdaptConfig(entropy=0.0, floor=0.1, optimizer="sgd"), _pool(T))
+    policy.phi = np.array([0.4, -0.3, 0.1, 0.8, -1.0])
+    p = policy.probs()
+    capacity = p * budget * 3
+    capacity[3] = 0.5 * p[3] * budget  # task 3 (the largest proposal) is capped
+    served, spill = cap_mixture(p, capacity, budget)
+    capped = spill > 1e-9
+    assert capped.tolist() == [False, False, False, True, False]
+    A = np.array([0.3, -1.2, 0.7, 2.0, -0.4])  # dJ/dq of a linear J
+    analytic = policy.phi_gradient(cap_vjp(A, p, served, capped))
+
+    def J(phi):
+        return float(A @ cap_mixture(policy.probs(phi), capacity, budget)[0])
+
+    h = 1e-6
+    numeric = np.array([(J(policy.phi + h * np.eye(T)[k]) - J(policy.phi - h * np.eye(T)[k])) / (2 * h)
+                        for k in range(T)])
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-9)
+
+
+def test_mixer_hands_the_served_capped_weights_to_the_policy() -> None:
+    """When the cap binds on the best-aligned task, ADAPT does not push its
+    proposal up (its served weight cannot move); without the cap it does."""
+    from raymix.mixer import Mixer
+
+    def proposed_after(max_epochs: float) -> np.ndarray:
+        pool = PoolInfo(("a", "b", "c"), np.array([100, 10_000, 10_000]), np.array([10, 1000, 1000]), 3000)
+        mixer = Mixer(PolicyConfig(name="adapt", adapt=AdaptConfig(floor=0.0)), pool, max_epochs)
+        seen = []
+        update = mixer.policy.update
+        mixer.policy.update = lambda s: (seen.append(s), update(s))[1]
+        for _ in range(5):
+            mixer.report([0, 0, 0], meta={"alignment": [5.0, 0.0, 0.0], "meta_tokens": [0, 0, 0]})
+        return mixer.proposed, seen[-1]
+
+    capped_p, signals = proposed_after(1.0)  # task a holds 100 tokens; 1/3 of 3000 would be 1000
+    assert signals.capped.tolist() == [True, False, False]
+    np.testing.assert_allclose(signals.served[0], 100 / 3000)
+    np.testing.assert_allclose(capped_p, 1 / 3)
+    free_p, signals = proposed_after(100.0)
+    assert not signals.capped.any() and free_p[0] > 0.5
+
+
+def test_stale_alignments_decay_on_large_pools() -> None:
+    policy = AdaptPolicy(AdaptConfig(stale_decay=0.5), _pool(4))
+    policy.update(Signals(np.zeros(4), None, {"alignment": [2.0, 0.0, 0.0, -2.0]}))
+    first = policy.signal.copy()
+    policy.update(Signals(np.zeros(4), None, {"alignment": [float("nan"), 1.0, -1.0, float("nan")]}))
+    np.testing.assert_allclose(policy.signal[[0, 3]], 0.5 * first[[0, 3]])
+    np.testing.assert_allclose(policy.signal[[1, 2]], [1.0, -1.0])
+
+
+def test_adam_on_the_logits_stays_an_option() -> None:
+    policy = AdaptPolicy(AdaptConfig(optimizer="adam", lr=0.1), _pool(3))
+    p = _updates(policy, {"alignment": [1.0, 0.0, -1.0]}, 5)
+    assert p[0] > p[1] > p[2]
+
+
+def test_eg_step_must_not_overshoot() -> None:
+    from raymix.errors import RaymixError
+
+    with pytest.raises(RaymixError, match="lr \\* policy.adapt.entropy"):
+        AdaptConfig(lr=1.0, entropy=1.0)

@@ -454,6 +454,19 @@ def test_identity_hash_changes_with_identity(override: str) -> None:
     assert identity_hash(load_config(None, [override])) != identity_hash(RunConfig())
 
 
+def test_adapt_defaults_leave_other_policies_identities_unchanged() -> None:
+    """Issue #13 changed ADAPT's defaults: ADAPT's identity changed, the
+    others' (recorded runs, sweep resume) did not."""
+    assert identity_hash(RunConfig()) == "cfd04137b5601627"
+    assert identity_hash(load_config(None, ["policy.name=proportional"])) == "b594ce98d5f12b9c"
+    assert identity_hash(load_config(None, ["policy.name=gradex"])) == "aae6ef50dbf2e903"
+    assert identity_hash(load_config(None, ["policy.name=adapt"])) != "4c6cf66cf227e14b"
+    # An ADAPT field is not part of another policy's identity.
+    assert identity_hash(load_config(None, ["policy.adapt.entropy=0.3"])) == identity_hash(RunConfig())
+    assert identity_hash(load_config(None, ["policy.name=adapt", "policy.adapt.entropy=0.3"])) != \
+        identity_hash(load_config(None, ["policy.name=adapt"]))
+
+
 def test_identity_hash_does_not_mutate_config() -> None:
     cfg = load_config(None, ["data.cache_dir=/tmp/c"])
     identity_hash(cfg)

@@ -104,6 +104,9 @@ def test_budgeted_run_ledger(prepared, tmp_path: Path) -> None:
     # Curve evaluations are meta tokens, never train tokens.
     assert result.mixer["meta_tokens"] > 0 and len(result.curve) == 3  # the start and 2 points
     assert result.steps > 0 and set(result.val_loss) == set(prepared[0].tasks)
+    # Test loss per task, on the split no policy reads, beside the validation loss.
+    assert set(result.test_loss) == set(prepared[0].tasks) and all(v == v for v in result.test_loss.values())
+    assert all("worst_test_loss" in p and "meta_tokens" in p for p in result.curve)
     assert os.path.exists(tmp_path / "progress" / "rank0.json")
     assert session.inner.reports[-1][1].endswith("final")
 

@@ -91,3 +91,14 @@ def test_sweep_on_a_cluster_retries_lost_workers_by_default() -> None:
     paper = load_space(Path(SPACES[0]).parent / "adapt_paper.yaml")
     assert cluster_defaults(paper, [], env=cluster) == []
     assert all(c.runtime.max_failures == 3 for c in paper.configs()[:3])
+
+
+def test_set_on_a_grid_key_fixes_that_axis() -> None:
+    from raymix.sweep import load_space
+
+    space = load_space(Path(__file__).resolve().parent.parent / "tune_spaces" / "adapt_compare.yaml")
+    assert len(space.configs()) == 54
+    one = space.configs(["budget.fraction=0.01", "seed=0"])
+    assert len(one) == 6 and {c.budget.fraction for c in one} == {0.01} and {c.seed for c in one} == {0}
+    assert sorted((c.policy.name, c.policy.temperature) for c in one if c.policy.name == "temperature") == [
+        ("temperature", 2.0), ("temperature", 5.0)]

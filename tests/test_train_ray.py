@@ -196,6 +196,12 @@ def test_adapt_run_two_workers(ray_local, tmp_path: Path) -> None:
     client, mlrun = _mlflow_run(summary)
     keys = set(mlrun.data.metrics)
     assert "meta/J" in keys and "meta/entropy" in keys and "meta/time_share" in keys
+    assert "mixture/kl_uniform" in keys
+    # Per-task test loss (the split no policy reads) in summary.json and MLflow, beside validation.
+    saved = json.loads((tmp_path / "adapt" / "summary.json").read_text())
+    assert set(saved["test_loss"]) == set(saved["val_loss"]) and all(v == v for v in saved["test_loss"].values())
+    assert saved["worst_test_loss"] == max(saved["test_loss"].values())
+    assert {"worst_test_loss", "mean_test_loss"} <= keys and any(k.startswith("test_loss/") for k in keys)
     assert any(k.startswith("signal/") and k.endswith("/alignment") for k in keys)
     assert any(k.startswith("signal/") and k.endswith("/val_loss") for k in keys)
     assert len(client.get_metric_history(summary["mlflow_run_id"], "meta/J")) >= 3

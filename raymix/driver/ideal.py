@@ -108,10 +108,12 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
             summaries.append(s)
             rec = {"round": r, "volumes": dict(zip(pool.tasks, volumes.tolist())),
                    "weights": rcfg.policy.weights, "mlflow_run_id": s["mlflow_run_id"],
-                   **{k: s[k] for k in ("train_tokens", "meta_tokens", "wall_seconds", "worst_val_loss",
-                                        "worst_val_task", "mean_val_loss", "mean_test_exact_match", "val_loss")}}
-            metrics = {f"ideal/round{r}/{k}": s[k] for k in (
-                "train_tokens", "meta_tokens", "wall_seconds", "worst_val_loss", "mean_val_loss")}
+                   **{k: s.get(k) for k in ("train_tokens", "meta_tokens", "wall_seconds", "worst_val_loss",
+                                        "worst_val_task", "mean_val_loss", "worst_test_loss", "mean_test_loss",
+                                        "mean_test_exact_match", "val_loss", "test_loss")}}
+            metrics = {f"ideal/round{r}/{k}": s.get(k, float("nan")) for k in (
+                "train_tokens", "meta_tokens", "wall_seconds", "worst_val_loss", "mean_val_loss", "worst_test_loss",
+                "mean_test_loss")}
             metrics.update({f"ideal/round{r}/volume/{t}": float(v) for t, v in zip(pool.tasks, volumes)})
             if r < icfg.rounds:
                 score_file = rdir / SCORES_FILE

@@ -195,8 +195,9 @@ def _summarise(cfg, out, tracker, result, fit_started, fit_ended, budget) -> tup
         shutil.copytree(ckpt, model_dir, dirs_exist_ok=True)
     ev = LoopResult.read(str(model_dir))
     mix = ev.mixer
-    val, em = ev.val_loss, ev.test_exact_match
+    val, em, test = ev.val_loss, ev.test_exact_match, ev.test_loss
     finite = [v for v in val.values() if v == v]
+    test_finite = [v for v in test.values() if v == v]
     em_vals = [v for v in em.values() if v == v]
     micro = cfg.train.micro_batch_size * effective_grad_accum(cfg) * max(1, cfg.runtime.num_workers)
     summary = {
@@ -235,6 +236,12 @@ def _summarise(cfg, out, tracker, result, fit_started, fit_ended, budget) -> tup
         "worst_val_loss": max(finite) if finite else float("nan"),
         "worst_val_task": max(val, key=lambda t: val[t] if val[t] == val[t] else -1.0),
         "mean_val_loss": sum(finite) / len(finite) if finite else float("nan"),
+        # The test split: read by no policy (ADAPT's meta-gradient reads
+        # the validation split), so it is what runs are compared on.
+        "test_loss": test,
+        "worst_test_loss": max(test_finite) if test_finite else float("nan"),
+        "worst_test_task": max(test, key=lambda t: test[t] if test[t] == test[t] else -1.0) if test else None,
+        "mean_test_loss": sum(test_finite) / len(test_finite) if test_finite else float("nan"),
         "test_exact_match": em,
         "mean_test_exact_match": sum(em_vals) / len(em_vals) if em_vals else float("nan"),
         "tokens_per_second": ev.tokens_per_second,
@@ -258,10 +265,12 @@ def log_summary(tracker, summary: dict, out: Path, plot_mixture, artifacts: Opti
     mixture plot and ``artifacts`` (``{name: json-able}``) as artifacts."""
     metrics = {k: summary[k] for k in (
         "train_tokens", "meta_tokens", "budget_tokens", "overshoot_tokens", "worst_val_loss",
-        "mean_val_loss", "mean_test_exact_match", "tokens_per_second", "wall_seconds",
-        "train_loop_seconds", "eval_seconds", "mixer_update_seconds")}
+        "mean_val_loss", "worst_test_loss", "mean_test_loss", "mean_test_exact_match", "tokens_per_second",
+        "wall_seconds", "train_loop_seconds", "eval_seconds", "mixer_update_seconds")}
     for t, v in summary["val_loss"].items():
         metrics[f"val_loss/{t}"] = v
+    for t, v in summary["test_loss"].items():
+        metrics[f"test_loss/{t}"] = v
     for t, v in summary["test_exact_match"].items():
         metrics[f"test_exact_match/{t}"] = v
     for t, row in summary["ledger"].items():

@@ -86,6 +86,9 @@ class LoopResult:
     """The policy's signal stopped the run before the budget was spent."""
     signal_summary: dict = field(default_factory=dict)
     """Keys the policy's signal adds to ``summary.json``."""
+    test_loss: dict[str, float] = field(default_factory=dict)
+    """Per task, on the test split that no policy reads (runs are compared on
+    it); empty in a result written before it existed."""
 
     def metrics(self) -> dict:
         """The numbers reported to Ray Train with the final checkpoint."""

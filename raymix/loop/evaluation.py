@@ -1,5 +1,5 @@
-"""End-of-run evaluation on each task's own splits: validation loss (mean
-token NLL over completion tokens) and exact match of greedy generation on a
+"""End-of-run evaluation on each task's own splits: validation and test loss
+(mean token NLL over completion tokens) and exact match of greedy generation on a
 bounded sample of the test split. Out-of-domain benchmarks go through lm-eval
 (``raymix.eval``); this module only scores the pool's tasks, in-process, on
 the model being trained: at evenly spaced points of the budget
@@ -17,13 +17,25 @@ from raymix.streams import collate, read_split
 
 
 def validation_losses(model, pool, pad_id: int, batch_size: int, device="cpu") -> dict[str, float]:
+    """Mean completion-token NLL per task on its whole validation split (the
+    split ADAPT's meta-gradient reads)."""
+    return split_losses(model, pool, "val", pad_id, batch_size, device)
+
+
+def losses_on_test(model, pool, pad_id: int, batch_size: int, device="cpu") -> dict[str, float]:
+    """The same on the test split (``data.max_test`` examples per task at
+    most), which no policy reads: what runs are compared on."""
+    return split_losses(model, pool, "test", pad_id, batch_size, device)
+
+
+def split_losses(model, pool, split: str, pad_id: int, batch_size: int, device="cpu") -> dict[str, float]:
     import torch
 
     model.eval()
     out: dict[str, float] = {}
     with torch.no_grad():
         for task in pool.tasks:
-            rows = read_split(pool.shard_dir("val", task), ["input_ids", "prompt_len"])
+            rows = read_split(pool.shard_dir(split, task), ["input_ids", "prompt_len"])
             examples = [(np.asarray(i, dtype=np.int64), int(p)) for i, p in zip(rows["input_ids"], rows["prompt_len"])]
             total, count = 0.0, 0.0
             for s in range(0, len(examples), batch_size):
@@ -81,17 +93,17 @@ def exact_match(
 
 
 class CurveEvaluator:
-    """Per-task validation loss on a fixed subset, sharded over ranks and
-    all-reduced, at evenly spaced fractions of the budget."""
+    """Per-task loss on a fixed subset of a split (validation by default),
+    sharded over ranks and all-reduced, at evenly spaced fractions of the budget."""
 
     def __init__(self, pool, per_task: int, rank: int, world: int, pad_id: int, batch_size: int, device,
-                 lockstep: bool = False):
+                 lockstep: bool = False, split: str = "val"):
         self.tasks = pool.tasks
         self.examples, self.owner = [], []
         per_rank = [0] * world
         self.filler = None  # any example, for lockstep forwards on a rank with none of its own
         for i, task in enumerate(pool.tasks):
-            rows = read_split(pool.shard_dir("val", task), ["input_ids", "prompt_len"])
+            rows = read_split(pool.shard_dir(split, task), ["input_ids", "prompt_len"])
             for j, (ids, plen) in enumerate(zip(rows["input_ids"][:per_task], rows["prompt_len"][:per_task])):
                 per_rank[(i * per_task + j) % world] += 1
                 if self.filler is None:

@@ -24,6 +24,8 @@ class MixerExchange:
         self.pending = None
         self.version, self.weights = 0, np.full(num_tasks, 1.0 / num_tasks)
         self._restored: Optional[dict] = None
+        self.meta_reported = 0
+        """Meta tokens sent to the ledger so far (signals and evaluation), on rank 0."""
 
     def broadcast(self, mix: Optional[dict]) -> tuple[int, np.ndarray]:
         """Rank 0's ``{"version", "weights"}`` on every rank."""
@@ -67,6 +69,8 @@ class MixerExchange:
         """Report the counts since the last sync (and a signal's result), and
         apply the mixture rank 0 then holds."""
         current = {"version": self.version, "weights": self.weights.tolist()}
+        if self.client is not None and signals is not None:
+            self.meta_reported += int(np.sum(signals["meta_tokens"]))
         if self.client is not None:
             # The reply to the previous report was sent one interval ago
             # and is ready; this interval's report is collected at the next
@@ -89,6 +93,7 @@ class MixerExchange:
     def report_meta_tokens(self, tokens: np.ndarray) -> None:
         """Tokens read only for evaluation or signals (rank 0; not awaited)."""
         if self.client is not None:
+            self.meta_reported += int(np.sum(tokens))
             self.client.report([0] * self.T, None, None, tokens.astype(np.int64).tolist())
 
     def flush(self) -> None:
@@ -123,7 +128,8 @@ class MixerExchange:
     # -- checkpoint part ------------------------------------------------------
     def state_dict(self) -> dict:
         # The actor's own state (key "mixer") is added by rank 0 when it saves.
-        return {"version": self.version, "weights": self.weights.tolist()}
+        return {"version": self.version, "weights": self.weights.tolist(), "meta_reported": self.meta_reported}
 
     def load_state_dict(self, state: dict) -> None:
         self._restored = {"version": state["version"], "weights": state["weights"], "mixer": state.get("mixer")}
+        self.meta_reported = int(state.get("meta_reported", 0))

@@ -1,5 +1,5 @@
 """The end of a loop: the last counts to the mixer, the final evaluation on
-the pool's own splits (validation loss, test exact match) by rank 0, and the
+the pool's own splits (validation loss, test loss, test exact match) by rank 0, and the
 final checkpoint (the Hugging Face model, its tokenizer and the
 :class:`~raymix.loop.contract.LoopResult`)."""
 
@@ -12,7 +12,7 @@ from raymix.loop.contract import LoopResult
 
 
 def finish(w, session, exchange, metrics_log, signal, progress, curve, checkpointer, timing: dict) -> None:
-    from raymix.loop.evaluation import exact_match, validation_losses
+    from raymix.loop.evaluation import exact_match, losses_on_test, validation_losses
 
     cfg = w.cfg
     if metrics_log is not None:
@@ -32,9 +32,11 @@ def finish(w, session, exchange, metrics_log, signal, progress, curve, checkpoin
     t_eval = time.perf_counter()
     pool = w.loop.pool
     val = validation_losses(model, pool, w.pad_id, cfg.eval.batch_size, w.device)
+    test = losses_on_test(model, pool, w.pad_id, cfg.eval.batch_size, w.device)
     em = exact_match(model, w.tokenizer, pool, cfg.eval.max_test_examples, cfg.eval.max_new_tokens,
                      cfg.eval.batch_size, w.device)
     result = LoopResult(**numbers, eval_seconds=time.perf_counter() - t_eval, reported_at=0.0, val_loss=val,
+                        test_loss=test,
                         test_exact_match=em, curve=curve.log if curve is not None else [], mixer=mixer_summary,
                         mixer_restarts=exchange.restarts, stopped_early=timing["stopped_early"],
                         signal_summary=signal.summary())

@@ -1,5 +1,5 @@
 """What the loop does around the step, each part deciding its own cadence:
-the loss curve on a fixed validation subset (:class:`CurveHook`), the
+the loss curve on fixed validation and test subsets (:class:`CurveHook`), the
 training metrics (:class:`MetricsHook`), the progress file
 (:class:`ProgressFile`), and the loop's own counters (:class:`Progress`)."""
 
@@ -36,8 +36,9 @@ class Progress:
 
 
 class CurveHook:
-    """Per-task validation loss on a fixed subset at ``eval.curve_points``
-    evenly spaced points of the budget (and at its start); a checkpoint part."""
+    """Per-task validation and test loss on fixed subsets at
+    ``eval.curve_points`` evenly spaced points of the budget (and at its
+    start), with the meta tokens spent so far; a checkpoint part."""
 
     def __init__(self, w, exchange, metrics_log):
         from raymix.loop.evaluation import CurveEvaluator
@@ -47,6 +48,10 @@ class CurveHook:
         self.points = cfg.eval.curve_points
         self.evaluate = CurveEvaluator(w.loop.pool, cfg.eval.curve_examples_per_task, w.rank, w.world, w.pad_id,
                                        cfg.eval.batch_size, w.device, lockstep=w.fsdp)
+        # The same on the test split, which no policy reads: reports compare
+        # runs (effective tokens) on it, not on what ADAPT's signal reads.
+        self.evaluate_test = CurveEvaluator(w.loop.pool, cfg.eval.curve_examples_per_task, w.rank, w.world,
+                                            w.pad_id, cfg.eval.batch_size, w.device, lockstep=w.fsdp, split="test")
         self.next_curve = 1
         self.log: list = []
         self.seconds = 0.0
@@ -65,17 +70,23 @@ class CurveHook:
     def point(self, progress: Progress) -> None:
         t = time.perf_counter()
         vl, toks = self.evaluate(self.w.raw_model, self.w.all_reduce)
+        tl, test_toks = self.evaluate_test(self.w.raw_model, self.w.all_reduce)
         self.seconds += time.perf_counter() - t
-        finite = vl[np.isfinite(vl)]
-        point = {"train_tokens": progress.train_tokens, "worst_val_loss": float(finite.max()),
-                 "mean_val_loss": float(finite.mean())}
-        self.log.append(point)
+        finite, test_finite = vl[np.isfinite(vl)], tl[np.isfinite(tl)]
+        nan = float("nan")
+        point = {"train_tokens": progress.train_tokens,
+                 "worst_val_loss": float(finite.max()) if len(finite) else nan,
+                 "mean_val_loss": float(finite.mean()) if len(finite) else nan,
+                 "worst_test_loss": float(test_finite.max()) if len(test_finite) else nan,
+                 "mean_test_loss": float(test_finite.mean()) if len(test_finite) else nan}
         # Evaluation tokens are meta tokens: spent, but not on updates.
-        self.exchange.report_meta_tokens(toks)
+        self.exchange.report_meta_tokens(toks + test_toks)
+        point["meta_tokens"] = self.exchange.meta_reported  # all meta tokens so far (rank 0), this point's too
+        self.log.append(point)
         if self.metrics_log is not None:
-            m = {"curve/worst_val_loss": point["worst_val_loss"], "curve/mean_val_loss": point["mean_val_loss"],
-                 "curve/train_tokens": progress.train_tokens}
+            m = {f"curve/{k}": v for k, v in point.items()}
             m.update({f"curve/{t}/val_loss": float(vl[i]) for i, t in enumerate(self.w.loop.pool.tasks)})
+            m.update({f"curve/{t}/test_loss": float(tl[i]) for i, t in enumerate(self.w.loop.pool.tasks)})
             self.metrics_log.log(m, progress.step)
 
     def state_dict(self) -> dict:
@@ -86,7 +97,7 @@ class CurveHook:
 
 
 class MetricsHook:
-    """``train/*``, ``mixture/<task>`` and ``loss/<task>`` every
+    """``train/*``, ``mixture/<task>``, ``mixture/kl_uniform`` and ``loss/<task>`` every
     ``train.log_every`` steps and at the end of the budget (rank 0)."""
 
     def __init__(self, w, metrics_log):
@@ -112,6 +123,9 @@ class MetricsHook:
             "train/tokens_per_second": (progress.train_tokens - self.tokens_start) / max(1e-9, now - self.time_start),
             "train/budget_progress": progress.train_tokens / budget,
         }
+        # How far the mixture is from uniform, in one number: log T - H(p).
+        p = np.clip(np.asarray(weights, dtype=np.float64), 1e-300, 1.0)
+        metrics["mixture/kl_uniform"] = float(np.log(len(p)) + (p * np.log(p)).sum())
         for i, t in enumerate(self.w.loop.pool.tasks):
             metrics[f"mixture/{t}"] = float(weights[i])
             if self.loss[1, i] > 0:

@@ -38,6 +38,11 @@ class Signals:
     train_loss: Optional[np.ndarray] = None
     """Mean token NLL per task over the last interval (NaN where unseen)."""
     extra: dict = field(default_factory=dict)
+    served: Optional[np.ndarray] = None
+    """The mixture the workers sample from now: the current proposal after
+    the repetition cap (the mixer fills it; None: the proposal itself)."""
+    capped: Optional[np.ndarray] = None
+    """Per task, whether the repetition cap binds on the served weight."""
 
     @property
     def total(self) -> int:

@@ -3,19 +3,27 @@
 At a meta step every worker computes, on its share of the step's examples
 (the counts in ``policy.adapt`` are totals over the workers, so the signals
 do not depend on the worker count), on a restricted parameter subset:
-per-task validation losses (all-reduced), the gradient of the smooth
-worst-case validation loss J, and training gradients for a sampled subset of
-tasks; gradients are compressed by a CountSketch (a random projection that
-needs O(d) memory, where a dense Gaussian projection of a d-parameter subset
-would need k*d), all-reduced, and turned into inner products <g_val, g_i>.
-Tokens read here go to the ledger's ``meta_tokens``, never ``train_tokens``.
+per-task validation losses (all-reduced; an exponential moving average of
+them sets the soft-max weights q), the gradient g_val of the smooth
+worst-case validation loss J, and training gradients g_i for every task (a
+random subset on pools of more than ``tasks_per_step`` tasks).
+
+Inner products are exact where that is cheap: g_val is all-reduced once (d
+numbers), each worker takes the dot products of its local task gradients
+with it, and only the T scalars are all-reduced (sum_r <g_val, g_i^r> =
+<g_val, g_i>). Above ``sketch_above`` parameters both sides are CountSketched
+to ``sketch_dim`` dimensions first, with a hash redrawn at every meta step
+(the same on every rank), so that sketch errors do not repeat from step to
+step. Tokens read here go to the ledger's ``meta_tokens``, never
+``train_tokens``.
 
 What a meta step costs does not grow with the number of tasks T beyond
-small O(T) vectors: training gradients are taken for ``tasks_per_step``
-sampled tasks, and when the pool has more than ``VAL_TASKS_PER_STEP`` tasks
-with validation data, validation losses are read for that many tasks per
-step only (see :meth:`MetaSignals._val_sample`); the other tasks keep their
-last observed loss. Streams are only read for the tasks a step touches.
+small O(T) vectors on large pools: training gradients are taken for
+``tasks_per_step`` sampled tasks, and when the pool has more than
+``VAL_TASKS_PER_STEP`` tasks with validation data, validation losses are
+read for that many tasks per step only (see :meth:`MetaSignals._val_sample`);
+the other tasks keep their last observed loss. Streams are only read for the
+tasks a step touches.
 """
 
 from __future__ import annotations
@@ -28,31 +36,32 @@ import numpy as np
 from raymix.config import AdaptConfig
 from raymix.gradients import gradients_only_on, select_params
 from raymix.loss import token_nll
-from raymix.policies.adapt.policy import entropy, smooth_max
+from raymix.policies.adapt.policy import entropy, kl_uniform, smooth_max, standardise
 from raymix.policies.signal import NoSignal, SignalContext, StepView
 from raymix.streams import TaskStream, collate
 
 
 class CountSketch:
-    """Unbiased inner-product sketch: coordinate j goes to bucket h(j) with sign s(j)."""
+    """Unbiased inner-product sketch: coordinate j goes to bucket h(j) with sign s(j).
+    E<Sa, Sb> = <a, b>; its variance is at most (|a|^2 |b|^2 + <a,b>^2)/k."""
 
-    def __init__(self, dim: int, k: int, seed: int):
+    def __init__(self, dim: int, k: int, seed: int, device=None):
         import torch
 
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(int(seed))
         self.k = k
-        self.bucket = torch.randint(0, k, (dim,), generator=g)
-        self.sign = torch.randint(0, 2, (dim,), generator=g).to(torch.float32) * 2 - 1
+        self.bucket = torch.randint(0, k, (dim,), generator=g).to(device)
+        self.sign = (torch.randint(0, 2, (dim,), generator=g).to(torch.float32) * 2 - 1).to(device)
 
     def __call__(self, vec):
         import torch
 
-        out = torch.zeros(self.k, dtype=torch.float32)
-        out.index_add_(0, self.bucket, vec.float().cpu() * self.sign)
+        out = torch.zeros(self.k, dtype=torch.float32, device=vec.device)
+        out.index_add_(0, self.bucket.to(vec.device), vec.float() * self.sign.to(vec.device))
         return out
 
 
-VAL_TASKS_PER_STEP = 32
+VAL_TASKS_PER_STEP = 64
 """Validation tasks read per meta step on pools with more tasks than this
 (when ``policy.adapt.tasks_per_step`` is set; with it null every task is read
 at every step). Pools of at most this many tasks, such as the 23-task
@@ -98,7 +107,8 @@ class MetaSignals:
         self.distributed = distributed
         self.params = select_params(raw_model, cfg.params)
         self.dim = sum(p.numel() for p in self.params)
-        self.sketch = CountSketch(self.dim, cfg.sketch_dim, seed + 17) if cfg.sketch_dim else None
+        self.sketched = cfg.sketch_above is not None and self.dim > cfg.sketch_above
+        self.sketch: Optional[CountSketch] = None  # redrawn at every meta step when sketched
         # Separate stream seeds: meta batches are not the training batches.
         self.val = [TaskStream(pool.shard_dir("val", t), seed * 7919 + 1 + i, rank, world) if
                     pool.stats["val"][t]["examples"] else None for i, t in enumerate(self.tasks)]
@@ -111,6 +121,12 @@ class MetaSignals:
         self.val_tasks = (None if cfg.tasks_per_step is None or val_tasks is None
                           or len(self.val_ids) <= val_tasks else int(val_tasks))
         self.val_estimate = np.full(self.T, np.nan)  # last observed validation loss per task
+        self.val_smoothed = np.full(self.T, np.nan)  # its moving average (policy.adapt.val_ema)
+        # l_i: completion tokens per training example, for the token-share Jacobian.
+        train = pool.stats["train"]
+        self.completion_per_example = [
+            float(train[t].get("completion_tokens", 0)) / train[t]["examples"]
+            if train[t].get("examples") and train[t].get("completion_tokens") else 1.0 for t in self.tasks]
 
     def _all_reduce(self, tensor):
         if self.distributed:
@@ -120,12 +136,16 @@ class MetaSignals:
         return tensor
 
     def _flat_grad(self, loss, retain: bool):
+        """The gradient on the parameter subset, flat, on the model's device
+        (float32 at least; float64 for a float64 model), sketched when the
+        subset is above ``sketch_above``."""
         import torch
 
         grads = torch.autograd.grad(loss, self.params, retain_graph=retain, allow_unused=True)
-        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+        dtype = torch.promote_types(self.params[0].dtype, torch.float32)
+        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
                           for g, p in zip(grads, self.params)])
-        return self.sketch(flat) if self.sketch is not None else flat.float().cpu()
+        return self.sketch(flat) if self.sketch is not None else flat
 
     def _share(self, n: int) -> int:
         """This rank's share of ``n`` examples per task (the shares sum to ``n``)."""
@@ -135,7 +155,10 @@ class MetaSignals:
         """What a rank with no example of a task contributes to the all-reduce."""
         import torch
 
-        return torch.zeros(self.sketch.k if self.sketch is not None else self.dim, dtype=torch.float32)
+        if self.sketch is not None:
+            return torch.zeros(self.sketch.k, dtype=torch.float32, device=self.params[0].device)
+        dtype = torch.promote_types(self.params[0].dtype, torch.float32)
+        return torch.zeros(self.dim, dtype=dtype, device=self.params[0].device)
 
     def _val_sample(self) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """This step's validation tasks and weights (see :func:`val_sample`)."""
@@ -149,6 +172,13 @@ class MetaSignals:
 
         cfg, T = self.cfg, self.T
         meta_tokens = np.zeros(T)
+        if self.sketched:
+            # A fresh hash at every step (the same on every rank): a sketch's
+            # error is then independent from step to step, not a fixed bias
+            # per task that the policy's averaging would keep.
+            self.sketch = CountSketch(self.dim, cfg.sketch_dim,
+                                      int(np.random.SeedSequence([self.seed, 17, self.steps]).generate_state(1)[0]),
+                                      self.params[0].device)
         with gradients_only_on(self.model, self.params), contextlib.ExitStack() as cleanup:
             cleanup.callback(self.model.zero_grad, set_to_none=True)
             # 1. validation losses and the worst-case-weighted validation gradient
@@ -172,10 +202,16 @@ class MetaSignals:
                 val_loss = (sums[0] / sums[1]).numpy()
             observed = np.isfinite(val_loss)
             self.val_estimate[observed] = val_loss[observed]
+            first = observed & ~np.isfinite(self.val_smoothed)
+            again = observed & ~first
+            self.val_smoothed[first] = val_loss[first]
+            self.val_smoothed[again] = cfg.val_ema * self.val_smoothed[again] + (1 - cfg.val_ema) * val_loss[again]
             if weight is not None:
                 val_loss = self.val_estimate.copy()  # unread tasks: their last observed loss
-            has_val = np.isfinite(val_loss)
-            _, q_obs = smooth_max(val_loss[has_val], cfg.tau)
+            # q from the smoothed losses: 16 examples per task read a loss
+            # with a few per cent of noise, which softmax(L/tau) would amplify.
+            has_val = np.isfinite(self.val_smoothed)
+            _, q_obs = smooth_max(self.val_smoothed[has_val], cfg.tau)
             q = np.zeros(T)
             q[has_val] = q_obs
             w = q[owner] / sums[1].numpy()[owner]
@@ -186,14 +222,14 @@ class MetaSignals:
                 g_val = self._flat_grad((nll * per_example_w.to(nll.device)).sum(), False)
             else:
                 g_val = self._zero_grad()
-            g_val = self._all_reduce(g_val)
+            g_val = self._all_reduce(g_val)  # once: d numbers (sketch_dim when sketched)
 
-            # 2. training gradients for a sample of tasks, one small forward
-            # each: a backward through a shared batch would pay for every row
-            # (zeros included) once per task. Each rank reads its share of a
-            # task's examples; the gradient is of the mean over all ranks'
-            # completion tokens (counts all-reduced first), so it is the same
-            # statistic on any number of workers.
+            # 2. training gradients, one small forward per task: a backward
+            # through a shared batch would pay for every row (zeros included)
+            # once per task. Each rank reads its share of a task's examples;
+            # the gradient is of the mean over all ranks' completion tokens
+            # (counts all-reduced first), so it is the same statistic on any
+            # number of workers. Only its dot product with g_val leaves the rank.
             k = T if cfg.tasks_per_step is None else min(T, cfg.tasks_per_step)
             sampled = np.sort(self.rng.choice(T, size=k, replace=False))
             alignment = np.full(T, np.nan)
@@ -202,29 +238,31 @@ class MetaSignals:
                        for i in sampled]
             counts = self._all_reduce(torch.tensor([0.0 if b is None else float((b["labels"][:, 1:] != -100).sum())
                                                     for b in batches], dtype=torch.float64))
-            grads = []
-            for i, batch, count in zip(sampled, batches, counts.tolist()):
+            dots = torch.zeros(len(sampled), dtype=torch.float64)
+            for j, (i, batch, count) in enumerate(zip(sampled, batches, counts.tolist())):
                 if batch is None:
-                    grads.append(self._zero_grad())
                     continue
                 nll, _ = token_nll(self.model, batch, self.device)
                 meta_tokens[i] += float(batch["attention_mask"].sum())
-                grads.append(self._flat_grad(nll.sum() / max(count, 1.0), retain=False))
-            g_tasks = self._all_reduce(torch.stack(grads))
-            alignment[sampled] = (g_tasks.double() @ g_val.double()).numpy()
+                g = self._flat_grad(nll.sum() / max(count, 1.0), retain=False)
+                dots[j] = float(torch.dot(g, g_val.to(g.dtype)).double())
+            alignment[sampled] = self._all_reduce(dots).numpy()
             tokens = torch.from_numpy(meta_tokens)
             self._all_reduce(tokens)
         self.steps += 1
-        return {"val_loss": val_loss.tolist(), "alignment": alignment.tolist(),
+        return {"val_loss": val_loss.tolist(), "val_smoothed": self.val_smoothed.tolist(),
+                "alignment": alignment.tolist(),
                 "meta_tokens": tokens.numpy().astype(np.int64).tolist(), "lookahead_lr": lookahead_lr,
-                "q": q.tolist(), "val_tasks_read": int(observed.sum())}
+                "completion_per_example": list(self.completion_per_example),
+                "q": q.tolist(), "val_tasks_read": int(observed.sum()), "sketched": bool(self.sketched)}
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs to continue the same signals."""
         return {"rng": self.rng.bit_generator.state, "steps": self.steps,
                 "val": [s.state_dict() if s is not None else None for s in self.val],
                 "train": [s.state_dict() for s in self.train],
-                "val_estimate": [None if not np.isfinite(v) else float(v) for v in self.val_estimate]}
+                "val_estimate": [None if not np.isfinite(v) else float(v) for v in self.val_estimate],
+                "val_smoothed": [None if not np.isfinite(v) else float(v) for v in self.val_smoothed]}
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
@@ -236,6 +274,8 @@ class MetaSignals:
             s.load_state_dict(st)
         if "val_estimate" in state:
             self.val_estimate = np.array([np.nan if v is None else v for v in state["val_estimate"]])
+        if "val_smoothed" in state:
+            self.val_smoothed = np.array([np.nan if v is None else v for v in state["val_smoothed"]])
 
 
 class AdaptSignal(NoSignal):
@@ -262,10 +302,12 @@ class AdaptSignal(NoSignal):
         vl = np.asarray(signals["val_loss"])
         m = {"meta/J": smooth_max(vl[np.isfinite(vl)], self.cfg.tau)[0], "meta/entropy": entropy(weights),
              "meta/step_seconds": timing["step_seconds"], "meta/time_share": timing["time_share"],
-             "meta/tokens": float(np.sum(signals["meta_tokens"]))}
+             "meta/tokens": float(np.sum(signals["meta_tokens"])), "mixture/kl_uniform": kl_uniform(weights)}
+        z = standardise(np.asarray(signals["alignment"], dtype=np.float64))
         for i, t in enumerate(self.tasks):
             m[f"signal/{t}/val_loss"] = float(vl[i])
             m[f"signal/{t}/alignment"] = float(signals["alignment"][i])
+            m[f"signal/{t}/z"] = float(z[i])  # the normalised alignment the policy reads (when refreshed)
             m[f"mixture/{t}"] = float(weights[i])
         return m
 

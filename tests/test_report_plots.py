@@ -1,0 +1,91 @@
+"""raymix.report without MLflow: effective tokens with and without meta
+tokens on the test curve, and the mixture pictures (a fake MLflow client)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+pd = pytest.importorskip("pandas")
+
+
+class FakeClient:
+    def __init__(self, histories: dict, artifacts: dict):
+        self.histories, self.artifacts = histories, artifacts
+
+    def get_metric_history(self, run_id, key):
+        return [SimpleNamespace(step=s, value=v) for s, v in self.histories.get(run_id, {}).get(key, [])]
+
+    def download_artifacts(self, run_id, name, tmp):
+        path = Path(tmp) / name
+        path.write_text(json.dumps(self.artifacts[run_id][name]))
+        return str(path)
+
+
+def _client_and_runs():
+    tasks = ["a", "b", "c"]
+    sched = {"u": [[0, {t: 1 / 3 for t in tasks}]],
+             "l": [[0, {t: 1 / 3 for t in tasks}], [500, {"a": 0.6, "b": 0.3, "c": 0.1}]]}
+    histories = {
+        # static: reaches 2.0 at the end; learned: reaches it halfway, with 100 meta tokens spent by then
+        "u": {"curve/train_tokens": [(0, 0), (1, 500), (2, 1000)], "curve/worst_test_loss": [(0, 3), (1, 2.5), (2, 2.0)],
+              "curve/meta_tokens": [(0, 10), (1, 20), (2, 30)]},
+        "l": {"curve/train_tokens": [(0, 0), (1, 500), (2, 1000)], "curve/worst_test_loss": [(0, 3), (1, 1.9), (2, 1.5)],
+              "curve/meta_tokens": [(0, 10), (1, 100), (2, 200)]},
+    }
+    artifacts = {r: {"mixture_schedule.json": sched[r],
+                     "ledger.json": {t: {"train_tokens": 300 + 100 * i, "meta_tokens": 0} for i, t in enumerate(tasks)}}
+                 for r in ("u", "l")}
+    df = pd.DataFrame([
+        {"run_id": "u", "policy": "uniform", "model": "m", "budget": "1%", "budget_value": 0.01, "seed": 0,
+         "budget_tokens": 1000, "train_tokens": 1000},
+        {"run_id": "l", "policy": "adapt", "model": "m", "budget": "1%", "budget_value": 0.01, "seed": 0,
+         "budget_tokens": 1000, "train_tokens": 1000},
+    ])
+    return FakeClient(histories, artifacts), df
+
+
+def test_effective_tokens_with_and_without_meta_tokens() -> None:
+    from raymix.report import add_effective_tokens
+
+    client, df = _client_and_runs()
+    out = add_effective_tokens(client, df).set_index("run_id")
+    assert out.loc["l", "effective_tokens"] == pytest.approx(0.5)
+    assert out.loc["l", "effective_tokens_with_meta"] == pytest.approx(0.6)
+    assert out.loc["u", "effective_tokens"] == pytest.approx(1.0)
+    assert np.isfinite(out.loc["u", "effective_tokens_with_meta"])
+
+
+def test_mixture_pictures_are_written(tmp_path: Path) -> None:
+    from raymix.report import _plot_allocation, _plot_mixtures
+
+    client, df = _client_and_runs()
+    assert _plot_mixtures(client, df, tmp_path / "mixtures.png")
+    assert _plot_allocation(client, df, tmp_path / "allocation.png")
+    assert (tmp_path / "mixtures.png").stat().st_size > 1000 and (tmp_path / "allocation.png").stat().st_size > 1000
+
+
+def test_run_mixture_plot_is_written(tmp_path: Path) -> None:
+    from raymix.tracking import plot_mixture
+
+    client, _ = _client_and_runs()
+    sched = client.artifacts["l"]["mixture_schedule.json"]
+    ledger = client.artifacts["l"]["ledger.json"]
+    path = plot_mixture(sched, ledger, tmp_path / "mixture.png", 1000)
+    assert path.stat().st_size > 1000
+
+
+def test_policy_variants_get_their_own_rows() -> None:
+    from raymix.report import _label_variants
+
+    rows = [{"policy": "temperature", "_policy_params": {"policy.temperature": "2.0", "policy.adapt.lr": "0.2"}},
+            {"policy": "temperature", "_policy_params": {"policy.temperature": "5.0", "policy.adapt.lr": "0.2"}},
+            {"policy": "uniform", "_policy_params": {"policy.temperature": "2.0"}}]
+    _label_variants(rows)
+    assert [r["policy"] for r in rows] == ["temperature (temperature=2.0)", "temperature (temperature=5.0)", "uniform"]
+    assert [r["policy_name"] for r in rows] == ["temperature", "temperature", "uniform"]
+    assert all("_policy_params" not in r for r in rows)
