@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import yaml
 
@@ -46,7 +46,10 @@ SPACE_KEYS = ("name", "description", "base", "grid", "max_concurrent_trials", "t
 class Space:
     name: str
     base: dict[str, Any] = field(default_factory=dict)
-    grid: dict[str, list] = field(default_factory=dict)
+    grid: Union[dict[str, list], list[dict[str, list]]] = field(default_factory=dict)
+    """A mapping of config keys to lists of values (their product is the
+    trials), or a list of such mappings (the union of their products: e.g.
+    one dataset at two budgets and another at one)."""
     description: str = ""
     max_concurrent_trials: Optional[int] = None
     trial_cpus: float = 0.05
@@ -55,11 +58,12 @@ class Space:
     def overrides(self, extra: Sequence[str] = ()) -> list[list[str]]:
         """One ``key=value`` override list per trial, grid order."""
         base = [f"{k}={_yaml_value(v)}" for k, v in self.base.items()]
-        keys = list(self.grid)
         trials = []
-        for combo in itertools.product(*(self.grid[k] for k in keys)):
-            trial = [f"{k}={_yaml_value(v)}" for k, v in zip(keys, combo)]
-            trials.append(base + list(extra) + trial)
+        for grid in (self.grid if isinstance(self.grid, list) else [self.grid]):
+            keys = list(grid)
+            for combo in itertools.product(*(grid[k] for k in keys)):
+                trial = [f"{k}={_yaml_value(v)}" for k, v in zip(keys, combo)]
+                trials.append(base + list(extra) + trial)
         return trials
 
     def configs(self, extra: Sequence[str] = ()) -> list[RunConfig]:
@@ -95,8 +99,10 @@ def load_space(path: str | Path) -> Space:
 
         raise RaymixError(f"{p}: unknown key(s) {unknown}{_suggest(unknown[0], SPACE_KEYS)}")
     grid = tree.get("grid") or {}
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-        raise RaymixError(f"{p}: grid must map config keys to non-empty lists of values")
+    grids = grid if isinstance(grid, list) and grid else [grid]
+    if not all(isinstance(g, dict) and all(isinstance(v, list) and v for v in g.values()) for g in grids):
+        raise RaymixError(f"{p}: grid must map config keys to non-empty lists of values (or be a list of "
+                          "such mappings)")
     base = tree.get("base") or {}
     if not isinstance(base, dict):
         raise RaymixError(f"{p}: base must be a mapping of config keys to values")

@@ -44,3 +44,14 @@ def test_runtime_overrides_do_not_change_trial_identity() -> None:
     a = [trial_name(c) for c in space.configs()]
     b = [trial_name(c) for c in space.configs(["runtime.num_workers=8", "runtime.use_gpu=true"])]
     assert a == b
+
+
+def test_grid_list_is_the_union_of_its_products(tmp_path: Path) -> None:
+    p = tmp_path / "union.yaml"
+    p.write_text("name: u\ngrid:\n  - {budget.fraction: [0.01, 0.05], seed: [0]}\n  - {budget.fraction: [1.0], "
+                 "seed: [0, 1]}\n")
+    configs = load_space(p).configs()
+    assert [(c.budget.fraction, c.seed) for c in configs] == [(0.01, 0), (0.05, 0), (1.0, 0), (1.0, 1)]
+    p.write_text("name: u\ngrid:\n  - {seed: []}\n")
+    with pytest.raises(RaymixError, match="non-empty lists"):
+        load_space(p)
