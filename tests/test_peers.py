@@ -200,3 +200,16 @@ def test_doremi_excess_is_clipped_per_token_then_averaged_per_task() -> None:
     ref = torch.tensor([1.0, 4.0, 3.5])
     out = per_task_excess(nll, ref, torch.tensor([0, 0, 2]), 3)
     np.testing.assert_allclose(out.numpy(), [[1.0, 0.0, 0.5], [2.0, 0.0, 1.0]])
+
+
+def test_describe_lines() -> None:
+    from raymix.policies import policy_spec, resolve
+
+    odm = resolve(policy_spec("odm").describe)({"odm": {"variant": "smoothed_mean", "updates": 3, "t": 2000.0,
+                                                        "eps": 0.0082, "explore_share": 0.19}})
+    assert "t=2000" in odm[0] and "K*eps=0.190" in odm[0]
+    dm = resolve(policy_spec("doremi").describe)({"doremi": {"updates": 2, "weights": {"a": 0.7, "b": 0.3}},
+                                                  "doremi_rounds": [{"round": "proxy", "policy": "doremi",
+                                                                     "train_tokens": 10, "meta_tokens": 4}]})
+    assert len(dm) == 4 and "0.7000" in dm[1]
+    assert "2 rounds" in resolve(policy_spec("aioli").describe)({"aioli": {"rounds": 2, "last_probed": ["a"]}})[0]

@@ -165,6 +165,12 @@ class AioliPolicy:
         self.before = np.asarray(state["before"], dtype=np.float64)
 
 
-@register_policy("aioli", signal="raymix.policies.aioli.signal:AioliSignal", fsdp=False)
+def describe(summary: dict) -> list[str]:
+    a = summary.get("aioli", {})
+    return [f"Aioli: {a.get('rounds')} rounds fitted; last probed tasks {a.get('last_probed')}"]
+
+
+@register_policy("aioli", signal="raymix.policies.aioli.signal:AioliSignal", fsdp=False,
+                 describe="raymix.policies.aioli.policy:describe")
 def aioli(cfg: PolicyConfig, pool: PoolInfo) -> AioliPolicy:
     return AioliPolicy(cfg.aioli, pool)

@@ -103,7 +103,18 @@ class DoremiPolicy:
         self.scores = np.asarray(state["scores"], dtype=np.float64)
 
 
+def describe(summary: dict) -> list[str]:
+    """The CLI's lines after a run: the proxy's averaged weights, every round's tokens."""
+    d = summary.get("doremi", {})
+    lines = [f"DoReMi: {d.get('updates')} DRO updates; averaged weights (the final round's mixture):"]
+    lines += [f"  {t:<40} {w:.4f}" for t, w in sorted(d.get("weights", {}).items(), key=lambda kv: -kv[1])]
+    for r in summary.get("doremi_rounds", []):
+        lines.append(f"  round {r['round']:<9} ({r['policy']}): {r['train_tokens']} train tokens, "
+                     f"{r['meta_tokens']} meta tokens")
+    return lines
+
+
 @register_policy("doremi", signal="raymix.policies.doremi.signal:DoremiSignal", fsdp=False,
-                 driver="raymix.driver.doremi:run_doremi")
+                 driver="raymix.driver.doremi:run_doremi", describe="raymix.policies.doremi.policy:describe")
 def doremi(cfg: PolicyConfig, pool: PoolInfo) -> DoremiPolicy:
     return DoremiPolicy(cfg.doremi, pool)

@@ -124,6 +124,13 @@ class OdmPolicy:
         self.t = float(state["t"])
 
 
-@register_policy("odm")
+def describe(summary: dict) -> list[str]:
+    """The CLI's lines after a run: the bandit's counter and exploration."""
+    o = summary.get("odm", {})
+    return [f"ODM ({o.get('variant')}): {o.get('updates')} updates, t={o.get('t', 0):.0f}, "
+            f"eps={o.get('eps', 0):.4f}, K*eps={o.get('explore_share', 0):.3f} (the share spread uniformly)"]
+
+
+@register_policy("odm", describe="raymix.policies.odm.policy:describe")
 def odm(cfg: PolicyConfig, pool: PoolInfo) -> OdmPolicy:
     return OdmPolicy(cfg.odm, pool)
