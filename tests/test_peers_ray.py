@@ -36,26 +36,29 @@ def _ledger_ok(summary: dict) -> None:
     assert 0 <= summary["train_tokens"] - summary["budget_tokens"] < summary["global_batch_tokens"]
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_odm_run_two_workers(ray_local, tmp_path: Path) -> None:
-    """ODM is mixer-side only: no meta tokens, a mixture that moves, t reported."""
+    """ODM is mixer-side only: no signal computation, a mixture that moves, t reported."""
     from raymix.driver import run
 
     cfg = load_config(None, SMALL + ["policy.name=odm", "policy.odm.warmup_share=0.1"])
     summary = run(cfg, tmp_path / "odm")
     _ledger_ok(summary)
-    assert summary["meta_tokens"] == 0
+    assert summary["meta_steps"] == 0  # no signal (its meta tokens are the curve evaluations)
     assert summary["odm"]["updates"] >= 1 and summary["odm"]["t"] > 0
     assert len(summary["mixture_schedule"]) >= 2, "the bandit never moved the mixture"
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_aioli_run_two_workers(ray_local, tmp_path: Path) -> None:
     """Aioli: probe mixtures applied on schedule, one round fitted, probe
     readings in meta tokens."""
     from raymix.driver import run
 
-    cfg = load_config(None, SMALL + ["budget.tokens=12000", "policy.name=aioli", "policy.aioli.probe_steps=1",
+    cfg = load_config(None, SMALL + ["budget.tokens=12000", "budget.max_epochs=100", "policy.name=aioli",
+                                     "policy.aioli.probe_steps=1",
                                      "policy.aioli.sweeps=1", "policy.aioli.tasks_per_round=2",
                                      "policy.aioli.round_share=0.5", "policy.aioli.val_examples_per_task=2"])
     summary = run(cfg, tmp_path / "aioli")

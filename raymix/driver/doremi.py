@@ -33,10 +33,10 @@ ROUND_TAG = "raymix.round"
 """Tag of a round's nested run; the report lists the DoReMi run, not its rounds."""
 
 
-def _round_cfg(cfg: RunConfig, name: str, tracking_uri: str, last: bool, **policy) -> RunConfig:
+def _round_cfg(cfg: RunConfig, round_name: str, tracking_uri: str, last: bool, **policy) -> RunConfig:
     pol = dataclasses.replace(cfg.policy, **policy)
     tracking = dataclasses.replace(cfg.tracking, tracking_uri=tracking_uri,
-                                   run_name=f"{cfg.tracking.run_name or 'doremi'}-{name}")
+                                   run_name=f"{cfg.tracking.run_name or 'doremi'}-{round_name}")
     ev = cfg.eval if last else dataclasses.replace(cfg.eval, suite=None)
     return dataclasses.replace(cfg, policy=pol, tracking=tracking, eval=ev)
 
@@ -80,8 +80,8 @@ def run_doremi(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
             tracker.client.set_tag(s["mlflow_run_id"], ROUND_TAG, name)
         summary = _combine(cfg, rounds, tracker, time.perf_counter() - t0)
         log_summary(tracker, summary, out, plot_mixture)
-        tracker.log_metrics({k: summary[k] for k in ("total_train_tokens_all_rounds",
-                                                     "total_meta_tokens_all_rounds")})
+        tracker.log_metrics({k: summary[k] for k in ("total_train_tokens_all_rounds", "total_meta_tokens_all_rounds",
+                                                     "total_wall_seconds_all_rounds")})
         tracker.log_metrics({f"doremi/weight/{t}": float(w) for t, w in weights.items()})
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         tracker.log_artifact(out / "summary.json")
