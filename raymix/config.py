@@ -370,13 +370,13 @@ class OdmConfig:
     variant: Literal["smoothed_mean", "exp3"] = "smoothed_mean"
     """``smoothed_mean``: the README's (README.md:15) ``SmoothedMeanWeightUpdater``
     (megatron/data/data_sampling_utils.py:455, its ``group_update`` for mixed
-    batches at :502), R_i <- a R_i + (1-a) exp(L_i), p = (1-K eps) R/sum R + eps;
-    ``exp3``: ``Exp3WeightUpdater`` (:355, ``group_update`` :410), importance-
+    batches at :501), R_i <- a R_i + (1-a) exp(L_i), p = (1-K eps) R/sum R + eps;
+    ``exp3``: ``Exp3WeightUpdater`` (:354, ``group_update`` :421), importance-
     weighted cumulative reward R_i += s L_i / p_i, p = (1-K eps) softmax(eps' R) + eps."""
     smoothing: float = 0.9
     """a of the smoothed mean (megatron/neox_arguments/neox_args.py:1042)."""
     reward_scale: float = 0.1
-    """s: exp3's reward is the loss times this (data_sampling_utils.py:385,
+    """s: exp3's reward is the loss times this (data_sampling_utils.py:429,
     ``reward/10``, 'so that cumulative reward doesn't explode')."""
     warmup_share: float = 0.02
     """Share of the budget trained on the initial mixture before the first

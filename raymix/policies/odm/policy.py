@@ -11,7 +11,7 @@ and the mixture is p = (1 - K eps_t) q + eps_t, q the exploitation part:
 * ``smoothed_mean`` (the paper's, README.md:15; ``group_update`` :501-523):
   R_i <- a R_i + (1-a) exp(L_i) for the tasks seen in the interval, and
   q = R / sum R (the group update's eps' factor cancels in the normalisation).
-* ``exp3`` (``group_update`` :421-447): R_i += s L_i / p_i (importance
+* ``exp3`` (``group_update`` :421-453): R_i += s L_i / p_i (importance
   weighting by the probability the task was sampled with), and
   q = softmax(eps_{t-1} R).
 
