@@ -8,7 +8,7 @@ alon-albalak/online-data-mixing, ``megatron/data/data_sampling_utils.py``
 Exploration: eps_t = min(1/K, sqrt(ln K / (K t))) (data_sampling_utils.py:504),
 and the mixture is p = (1 - K eps_t) q + eps_t, q the exploitation part:
 
-* ``smoothed_mean`` (the paper's, README.md:15; ``group_update`` :501-523):
+* ``smoothed_mean`` (the paper's, README.md:15; ``group_update`` :501-528):
   R_i <- a R_i + (1-a) exp(L_i) for the tasks seen in the interval, and
   q = R / sum R (the group update's eps' factor cancels in the normalisation).
 * ``exp3`` (``group_update`` :421-453): R_i += s L_i / p_i (importance
