@@ -86,7 +86,8 @@ def test_doremi_three_rounds_two_workers(ray_local, tmp_path: Path) -> None:
     rounds = summary["doremi_rounds"]
     assert [r["round"] for r in rounds] == ["reference", "proxy", "final"]
     assert [r["policy"] for r in rounds] == ["uniform", "doremi", "static"]
-    assert rounds[1]["meta_tokens"] > 0 and rounds[0]["meta_tokens"] == 0
+    # meta tokens: every round's curve evaluations, and the proxy's excess-loss readings on top
+    assert rounds[1]["meta_tokens"] > rounds[0]["meta_tokens"]
     assert summary["total_train_tokens_all_rounds"] == sum(r["train_tokens"] for r in rounds)
     weights = summary["doremi"]["weights"]
     assert sum(weights.values()) == pytest.approx(1.0)
