@@ -402,11 +402,175 @@ class GradexConfig:
 
 
 @dataclass(frozen=True)
+class OdmConfig:
+    """Online Data Mixing (Albalak et al. 2023, see ``raymix.policies.odm``):
+    a multi-armed bandit over tasks whose reward is each task's training loss
+    over the last interval between two reports to the mixer. Defaults from
+    alon-albalak/online-data-mixing (cited per field)."""
+
+    variant: Literal["smoothed_mean", "exp3"] = "smoothed_mean"
+    """``smoothed_mean``: the README's (README.md:15) ``SmoothedMeanWeightUpdater``
+    (megatron/data/data_sampling_utils.py:455, its ``group_update`` for mixed
+    batches at :501), R_i <- a R_i + (1-a) exp(L_i), p = (1-K eps) R/sum R + eps;
+    ``exp3``: ``Exp3WeightUpdater`` (:354, ``group_update`` :421), importance-
+    weighted cumulative reward R_i += s L_i / p_i, p = (1-K eps) softmax(eps' R) + eps."""
+    smoothing: float = 0.9
+    """a of the smoothed mean (megatron/neox_arguments/neox_args.py:1042)."""
+    reward_scale: float = 0.1
+    """s: exp3's reward is the loss times this (data_sampling_utils.py:429,
+    ``reward/10``, 'so that cumulative reward doesn't explode')."""
+    warmup_share: float = 0.02
+    """Share of the budget trained on the initial mixture before the first
+    bandit update: the reference's 2,000 warm-up steps (scripts/train_1B_exp3.sh:7)
+    of 100,000 (alon_configs/models/1B.yml:71). Losses seen during warm-up
+    already feed the smoothed mean (so that the first update does not start
+    from zero rewards)."""
+    horizon_steps: Optional[int] = 100000
+    """The bandit's step counter t, in eps_t = min(1/K, sqrt(ln K / (K t))),
+    is the share of the budget spent times this: at the same share of training
+    eps is what the reference's 100,000-iteration run (1B.yml:71) had, so a
+    run of a few hundred steps is not near-uniform by construction (K=23,
+    t=100 gives K eps = 0.85). null: t counts bandit updates, as the reference
+    counts iterations (with ``train.sync_every=1`` the two agree)."""
+    init: Literal["uniform", "proportional"] = "proportional"
+    """Mixture during warm-up: the reference samples 'from the full dataset
+    uniformly' (neox_args.py:1010), i.e. tasks in proportion to their size."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.smoothing < 1:
+            raise RaymixError(f"policy.odm.smoothing must be in [0, 1), got {self.smoothing}")
+        if self.reward_scale <= 0:
+            raise RaymixError(f"policy.odm.reward_scale must be > 0, got {self.reward_scale}")
+        if not 0 <= self.warmup_share < 1:
+            raise RaymixError(f"policy.odm.warmup_share must be in [0, 1), got {self.warmup_share}")
+        if self.horizon_steps is not None and self.horizon_steps < 1:
+            raise RaymixError("policy.odm.horizon_steps must be >= 1 or null")
+
+
+@dataclass(frozen=True)
+class DoremiConfig:
+    """DoReMi (Xie et al. 2023, see ``raymix.policies.doremi``): Group DRO over
+    tasks on the excess loss of the trained model over a frozen reference
+    model. Defaults from sangmichaelxie/doremi (cited per field)."""
+
+    reference_model: Optional[str] = None
+    """A prior raymix run's saved model directory (its ``summary.json``'s
+    ``model_dir``), with the same tokenizer. null: the policy trains it first,
+    as its own round 1, on the ``baseline`` mixture (``raymix.driver.doremi``)."""
+    baseline: Literal["uniform", "proportional"] = "uniform"
+    """The baseline mixture: the reference model's (round 1) and alpha's start
+    (the reference starts alpha, and its running mean, at the baseline it
+    samples from, doremi/train.py:270-272); raymix's baseline on the embedded
+    default is uniform. ``proportional`` keeps small tasks' reference loss
+    higher, which counters weights drifting to one-hot."""
+    final_round: bool = True
+    """Train a final run (round 3, from the base model) on the proxy's averaged
+    weights, as DoReMi does; false: stop after the proxy run (round 2), whose
+    ``doremi.weights`` a later ``policy.name=static`` run can use."""
+    mode: Literal["sample"] = "sample"
+    """``sample``: the run samples from the DRO weights alpha (with ``floor``).
+    The reference instead samples from a fixed baseline and reweights the
+    per-token loss by alpha (doremi/trainer.py:345-363); raymix's training
+    step does not weight per-task losses, so that mode is not offered."""
+    eta: float = 1.0
+    """Step size of the exponentiated-gradient step on log alpha
+    (scripts/runs/run_pile_doremi120M.sh:70, ``--reweight_eta 1.0``)."""
+    smoothing: float = 1e-3
+    """c: alpha <- (1-c) alpha + c/K after each step
+    (run_pile_doremi120M.sh:71, ``--reweight_eps 1e-3``; trainer.py:259)."""
+    floor: float = 0.05
+    """The sampled mixture is (1-floor) alpha + floor/K, so that every task keeps
+    being read (sample mode only; the reference reads every domain through its
+    fixed baseline)."""
+    every_steps: int = 2
+    """Optimizer steps between DRO updates (the reference updates every step,
+    trainer.py:297; raymix reads a separate batch per update, see below)."""
+    warmup_steps: int = 0
+    """Optimizer steps before the first update."""
+    examples_per_task: int = 4
+    """Training examples per task read at each update (in total over the
+    workers) to compute the per-token excess loss, since the signal protocol
+    does not hand the step's own batch to a signal; their tokens are
+    ``meta_tokens`` (twice: the trained and the reference model read them)."""
+
+    def __post_init__(self) -> None:
+        if self.eta <= 0:
+            raise RaymixError(f"policy.doremi.eta must be > 0, got {self.eta}")
+        if not 0 <= self.smoothing < 1:
+            raise RaymixError(f"policy.doremi.smoothing must be in [0, 1), got {self.smoothing}")
+        if not 0 <= self.floor < 1:
+            raise RaymixError(f"policy.doremi.floor must be in [0, 1), got {self.floor}")
+        for name in ("every_steps", "examples_per_task"):
+            if getattr(self, name) < 1:
+                raise RaymixError(f"policy.doremi.{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise RaymixError("policy.doremi.warmup_steps must be >= 0")
+
+
+@dataclass(frozen=True)
+class AioliConfig:
+    """Aioli (Chen et al. 2024, see ``raymix.policies.aioli``): a linear mixing
+    law L_i(t+1) ~ L_i(t) - sum_j A_ij p_j estimated online from short probe
+    segments on perturbed mixtures, then p <- p exp(eta sum_i A_ij). Defaults
+    from HazyResearch/aioli's README example (README.md:45-60), the step counts
+    turned into shares of the budget."""
+
+    round_share: float = 0.05
+    """Share of the budget per round (one estimate of A and one update of p):
+    the reference's ``--update_steps 250`` of ``--max_steps 5000`` (README.md:58, :45)."""
+    probe_steps: int = 4
+    """Optimizer steps of each probe segment (``--lp_steps 4``, README.md:55)."""
+    sweeps: int = 4
+    """Sweeps over the probed tasks per round (``--lp_rounds 4``, README.md:54)."""
+    one_hot_factor: float = 0.625
+    """f: a probe mixture puts f on one task, the rest spread evenly over the
+    other probed tasks (``--one_hot_factor 0.625``, README.md:59)."""
+    eta: float = 0.2
+    """Step size of p <- p exp(eta sum_i A_ij) (``--eta 0.2``, README.md:56)."""
+    ema: Optional[float] = 0.1
+    """A's moving average: A_ema <- (1-ema) A + ema A_ema, weights from p0
+    (``--ema 0.1``, README.md:57; trainer/aioli_trainer.py:334-340); null: the
+    multiplicative update p <- p exp(eta colsum A) round after round."""
+    normalise: bool = True
+    """Shift A to non-negative entries and scale to sum 1 (``--aioli_normalize_A``,
+    README.md:60, 'always set'; aioli_trainer.py:324-330)."""
+    tasks_per_round: Optional[int] = 4
+    """Tasks probed per round (a uniform sample without replacement; null:
+    every task, as the reference). A round costs sweeps x probe_steps x this
+    many steps of probes; at K=23 the reference's all-task sweep would take
+    368 steps per round. Unprobed tasks keep their weight; the probed ones
+    share the weight they held."""
+    val_examples_per_task: int = 8
+    """Validation examples per task in the fixed probe set (in total over the
+    workers), read before and after every probe segment (``meta_tokens``)."""
+    init: Literal["uniform", "proportional"] = "uniform"
+    """p0 (the reference starts from ones, aioli_trainer.py:231)."""
+    seed: int = 0
+    """Seed of the probed-task sample and the probe order."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.round_share <= 1:
+            raise RaymixError(f"policy.aioli.round_share must be in (0, 1], got {self.round_share}")
+        for name in ("probe_steps", "sweeps", "val_examples_per_task"):
+            if getattr(self, name) < 1:
+                raise RaymixError(f"policy.aioli.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.one_hot_factor <= 1:
+            raise RaymixError(f"policy.aioli.one_hot_factor must be in (0, 1], got {self.one_hot_factor}")
+        if self.eta <= 0:
+            raise RaymixError(f"policy.aioli.eta must be > 0, got {self.eta}")
+        if self.ema is not None and not 0 <= self.ema < 1:
+            raise RaymixError(f"policy.aioli.ema must be in [0, 1) or null, got {self.ema}")
+        if self.tasks_per_round is not None and self.tasks_per_round < 2:
+            raise RaymixError("policy.aioli.tasks_per_round must be >= 2 or null")
+
+
+@dataclass(frozen=True)
 class PolicyConfig:
     """The mixing policy and its options (see ``raymix.policies``)."""
 
     name: str = "uniform"
-    """Registered policy name: uniform, proportional, temperature, unimax, static, schedule, adapt, gradex, ideal."""
+    """Registered policy name: uniform, proportional, temperature, unimax, static, schedule, adapt, gradex, ideal,
+    odm, doremi, aioli."""
     temperature: float = 2.0
     """temperature: p_i proportional to n_i^(1/temperature)."""
     unimax_epochs: float = 1.0
@@ -424,6 +588,12 @@ class PolicyConfig:
     ideal: IdealConfig = field(default_factory=IdealConfig)
     """ideal: options of the multi-round influence policy (part of the
     identity only when ``name`` is ``ideal``)."""
+    odm: OdmConfig = field(default_factory=OdmConfig)
+    """odm: options of Online Data Mixing (in the identity only when ``name`` is odm)."""
+    doremi: DoremiConfig = field(default_factory=DoremiConfig)
+    """doremi: options of DoReMi (in the identity only when ``name`` is doremi)."""
+    aioli: AioliConfig = field(default_factory=AioliConfig)
+    """aioli: options of Aioli (in the identity only when ``name`` is aioli)."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -833,7 +1003,7 @@ def identity_hash(cfg: RunConfig) -> str:
         # policies hash the block as it was, so their identities (sweep
         # resume, reports) stay what they were.
         tree["policy"]["adapt"] = dict(_ADAPT_BLOCK_BEFORE_13)
-    for block in ("gradex", "ideal"):
+    for block in ("gradex", "ideal", "odm", "doremi", "aioli"):
         if tree["policy"].get("name") != block:
             # Option blocks added after runs were recorded count only for
             # their own policy: the other policies' hashes (sweep and

@@ -37,6 +37,16 @@ def _output_layer_sees(model, rows, cols):
 def token_nll(model, batch, device):
     """Per-row (sum of completion-token NLL, completion-token count)."""
     import torch
+
+    rows, nll_tok, mask = completion_token_nll(model, batch, device)
+    nll = torch.zeros(mask.shape[0], dtype=nll_tok.dtype, device=nll_tok.device).index_add(0, rows, nll_tok)
+    return nll, mask.sum(dim=1).to(torch.float32)
+
+
+def completion_token_nll(model, batch, device):
+    """Per completion token: (its row, its NLL, the [rows, positions] mask of
+    completion tokens), for losses that act on single tokens (DoReMi's
+    per-token excess loss, clipped at zero before averaging)."""
     import torch.nn.functional as F
 
     input_ids = batch["input_ids"].to(device)
@@ -49,5 +59,4 @@ def token_nll(model, batch, device):
         raise RuntimeError(f"{type(getattr(model, 'module', model)).__name__}'s forward reshapes the output "
                            f"layer's result ({tuple(logits.shape)}): raymix cannot score completion tokens alone")
     nll_tok = F.cross_entropy(logits[0].float(), shift_labels[rows, cols], reduction="none")
-    nll = torch.zeros(input_ids.shape[0], dtype=nll_tok.dtype, device=nll_tok.device).index_add(0, rows, nll_tok)
-    return nll, mask.sum(dim=1).to(torch.float32)
+    return rows, nll_tok, mask

@@ -126,6 +126,8 @@ class Mixer:
             "final_weights": dict(zip(self.pool.tasks, self.weights.tolist())),
             "spill_tokens": dict(zip(self.pool.tasks, self.spill.tolist())),
             "mixer_update_seconds": self.update_seconds,
+            # A policy may add keys to summary.json (an optional ``summary()``).
+            "policy_summary": self.policy.summary() if hasattr(self.policy, "summary") else {},
         }
 
     def state_dict(self) -> dict:

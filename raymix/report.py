@@ -118,8 +118,8 @@ def load_runs(tracking_uri: str, experiment: str):
     rows, seen = [], set()
     for r in runs:
         ident = r.data.tags.get("raymix.identity")
-        # An IDEAL round is part of its IDEAL run's row, not a trial of its own.
-        if ident is None or ident in seen or "raymix.ideal_round" in r.data.tags:
+        # A round of a multi-run policy (IDEAL, DoReMi) is part of its run's row, not a trial of its own.
+        if ident is None or ident in seen or {"raymix.ideal_round", "raymix.round"} & set(r.data.tags):
             continue
         seen.add(ident)
         p = r.data.params

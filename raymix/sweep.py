@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import yaml
 
@@ -54,7 +54,10 @@ cleanly, and bad input is refused before training starts."""
 class Space:
     name: str
     base: dict[str, Any] = field(default_factory=dict)
-    grid: dict[str, list] = field(default_factory=dict)
+    grid: Union[dict[str, list], list[dict[str, list]]] = field(default_factory=dict)
+    """A mapping of config keys to lists of values (their product is the
+    trials), or a list of such mappings (the union of their products: e.g.
+    one dataset at two budgets and another at one)."""
     description: str = ""
     max_concurrent_trials: Optional[int] = None
     trial_cpus: float = 0.05
@@ -66,11 +69,13 @@ class Space:
         budget.fraction=0.01`` runs the 1% slice of a space)."""
         base = [f"{k}={_yaml_value(v)}" for k, v in self.base.items()]
         fixed = {ov.split("=", 1)[0].strip() for ov in extra}
-        keys = [k for k in self.grid if k not in fixed]
-        trials = []
-        for combo in itertools.product(*(self.grid[k] for k in keys)):
-            trial = [f"{k}={_yaml_value(v)}" for k, v in zip(keys, combo)]
-            trials.append(base + list(extra) + trial)
+        trials: list[list[str]] = []
+        for grid in (self.grid if isinstance(self.grid, list) else [self.grid]):
+            keys = [k for k in grid if k not in fixed]
+            for combo in itertools.product(*(grid[k] for k in keys)):
+                trial = base + list(extra) + [f"{k}={_yaml_value(v)}" for k, v in zip(keys, combo)]
+                if trial not in trials:  # fixing an axis can make two grids' trials one
+                    trials.append(trial)
         return trials
 
     def configs(self, extra: Sequence[str] = ()) -> list[RunConfig]:
@@ -107,11 +112,13 @@ def load_space(path: str | Path) -> Space:
         raise RaymixError(f"{p}: unknown key(s) {unknown}{_suggest(unknown[0], SPACE_KEYS)}")
     _check_space_types(p, tree)
     grid = tree.get("grid") or {}
-    if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-        bad = next((k for k, v in grid.items() if not (isinstance(v, list) and v)), None) \
-            if isinstance(grid, dict) else None
-        where = f" (grid.{bad}: {grid[bad]!r})" if bad is not None else ""
-        raise RaymixError(f"{p}: grid must map config keys to non-empty lists of values{where}")
+    grids = grid if isinstance(grid, list) and grid else [grid]
+    for g in grids:
+        bad = next((k for k, v in g.items() if not (isinstance(v, list) and v)), None) if isinstance(g, dict) else None
+        if not isinstance(g, dict) or bad is not None:
+            where = f" (grid.{bad}: {g[bad]!r})" if bad is not None else ""
+            raise RaymixError(f"{p}: grid must map config keys to non-empty lists of values (or be a list of "
+                              f"such mappings){where}")
     base = tree.get("base") or {}
     if not isinstance(base, dict):
         raise RaymixError(f"{p}: base must be a mapping of config keys to values")
@@ -140,9 +147,12 @@ def _check_space_types(p: Path, tree: dict) -> None:
     for key in ("name", "description"):
         if tree.get(key) is not None and not isinstance(tree[key], str):
             raise bad(key, "a string")
-    for key in ("base", "grid"):
-        if tree.get(key) is not None and not isinstance(tree[key], dict):
-            raise bad(key, "a mapping of config keys to " + ("values" if key == "base" else "lists of values"))
+    if tree.get("base") is not None and not isinstance(tree["base"], dict):
+        raise bad("base", "a mapping of config keys to values")
+    grid = tree.get("grid")
+    if grid is not None and not (isinstance(grid, dict) or (isinstance(grid, list) and grid
+                                                            and all(isinstance(g, dict) for g in grid))):
+        raise bad("grid", "a mapping of config keys to lists of values, or a list of such mappings")
     n = tree.get("max_concurrent_trials")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise bad("max_concurrent_trials", "an integer >= 1 (or absent: derived from the cluster's CPUs)")
@@ -158,7 +168,8 @@ def cluster_defaults(space: Space, extra: Sequence[str], env=None) -> list[str]:
     env = os.environ if env is None else env
     if not env.get("RAY_ADDRESS"):
         return []
-    given = {*space.base, *space.grid, *(parse_override(e)[0] for e in extra)}
+    grids = space.grid if isinstance(space.grid, list) else [space.grid]
+    given = {*space.base, *(k for g in grids for k in g), *(parse_override(e)[0] for e in extra)}
     return [] if "runtime.max_failures" in given else [f"runtime.max_failures={CLUSTER_MAX_FAILURES}"]
 
 

@@ -58,7 +58,7 @@ def test_space_with_wrong_type_or_unknown_key_is_refused_naming_key_and_file(tmp
         "name: x\ntrial_cpus: lots\ngrid: {seed: [0]}\n": r"typo.yaml: trial_cpus must be a number >= 0, got 'lots'",
         "name: [a, b]\ngrid: {seed: [0]}\n": r"typo.yaml: name must be a string",
         "name: x\nbase: [seed]\n": r"typo.yaml: base must be a mapping",
-        "name: x\ngrid: {seed: 0}\n": r"typo.yaml: grid must map config keys to non-empty lists of values \(grid.seed: 0\)",
+        "name: x\ngrid: {seed: 0}\n": r"typo.yaml: grid must map config keys to non-empty lists of values.*\(grid.seed: 0\)",
         "name: x\ngrid: {budget.fraction: [lots]}\n": r"typo.yaml: .*budget.fraction",
         "name: x\nbase: {train.lr: fast}\ngrid: {seed: [0]}\n": r"typo.yaml: .*train.lr",
         "name: x\nbase: {train.lrate: 0.1}\ngrid: {seed: [0]}\n": r"typo.yaml: .*train.lrate.*did you mean 'lr'",
@@ -102,3 +102,14 @@ def test_set_on_a_grid_key_fixes_that_axis() -> None:
     assert len(one) == 6 and {c.budget.fraction for c in one} == {0.01} and {c.seed for c in one} == {0}
     assert sorted((c.policy.name, c.policy.temperature) for c in one if c.policy.name == "temperature") == [
         ("temperature", 2.0), ("temperature", 5.0)]
+
+
+def test_grid_list_is_the_union_of_its_products(tmp_path: Path) -> None:
+    p = tmp_path / "union.yaml"
+    p.write_text("name: u\ngrid:\n  - {budget.fraction: [0.01, 0.05], seed: [0]}\n  - {budget.fraction: [1.0], "
+                 "seed: [0, 1]}\n")
+    configs = load_space(p).configs()
+    assert [(c.budget.fraction, c.seed) for c in configs] == [(0.01, 0), (0.05, 0), (1.0, 0), (1.0, 1)]
+    p.write_text("name: u\ngrid:\n  - {seed: []}\n")
+    with pytest.raises(RaymixError, match="non-empty lists"):
+        load_space(p)

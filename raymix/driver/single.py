@@ -256,6 +256,7 @@ def _summarise(cfg, out, tracker, result, fit_started, fit_ended, budget) -> tup
         "mlflow_tracking_uri": tracker.uri,
         "mlflow_experiment_id": tracker.experiment_id,
     }
+    summary.update(mix.get("policy_summary", {}))  # what the mixer-side policy adds
     summary.update(ev.signal_summary)  # what the policy's worker-side signal adds
     return summary, ev
 

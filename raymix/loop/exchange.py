@@ -22,6 +22,9 @@ class MixerExchange:
         self.sync_tokens = np.zeros(num_tasks)
         self.sync_loss = np.zeros((2, num_tasks))
         self.pending = None
+        # A reply already resolved by a flush (a checkpoint's snapshot): the
+        # mixture the next sync applies, as it would have applied ``pending``.
+        self.ready: Optional[dict] = None
         self.version, self.weights = 0, np.full(num_tasks, 1.0 / num_tasks)
         self._restored: Optional[dict] = None
         self.meta_reported = 0
@@ -51,7 +54,11 @@ class MixerExchange:
         restored = self._restored
         if restored is not None:
             if self.client is not None:
-                self.client.restore(restored["mixer"])
+                # The restored mixer serves what the run had been answered last
+                # (at the checkpoint's flush): applied at the next sync, as it
+                # would have been without the restart.
+                latest = self.client.restore(restored["mixer"])
+                self.ready = latest if int(latest["version"]) != int(restored["version"]) else None
             self.version, self.weights = self.broadcast(
                 {"version": restored["version"], "weights": restored["weights"]})
         else:
@@ -75,7 +82,11 @@ class MixerExchange:
             # The reply to the previous report was sent one interval ago
             # and is ready; this interval's report is collected at the next
             # sync, except after a signal's computation, whose new mixture applies now.
-            current = self.client.get(self.pending) if self.pending is not None else current
+            if self.pending is not None:
+                current = self.client.get(self.pending)
+            elif self.ready is not None:
+                current = self.ready
+            self.ready = None
             self.pending = self.client.report(
                 self.sync_tokens.astype(np.int64).tolist(), self.sync_loss[0].tolist(), self.sync_loss[1].tolist(),
                 signals["meta_tokens"] if signals else None, signals,
@@ -103,8 +114,11 @@ class MixerExchange:
         if self.pending is not None:
             self.client.get(self.pending)
             self.pending = None
-        self.client.get(self.client.report(self.sync_tokens.astype(np.int64).tolist(), self.sync_loss[0].tolist(),
-                                           self.sync_loss[1].tolist()))
+        # Kept, not dropped: a mixture the policy proposed from these reports
+        # must still reach the workers (a run that checkpoints at every sync
+        # would otherwise never apply a mixer-side policy's updates).
+        self.ready = self.client.get(self.client.report(self.sync_tokens.astype(np.int64).tolist(),
+                                                        self.sync_loss[0].tolist(), self.sync_loss[1].tolist()))
         self.sync_tokens[:] = 0
         self.sync_loss[:] = 0
 

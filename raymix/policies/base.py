@@ -60,6 +60,9 @@ class MixingPolicy(Protocol):
 
     def load_state_dict(self, state: dict) -> None: ...
 
+    # Optional: ``summary() -> dict``, keys the mixer adds to the run's
+    # ``summary.json`` (ODM's step counter, DoReMi's averaged weights).
+
 
 def normalise(w: np.ndarray) -> np.ndarray:
     w = np.clip(np.asarray(w, dtype=np.float64), 0.0, None)

@@ -1,0 +1,115 @@
+"""DoReMi end to end: reference, proxy and final runs as nested MLflow runs.
+
+    python -m raymix.train --set policy.name=doremi --output DIR
+
+Round 1 (skipped when ``policy.doremi.reference_model`` names a prior run's
+model) trains the reference model on the ``baseline`` static mixture.
+Round 2, the proxy, trains from the base model under Group DRO against it
+(``raymix.policies.doremi``: the signal reads the reference's per-token
+losses, the mixer steps alpha) and reports the averaged weights. Round 3
+(``final_round``) trains from the base model on those weights as a static
+mixture, as the paper's main model. Every round spends the run's budget.
+
+``DIR/summary.json`` is the last round's summary under the DoReMi run's
+identity, with every round's tokens (``total_*_all_rounds``, ``doremi_rounds``)
+beside the last round's own, and the proxy's ``doremi`` block (its averaged
+weights). Resume: a round whose ``summary.json`` exists is not trained again.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+from raymix.config import RunConfig, identity_hash
+from raymix.driver.setup import open_tracker, prepare_output, resolve_suite
+from raymix.driver.single import log_summary, run_single
+
+ROUND_TAG = "raymix.round"
+"""Tag of a round's nested run; the report lists the DoReMi run, not its rounds."""
+
+
+def _round_cfg(cfg: RunConfig, round_name: str, tracking_uri: str, last: bool, **policy) -> RunConfig:
+    pol = dataclasses.replace(cfg.policy, **policy)
+    tracking = dataclasses.replace(cfg.tracking, tracking_uri=tracking_uri,
+                                   run_name=f"{cfg.tracking.run_name or 'doremi'}-{round_name}")
+    ev = cfg.eval if last else dataclasses.replace(cfg.eval, suite=None)
+    return dataclasses.replace(cfg, policy=pol, tracking=tracking, eval=ev)
+
+
+def _round(rcfg: RunConfig, rdir: Path, parent_run_id: str) -> dict:
+    if (rdir / "summary.json").exists():
+        print(f"[raymix] doremi: {rdir.name} finished before; not trained again", flush=True)
+        return json.loads((rdir / "summary.json").read_text())
+    return run_single(rcfg, rdir, parent_run_id=parent_run_id, resume=(rdir / "run.json").exists())
+
+
+def run_doremi(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = None,
+               resume: bool = False) -> dict:
+    """:func:`raymix.driver.run` for ``policy.name=doremi`` (its registry entry
+    names this driver): same contract (summary.json, one MLflow run)."""
+    from raymix.tracking import plot_mixture
+
+    out, saved = prepare_output(cfg, output_dir, resume, "it (finished rounds are kept)")
+    t0 = time.perf_counter()
+    resolve_suite(cfg)
+    tracker = open_tracker(cfg, out, parent_run_id, saved)
+    status = "FAILED"
+    try:
+        if not saved:
+            tracker.log_artifact(out / "config.yaml")
+        d = cfg.policy.doremi
+        rounds: list[tuple[str, dict]] = []
+        reference = d.reference_model
+        if reference is None:
+            rcfg = _round_cfg(cfg, "reference", tracker.uri, False, name=d.baseline)
+            rounds.append(("reference", _round(rcfg, out / "round1_reference", tracker.run_id)))
+            reference = rounds[-1][1]["model_dir"]
+        pcfg = _round_cfg(cfg, "proxy", tracker.uri, not d.final_round,
+                          doremi=dataclasses.replace(d, reference_model=reference))
+        rounds.append(("proxy", _round(pcfg, out / "round2_proxy", tracker.run_id)))
+        weights = rounds[-1][1]["doremi"]["weights"]
+        if d.final_round:
+            fcfg = _round_cfg(cfg, "final", tracker.uri, True, name="static", weights=weights)
+            rounds.append(("final", _round(fcfg, out / "round3_final", tracker.run_id)))
+        for name, s in rounds:
+            tracker.client.set_tag(s["mlflow_run_id"], ROUND_TAG, name)
+        summary = _combine(cfg, rounds, tracker, time.perf_counter() - t0)
+        log_summary(tracker, summary, out, plot_mixture)
+        tracker.log_metrics({k: summary[k] for k in ("total_train_tokens_all_rounds", "total_meta_tokens_all_rounds",
+                                                     "total_wall_seconds_all_rounds")})
+        tracker.log_metrics({f"doremi/weight/{t}": float(w) for t, w in weights.items()})
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        tracker.log_artifact(out / "summary.json")
+        status = "FINISHED"
+        return summary
+    finally:
+        tracker.end(status)
+
+
+def _combine(cfg: RunConfig, rounds: list[tuple[str, dict]], tracker, wall: float) -> dict:
+    last = rounds[-1][1]
+    proxy = dict(rounds)["proxy"]
+    summary = copy.deepcopy(last)
+    summary.update({
+        "policy": cfg.policy.name,
+        "identity": identity_hash(cfg),
+        "wall_seconds": wall,
+        "mlflow_run_id": tracker.run_id,
+        "mlflow_tracking_uri": tracker.uri,
+        "mlflow_experiment_id": tracker.experiment_id,
+        "doremi": proxy["doremi"],
+        "final_round": {k: last[k] for k in ("train_tokens", "meta_tokens", "wall_seconds", "mlflow_run_id",
+                                             "identity")},
+        "total_train_tokens_all_rounds": int(sum(s["train_tokens"] for _, s in rounds)),
+        "total_meta_tokens_all_rounds": int(sum(s["meta_tokens"] for _, s in rounds)),
+        "total_wall_seconds_all_rounds": float(sum(s["wall_seconds"] for _, s in rounds)),
+        "doremi_rounds": [{"round": name, "policy": s["policy"], "mlflow_run_id": s["mlflow_run_id"],
+                           **{k: s[k] for k in ("train_tokens", "meta_tokens", "wall_seconds", "mean_val_loss",
+                                                "worst_val_loss")}} for name, s in rounds],
+    })
+    return summary
