@@ -43,3 +43,25 @@ def tiny_llama(vocab_size: int):
                       tie_word_embeddings=True, pad_token_id=0)
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).double()
+
+
+def prepare_pool(tmp_path_factory, overrides: list[str]):
+    """(pool, tokenizer dir, initial model dir) of a config, prepared once by
+    the real data path (Ray Data tokenises: a local Ray for the duration),
+    for tests that run the training loop in this process."""
+    import os
+
+    import ray
+
+    from raymix.config import load_config
+    from raymix.driver.setup import prepare_model_and_data
+
+    os.environ.setdefault("RAYMIX_CACHE", str(tmp_path_factory.mktemp("cache")))
+    out = tmp_path_factory.mktemp("prepared")
+    ray.init(num_cpus=2, object_store_memory=200_000_000, include_dashboard=False)
+    try:
+        _, tok_dir, pool, init_dir = prepare_model_and_data(load_config(None, overrides), out)
+    finally:
+        ray.shutdown()
+    return pool, tok_dir, init_dir
+

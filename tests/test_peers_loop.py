@@ -4,7 +4,6 @@ reference model, ODM's bandit, each through the registry only."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -32,20 +31,10 @@ SMALL = [
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """The pool, tokenizer and initial model, prepared once (Ray Data tokenises: a local Ray)."""
-    import ray
+    """The pool, tokenizer and initial model, prepared once."""
+    from conftest import prepare_pool
 
-    from raymix.driver.setup import prepare_model_and_data
-
-    os.environ.setdefault("RAYMIX_CACHE", str(tmp_path_factory.mktemp("cache")))
-    cfg = load_config(None, SMALL)
-    out = tmp_path_factory.mktemp("prepared")
-    ray.init(num_cpus=2, object_store_memory=200_000_000, include_dashboard=False)
-    try:
-        _, tok_dir, pool, init_dir = prepare_model_and_data(cfg, out)
-    finally:
-        ray.shutdown()
-    return pool, tok_dir, init_dir
+    return prepare_pool(tmp_path_factory, SMALL)
 
 
 class StepRecorder:

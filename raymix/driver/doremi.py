@@ -27,7 +27,7 @@ from typing import Optional
 
 from raymix.config import RunConfig, identity_hash
 from raymix.driver.setup import open_tracker, prepare_output, resolve_suite
-from raymix.driver.single import log_summary, run_single
+from raymix.driver.single import log_summary, run_round
 
 ROUND_TAG = "raymix.round"
 """Tag of a round's nested run; the report lists the DoReMi run, not its rounds."""
@@ -39,13 +39,6 @@ def _round_cfg(cfg: RunConfig, round_name: str, tracking_uri: str, last: bool, *
                                    run_name=f"{cfg.tracking.run_name or 'doremi'}-{round_name}")
     ev = cfg.eval if last else dataclasses.replace(cfg.eval, suite=None)
     return dataclasses.replace(cfg, policy=pol, tracking=tracking, eval=ev)
-
-
-def _round(rcfg: RunConfig, rdir: Path, parent_run_id: str) -> dict:
-    if (rdir / "summary.json").exists():
-        print(f"[raymix] doremi: {rdir.name} finished before; not trained again", flush=True)
-        return json.loads((rdir / "summary.json").read_text())
-    return run_single(rcfg, rdir, parent_run_id=parent_run_id, resume=(rdir / "run.json").exists())
 
 
 def run_doremi(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = None,
@@ -67,15 +60,15 @@ def run_doremi(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         reference = d.reference_model
         if reference is None:
             rcfg = _round_cfg(cfg, "reference", tracker.uri, False, name=d.baseline)
-            rounds.append(("reference", _round(rcfg, out / "round1_reference", tracker.run_id)))
+            rounds.append(("reference", run_round(rcfg, out / "round1_reference", tracker.run_id, "doremi")))
             reference = rounds[-1][1]["model_dir"]
         pcfg = _round_cfg(cfg, "proxy", tracker.uri, not d.final_round,
                           doremi=dataclasses.replace(d, reference_model=reference))
-        rounds.append(("proxy", _round(pcfg, out / "round2_proxy", tracker.run_id)))
+        rounds.append(("proxy", run_round(pcfg, out / "round2_proxy", tracker.run_id, "doremi")))
         weights = rounds[-1][1]["doremi"]["weights"]
         if d.final_round:
             fcfg = _round_cfg(cfg, "final", tracker.uri, True, name="static", weights=weights)
-            rounds.append(("final", _round(fcfg, out / "round3_final", tracker.run_id)))
+            rounds.append(("final", run_round(fcfg, out / "round3_final", tracker.run_id, "doremi")))
         for name, s in rounds:
             tracker.client.set_tag(s["mlflow_run_id"], ROUND_TAG, name)
         summary = _combine(cfg, rounds, tracker, time.perf_counter() - t0)

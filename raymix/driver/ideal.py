@@ -40,7 +40,7 @@ from raymix.driver.setup import (
     prepare_output,
     resolve_suite,
 )
-from raymix.driver.single import log_summary, run_single
+from raymix.driver.single import log_summary, run_round
 
 SCORES_FILE = "ideal_scores.json"
 ROUND_TAG = "raymix.ideal_round"
@@ -56,13 +56,6 @@ def round_config(cfg: RunConfig, r: int, weights: dict[str, float], tracking_uri
                                    run_name=f"{cfg.tracking.run_name or 'ideal'}-round{r}")
     ev = cfg.eval if r == cfg.policy.ideal.rounds else dataclasses.replace(cfg.eval, suite=None)
     return dataclasses.replace(cfg, policy=policy, tracking=tracking, eval=ev)
-
-
-def _round(rcfg: RunConfig, rdir: Path, parent_run_id: str) -> dict:
-    if (rdir / "summary.json").exists():
-        print(f"[raymix] ideal: {rdir.name} finished before; not trained again", flush=True)
-        return json.loads((rdir / "summary.json").read_text())
-    return run_single(rcfg, rdir, parent_run_id=parent_run_id, resume=(rdir / "run.json").exists())
 
 
 def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = None,
@@ -102,7 +95,7 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
             print(f"[raymix] ideal: round {r}/{icfg.rounds}, volumes "
                   f"{dict(zip(pool.tasks, volumes.tolist()))}", flush=True)
             t_phase = time.perf_counter()
-            s = _round(rcfg, rdir, tracker.run_id)
+            s = run_round(rcfg, rdir, tracker.run_id, "ideal")
             phases[f"round{r}"] = time.perf_counter() - t_phase
             tracker.client.set_tag(s["mlflow_run_id"], ROUND_TAG, str(r))
             summaries.append(s)

@@ -285,3 +285,14 @@ def log_summary(tracker, summary: dict, out: Path, plot_mixture, artifacts: Opti
     png = plot_mixture(summary["mixture_schedule"], summary["ledger"], out / "mixture.png",
                        summary["budget_tokens"])
     tracker.log_artifact(png)
+
+
+def run_round(cfg: RunConfig, rdir: Path, parent_run_id: str, driver: str) -> dict:
+    """One round of a multi-run driver (IDEAL's, DoReMi's), nested under its
+    run: a finished round's summary is reused, an unfinished one resumed
+    from its last checkpoint, a new one trained."""
+    if (rdir / "summary.json").exists():
+        print(f"[raymix] {driver}: {rdir.name} finished before; not trained again", flush=True)
+        return json.loads((rdir / "summary.json").read_text())
+    return run_single(cfg, rdir, parent_run_id=parent_run_id, resume=(rdir / "run.json").exists())
+
