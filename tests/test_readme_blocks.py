@@ -8,6 +8,9 @@ naming two) fails ``test_every_block_is_accounted_for``. Kinds:
 
 - ``run``: runs in the default suite (seconds);
 - ``slow``: runs with ``RAYMIX_TESTS=all`` (CI): minutes on 2 cores;
+- ``heavy``: slow, and longer than CI's 90 minutes leave room for beside the
+  rest (the benchmarks, the suite under each CPU variant): runs with
+  ``RAYMIX_TESTS=heavy`` only;
 - ``skip``: cannot run on this machine or in CI (a cloud account, the model
   hub, the suite itself); skipped with the reason (``pytest -rs`` prints it);
 - illustrative: the block's first line is ``# illustrative: WHY`` (the block
@@ -127,7 +130,7 @@ def collect_blocks() -> list[Block]:
 class Spec:
     id: str
     match: str  # text found in exactly one block
-    kind: str  # run | slow | skip
+    kind: str  # run | slow | heavy | skip
     reason: str = ""  # skip: why
     needs: tuple[str, ...] = ()  # blocks whose output this one reads
     server: Optional[str] = None  # URL path that must answer 200 (the block is or leaves a server)
@@ -250,13 +253,13 @@ BLOCKS: tuple[Spec, ...] = (
     Spec("ni", "kind: natural_instructions, path: /data/ni/tasks", "slow", timeout=900, check=_check_ni),
     Spec("qwen", "model.pretrained=Qwen/Qwen3-0.6B", "skip",
          "needs the Hugging Face hub (Qwen/Qwen3-0.6B), which this machine and CI cannot reach"),
-    Spec("bench", "raymix.bench throughput --output runs/bench", "slow", timeout=3000, check=_check_bench),
+    Spec("bench", "raymix.bench throughput --output runs/bench", "heavy", timeout=3000, check=_check_bench),
     Spec("cluster-local", "cluster/generate.py --list", "run", timeout=180, check=_check_cluster),
     Spec("cluster-cloud", "ray up ~/raymix-cluster/aws-gpu.yaml", "skip", CLOUD),
     # tests/README.md: one test file, and the CPU variants on it (a minute or two each on 2 cores).
     Spec("tests-one-file", "bash scripts/test.sh tests/test_token_nll.py", "slow", timeout=900,
          file="tests/README.md"),
-    Spec("tests-variants", "ATEN_CPU_CAPABILITY=avx2 bash scripts/test.sh", "slow", timeout=1800,
+    Spec("tests-variants", "ATEN_CPU_CAPABILITY=avx2 bash scripts/test.sh", "heavy", timeout=1800,
          file="tests/README.md"),
 )
 SPECS = {s.id: s for s in BLOCKS}
@@ -286,11 +289,11 @@ FOUND, PROBLEMS = _match(BLOCK_LIST)
 def test_every_block_is_accounted_for():
     assert not PROBLEMS, "\n".join(PROBLEMS)
     for spec in BLOCKS:
-        assert spec.kind in ("run", "slow", "skip"), spec
+        assert spec.kind in ("run", "slow", "heavy", "skip"), spec
         assert spec.kind != "skip" or spec.reason, spec
         for need in spec.needs:
             assert list(SPECS).index(need) < list(SPECS).index(spec.id), f"{spec.id} needs a later block"
-            assert not (SPECS[need].kind == "slow" and spec.kind == "run"), f"{spec.id} needs slow {need}"
+            assert not (SPECS[need].kind in ("slow", "heavy") and spec.kind == "run"), f"{spec.id} needs slow {need}"
     illustrative = [b for b in BLOCK_LIST if b.illustrative]
     assert len(illustrative) <= 3, "few illustrative blocks: make a block run, or say why it cannot (skip)"
 
@@ -486,7 +489,7 @@ def _params():
         if spec is None:
             continue
         for v in spec.variants:
-            marks = [pytest.mark.slow] if spec.kind == "slow" else []
+            marks = {"slow": [pytest.mark.slow], "heavy": [pytest.mark.slow, pytest.mark.heavy]}.get(spec.kind, [])
             if spec.kind == "skip":
                 marks.append(pytest.mark.skip(reason=f"{b.file}:{b.line} ({spec.id}): {spec.reason}"))
             out.append(pytest.param(spec, v, id=f"{spec.id}-{v}" if v else spec.id, marks=marks))
