@@ -65,3 +65,10 @@ def prepare_pool(tmp_path_factory, overrides: list[str]):
         ray.shutdown()
     return pool, tok_dir, init_dir
 
+
+@pytest.fixture(scope="module")
+def prepared(request, tmp_path_factory):
+    """:func:`prepare_pool` of the requesting module's ``SMALL`` overrides,
+    once per module (the in-process loop tests)."""
+    return prepare_pool(tmp_path_factory, request.module.SMALL)
+

@@ -37,14 +37,6 @@ SMALL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """The pool, tokenizer and initial model, prepared once."""
-    from conftest import prepare_pool
-
-    return prepare_pool(tmp_path_factory, SMALL)
-
-
 class RecordingSession:
     """An ``InProcessSession`` that keeps every report, and can stop the run
     (as a lost worker would) right after its first periodic checkpoint."""

@@ -29,14 +29,6 @@ SMALL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """The pool, tokenizer and initial model, prepared once."""
-    from conftest import prepare_pool
-
-    return prepare_pool(tmp_path_factory, SMALL)
-
-
 class StepRecorder:
     """A mixer client that records, for every report, the loop's cumulative
     train tokens it carried and whether it carried a signal."""
