@@ -701,7 +701,14 @@ class RuntimeConfig:
     num_workers: int = 2
     """Ray Train workers (DDP or FSDP: ``runtime.parallelism``). 0 is Ray Train's local mode: the training
     function runs in the calling process (no worker actors to start; no
-    worker fault tolerance), which suits small runs on a laptop."""
+    worker fault tolerance), which suits small runs on a laptop. A range
+    ``[min, max]`` makes the run elastic (sets ``min_workers`` and this to max)."""
+    min_workers: Optional[int] = None
+    """Elastic training: Ray Train starts with as many workers as it can place
+    between this and ``num_workers``, and after a worker is lost (a spot
+    preemption) or capacity grows, restarts the group at the new size from the
+    last checkpoint; the data positions are global, so the examples and the
+    ledger carry over exactly. None: exactly ``num_workers``."""
     cpus_per_worker: float = 0.5
     """Fractional CPUs per worker leave room for Ray Data and the mixer
     (whole CPUs for every worker on a 2-CPU machine hang the data tasks)."""
@@ -729,6 +736,24 @@ class RuntimeConfig:
     whose training state does not fit one device). Same results either way,
     up to floating-point reduction order; needs ``runtime.num_workers >= 1``."""
 
+    @staticmethod
+    def _shorthand(data: dict, where: str) -> dict:
+        """``num_workers: [min, max]`` is ``min_workers: min, num_workers: max``."""
+        value = data.get("num_workers")
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise RaymixError(f"{where}.num_workers: expected an integer or a range [min, max] of two "
+                                  f"integers, got {value!r}")
+            if "min_workers" in data:
+                raise RaymixError(f"{where}: give the elastic range either as num_workers: [min, max] or as "
+                                  "min_workers, not both")
+            data = {**data, "min_workers": value[0], "num_workers": value[1]}
+        return data
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
+
     def __post_init__(self) -> None:
         if self.parallelism not in PARALLELISMS:
             raise RaymixError(f"runtime.parallelism must be one of {', '.join(PARALLELISMS)}, "
@@ -742,6 +767,15 @@ class RuntimeConfig:
             raise RaymixError(f"runtime.mixer_max_restarts must be >= -1, got {self.mixer_max_restarts}")
         if self.num_workers < 0:
             raise RaymixError(f"runtime.num_workers must be >= 0 (0: Ray Train local mode), got {self.num_workers}")
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.num_workers:
+            raise RaymixError(f"runtime.num_workers=[{self.min_workers}, {self.num_workers}]: an elastic range "
+                              "needs 1 <= min <= max")
+        if self.elastic and self.max_failures == 0:
+            # Ray Train resizes an elastic group by restarting it from the
+            # last checkpoint: with no restarts allowed a lost worker fails the run.
+            raise RaymixError(f"runtime.num_workers=[{self.min_workers}, {self.num_workers}] is elastic, which "
+                              "recovers from a lost worker by a restart: set runtime.max_failures to N > 0 "
+                              "(or -1, no limit)")
         if self.cpus_per_worker <= 0:
             raise RaymixError(f"runtime.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
 
@@ -872,6 +906,8 @@ def from_dict(cls: Any, data: Any, where: str = "") -> Any:
         data = {}
     if not isinstance(data, dict):
         raise RaymixError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    if hasattr(cls, "_shorthand"):  # a section's shorthand forms, e.g. runtime.num_workers: [min, max]
+        data = cls._shorthand(data, where or "config")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -1020,11 +1056,13 @@ def identity_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def effective_grad_accum(cfg: RunConfig) -> int:
+def effective_grad_accum(cfg: RunConfig, world: Optional[int] = None) -> int:
     """Micro-batches per optimizer step: ``train.grad_accum``, or derived from
     ``train.global_batch_tokens`` as ceil(global / (micro-batch x workers x
-    max_seq_len)), at least 1."""
+    max_seq_len)), at least 1. ``world``: the workers the run has now (an
+    elastic run's count varies); by default ``runtime.num_workers``."""
     if cfg.train.global_batch_tokens is None:
         return cfg.train.grad_accum
-    per_micro = cfg.train.micro_batch_size * max(1, cfg.runtime.num_workers) * cfg.data.max_seq_len
+    workers = max(1, cfg.runtime.num_workers if world is None else world)
+    per_micro = cfg.train.micro_batch_size * workers * cfg.data.max_seq_len
     return max(1, -(-cfg.train.global_batch_tokens // per_micro))

@@ -1,11 +1,20 @@
-"""Per-task example streams over the tokenised shards, and batch collation.
+"""Per-task example streams over the tokenised shards, the sampler that
+draws training examples from the mixture, and batch collation.
 
-Each training worker holds one :class:`TaskStream` per task and draws every
-example's task from the current mixture, so a mixture that changes during
-training takes effect at once. A stream reads its task's Parquet files a
-chunk at a time (memory stays bounded by ``chunk_rows`` per task), shuffles
-within the chunk, takes every ``world``-th row for its rank, and starts a new
-seeded pass over the files when it runs out (a repeat, capped by the mixer).
+A :class:`TaskStream` reads its task's Parquet files a chunk at a time
+(memory stays bounded by ``chunk_rows`` per task), shuffles within the
+chunk, and starts a new seeded pass over the files when it runs out (a
+repeat, capped by the mixer). Signals that read their own examples on every
+rank take every ``world``-th row for their rank.
+
+Training reads through a :class:`MixtureSampler`: every rank draws the whole
+step's tasks for all ranks from one shared generator and walks every task's
+stream in one global order, taking its own examples and skipping the other
+ranks'. The data positions are therefore global (the n-th example of a task
+is the same whatever the worker count) and identical on every rank: a
+checkpoint written by N workers resumes on M, no example of a task is
+trained twice before its stream wraps, and with one worker the draws are
+those of a single process.
 """
 
 from __future__ import annotations
@@ -72,6 +81,10 @@ class TaskStream:
     def next(self) -> tuple[np.ndarray, int]:
         return next(self._iter)
 
+    def skip(self) -> None:
+        """Pass over the next example (another rank's)."""
+        next(self._iter)
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "served": self.served}
 
@@ -82,6 +95,52 @@ class TaskStream:
         self._iter = self._examples()
         for _ in range(target):
             next(self._iter)
+
+
+class MixtureSampler:
+    """Each optimizer step's examples, drawn for all ``world`` ranks at once.
+
+    The task of every example of the step (``accum`` micro-batches of
+    ``micro_batch`` examples per rank) comes from one generator that is the
+    same on every rank, so every rank knows which examples the others take:
+    it walks each task's stream in the global order (micro-batch, then rank,
+    then slot), taking its own examples and skipping the others'. The state
+    (the generator and every stream's position) is the same on every rank
+    and does not depend on ``world``."""
+
+    def __init__(self, shard_dirs: list[str], seed: int, rank: int = 0, world: int = 1):
+        # The seeds of the single-process sampler this replaced: with one
+        # worker the draws and the example order are unchanged.
+        self.streams = [TaskStream(d, seed=seed * 100003 + i) for i, d in enumerate(shard_dirs)]
+        self.rng = np.random.default_rng([seed, 0, 7])
+        self.rank, self.world = rank, world
+
+    def draw(self, weights: np.ndarray, accum: int, micro_batch: int
+             ) -> list[tuple[np.ndarray, list[tuple[np.ndarray, int]]]]:
+        """This rank's ``accum`` micro-batches: (task index per example, examples)."""
+        tasks = self.rng.choice(len(self.streams), size=(accum, self.world, micro_batch), p=weights)
+        mine = []
+        for a in range(accum):
+            for r in range(self.world):
+                if r == self.rank:
+                    mine.append((tasks[a, r], [self.streams[i].next() for i in tasks[a, r]]))
+                else:
+                    for i in tasks[a, r]:
+                        self.streams[i].skip()
+        return mine
+
+    def positions(self) -> list[dict]:
+        """Per task: the pass over its examples (``epoch``) and how many of
+        that pass have been drawn (``served``), over all ranks."""
+        return [s.state_dict() for s in self.streams]
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "streams": self.positions()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        for stream, st in zip(self.streams, state["streams"], strict=True):
+            stream.load_state_dict(st)
 
 
 def collate(examples: list[tuple[np.ndarray, int]], pad_id: int, pad_to_multiple: int = 8):

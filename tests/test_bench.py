@@ -79,3 +79,36 @@ def test_task_scaling_and_data_plane_write_their_figures(tmp_path: Path, monkeyp
 
     md = (out / "bench.md").read_text()
     assert "## task_scaling" in md and "## data_plane" in md
+
+
+def test_policy_cost_refuses_a_static_or_unknown_policy(tmp_path: Path) -> None:
+    assert main(["policy_cost", "--policies", "proportional", "--output", str(tmp_path)]) == 2
+    assert main(["policy_cost", "--policies", "adapt,nope", "--output", str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_policy_cost_writes_per_update_figures(tmp_path: Path, monkeypatch) -> None:
+    """ODM (mixer-side only) and ADAPT (a worker-side signal) against
+    uniform at a tiny budget in-process: each row has its updates and
+    per-update costs, and ADAPT's meta tokens are counted."""
+    import ray
+
+    monkeypatch.setenv("RAYMIX_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench"
+    try:
+        rc = main(["policy_cost", "--policies", "odm,adapt", "--output", str(out), "--repeats", "1", *RAY,
+                   "--set", "data.sources=[{kind: synthetic, scale: 0.02}]", "--set", "model.vocab_size=512",
+                   "--set", "budget.tokens=12000", "--set", "runtime.num_workers=0", "--set", "eval.suite=null",
+                   "--set", "eval.curve_points=0", "--set", "policy.adapt.every_steps=2",
+                   "--set", "policy.adapt.warmup_steps=2", "--set", "train.sync_every=2"])
+    finally:
+        ray.shutdown()
+    assert rc == 0
+    res = json.loads((out / "bench.json").read_text())["policy_cost"]
+    assert set(res["policies"]) == {"odm", "adapt"}
+    odm, adapt = res["policies"]["odm"], res["policies"]["adapt"]
+    assert odm["updates"] >= 1 and odm["meta_tokens"] == 0
+    assert adapt["updates"] >= 1 and adapt["meta_tokens_per_update"] > 0 and adapt["signal_seconds_per_update"] > 0
+    assert "| adapt |" in (out / "bench.md").read_text()

@@ -540,3 +540,24 @@ def test_global_batch_tokens_derives_accumulation_and_leaves_identity() -> None:
     assert identity_hash(load_config(None, ["train.grad_accum=3"])) != identity_hash(load_config(None, []))
     with pytest.raises(RaymixError, match="train.global_batch_tokens must be >= 1"):
         load_config(None, ["train.global_batch_tokens=0"])
+
+
+def test_num_workers_range_makes_the_run_elastic() -> None:
+    cfg = load_config(overrides=["runtime.num_workers=[1, 4]", "runtime.max_failures=3"])
+    assert (cfg.runtime.min_workers, cfg.runtime.num_workers, cfg.runtime.elastic) == (1, 4, True)
+    assert not load_config(overrides=["runtime.num_workers=3"]).runtime.elastic
+    # Resources are not identity: an elastic run resumes a fixed one and back.
+    assert identity_hash(cfg) == identity_hash(load_config())
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[2, 1]", "needs 1 <= min <= max"),
+    ("[0, 2]", "needs 1 <= min <= max"),
+    ("[1]", "a range [min, max] of two integers"),
+    ("[1, two]", "a range [min, max] of two integers"),
+    ("[1, 2]", "set runtime.max_failures to N > 0"),
+])
+def test_bad_worker_range_is_refused_naming_the_field(value: str, message: str) -> None:
+    with pytest.raises(RaymixError, match="runtime.num_workers") as e:
+        load_config(overrides=[f"runtime.num_workers={value}"])  # max_failures: 0 by default
+    assert message in str(e.value)

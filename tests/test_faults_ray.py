@@ -239,3 +239,67 @@ def test_checkpoint_resumes_under_the_other_parallelism(tmp_path: Path, env: dic
     assert "restored from checkpoint" in p.stdout + p.stderr
     summary = _check_finished(out)
     assert summary["restores"] == 1
+
+
+def _consumed_prefix_tokens(env: dict, summary: dict) -> dict[str, int]:
+    """Per task, the tokens of the first ``served`` examples of its global
+    order (the pool's cached shards, read with the run's seed): what the
+    ledger must hold if every drawn example was trained once, across
+    workers and resumes."""
+    from raymix.data import PreparedPool
+    from raymix.streams import TaskStream
+
+    tasks = tuple(summary["data_positions"])
+    for stats_file in Path(env["RAYMIX_CACHE"]).glob("shards/*/stats.json"):
+        stats = json.loads(stats_file.read_text())
+        if tuple(stats["tasks"]) == tasks:
+            pool = PreparedPool(str(stats_file.parent), tasks, stats, True, 0.0)
+            break
+    else:
+        raise AssertionError("the run's pool is not in the test's cache")
+    out = {}
+    for i, task in enumerate(tasks):
+        pos = summary["data_positions"][task]
+        assert pos["epoch"] == 0, f"{task} wrapped: pick a smaller budget for this check"
+        stream = TaskStream(pool.shard_dir("train", task), seed=summary["seed"] * 100003 + i)
+        out[task] = sum(len(stream.next()[0]) for _ in range(pos["served"]))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_checkpoint_resumes_on_another_worker_count(tmp_path: Path, env: dict, first: int, then: int) -> None:
+    """A run on ``first`` workers, its driver killed after a checkpoint,
+    resumes on ``then`` (a preemptible cluster that shrank or grew): the
+    data positions are global, so every task's ledger holds exactly the
+    tokens of the first examples of its one order, each trained once."""
+    out = tmp_path / f"w{first}"
+    rc, _ = _run_and_kill(out, env, None, ["policy.name=proportional", f"runtime.num_workers={first}"],
+                          kill_group=True)
+    assert rc != 0
+    p = subprocess.run(_cmd(out, ["policy.name=proportional", f"runtime.num_workers={then}"]) + ["--resume"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, log[-4000:]
+    assert f"the checkpoint was written by {first} workers, this run has {then}" in log
+    summary = _check_finished(out)
+    assert summary["restores"] == 1 and summary["workers"] == then
+    ledger = {t: row["train_tokens"] for t, row in summary["ledger"].items()}
+    assert ledger == _consumed_prefix_tokens(env, summary)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_elastic_run_starts_with_the_workers_it_can_place(tmp_path: Path, env: dict) -> None:
+    """``runtime.num_workers=[1, 2]`` where only one 1.5-CPU worker fits on
+    2 CPUs: Ray Train's elastic group starts with one instead of waiting
+    for two, and the run finishes with its ledger exact."""
+    out = tmp_path / "elastic"
+    extra = ["policy.name=uniform", "runtime.num_workers=[1, 2]", "runtime.cpus_per_worker=1.5"]
+    p = subprocess.run(_cmd(out, extra), env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    summary = _check_finished(out)
+    assert summary["workers"] == 1
+    ledger = {t: row["train_tokens"] for t, row in summary["ledger"].items()}
+    assert ledger == _consumed_prefix_tokens(env, summary)

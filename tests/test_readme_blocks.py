@@ -214,6 +214,7 @@ def _check_ni(co: Path, home: Path, _: str) -> None:
 def _check_bench(co: Path, home: Path, _: str) -> None:
     assert "throughput" in _json(co / "runs/bench/bench.json")
     assert {"task_scaling", "data_plane", "memory"} <= set(_json(co / "runs/bench-scale/bench.json"))
+    assert _json(co / "runs/bench-policies/bench.json")["policy_cost"]["policies"]
 
 
 def _check_cluster(co: Path, home: Path, out: str) -> None:

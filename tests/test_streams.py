@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raymix.streams import TaskStream, collate, read_split
+from raymix.streams import MixtureSampler, TaskStream, collate, read_split
 
 SCHEMA = pa.schema(
     [
@@ -243,3 +243,88 @@ def test_read_split_missing_dir_is_empty(tmp_path: Path) -> None:
         "input_ids": [],
         "references": [],
     }
+
+
+# -- the training sampler: global data positions ------------------------------
+
+
+@pytest.fixture
+def three_tasks(tmp_path: Path) -> list[str]:
+    """Task t has rows keyed t*100 + 0..(40+5t): sizes 40, 45, 50, more than
+    any test here draws from one task (36 examples in all at most): no wrap."""
+    return [str(write_shards(tmp_path / f"t{t}", [[row(t * 100 + k) for k in range(40 + 5 * t)]]))
+            for t in range(3)]
+
+
+def consumed(samplers: list[MixtureSampler], steps: int, accum: int = 2, mbs: int = 3) -> list[int]:
+    """Draw ``steps`` steps on every rank's sampler; the first ids of all examples taken."""
+    weights = np.array([0.5, 0.3, 0.2])
+    keys = []
+    for _ in range(steps):
+        for s in samplers:
+            for idx, examples in s.draw(weights, accum, mbs):
+                assert len(idx) == len(examples) == mbs
+                for i, (ids, _) in zip(idx, examples):
+                    assert int(ids[0]) // 100 == i  # the example belongs to the drawn task
+                    keys.append(int(ids[0]))
+    return keys
+
+
+def global_order(dirs: list[str], seed: int, counts: dict[int, int]) -> dict[int, list[int]]:
+    """The first ``counts[t]`` examples of task t in its one global order."""
+    out = {}
+    for t, n in counts.items():
+        stream = TaskStream(dirs[t], seed=seed * 100003 + t)
+        out[t] = take(stream, n)
+    return out
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sampler_ranks_take_disjoint_prefixes_of_one_order(three_tasks, world: int) -> None:
+    """Over all ranks, each task's examples are the first n of its global
+    order, each once, whatever the worker count."""
+    samplers = [MixtureSampler(three_tasks, seed=5, rank=r, world=world) for r in range(world)]
+    keys = consumed(samplers, steps=2 if world > 1 else 3)
+    by_task: dict[int, list[int]] = {}
+    for k in keys:
+        by_task.setdefault(k // 100, []).append(k)
+    positions = samplers[0].positions()
+    for s in samplers[1:]:
+        assert s.positions() == positions  # identical on every rank
+    expected = global_order(three_tasks, 5, {t: len(v) for t, v in by_task.items()})
+    for t, got in by_task.items():
+        assert positions[t] == {"epoch": 0, "served": len(got)}
+        assert sorted(got) == sorted(expected[t]) and len(set(got)) == len(got)
+
+
+def test_sampler_one_worker_matches_single_process_draws(three_tasks) -> None:
+    """With one worker the sampler draws what one process drawing per
+    micro-batch from generator [seed, 0, 7] would (the order runs had before)."""
+    weights = np.array([0.5, 0.3, 0.2])
+    rng = np.random.default_rng([5, 0, 7])
+    streams = [TaskStream(d, seed=5 * 100003 + t) for t, d in enumerate(three_tasks)]
+    before = [int(streams[i].next()[0][0]) for _ in range(4) for i in rng.choice(3, size=3, p=weights)]
+    sampler = MixtureSampler(three_tasks, seed=5)
+    after = [int(ids[0]) for _ in range(2) for _, ex in sampler.draw(weights, 2, 3) for ids, _ in ex]
+    assert after == before
+
+
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2), (3, 2)])
+def test_sampler_state_resumes_on_another_worker_count(three_tasks, first: int, then: int) -> None:
+    """A state saved by ``first`` workers continues on ``then``: the union
+    of all examples is still each task's global prefix, none taken twice."""
+    before = [MixtureSampler(three_tasks, seed=9, rank=r, world=first) for r in range(first)]
+    keys = consumed(before, steps=1)
+    state = before[0].state_dict()
+    after = [MixtureSampler(three_tasks, seed=9, rank=r, world=then) for r in range(then)]
+    for s in after:
+        s.load_state_dict(state)
+    keys += consumed(after, steps=1)
+    counts: dict[int, int] = {}
+    for k in keys:
+        counts[k // 100] = counts.get(k // 100, 0) + 1
+    expected = global_order(three_tasks, 9, counts)
+    for t in counts:
+        got = [k for k in keys if k // 100 == t]
+        assert sorted(got) == sorted(expected[t]) and len(set(got)) == len(got)
+        assert after[0].positions()[t]["served"] == counts[t]

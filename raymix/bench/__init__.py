@@ -1,7 +1,8 @@
 """Benchmarks that measure raymix against its yardstick in the same process run.
 
     python -m raymix.bench [NAME ...] --output DIR [--repeats N] [--warmup N]
-        [--tasks 20,100,400,1000] [--config FILE] [--set key=value ...] [--report FILE]
+        [--tasks 20,100,400,1000] [--policies adapt,odm] [--config FILE] [--set key=value ...]
+        [--report FILE]
 
 Every benchmark repeats its measurement (``--repeats``, default per
 benchmark), reports the median and the spread (min, max), and writes its
@@ -28,6 +29,10 @@ the yardstick is the smallest pool, and cost(1000)/cost(20) is reported
 Data, from an empty cache) against the same tokenisation in a plain
 single-process loop, and the time of a cache hit.
 
+``policy_cost``: per learned policy, its updates, the tokens and seconds
+each update costs (signal, mixer, extra training-loop time over uniform),
+and the tokens and wall time of all rounds of the multi-round ones.
+
 ``memory``: peak memory (RSS and PSS, summed over the process tree: driver,
 Ray workers, and separately Ray's own GCS/raylet/agents) of a short raymix
 run against the plain loop on the same model and tokens.
@@ -45,16 +50,17 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from raymix.bench import data_plane, memory, meta_overhead, task_scaling, throughput
+from raymix.bench import data_plane, memory, meta_overhead, policy_cost, task_scaling, throughput
 from raymix.config import load_config
 from raymix.errors import RaymixError
 
 MODULES = {"throughput": throughput, "meta_overhead": meta_overhead, "task_scaling": task_scaling,
-           "data_plane": data_plane, "memory": memory}
+           "data_plane": data_plane, "memory": memory, "policy_cost": policy_cost}
 BENCHMARKS = {"throughput": throughput.bench_throughput, "meta_overhead": meta_overhead.bench_meta_overhead,
               "task_scaling": task_scaling.bench_task_scaling, "data_plane": data_plane.bench_data_plane,
-              "memory": memory.bench_memory}
-DEFAULT_REPEATS = {"throughput": 1, "meta_overhead": 1, "task_scaling": 7, "data_plane": 3, "memory": 3}
+              "memory": memory.bench_memory, "policy_cost": policy_cost.bench_policy_cost}
+DEFAULT_REPEATS = {"throughput": 1, "meta_overhead": 1, "task_scaling": 7, "data_plane": 3, "memory": 3,
+                   "policy_cost": 1}
 
 
 def _markdown(results: dict, commit: str) -> str:
@@ -79,6 +85,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls (task_scaling, data_plane)")
     parser.add_argument("--tasks", default="20,100,400,1000",
                         help="task_scaling: comma-separated task counts (the smallest is the yardstick)")
+    parser.add_argument("--policies", default=None,
+                        help="policy_cost: comma-separated policies (default: every learned one)")
     parser.add_argument("--report", default=None, help="also write the Markdown table here (e.g. reports/bench.md)")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
@@ -102,8 +110,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if (args.repeats is not None and args.repeats < 1) or args.warmup < 0:
         print("raymix: error: --repeats must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()] if args.policies else None
+    if policies:
+        from raymix.bench.policy_cost import learned_policies
+
+        unknown = [p for p in policies if p not in learned_policies()]
+        if unknown:
+            print(f"raymix: error: --policies: {unknown} are not learned policies; choose from "
+                  f"{learned_policies()}", file=sys.stderr)
+            return 2
     extra = {"task_scaling": {"warmup": args.warmup, "task_counts": task_counts},
-             "data_plane": {"warmup": args.warmup}}
+             "data_plane": {"warmup": args.warmup}, "policy_cost": {"policies": policies}}
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:

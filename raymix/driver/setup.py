@@ -213,13 +213,16 @@ def check_worker_resources(cfg: RunConfig) -> None:
 
     if cfg.runtime.num_workers == 0:
         return
-    want_cpu = cfg.runtime.num_workers * cfg.runtime.cpus_per_worker
-    want_gpu = cfg.runtime.num_workers if cfg.runtime.use_gpu else 0
+    # An elastic run starts once its minimum fits.
+    workers = cfg.runtime.min_workers if cfg.runtime.elastic else cfg.runtime.num_workers
+    want_cpu = workers * cfg.runtime.cpus_per_worker
+    want_gpu = workers if cfg.runtime.use_gpu else 0
     total = ray.cluster_resources()
     have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
     if want_cpu <= have_cpu + 1e-9 and want_gpu <= have_gpu:
         return
-    asked = (f"runtime.num_workers={cfg.runtime.num_workers} x runtime.cpus_per_worker={cfg.runtime.cpus_per_worker}"
+    named = "min_workers" if cfg.runtime.elastic else "num_workers"
+    asked = (f"runtime.{named}={workers} x runtime.cpus_per_worker={cfg.runtime.cpus_per_worker}"
              f" = {want_cpu:g} CPU(s){f' and {want_gpu} GPU(s)' if want_gpu else ''}")
     if os.environ.get("RAY_ADDRESS"):
         print(f"[raymix] waiting for the cluster to place {asked}; it has {have_cpu:g} CPU(s) and "

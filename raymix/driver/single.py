@@ -168,7 +168,10 @@ def _train_on_workers(cfg: RunConfig, out: Path, tracker, loop_config: LoopConfi
         train_loop,
         train_loop_config=loop_config.as_train_loop_config(),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.runtime.num_workers,
+            # Elastic (a [min, max] range, Ray Train V2): the group starts at
+            # what fits and is resized from the last checkpoint as nodes come and go.
+            num_workers=((cfg.runtime.min_workers, cfg.runtime.num_workers) if cfg.runtime.elastic
+                         else cfg.runtime.num_workers),
             use_gpu=cfg.runtime.use_gpu,
             resources_per_worker={"CPU": cfg.runtime.cpus_per_worker},
         ),
@@ -199,7 +202,9 @@ def _summarise(cfg, out, tracker, result, fit_started, fit_ended, budget) -> tup
     finite = [v for v in val.values() if v == v]
     test_finite = [v for v in test.values() if v == v]
     em_vals = [v for v in em.values() if v == v]
-    micro = cfg.train.micro_batch_size * effective_grad_accum(cfg) * max(1, cfg.runtime.num_workers)
+    # The worker count at the end: an elastic run's may differ from its maximum.
+    world = ev.world if cfg.runtime.num_workers else 0
+    micro = cfg.train.micro_batch_size * effective_grad_accum(cfg, world=world) * max(1, world)
     summary = {
         "policy": cfg.policy.name,
         "seed": cfg.seed,
@@ -223,6 +228,9 @@ def _summarise(cfg, out, tracker, result, fit_started, fit_ended, budget) -> tup
         "curve_seconds": ev.curve_seconds,
         # Worker-group restarts restored from a checkpoint, and mixer actor restarts.
         "restores": ev.restores,
+        "workers": world,
+        # Which training examples of each task were drawn, over all workers.
+        "data_positions": ev.data_positions,
         "mixer_restarts": ev.mixer_restarts,
         "meta_time_share": ev.meta_seconds / max(1e-9, ev.loop_seconds),
         "overshoot_tokens": mix["train_tokens"] - budget,

@@ -1,11 +1,17 @@
 """Checkpoints: the state file and its manifest, where they are written, and
 the :class:`Checkpointer` that saves and restores a run over its parts.
 
-Format 1: one ``torch.save``d dict. Its top-level keys are the parts' shared
-state (the progress counters, the mixture and the mixer actor's state, the
-curve, the signal's state, the model and optimizer); ``ranks`` holds each
-rank's own state (random generators, data positions). A part owns its keys:
-adding a part cannot forget to save it, and two parts cannot write one key.
+Format 2: one ``torch.save``d dict. Its top-level keys are the parts' shared
+state (the progress counters, the global data positions, the mixture and the
+mixer actor's state, the curve, the signal's state, the model and optimizer);
+``ranks`` holds each rank's own state (torch's generator, a signal's own
+example streams). A part owns its keys: adding a part cannot forget to save
+it, and two parts cannot write one key.
+
+A checkpoint resumes on another worker count: everything that decides which
+examples are trained on is shared, and the per-rank entries (which only
+decide which examples a signal reads, and dropout) start afresh, with a
+message. Format 1 kept the training data positions per rank.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any, Optional
 
 from raymix.loop.contract import RESULT_FILE, LoopResult
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 STATE_FILE = "raymix_state.pt"
 MANIFEST_FILE = "raymix_manifest.json"
 
@@ -55,7 +61,9 @@ def read_state(directory: str) -> dict:
     if len(data) != manifest["bytes"] or hashlib.sha256(data).hexdigest() != manifest["sha256"]:
         raise RuntimeError(f"checkpoint {directory}: {STATE_FILE} does not match its manifest (corrupt)")
     if manifest["format"] != CHECKPOINT_FORMAT:
-        raise RuntimeError(f"checkpoint {directory} has format {manifest['format']}, expected {CHECKPOINT_FORMAT}")
+        raise RuntimeError(f"checkpoint {directory} has format {manifest['format']}, this raymix reads "
+                           f"{CHECKPOINT_FORMAT} (format 1 kept data positions per worker): finish that run "
+                           "with the raymix that wrote it, or start it again without --resume")
     # Written by this code (model, optimizer and RNG states): not untrusted input.
     return torch.load(path, weights_only=False)
 
@@ -196,14 +204,15 @@ class Checkpointer:
             self.session.report({k: getattr(done, k) for k in keys}, d if w.rank == 0 else None)
             return False
         restored = read_state(d)
-        if restored["world"] != w.world:
-            raise RuntimeError(f"the checkpoint was written by {restored['world']} workers, this run has "
-                               f"{w.world}: resume with runtime.num_workers={restored['world']}")
+        resized = restored["world"] != w.world
+        if resized and w.rank == 0:
+            print(f"[raymix] the checkpoint was written by {restored['world']} workers, this run has {w.world}: "
+                  "the data positions, model, optimizer, mixer and signal state carry over; each worker's "
+                  "own generators and signal example streams start afresh", flush=True)
         w.load_model_and_optimizer(restored["model"], restored["optimizer"])
-        mine = restored["ranks"][w.rank]
         for part in self.parts:
-            if hasattr(part, "load_rank_state_dict"):
-                part.load_rank_state_dict(mine)
+            if hasattr(part, "load_rank_state_dict") and not resized:
+                part.load_rank_state_dict(restored["ranks"][w.rank])
             part.load_state_dict(restored)
         return True
 

@@ -89,6 +89,11 @@ class LoopResult:
     test_loss: dict[str, float] = field(default_factory=dict)
     """Per task, on the test split that no policy reads (runs are compared on
     it); empty in a result written before it existed."""
+    world: int = 1
+    """Workers at the end of the run (an elastic run's count may vary)."""
+    data_positions: dict = field(default_factory=dict)
+    """Per task, the training examples drawn over all workers: ``epoch`` (passes
+    completed) and ``served`` (examples of the current pass)."""
 
     def metrics(self) -> dict:
         """The numbers reported to Ray Train with the final checkpoint."""

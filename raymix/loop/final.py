@@ -39,7 +39,8 @@ def finish(w, session, exchange, metrics_log, signal, progress, curve, checkpoin
                         test_loss=test,
                         test_exact_match=em, curve=curve.log if curve is not None else [], mixer=mixer_summary,
                         mixer_restarts=exchange.restarts, stopped_early=timing["stopped_early"],
-                        signal_summary=signal.summary())
+                        signal_summary=signal.summary(), world=w.world,
+                        data_positions=timing["data_positions"])
     reported: dict = {}
 
     def write_final(d: str) -> None:

@@ -2,9 +2,12 @@
 backward with the loss on completion tokens, all-reduce the per-task
 statistics, stop before a non-finite update, clip, and step AdamW.
 
-:class:`TrainStep` also owns what the step draws from: each task's example
-stream and the random generator that picks each example's task. Its state
-(their positions) is per rank.
+:class:`TrainStep` also owns what the step draws from: the
+:class:`raymix.streams.MixtureSampler` (each task's example stream and the
+generator that picks each example's task). Its state, the global data
+positions, is the same on every rank and independent of the worker count, so
+a checkpoint resumes on any number of workers; only torch's generator is
+per rank.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ class TrainStep:
     def __init__(self, w):
         import torch
 
-        from raymix.streams import TaskStream
+        from raymix.streams import MixtureSampler
 
         cfg = w.cfg
         self.w = w
@@ -65,14 +68,12 @@ class TrainStep:
         )
         self.schedule = TokenCosineSchedule(cfg.train.lr, cfg.train.warmup_fraction, cfg.train.min_lr_ratio)
         self.use_amp = w.device.type == "cuda"
-        self.mbs, self.accum = cfg.train.micro_batch_size, effective_grad_accum(cfg)
+        # The micro-batches per step follow the worker count the run has
+        # now (an elastic run may have fewer or more than it started with).
+        self.mbs, self.accum = cfg.train.micro_batch_size, effective_grad_accum(cfg, world=w.world)
         pool = w.loop.pool
         self.T = len(pool.tasks)
-        self.streams = [
-            TaskStream(pool.shard_dir("train", t), seed=cfg.seed * 100003 + i, rank=w.rank, world=w.world)
-            for i, t in enumerate(pool.tasks)
-        ]
-        self.rng = np.random.default_rng([cfg.seed, w.rank, 7])
+        self.sampler = MixtureSampler([pool.shard_dir("train", t) for t in pool.tasks], cfg.seed, w.rank, w.world)
 
     def __call__(self, weights: np.ndarray, progress: float) -> StepOutcome:
         import torch
@@ -84,10 +85,8 @@ class TrainStep:
         lr = self.schedule(progress)
         for g in opt.param_groups:
             g["lr"] = lr
-        micro = []
-        for _ in range(self.accum):
-            idx = self.rng.choice(self.T, size=self.mbs, p=weights)
-            micro.append((idx, collate([self.streams[i].next() for i in idx], w.pad_id)))
+        micro = [(idx, collate(examples, w.pad_id))
+                 for idx, examples in self.sampler.draw(weights, self.accum, self.mbs)]
         n_completion = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in micro)
         step_stats = np.zeros((3, self.T))  # tokens, loss sum, loss count per task
         for k, (idx, batch) in enumerate(micro):
@@ -124,23 +123,23 @@ class TrainStep:
             return contextlib.nullcontext()
         return w.model.no_sync() if (w.distributed and not last) else contextlib.nullcontext()
 
-    # -- the positions it draws from (per rank) ------------------------------
+    # -- the positions it draws from (global) and torch's generator (per rank)
     def state_dict(self) -> dict:
-        return {}
+        return {"data": self.sampler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self.sampler.load_state_dict(state["data"])
+
+    def data_positions(self) -> dict[str, dict]:
+        """Per task, the examples drawn so far over all ranks (``epoch``, ``served``)."""
+        return dict(zip(self.w.loop.pool.tasks, self.sampler.positions()))
 
     def rank_state_dict(self) -> dict:
         import torch
 
-        return {"rng": self.rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                "streams": [s.state_dict() for s in self.streams]}
+        return {"torch_rng": torch.get_rng_state()}
 
     def load_rank_state_dict(self, state: dict) -> None:
         import torch
 
-        self.rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
-        for stream, st in zip(self.streams, state["streams"]):
-            stream.load_state_dict(st)
