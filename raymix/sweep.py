@@ -226,10 +226,26 @@ def _trial(params: dict) -> None:
                 | {"mlflow_run_id": summary["mlflow_run_id"], "trial": out.name})
 
 
-def write_sweep_summary(sweep_dir: Path, configs: Sequence[RunConfig], done: dict[str, str]) -> Path:
+def sweep_efficiency(summaries: Sequence[dict], wall_seconds: float) -> dict:
+    """How much of a sweep's wall time its trials spent training: the sum of
+    the trials' training-loop seconds over the sweep's wall time (above 1
+    when trials train side by side). Multi-round trials count the loops of
+    their final round only, and their wall time of all rounds."""
+    loop = sum(s.get("train_loop_seconds", 0.0) for s in summaries)
+    trial_wall = sum(s.get("total_wall_seconds_all_rounds", s.get("wall_seconds", 0.0)) for s in summaries)
+    return {"sweep_wall_seconds": wall_seconds, "trials_timed": len(summaries),
+            "trial_loop_seconds": loop, "trial_wall_seconds": trial_wall,
+            "efficiency": loop / wall_seconds if wall_seconds > 0 else float("nan"),
+            "trial_wall_share": trial_wall / wall_seconds if wall_seconds > 0 else float("nan")}
+
+
+def write_sweep_summary(sweep_dir: Path, configs: Sequence[RunConfig], done: dict[str, str],
+                        wall_seconds: Optional[float] = None, ran: Sequence[str] = ()) -> Path:
     """``DIR/sweep_summary.json``: every trial of the grid with its identity
-    hash, status, summary.json path and MLflow run id."""
-    trials = []
+    hash, status, summary.json path and MLflow run id; with ``wall_seconds``,
+    the :func:`sweep_efficiency` of the trials this invocation ran (``ran``:
+    their identities)."""
+    trials, timed = [], []
     for cfg in configs:
         ident = identity_hash(cfg)
         name = trial_name(cfg)
@@ -238,9 +254,14 @@ def write_sweep_summary(sweep_dir: Path, configs: Sequence[RunConfig], done: dic
                        "status": "FINISHED" if ident in done else "MISSING",
                        "summary": str(summary) if summary.exists() else None,
                        "mlflow_run_id": done.get(ident)})
+        if ident in ran and summary.exists():
+            timed.append(json.loads(summary.read_text()))
+    body: dict = {"trials": trials}
+    if wall_seconds is not None and timed:
+        body["timing"] = sweep_efficiency(timed, wall_seconds)
     path = sweep_dir / "sweep_summary.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"trials": trials}, indent=1))
+    tmp.write_text(json.dumps(body, indent=1))
     tmp.replace(path)
     return path
 
@@ -261,6 +282,7 @@ def check_resume_identity(space: Space, saved_extra: Sequence[str], extra: Seque
 def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, report: bool = True,
               report_dir: Optional[Path] = None, space_file: Optional[str] = None) -> dict:
     import ray
+    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
     from ray import tune
 
@@ -300,6 +322,7 @@ def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, re
         client.log_text(parent_id, yaml.safe_dump({"name": space.name, "base": space.base, "grid": space.grid},
                                                   sort_keys=False), "space.yaml")
     status = "FAILED"
+    t_sweep = time.time()
     try:
         done = finished_identities(client, exp_id, parent_id)
         todo = [(ov, cfg) for ov, cfg in zip(space.overrides(extra), configs) if identity_hash(cfg) not in done]
@@ -336,7 +359,14 @@ def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, re
             if errors:
                 raise RaymixError(f"{len(errors)} trial(s) failed; first: {errors[0]}")
         done = finished_identities(client, exp_id, parent_id)
-        write_sweep_summary(sweep_dir, configs, done)
+        summary_path = write_sweep_summary(sweep_dir, configs, done, time.time() - t_sweep,
+                                           ran=[identity_hash(c) for _, c in todo])
+        timing = json.loads(summary_path.read_text()).get("timing")
+        if timing:
+            client.log_batch(parent_id, metrics=[Metric(f"sweep/{k}", float(v), int(time.time() * 1000), 0)
+                                                 for k, v in timing.items()])
+            print(f"[raymix] sweep efficiency: {timing['trial_loop_seconds']:.0f} s of trial training loops in "
+                  f"{timing['sweep_wall_seconds']:.0f} s of wall time ({timing['efficiency']:.2f})", flush=True)
         missing = [trial_name(c) for c in configs if identity_hash(c) not in done]
         if missing:
             raise RaymixError(f"trials without a finished MLflow run: {missing}")

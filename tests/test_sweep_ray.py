@@ -82,6 +82,13 @@ def test_smoke_sweep_killed_driver_resume_and_report(tmp_path: Path) -> None:
     assert [t["status"] for t in summary["trials"]] == ["FINISHED", "FINISHED"]
     assert {t["mlflow_run_id"] for t in summary["trials"]} == {r.info.run_id for r in children}
     assert all(Path(t["summary"]).exists() for t in summary["trials"])
+    # The resumed invocation ran one trial: its training loop over the
+    # invocation's wall time, also on the parent run.
+    timing = summary["timing"]
+    assert timing["trials_timed"] == 1 and 0 < timing["efficiency"] < 1
+    assert timing["trial_loop_seconds"] < timing["trial_wall_seconds"] <= timing["sweep_wall_seconds"]
+    assert client.get_run(result["parent_run_id"]).data.metrics["sweep/efficiency"] == pytest.approx(
+        timing["efficiency"])  # the same float through MLflow's double column: approx only for the JSON round trip
 
     # The report is generated from MLflow and tabulates both policies.
     report = Path(result["report"]).read_text()
@@ -100,3 +107,12 @@ def test_sweep_refuses_existing_output_without_resume(tmp_path: Path) -> None:
         run_sweep(load_space(SMOKE), [], out, resume=False)
     with pytest.raises(RaymixError, match="no sweep to resume"):
         run_sweep(load_space(SMOKE), [], tmp_path / "empty", resume=True)
+
+
+def test_sweep_efficiency_counts_loops_over_wall() -> None:
+    from raymix.sweep import sweep_efficiency
+
+    t = sweep_efficiency([{"train_loop_seconds": 30.0, "wall_seconds": 50.0},
+                          {"train_loop_seconds": 10.0, "total_wall_seconds_all_rounds": 40.0}], 60.0)
+    assert t["trial_loop_seconds"] == 40.0 and t["trial_wall_seconds"] == 90.0
+    assert t["efficiency"] == 40.0 / 60.0 and t["trial_wall_share"] == 1.5  # two trials side by side
