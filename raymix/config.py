@@ -170,6 +170,13 @@ class AdaptConfig:
 
     every_steps: int = 20
     """K: optimizer steps between meta updates (the interval a mixture is in force)."""
+    meta_share: Optional[float] = None
+    """A cap on the meta step's cost as a share of the training tokens: a
+    meta update due every K steps is put off while the tokens read for
+    signals so far exceed ``meta_share`` x the train tokens (a meta token
+    costs less time than a train token: no update, backward through
+    ``params`` only). Counted in tokens, not seconds, so the schedule is the
+    same on any machine. None: every K steps."""
     warmup_steps: int = 20
     """Optimizer steps before the first meta update."""
     tau: float = 0.5
@@ -242,6 +249,8 @@ class AdaptConfig:
                 raise RaymixError(f"policy.adapt.{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             raise RaymixError("policy.adapt.warmup_steps must be >= 0")
+        if self.meta_share is not None and not self.meta_share > 0:
+            raise RaymixError(f"policy.adapt.meta_share must be > 0 (or null: no cap), got {self.meta_share}")
         if self.tau <= 0 or self.lr <= 0:
             raise RaymixError("policy.adapt.tau and policy.adapt.lr must be > 0")
         if not 0 <= self.floor < 1:
@@ -1039,6 +1048,8 @@ def identity_hash(cfg: RunConfig) -> str:
         # policies hash the block as it was, so their identities (sweep
         # resume, reports) stay what they were.
         tree["policy"]["adapt"] = dict(_ADAPT_BLOCK_BEFORE_13)
+    elif tree["policy"]["adapt"].get("meta_share") is None:
+        tree["policy"]["adapt"].pop("meta_share", None)  # added later: off, it leaves ADAPT's identity as it was
     for block in ("gradex", "ideal", "odm", "doremi", "aioli"):
         if tree["policy"].get("name") != block:
             # Option blocks added after runs were recorded count only for

@@ -290,3 +290,41 @@ def test_eg_step_must_not_overshoot() -> None:
 
     with pytest.raises(RaymixError, match="lr \\* policy.adapt.entropy"):
         AdaptConfig(lr=1.0, entropy=1.0)
+
+
+def test_meta_share_puts_meta_steps_off_while_over_the_cap() -> None:
+    """Due every K steps, except while the meta tokens read so far exceed
+    meta_share x the train tokens; without a cap, every K steps."""
+    from dataclasses import replace as dc_replace
+
+    from raymix.config import AdaptConfig
+    from raymix.policies.adapt.signal import AdaptSignal
+    from raymix.policies.signal import StepView
+
+    sig = AdaptSignal.__new__(AdaptSignal)  # the schedule only: no model, no streams
+    sig.cfg = dc_replace(AdaptConfig(), every_steps=4, warmup_steps=4, meta_share=0.1)
+    sig.meta_spent = 0
+
+    def view(step: int, tokens: int) -> StepView:
+        return StepView(step, tokens, 10**6, 1e-3, np.ones(3) / 3, np.zeros((3, 3)))
+
+    assert not sig.due(view(3, 300)) and sig.due(view(4, 400))
+    sig.meta_spent = 50  # 50 > 0.1 x 400: put off
+    assert not sig.due(view(8, 400))
+    assert sig.due(view(8, 500))  # 50 <= 0.1 x 500
+    sig.cfg = dc_replace(sig.cfg, meta_share=None)
+    sig.meta_spent = 10**9
+    assert sig.due(view(12, 1))
+    assert sig.state_dict() == {"adapt_meta_spent": 10**9}
+
+
+def test_meta_share_enters_adapts_identity_only_when_set() -> None:
+    from raymix.config import identity_hash, load_config
+
+    base = load_config(overrides=["policy.name=adapt"])
+    assert identity_hash(base) == identity_hash(load_config(overrides=["policy.name=adapt",
+                                                                       "policy.adapt.meta_share=null"]))
+    assert identity_hash(base) != identity_hash(load_config(overrides=["policy.name=adapt",
+                                                                       "policy.adapt.meta_share=0.1"]))
+    with pytest.raises(Exception, match="policy.adapt.meta_share must be > 0"):
+        load_config(overrides=["policy.name=adapt", "policy.adapt.meta_share=0"])

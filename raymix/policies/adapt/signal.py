@@ -289,13 +289,25 @@ class AdaptSignal(NoSignal):
         self.meta = MetaSignals(ctx.model, self.cfg, ctx.pool, ctx.rank, ctx.world, ctx.run.seed, ctx.pad_id,
                                 ctx.device, ctx.distributed)
 
+        self.meta_spent = 0  # tokens read for signals, over all ranks (the same on every rank)
+
     def due(self, view: StepView) -> bool:
+        share = self.cfg.meta_share
         return (view.step >= self.cfg.warmup_steps and view.step % self.cfg.every_steps == 0
-                and view.train_tokens < view.budget_tokens)
+                and view.train_tokens < view.budget_tokens
+                and (share is None or self.meta_spent <= share * view.train_tokens))
 
     def compute(self, view: StepView) -> Optional[dict]:
         # The look-ahead step length: the learning rate of the step just taken.
-        return self.meta.compute(lookahead_lr=view.lr)
+        signals = self.meta.compute(lookahead_lr=view.lr)
+        self.meta_spent += int(np.sum(signals["meta_tokens"]))  # all-reduced: every rank adds the same
+        return signals
+
+    def state_dict(self) -> dict:
+        return {"adapt_meta_spent": self.meta_spent}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.meta_spent = int(state.get("adapt_meta_spent", 0))
 
     def metrics(self, signals: Optional[dict], weights: np.ndarray, timing: dict[str, float]) -> dict[str, float]:
         assert signals is not None
