@@ -86,6 +86,11 @@ class LoopResult:
     """The policy's signal stopped the run before the budget was spent."""
     signal_summary: dict = field(default_factory=dict)
     """Keys the policy's signal adds to ``summary.json``."""
+    utilisation: float = 0.0
+    """Real (unpadded) tokens per position the model computed in training,
+    over all workers (0 in a result written before it existed)."""
+    batch_layout: str = ""
+    """``packed``, or ``padded (why)``: how training laid out its examples."""
     test_loss: dict[str, float] = field(default_factory=dict)
     """Per task, on the test split that no policy reads (runs are compared on
     it); empty in a result written before it existed."""

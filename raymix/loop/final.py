@@ -24,7 +24,7 @@ def finish(w, session, exchange, metrics_log, signal, progress, curve, checkpoin
                "tokens_per_second": progress.train_tokens / max(1e-9, loop_seconds),
                "meta_seconds": progress.meta_seconds, "meta_steps": progress.meta_steps,
                "curve_seconds": curve.seconds if curve is not None else 0.0, "restores": progress.restores,
-               "checkpoint_seconds": checkpointer.seconds}
+               "checkpoint_seconds": checkpointer.seconds, "utilisation": timing["utilisation"]}
     model = w.final_model()  # a collective under FSDP: every rank takes part
     if w.rank != 0:
         session.report(numbers, None)
@@ -39,7 +39,7 @@ def finish(w, session, exchange, metrics_log, signal, progress, curve, checkpoin
                         test_loss=test,
                         test_exact_match=em, curve=curve.log if curve is not None else [], mixer=mixer_summary,
                         mixer_restarts=exchange.restarts, stopped_early=timing["stopped_early"],
-                        signal_summary=signal.summary())
+                        signal_summary=signal.summary(), batch_layout=timing["batch_layout"])
     reported: dict = {}
 
     def write_final(d: str) -> None:
