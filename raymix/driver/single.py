@@ -248,6 +248,7 @@ def _summarise(cfg, out, tracker, result, fit_started, fit_ended, budget) -> tup
         # Real tokens per computed position (padding or packing slack), and the layout that gave it.
         "utilisation": ev.utilisation,
         "batch_layout": ev.batch_layout,
+        "peak_device_memory_bytes": ev.peak_device_memory_bytes,
         "train_loop_seconds": ev.loop_seconds,
         "eval_seconds": ev.eval_seconds,
         "mixer_update_seconds": mix["mixer_update_seconds"],
