@@ -11,8 +11,14 @@ from pathlib import Path
 import pytest
 
 from raymix.bench import main
-from raymix.bench.gpu import (QWEN3_0_6B, QWEN3_TINY, count_parameters, markdown, model_flops_per_token,
-                              peak_bf16_flops)
+from raymix.bench.gpu import (
+    QWEN3_0_6B,
+    QWEN3_TINY,
+    count_parameters,
+    markdown,
+    model_flops_per_token,
+    peak_bf16_flops,
+)
 
 RAY = ["--set", "runtime.num_cpus=2", "--set", "runtime.object_store_memory=200000000",
        "--set", "runtime.data_concurrency=1"]
