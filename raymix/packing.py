@@ -7,8 +7,9 @@ the accumulation per worker); only how they are laid out changes. Padded
 example per row, right-padded to the micro-batch's longest. Packed: the
 step's examples are spread over the fewest rows of at most
 ``train.pack_length`` tokens whose fills are balanced (longest first, each to
-the emptiest row; one more row when an example does not fit), so the rows of
-a micro-batch end close together and little is padded. The rows are split
+the emptiest row; of the first three row counts that fit, the one computing
+fewest positions), so the rows of a micro-batch end close together and
+little is padded. The rows are split
 into as many micro-batches as the padded layout has (the accumulation), so
 every rank runs the same number of forwards per step (FSDP's all-gathers
 pair up) and a micro-batch holds about the real tokens of a padded one.
@@ -61,27 +62,43 @@ def packing_unsupported(model, pack_length: int) -> Optional[str]:
     return None
 
 
-def pack_rows(lengths: Sequence[int], capacity: int, min_rows: int = 1) -> list[list[int]]:
-    """Example indices per row: the fewest rows (from ceil(total / capacity),
-    and at least ``min_rows`` when there are as many examples, up) in which placing examples longest first, each into the emptiest row,
-    keeps every row within ``capacity``. Balanced fills mean the rows of a
+def pack_rows(lengths: Sequence[int], capacity: int, min_rows: int = 1, multiple: int = PAD_TO_MULTIPLE,
+              tries: int = 3) -> list[list[int]]:
+    """Example indices per row. For a row count R (from ceil(total /
+    capacity), and at least ``min_rows`` when there are as many examples),
+    examples are placed longest first, each into the emptiest row; R fits
+    when every row stays within ``capacity``. Of the first ``tries`` counts
+    that fit, the one computing the fewest positions (R x the fullest row
+    rounded up to ``multiple``) wins: balanced fills mean the rows of a
     micro-batch, padded to the fullest, waste little."""
     if any(n > capacity for n in lengths):
         raise ValueError(f"an example of {max(lengths)} tokens does not fit a row of {capacity}")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     rows = max(1, math.ceil(sum(lengths) / capacity), min(min_rows, len(lengths)))
-    while True:
-        heap = [(0, r) for r in range(rows)]  # (fill, row)
-        members: list[list[int]] = [[] for _ in range(rows)]
-        for i in order:
-            fill, r = heapq.heappop(heap)
-            if fill + lengths[i] > capacity:
-                break
-            members[r].append(i)
-            heapq.heappush(heap, (fill + lengths[i], r))
-        else:
-            return [m for m in members if m]
+    best, best_cost, fitted = None, None, 0
+    while fitted < tries and rows <= max(1, len(lengths)):  # one example per row always fits
+        members = _longest_first(lengths, order, rows, capacity)
+        if members is not None:
+            fitted += 1
+            fullest = max(sum(lengths[i] for i in m) for m in members)
+            cost = rows * -(-fullest // multiple) * multiple
+            if best_cost is None or cost < best_cost:
+                best, best_cost = members, cost
         rows += 1
+    return [m for m in best if m]
+
+
+def _longest_first(lengths: Sequence[int], order: list[int], rows: int, capacity: int) -> Optional[list[list[int]]]:
+    """Examples in ``order`` each into the emptiest of ``rows`` rows; None when one overflows."""
+    heap = [(0, r) for r in range(rows)]  # (fill, row)
+    members: list[list[int]] = [[] for _ in range(rows)]
+    for i in order:
+        fill, r = heapq.heappop(heap)
+        if fill + lengths[i] > capacity:
+            return None
+        members[r].append(i)
+        heapq.heappush(heap, (fill + lengths[i], r))
+    return members
 
 
 def padded_batch(examples, pad_id: int) -> dict:
