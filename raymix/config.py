@@ -644,6 +644,16 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (Hugging Face models'
     ``gradient_checkpointing_enable``): less memory, about a third more compute."""
+    packing: bool = True
+    """Pack each step's examples into rows (each example attending to itself
+    alone, positions restarting) instead of padding one example per row: the
+    same examples and loss, up to floating-point order, on fewer computed
+    positions. Models that packing does not support (see
+    :mod:`raymix.packing`) train padded, with the reason logged."""
+    pack_length: Optional[int] = None
+    """Tokens per packed row (at least ``data.max_seq_len``); default:
+    ``data.max_seq_len``. Longer rows mean fewer of them (less slack at the
+    end of each) but a larger attention matrix per row."""
     checkpoint_tokens: Optional[int] = None
     """Train tokens between checkpoints (model, optimizer, RNG states, data
     positions, mixer state and ledger); default: ``checkpoint_fraction`` of
@@ -822,6 +832,9 @@ class RunConfig:
                 f"choose one of {', '.join(sorted(POLICIES))}"
                 f"{_suggest(self.policy.name, POLICIES)}"
             )
+        if self.train.pack_length is not None and self.train.pack_length < self.data.max_seq_len:
+            raise RaymixError(f"train.pack_length ({self.train.pack_length}) must be at least data.max_seq_len "
+                              f"({self.data.max_seq_len}), the longest example, or null")
         if self.runtime.parallelism == "fsdp" and not POLICIES[self.policy.name].fsdp:
             # A signal that runs a different number of forwards on each worker
             # (ADAPT's meta step, with autograd.grad on a parameter subset) or
@@ -1056,8 +1069,12 @@ def identity_hash(cfg: RunConfig) -> str:
             # their own policy: the other policies' hashes (sweep and
             # --resume identities) stay as they were.
             tree["policy"].pop(block, None)
-    for key in ("checkpoint_tokens", "checkpoint_fraction", "checkpoints_to_keep", "gradient_checkpointing"):
-        tree["train"].pop(key, None)  # when to checkpoint, or recompute, does not change the result
+    for key in ("checkpoint_tokens", "checkpoint_fraction", "checkpoints_to_keep", "gradient_checkpointing",
+                "packing", "pack_length"):
+        # When to checkpoint, whether to recompute, and how the step's examples
+        # are laid out (padded or packed) do not change the result: the same
+        # examples and loss, up to floating-point order (as runtime.parallelism).
+        tree["train"].pop(key, None)
     if tree["train"].get("global_batch_tokens") is None:
         tree["train"].pop("global_batch_tokens", None)
     else:

@@ -35,28 +35,41 @@ def _output_layer_sees(model, rows, cols):
 
 
 def token_nll(model, batch, device):
-    """Per-row (sum of completion-token NLL, completion-token count)."""
+    """Per example (sum of completion-token NLL, completion-token count): per
+    row of a padded batch, per ``example_of`` index of a packed one
+    (:mod:`raymix.packing`)."""
     import torch
 
     rows, nll_tok, mask = completion_token_nll(model, batch, device)
-    nll = torch.zeros(mask.shape[0], dtype=nll_tok.dtype, device=nll_tok.device).index_add(0, rows, nll_tok)
-    return nll, mask.sum(dim=1).to(torch.float32)
+    if batch.get("example_of") is None:
+        nll = torch.zeros(mask.shape[0], dtype=nll_tok.dtype, device=nll_tok.device).index_add(0, rows, nll_tok)
+        return nll, mask.sum(dim=1).to(torch.float32)
+    n = len(batch["lengths"])
+    nll = torch.zeros(n, dtype=nll_tok.dtype, device=nll_tok.device).index_add(0, rows, nll_tok)
+    return nll, torch.zeros(n, dtype=torch.float32, device=nll_tok.device).index_add(0, rows, torch.ones_like(
+        rows, dtype=torch.float32))
 
 
 def completion_token_nll(model, batch, device):
-    """Per completion token: (its row, its NLL, the [rows, positions] mask of
-    completion tokens), for losses that act on single tokens (DoReMi's
-    per-token excess loss, clipped at zero before averaging)."""
+    """Per completion token: (its example: its row, or in a packed batch its
+    ``example_of`` index; its NLL; the [rows, positions] mask of completion
+    tokens), for losses that act on single tokens (DoReMi's per-token excess
+    loss, clipped at zero before averaging)."""
     import torch.nn.functional as F
 
     input_ids = batch["input_ids"].to(device)
     shift_labels = batch["labels"].to(device)[:, 1:]
     mask = shift_labels != -100
     rows, cols = mask.nonzero(as_tuple=True)
+    attn = batch["attention_mask"]  # 2D padding mask, 4D packed mask, or None (positions only)
+    extra = {} if batch.get("position_ids") is None else {"position_ids": batch["position_ids"].to(device)}
     with _output_layer_sees(model, rows, cols):
-        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
+        logits = model(input_ids=input_ids, attention_mask=None if attn is None else attn.to(device),
+                       **extra).logits
     if tuple(logits.shape[:2]) != (1, len(rows)):
         raise RuntimeError(f"{type(getattr(model, 'module', model)).__name__}'s forward reshapes the output "
                            f"layer's result ({tuple(logits.shape)}): raymix cannot score completion tokens alone")
     nll_tok = F.cross_entropy(logits[0].float(), shift_labels[rows, cols], reduction="none")
+    if batch.get("example_of") is not None:  # packed: a token's example is that of its label
+        rows = batch["example_of"].to(device)[:, 1:][rows, cols]
     return rows, nll_tok, mask

@@ -253,3 +253,18 @@ def test_toy_learned_policy_from_a_test_file(prepared, tmp_path: Path) -> None:
     # After the switch (at `first` train tokens) almost every token is the focused task's.
     assert ledger[tasks[focus]]["train_tokens"] >= 0.9 * (result.train_tokens - first)
     assert json.dumps(result.signal_summary)
+
+
+def test_packing_keeps_the_examples_and_counts_fewer_positions(prepared, tmp_path: Path) -> None:
+    """Packed (the default) and padded runs draw the same examples: the same
+    steps and per-task train tokens; packing computes fewer positions
+    (its utilisation, reported in the result, is higher)."""
+    packed, _, _ = _run(prepared, tmp_path / "packed")
+    padded, _, _ = _run(prepared, tmp_path / "padded", ["train.packing=false"])
+    assert packed.batch_layout == "packed" and padded.batch_layout == "padded (train.packing is false)"
+    assert packed.steps == padded.steps and packed.train_tokens == padded.train_tokens
+    assert ({t: r["train_tokens"] for t, r in packed.mixer["ledger"].items()}
+            == {t: r["train_tokens"] for t, r in padded.mixer["ledger"].items()})
+    assert 0 < padded.utilisation < packed.utilisation <= 1
+    # The first curve point (before any step) is the same model: identical.
+    assert packed.curve[0]["worst_val_loss"] == padded.curve[0]["worst_val_loss"]

@@ -255,6 +255,8 @@ BLOCKS: tuple[Spec, ...] = (
     Spec("qwen", "model.pretrained=Qwen/Qwen3-0.6B", "skip",
          "needs the Hugging Face hub (Qwen/Qwen3-0.6B), which this machine and CI cannot reach"),
     Spec("bench", "raymix.bench throughput --output runs/bench", "heavy", timeout=3000, check=_check_bench),
+    Spec("gpu-check", "raymix.bench gpu --output runs/gpu-check", "skip",
+         "needs a GPU (without CUDA it runs a tiny CPU stand-in, which tests/test_gpu_check.py runs)"),
     Spec("cluster-local", "cluster/generate.py --list", "run", timeout=180, check=_check_cluster),
     Spec("cluster-cloud", "ray up ~/raymix-cluster/aws-gpu.yaml", "skip", CLOUD),
     # tests/README.md: one test file, and the CPU variants on it (a minute or two each on 2 cores).

@@ -6,7 +6,8 @@
 
 Every benchmark repeats its measurement (``--repeats``, default per
 benchmark), reports the median and the spread (min, max), and writes its
-figures to DIR/bench.json and a table to DIR/bench.md. With no NAME, all run.
+figures to DIR/bench.json and a table to DIR/bench.md. With no NAME, all
+but ``gpu`` run.
 
 ``throughput``: training tokens/s of the raymix path (Ray Train workers fed
 by per-task streams over the Ray Data shards, with the mixer actor) with 1 and
@@ -33,6 +34,11 @@ single-process loop, and the time of a cache hit.
 each update costs (signal, mixer, extra training-loop time over uniform),
 and the tokens and wall time of all rounds of the multi-round ones.
 
+``gpu``: a Qwen3-0.6B-shaped model trained through raymix's path on one GPU
+(packed rows of 2,048 tokens, bf16; DDP and FSDP, uniform and ADAPT):
+tokens/s, model FLOPs utilisation, peak memory, ADAPT's overhead (see
+:mod:`raymix.bench.gpu`; without CUDA a tiny CPU stand-in runs).
+
 ``memory``: peak memory (RSS and PSS, summed over the process tree: driver,
 Ray workers, and separately Ray's own GCS/raylet/agents) of a short raymix
 run against the plain loop on the same model and tokens.
@@ -50,17 +56,18 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from raymix.bench import data_plane, memory, meta_overhead, policy_cost, task_scaling, throughput
+from raymix.bench import data_plane, gpu, memory, meta_overhead, policy_cost, task_scaling, throughput
 from raymix.config import load_config
 from raymix.errors import RaymixError
 
 MODULES = {"throughput": throughput, "meta_overhead": meta_overhead, "task_scaling": task_scaling,
-           "data_plane": data_plane, "memory": memory, "policy_cost": policy_cost}
+           "data_plane": data_plane, "memory": memory, "policy_cost": policy_cost, "gpu": gpu}
 BENCHMARKS = {"throughput": throughput.bench_throughput, "meta_overhead": meta_overhead.bench_meta_overhead,
               "task_scaling": task_scaling.bench_task_scaling, "data_plane": data_plane.bench_data_plane,
-              "memory": memory.bench_memory, "policy_cost": policy_cost.bench_policy_cost}
+              "memory": memory.bench_memory, "policy_cost": policy_cost.bench_policy_cost, "gpu": gpu.bench_gpu}
 DEFAULT_REPEATS = {"throughput": 1, "meta_overhead": 1, "task_scaling": 7, "data_plane": 3, "memory": 3,
-                   "policy_cost": 1}
+                   "policy_cost": 1, "gpu": 1}
+ON_REQUEST = ("gpu",)  # run when named only
 
 
 def _markdown(results: dict, commit: str) -> str:
@@ -75,7 +82,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import subprocess
 
     parser = argparse.ArgumentParser(prog="python -m raymix.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("names", nargs="*", default=list(BENCHMARKS), help=f"benchmarks: {', '.join(BENCHMARKS)}")
+    parser.add_argument("names", nargs="*", default=[n for n in BENCHMARKS if n not in ON_REQUEST],
+                        help=f"benchmarks: {', '.join(BENCHMARKS)} (default: all but {', '.join(ON_REQUEST)})")
     parser.add_argument("--output", required=True)
     parser.add_argument("--config", default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[])

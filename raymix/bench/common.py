@@ -29,7 +29,7 @@ def plain_loop(cfg: RunConfig, pool, init_dir: str, pad_id: int, tokens: int) ->
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=cfg.train.betas)
     rng = np.random.default_rng(cfg.seed)
     model.train()
-    done, steps = 0, 0
+    done, steps, positions = 0, 0, 0
     t0 = time.perf_counter()
     while done < tokens:
         idx = rng.integers(len(data), size=cfg.train.micro_batch_size)
@@ -40,9 +40,11 @@ def plain_loop(cfg: RunConfig, pool, init_dir: str, pad_id: int, tokens: int) ->
         opt.step()
         opt.zero_grad(set_to_none=True)
         done += int(batch["attention_mask"].sum())
+        positions += batch["input_ids"].numel()
         steps += 1
     seconds = time.perf_counter() - t0
-    return {"tokens": done, "steps": steps, "seconds": seconds, "tokens_per_second": done / seconds}
+    return {"tokens": done, "steps": steps, "seconds": seconds, "tokens_per_second": done / seconds,
+            "utilisation": done / max(1, positions)}
 
 
 

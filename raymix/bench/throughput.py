@@ -20,26 +20,33 @@ def bench_throughput(cfg: RunConfig, out: Path, repeats: int) -> dict:
     init_ray(cfg)
     tokenizer, _, pool, init_dir = prepare_model_and_data(cfg, out)
     budget = int(cfg.budget.tokens or round(cfg.budget.fraction * pool.pool_tokens))
-    plain = [plain_loop(cfg, pool, init_dir, tokenizer.pad_token_id, budget) for _ in range(repeats)]
+    plain = [plain_loop(cfg, pool, init_dir, tokenizer.pad_token_id, budget) for _ in range(repeats)]  # padded
     rows = {"plain": plain}
-    for workers in (0, 1, 2):  # 0: in-process (no Ray Train worker group)
+    # 0: in-process (no Ray Train worker group); in-process padded too, beside the packed default.
+    for workers, packing in ((0, cfg.train.packing), (0, False), (1, cfg.train.packing), (2, cfg.train.packing)):
+        name = f"raymix_{workers}w" if workers else "raymix_inprocess"
+        if packing != cfg.train.packing:
+            if not cfg.train.packing:
+                continue  # the padded in-process run is the one above
+            name += "_padded"
         runs = []
         for r in range(repeats):
             c = replace(cfg, runtime=replace(cfg.runtime, num_workers=workers),
-                        eval=replace(cfg.eval, max_test_examples=1))
+                        eval=replace(cfg.eval, max_test_examples=1), train=replace(cfg.train, packing=packing))
             t0 = time.perf_counter()
-            s = run(c, out / f"raymix-{workers}w-{r}")
+            s = run(c, out / f"{name}-{r}")
             runs.append({"tokens": s["train_tokens"], "steps": s["steps"], "seconds": s["train_loop_seconds"],
-                         "tokens_per_second": s["tokens_per_second"],
-                         "wall_seconds": time.perf_counter() - t0})
-        rows[f"raymix_{workers}w" if workers else "raymix_inprocess"] = runs
+                         "tokens_per_second": s["tokens_per_second"], "utilisation": s["utilisation"],
+                         "batch_layout": s["batch_layout"], "wall_seconds": time.perf_counter() - t0})
+        rows[name] = runs
     med = {k: statistics.median(r["tokens_per_second"] for r in v) for k, v in rows.items()}
     spread = {k: (min(r["tokens_per_second"] for r in v), max(r["tokens_per_second"] for r in v))
               for k, v in rows.items()}
+    utilisation = {k: statistics.median(r["utilisation"] for r in v) for k, v in rows.items()}
     return {
         "model": cfg.model.preset, "micro_batch_size": cfg.train.micro_batch_size,
         "torch_threads": cfg.runtime.torch_threads, "budget_tokens": budget, "repeats": repeats,
-        "runs": rows, "median_tokens_per_second": med, "min_max_tokens_per_second": spread,
+        "runs": rows, "median_tokens_per_second": med, "median_utilisation": utilisation, "min_max_tokens_per_second": spread,
         "ratio_inprocess": med["raymix_inprocess"] / med["plain"],
         "ratio_1w": med["raymix_1w"] / med["plain"], "ratio_2w": med["raymix_2w"] / med["plain"],
     }
@@ -53,10 +60,13 @@ def markdown(r: dict) -> list[str]:
         "## throughput\n",
         f"Model `{r['model']}`, micro-batch {r['micro_batch_size']}, {r['torch_threads']} torch thread(s) "
         f"per process, {r['budget_tokens']} training tokens per run, {r['repeats']} repeat(s).\n",
-        "| path | median tokens/s | min | max | ratio to plain |",
-        "|---|---:|---:|---:|---:|",
+        "| path | median tokens/s | min | max | ratio to plain | utilisation |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    util = r.get("median_utilisation", {})  # absent from results written before it existed
     for k, v in r["median_tokens_per_second"].items():
         lo, hi = r["min_max_tokens_per_second"][k]
-        lines.append(f"| {k} | {v:,.0f} | {lo:,.0f} | {hi:,.0f} | {v / r['median_tokens_per_second']['plain']:.2f} |")
+        u = f"{util[k]:.3f}" if k in util else "n/a"
+        lines.append(f"| {k} | {v:,.0f} | {lo:,.0f} | {hi:,.0f} | "
+                     f"{v / r['median_tokens_per_second']['plain']:.2f} | {u} |")
     return lines

@@ -253,6 +253,10 @@ def _summarise(cfg, out, tracker, result, fit_started, fit_ended, budget) -> tup
         "test_exact_match": em,
         "mean_test_exact_match": sum(em_vals) / len(em_vals) if em_vals else float("nan"),
         "tokens_per_second": ev.tokens_per_second,
+        # Real tokens per computed position (padding or packing slack), and the layout that gave it.
+        "utilisation": ev.utilisation,
+        "batch_layout": ev.batch_layout,
+        "peak_device_memory_bytes": ev.peak_device_memory_bytes,
         "train_loop_seconds": ev.loop_seconds,
         "eval_seconds": ev.eval_seconds,
         "mixer_update_seconds": mix["mixer_update_seconds"],
@@ -285,6 +289,8 @@ def log_summary(tracker, summary: dict, out: Path, plot_mixture, artifacts: Opti
     for t, row in summary["ledger"].items():
         metrics[f"ledger/{t}/train_tokens"] = row["train_tokens"]
         metrics[f"ledger/{t}/meta_tokens"] = row["meta_tokens"]
+    if "utilisation" in summary:  # absent from summaries written before it existed
+        metrics["utilisation"] = summary["utilisation"]
     tracker.log_metrics(metrics, step=summary["steps"])
     tracker.log_json(summary["ledger"], "ledger.json", out)
     tracker.log_json(summary["mixture_schedule"], "mixture_schedule.json", out)

@@ -86,6 +86,14 @@ class LoopResult:
     """The policy's signal stopped the run before the budget was spent."""
     signal_summary: dict = field(default_factory=dict)
     """Keys the policy's signal adds to ``summary.json``."""
+    utilisation: float = 0.0
+    """Real (unpadded) tokens per position the model computed in training,
+    over all workers (0 in a result written before it existed)."""
+    peak_device_memory_bytes: int = 0
+    """Rank 0's peak allocated accelerator memory in training
+    (``torch.cuda.max_memory_allocated``); 0 on CPU."""
+    batch_layout: str = ""
+    """``packed``, or ``padded (why)``: how training laid out its examples."""
     test_loss: dict[str, float] = field(default_factory=dict)
     """Per task, on the test split that no policy reads (runs are compared on
     it); empty in a result written before it existed."""

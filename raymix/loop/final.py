@@ -24,7 +24,8 @@ def finish(w, session, exchange, metrics_log, signal, progress, curve, checkpoin
                "tokens_per_second": progress.train_tokens / max(1e-9, loop_seconds),
                "meta_seconds": progress.meta_seconds, "meta_steps": progress.meta_steps,
                "curve_seconds": curve.seconds if curve is not None else 0.0, "restores": progress.restores,
-               "checkpoint_seconds": checkpointer.seconds}
+               "checkpoint_seconds": checkpointer.seconds, "utilisation": timing["utilisation"],
+               "peak_device_memory_bytes": _peak_device_memory(w.device)}
     model = w.final_model()  # a collective under FSDP: every rank takes part
     if w.rank != 0:
         session.report(numbers, None)
@@ -40,7 +41,7 @@ def finish(w, session, exchange, metrics_log, signal, progress, curve, checkpoin
                         test_exact_match=em, curve=curve.log if curve is not None else [], mixer=mixer_summary,
                         mixer_restarts=exchange.restarts, stopped_early=timing["stopped_early"],
                         signal_summary=signal.summary(), world=w.world,
-                        data_positions=timing["data_positions"])
+                        data_positions=timing["data_positions"], batch_layout=timing["batch_layout"])
     reported: dict = {}
 
     def write_final(d: str) -> None:
@@ -51,3 +52,10 @@ def finish(w, session, exchange, metrics_log, signal, progress, curve, checkpoin
         reported.update(result.metrics())
 
     report_checkpoint(session, reported, write_final, w.local_checkpoint_dir, "final", None)
+
+
+def _peak_device_memory(device) -> int:
+    """Peak allocated bytes on a CUDA device so far (training, before the final evaluation); 0 elsewhere."""
+    import torch
+
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0

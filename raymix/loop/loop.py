@@ -100,7 +100,8 @@ def train_loop(config: dict | LoopConfig, session=None, mixer=None) -> None:
                     - checkpointer.seconds)
     finish(w, session, exchange, metrics_log, signal, progress, curve, checkpointer,
            {"loop_seconds": loop_seconds, "entered_at": entered_at, "setup_seconds": setup_seconds,
-            "stopped_early": stopped, "data_positions": step.data_positions()})
+            "stopped_early": stopped, "data_positions": step.data_positions(), "utilisation": step.utilisation,
+            "batch_layout": step.batches.mode})
 
 
 def _run_signal(signal, view: StepView, exchange: MixerExchange, metrics_log, progress: Progress,

@@ -54,6 +54,7 @@ class TrainStep:
     def __init__(self, w):
         import torch
 
+        from raymix.packing import StepBatches
         from raymix.streams import MixtureSampler
 
         cfg = w.cfg
@@ -74,31 +75,40 @@ class TrainStep:
         pool = w.loop.pool
         self.T = len(pool.tasks)
         self.sampler = MixtureSampler([pool.shard_dir("train", t) for t in pool.tasks], cfg.seed, w.rank, w.world)
+        self.batches = StepBatches(w.raw_model, w.pad_id, cfg.train.packing, cfg.train.pack_length,
+                                   cfg.data.max_seq_len, log=print if w.rank == 0 else lambda _: None)
+        self.counted = np.zeros(2)  # over all ranks since this worker started: real tokens, computed positions
+
+    @property
+    def utilisation(self) -> float:
+        """Real tokens per computed position (padding and packing slack cost positions)."""
+        return float(self.counted[0] / max(1.0, self.counted[1]))
 
     def __call__(self, weights: np.ndarray, progress: float) -> StepOutcome:
         import torch
 
         from raymix.loss import token_nll
-        from raymix.streams import collate
 
         w, model, opt = self.w, self.w.model, self.w.optimizer
         lr = self.schedule(progress)
         for g in opt.param_groups:
             g["lr"] = lr
-        micro = [(idx, collate(examples, w.pad_id))
-                 for idx, examples in self.sampler.draw(weights, self.accum, self.mbs)]
+        # Padded, or packed (as many micro-batches, fewer positions).
+        micro = self.batches(self.sampler.draw(weights, self.accum, self.mbs))
         n_completion = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in micro)
-        step_stats = np.zeros((3, self.T))  # tokens, loss sum, loss count per task
+        step_stats = np.zeros((3, self.T + 1))  # tokens, loss sum, loss count per task; then positions computed
         for k, (idx, batch) in enumerate(micro):
             with self._sync(k), torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
                 nll, cnt = token_nll(model, batch, w.device)
                 loss = nll.sum() / max(1, n_completion)
                 loss.backward()
-            lengths = batch["attention_mask"].sum(dim=1).numpy()
-            np.add.at(step_stats[0], idx, lengths)
+            np.add.at(step_stats[0], idx, batch["lengths"].numpy())
+            step_stats[0, -1] += batch["input_ids"].numel()
             np.add.at(step_stats[1], idx, nll.detach().float().cpu().numpy())
             np.add.at(step_stats[2], idx, cnt.cpu().numpy())
-        stats = w.all_reduce(torch.from_numpy(step_stats)).numpy()
+        reduced = w.all_reduce(torch.from_numpy(step_stats)).numpy()
+        stats = np.ascontiguousarray(reduced[:, :-1])
+        self.counted += (stats[0].sum(), reduced[0, -1])
         outcome = StepOutcome(stats, stats[1].sum() / max(1.0, stats[2].sum()), lr)
         if not outcome.finite:
             # Every rank sees the same reduced loss and stops here, before

@@ -1,0 +1,223 @@
+"""``gpu``: a Qwen3-0.6B-shaped model (built from its config, random
+weights) trained through raymix's own path (the driver, one Ray Train
+worker, the mixer actor) in bf16 autocast on packed rows of 2,048 tokens,
+under DDP and FSDP with the uniform policy and under DDP with ADAPT (which
+needs the full model on its worker). Per run: tokens/s over the training loop,
+model FLOPs utilisation, peak accelerator memory and the layout's
+utilisation; and ADAPT's overhead against uniform. Sized to finish in one
+call of under ten minutes on one H200.
+
+Without CUDA it trains a tiny model of the same family on CPU (rows of 256
+tokens, a few steps), so the code path stays tested where no GPU is
+(``tests/test_gpu_check.py``); its figures say nothing about a GPU. With
+``runtime.num_workers=0`` the runs are in-process and FSDP (which shards over
+Ray Train workers) is left out.
+
+Model FLOPs per token: 6 N (N: every parameter, the tied embedding once) plus
+the attention term 12 x layers x hidden x row length, the usual estimate
+(PaLM, appendix B). raymix applies the output layer at completion positions
+only, so the FLOPs it runs are fewer than the model FLOPs counted here.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from raymix.config import RunConfig, load_config
+
+# Qwen3-0.6B's config.json (hub id Qwen/Qwen3-0.6B), hard-coded: no hub here.
+QWEN3_0_6B = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                  head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True,
+                  max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6)
+# The CPU stand-in: the same family and shape ratios, small.
+QWEN3_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, intermediate_size=192, tie_word_embeddings=True, max_position_embeddings=1024)
+
+# Dense bf16 peak FLOP/s by the device name's model (vendor data sheets;
+# H100/H200 SXM figures: a PCIe H100 is 756e12). First match wins.
+PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
+             ("L4", 121e12))
+
+GPU_SIZES = {"seq": 2048, "rows_per_micro": 8, "steps": 40, "max_seq_len": 512, "adapt_every": 5, "log_every": 5}
+CPU_SIZES = {"seq": 256, "rows_per_micro": 2, "steps": 4, "max_seq_len": 128, "adapt_every": 2, "log_every": 1}
+
+
+def peak_bf16_flops(device_name: str) -> Optional[float]:
+    for key, flops in PEAK_BF16:
+        if key in device_name:
+            return flops
+    return None
+
+
+def model_flops_per_token(config, seq: int) -> float:
+    """6 N + 12 L H s (see the module's docstring)."""
+    return 6 * count_parameters(config) + 12 * config.num_hidden_layers * config.hidden_size * seq
+
+
+def count_parameters(config) -> int:
+    """Parameters of a Qwen3 causal LM from its config (no weights built):
+    embedding (tied with the output layer when the config says so), per
+    layer the attention projections, q/k norms, MLP and two norms, and the final norm."""
+    h, L, v = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    d, heads, kv, inter = config.head_dim, config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
+    attention = h * heads * d + 2 * h * kv * d + heads * d * h + 2 * d  # q, k, v, o; q_norm, k_norm
+    mlp = 3 * h * inter
+    per_layer = attention + mlp + 2 * h
+    embed = v * h * (1 if config.tie_word_embeddings else 2)
+    return embed + L * per_layer + h
+
+
+def write_model(directory: Path, tokenizer_dir: str, shape: dict, seed: int) -> object:
+    """A randomly initialised Qwen3 causal LM of ``shape`` with the pool's
+    tokenizer beside it (a directory ``model.pretrained`` can name)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from raymix.models import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    shape = dict(shape)
+    shape.setdefault("vocab_size", len(tok))
+    config = Qwen3Config(**shape, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id)
+    if (directory / "config.json").exists():
+        return config
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config).to(torch.bfloat16)  # workers load it as float32 master weights
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    tmp.rename(directory)
+    return config
+
+
+def cases(in_process: bool) -> list[tuple[str, str]]:
+    """(parallelism, policy) pairs: FSDP shards over Ray Train workers, and
+    ADAPT's meta step needs the full model, so it runs under DDP only."""
+    return [("ddp", "uniform"), ("ddp", "adapt")] + ([] if in_process else [("fsdp", "uniform")])
+
+
+def bench_gpu(cfg: RunConfig, out: Path, repeats: int) -> dict:
+    import statistics
+
+    import torch
+
+    from raymix.driver import run
+    from raymix.driver.setup import init_ray, prepare_model_and_data
+
+    cuda = torch.cuda.is_available()
+    sizes, shape = (GPU_SIZES, QWEN3_0_6B) if cuda else (CPU_SIZES, QWEN3_TINY)
+    in_process = cfg.runtime.num_workers == 0
+    device_name = torch.cuda.get_device_name(0) if cuda else "CPU"
+    peak = peak_bf16_flops(device_name) if cuda else None
+    # The pool and its locally trained tokenizer, prepared once (a preset run's preparation).
+    base = replace(cfg, data=replace(cfg.data, max_seq_len=sizes["max_seq_len"]),
+                   model=replace(cfg.model, pretrained=None, tokenizer=None, preset="llama-micro"))
+    init_ray(base)
+    _, tok_dir, pool, _ = prepare_model_and_data(base, out / "prepare")
+    config = write_model(out / ("qwen3-0.6b" if cuda else "qwen3-tiny"), tok_dir, shape, cfg.seed)
+    mean_len = pool.pool_tokens / max(1, int(pool.train_examples().sum()))
+    seq = sizes["seq"]
+    # Examples per micro-batch that fill about rows_per_micro packed rows.
+    mbs = max(2, int(sizes["rows_per_micro"] * seq * 0.97 / mean_len))
+    step_tokens = mbs * mean_len
+    budget = int(sizes["steps"] * step_tokens)
+    flops_token = model_flops_per_token(config, seq)
+    runs: dict = {}
+    for parallelism, policy in cases(in_process):
+        name = f"{parallelism}-{policy}"
+        overrides = [
+            f"model.pretrained={out / ('qwen3-0.6b' if cuda else 'qwen3-tiny')}", f"train.pack_length={seq}",
+            f"train.micro_batch_size={mbs}", "train.grad_accum=1", "train.packing=true",
+            f"budget.tokens={budget}", f"policy.name={policy}", f"runtime.parallelism={parallelism}",
+            f"runtime.num_workers={0 if in_process else 1}", f"runtime.use_gpu={'true' if cuda else 'false'}",
+            "eval.curve_points=0", "eval.max_test_examples=2", "eval.max_new_tokens=2", "eval.suite=null",
+            f"data.max_seq_len={sizes['max_seq_len']}", f"train.log_every={sizes['log_every']}",
+            "train.checkpoint_fraction=0",  # no periodic checkpoints (7 GB each at this size): not what is timed
+        ]
+        if policy == "adapt":
+            every = sizes["adapt_every"]
+            overrides += [f"policy.adapt.every_steps={every}", f"policy.adapt.warmup_steps={every}"]
+        c = _with(cfg, overrides)
+        rows = []
+        for r in range(repeats):
+            s = run(c, out / f"{name}-{r}")
+            steady = steady_tokens_per_second(s)
+            tps = steady if steady is not None else s["tokens_per_second"]
+            rows.append({"tokens_per_second": tps, "loop_tokens_per_second": s["tokens_per_second"],
+                         "train_tokens": s["train_tokens"], "steps": s["steps"],
+                         "train_loop_seconds": s["train_loop_seconds"], "utilisation": s["utilisation"],
+                         "batch_layout": s["batch_layout"], "meta_time_share": s["meta_time_share"],
+                         "peak_memory_gib": s["peak_device_memory_bytes"] / 2**30,
+                         "mfu": tps * flops_token / peak if peak else None})
+        med = statistics.median(x["tokens_per_second"] for x in rows)
+        runs[name] = {"parallelism": parallelism, "policy": policy, "runs": rows,
+                      "tokens_per_second": med, "mfu": med * flops_token / peak if peak else None,
+                      "peak_memory_gib": max(x["peak_memory_gib"] for x in rows),
+                      "utilisation": statistics.median(x["utilisation"] for x in rows),
+                      "meta_time_share": statistics.median(x["meta_time_share"] for x in rows)}
+    uniform, adapt = runs["ddp-uniform"]["tokens_per_second"], runs["ddp-adapt"]["tokens_per_second"]
+    return {"device": device_name, "cuda": cuda, "peak_bf16_flops": peak,
+            "model": "Qwen3-0.6B shape, random weights" if cuda else "tiny Qwen3 (CPU stand-in)",
+            "parameters": count_parameters(config), "model_flops_per_token": flops_token, "row_length": seq,
+            "micro_batch_size": mbs, "mean_example_tokens": mean_len, "budget_tokens": budget,
+            "repeats": repeats, "workers": 0 if in_process else 1, "runs": runs,
+            "adapt_overhead": uniform / max(1e-9, adapt) - 1.0}
+
+
+def steady_tokens_per_second(summary: dict) -> Optional[float]:
+    """Median of the run's logged ``train/tokens_per_second`` intervals after
+    the first (which holds the first steps' one-off CUDA and allocator
+    start-up); None when fewer than two were logged."""
+    import statistics
+
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(summary["mlflow_tracking_uri"]).get_metric_history(
+        summary["mlflow_run_id"], "train/tokens_per_second")
+    values = [m.value for m in sorted(history, key=lambda m: m.step)][1:]
+    return statistics.median(values) if values else None
+
+
+def _with(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """``cfg`` (the command line's config) with the check's settings on top."""
+    import tempfile
+
+    import yaml
+
+    from raymix.config import to_dict
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(to_dict(cfg), f)
+    try:
+        return load_config(f.name, overrides)
+    finally:
+        Path(f.name).unlink()
+
+
+def markdown(r: dict) -> list[str]:
+    """This benchmark's section of bench.md."""
+    peak = f"{r['peak_bf16_flops'] / 1e12:.0f} TFLOP/s dense bf16" if r["peak_bf16_flops"] else "unknown"
+    lines = [
+        "## gpu\n",
+        f"{r['model']} ({r['parameters'] / 1e6:,.1f}M parameters) on {r['device']} (peak {peak}); "
+        f"packed rows of {r['row_length']} tokens, {r['micro_batch_size']} examples per step "
+        f"(mean {r['mean_example_tokens']:.0f} tokens), {r['budget_tokens']:,} training tokens per run, "
+        f"{max(1, r['workers'])} worker{'' if r['workers'] == 0 else ' (Ray Train)'}, {r['repeats']} repeat(s). "
+        f"Model FLOPs per token {r['model_flops_per_token'] / 1e9:.2f} GFLOP (6N + 12 x layers x hidden x row).\n",
+        "tokens/s: median of the logged intervals after the first (the whole loop's figure in bench.json).\n",
+        "| run | tokens/s | MFU | peak memory (GiB) | utilisation | meta time share |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, v in r["runs"].items():
+        mfu = f"{v['mfu']:.1%}" if v["mfu"] is not None else "n/a"
+        lines.append(f"| {name} | {v['tokens_per_second']:,.0f} | {mfu} | {v['peak_memory_gib']:.1f} | "
+                     f"{v['utilisation']:.3f} | {v['meta_time_share']:.2f} |")
+    lines.append(f"\nADAPT's overhead against uniform (DDP, tokens/s): {r['adapt_overhead']:+.1%}.")
+    if not r["cuda"]:
+        lines.append("\nNo CUDA device: a tiny CPU stand-in ran; these figures say nothing about a GPU.")
+    return lines

@@ -1,0 +1,86 @@
+"""``python -m raymix.bench gpu``, the GPU check: its FLOPs arithmetic, its
+device table, and its CPU stand-in run end to end (a tiny Qwen3 on packed
+rows through raymix's driver, uniform and ADAPT in-process), so the script a
+GPU machine runs cannot rot where no GPU is. Nothing here asserts on speed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raymix.bench import main
+from raymix.bench.gpu import (
+    QWEN3_0_6B,
+    QWEN3_TINY,
+    count_parameters,
+    markdown,
+    model_flops_per_token,
+    peak_bf16_flops,
+)
+
+RAY = ["--set", "runtime.num_cpus=2", "--set", "runtime.object_store_memory=200000000",
+       "--set", "runtime.data_concurrency=1"]
+
+
+@pytest.mark.parametrize("shape", [QWEN3_TINY, dict(QWEN3_0_6B, num_hidden_layers=2, vocab_size=1000)])
+def test_parameter_count_matches_the_built_model(shape: dict) -> None:
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(**dict({"vocab_size": 512}, **shape))
+    with torch.device("meta"):  # shapes only, no memory
+        model = Qwen3ForCausalLM(config)
+    assert count_parameters(config) == sum(p.numel() for p in model.parameters())
+
+
+def test_qwen3_0_6b_flops_and_peaks() -> None:
+    from transformers import Qwen3Config
+
+    config = Qwen3Config(**QWEN3_0_6B)
+    assert count_parameters(config) == 596_049_920  # Qwen3-0.6B: 0.6B with the tied embedding, 0.44B without
+    assert model_flops_per_token(config, 2048) == 6 * 596_049_920 + 12 * 28 * 1024 * 2048
+    assert peak_bf16_flops("NVIDIA H200") == 989e12 and peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12 and peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_bf16_flops("NVIDIA L4") == 121e12 and peak_bf16_flops("Tesla T4") is None
+
+
+def test_gpu_is_run_on_request_only(tmp_path: Path, monkeypatch) -> None:
+    """``python -m raymix.bench`` with no name runs the CPU benchmarks, not the GPU check."""
+    import raymix.bench as bench
+
+    called = []
+    monkeypatch.setattr(bench, "BENCHMARKS", {k: (lambda *a, k=k, **kw: called.append(k) or {})
+                                              for k in bench.BENCHMARKS})
+    monkeypatch.setattr(bench, "MODULES", {})
+    assert main(["--output", str(tmp_path)]) == 0
+    assert "gpu" not in called and "throughput" in called
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # about 1 minute alone (Ray, data preparation, two runs); 4 on a busy 2-core machine
+@pytest.mark.timeout(900)
+def test_cpu_stand_in_writes_its_figures(tmp_path: Path, monkeypatch) -> None:
+    import ray
+
+    monkeypatch.setenv("RAYMIX_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench"
+    try:
+        rc = main(["gpu", "--output", str(out), *RAY, "--set", "runtime.num_workers=0",
+                   "--set", "data.sources=[{kind: synthetic, scale: 0.02}]", "--set", "model.vocab_size=512"])
+    finally:
+        ray.shutdown()
+    assert rc == 0
+    r = json.loads((out / "bench.json").read_text())["gpu"]
+    assert not r["cuda"] and r["peak_bf16_flops"] is None and r["row_length"] == 256
+    assert set(r["runs"]) == {"ddp-uniform", "ddp-adapt"}  # in-process: no FSDP (it shards over workers)
+    for name, v in r["runs"].items():
+        row = v["runs"][0]
+        assert row["batch_layout"] == "packed" and row["steps"] >= 2, name
+        assert v["tokens_per_second"] > 0 and 0.5 < v["utilisation"] <= 1 and v["mfu"] is None
+        assert v["peak_memory_gib"] == 0  # no CUDA
+    assert r["runs"]["ddp-adapt"]["meta_time_share"] > 0 and r["runs"]["ddp-uniform"]["meta_time_share"] == 0
+    md = (out / "bench.md").read_text()
+    assert "| ddp-adapt |" in md and "ADAPT's overhead" in md and "CPU stand-in" in md
+    assert markdown(r)[0] == "## gpu\n"
