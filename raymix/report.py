@@ -372,11 +372,16 @@ def annotate_parent_run(tracking_uri: str, parent_run_id: str, report_dir: str |
     the report (``report.md`` and its plots) as artifacts under ``report/``,
     its comparison table as the run's description (``mlflow.note.content``,
     shown on the run's page), and the best trial per budget by worst-case
-    test loss as tags ``raymix.best.<budget>`` ("trial · run id · loss").
+    test loss as tags ``raymix.best.<budget>`` ("trial · run id · loss") and
+    metrics ``best/<budget>/worst_test_loss`` (columns of the runs table).
     Returns ``{budget: run id}``."""
+    import time
+
+    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     report_dir = Path(report_dir)
+    now = int(time.time() * 1000)
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment(client.get_run(parent_run_id).info.experiment_id).name
     _, _, df = load_runs(tracking_uri, experiment)
@@ -386,12 +391,15 @@ def annotate_parent_run(tracking_uri: str, parent_run_id: str, report_dir: str |
         trial = Path(client.get_run(run_id).data.tags.get("raymix.output_dir", run_id)).name
         client.set_tag(parent_run_id, f"raymix.best.{budget}",
                        f"{trial} · run {run_id} · worst test loss {losses[run_id]:.4f}")
-    text = (report_dir / "report.md").read_text()
-    start = text.find("## Policies x budgets")
-    table = text[start:text.find("\n## ", start + 1)] if start >= 0 else ""
+    # The metrics that compare policies, one table: the full report (all
+    # metrics, evaluation, plots) is in the artifacts.
+    keys = [m for m in METRICS if m[0] in ("worst_test_loss", "mean_test_loss", "mean_test_exact_match",
+                                            "effective_tokens")]
     note = [f"# {experiment}", "", "Best trial per budget (lowest worst-case test loss): "
-            + ", ".join(f"{b}: `{r}`" for b, r in best.items()), "", table.strip(), "",
-            "The full report and its plots: the artifacts under `report/`."]
+            + ", ".join(f"{b}: `{r}`" for b, r in best.items()), "", *_table(df, keys), "",
+            "The full report with its plots: the artifacts under `report/`."]
+    client.log_batch(parent_run_id, metrics=[Metric(f"best/{b}/worst_test_loss", float(losses[r]), now, 0)
+                                             for b, r in best.items()])
     client.set_tag(parent_run_id, "mlflow.note.content", "\n".join(note))
     client.log_artifacts(parent_run_id, str(report_dir), "report")
     return best

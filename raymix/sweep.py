@@ -329,7 +329,8 @@ def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, re
 
         path = write_report(store, space.name, report_dir or sweep_dir / "report", space_file)
         result["report"] = str(path)
-        result["best"] = annotate_parent_run(store, parent_id, path.parent)
+        best = annotate_parent_run(store, parent_id, path.parent)
+        result["best_trial_per_budget"] = ", ".join(f"{b}: run {r}" for b, r in best.items())
     return result
 
 
