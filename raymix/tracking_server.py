@@ -44,12 +44,18 @@ def free_port(host: str = HOST) -> int:
         return s.getsockname()[1]
 
 
+try:
+    # Resolved here, not in the child: after fork in a process with threads
+    # (Ray's), the child must not take the dynamic loader's locks.
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _PRCTL = None
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """SIGTERM to the server when the process that started it dies (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _healthy(uri: str) -> bool:
