@@ -224,6 +224,10 @@ cmd_mlflow() {
   local args=(server --backend-store-uri "$RAYMIX_MLFLOW_DB" --artifacts-destination "$RAYMIX_ARTIFACTS"
     --host "$host" --port "$port")
   if [ -n "${RAYMIX_MLFLOW_ALLOWED_HOSTS:-}" ]; then args+=(--allowed-hosts "$RAYMIX_MLFLOW_ALLOWED_HOSTS"); fi
+  # SQLite: one server worker, the only process that opens the file (MLflow's
+  # default four are four writers on one file: "database is locked" under
+  # concurrent trials). PostgreSQL takes the default.
+  case "$RAYMIX_MLFLOW_DB" in sqlite:*) args+=(--workers 1) ;; esac
   # The inner shell records its own pid, which exec hands to mlflow.
   setsid bash -c 'echo $$ >"$0"; exec mlflow "$@"' "$pidfile" "${args[@]}" \
     >>"$MLFLOW_DIR/server.log" 2>&1 </dev/null &

@@ -349,6 +349,62 @@ def write_report(tracking_uri: str, experiment: str, out: str | Path, space_file
     return path
 
 
+def _budget_key(row) -> str:
+    """A budget as an MLflow tag key can hold it (no commas or %): ``t4000``
+    for tokens, ``f0.01`` for a fraction of the pool (as in trial names)."""
+    value = float(row["budget_value"])
+    return f"t{int(value)}" if str(row["budget"]).endswith("tok") else f"f{value:g}"
+
+
+def best_per_budget(df) -> dict[str, str]:
+    """``{budget key: run id}`` of the trial with the lowest worst-case test
+    loss at each budget (keyed ``model.budget`` when the runs span models)."""
+    best = {}
+    several_models = df["model"].nunique() > 1
+    for (model, _), group in df.dropna(subset=["worst_test_loss"]).groupby(["model", "budget_value"]):
+        row = group.loc[group["worst_test_loss"].idxmin()]
+        best[f"{model}.{_budget_key(row)}" if several_models else _budget_key(row)] = row["run_id"]
+    return best
+
+
+def annotate_parent_run(tracking_uri: str, parent_run_id: str, report_dir: str | Path) -> dict[str, str]:
+    """What a reader of a sweep's parent run in the MLflow UI wants first:
+    the report (``report.md`` and its plots) as artifacts under ``report/``,
+    its comparison table as the run's description (``mlflow.note.content``,
+    shown on the run's page), and the best trial per budget by worst-case
+    test loss as tags ``raymix.best.<budget>`` ("trial · run id · loss") and
+    metrics ``best/<budget>/worst_test_loss`` (columns of the runs table).
+    Returns ``{budget: run id}``."""
+    import time
+
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    report_dir = Path(report_dir)
+    now = int(time.time() * 1000)
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment(client.get_run(parent_run_id).info.experiment_id).name
+    _, _, df = load_runs(tracking_uri, experiment)
+    best = best_per_budget(df)
+    losses = df.set_index("run_id")["worst_test_loss"]
+    for budget, run_id in best.items():
+        trial = Path(client.get_run(run_id).data.tags.get("raymix.output_dir", run_id)).name
+        client.set_tag(parent_run_id, f"raymix.best.{budget}",
+                       f"{trial} · run {run_id} · worst test loss {losses[run_id]:.4f}")
+    # The metrics that compare policies, one table: the full report (all
+    # metrics, evaluation, plots) is in the artifacts.
+    keys = [m for m in METRICS if m[0] in ("worst_test_loss", "mean_test_loss", "mean_test_exact_match",
+                                            "effective_tokens")]
+    note = [f"# {experiment}", "", "Best trial per budget (lowest worst-case test loss): "
+            + ", ".join(f"{b}: `{r}`" for b, r in best.items()), "", *_table(df, keys), "",
+            "The full report with its plots: the artifacts under `report/`."]
+    client.log_batch(parent_run_id, metrics=[Metric(f"best/{b}/worst_test_loss", float(losses[r]), now, 0)
+                                             for b, r in best.items()])
+    client.set_tag(parent_run_id, "mlflow.note.content", "\n".join(note))
+    client.log_artifacts(parent_run_id, str(report_dir), "report")
+    return best
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m raymix.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", required=True)

@@ -1,15 +1,17 @@
 """Sweeps on Ray Tune: budgets x models x policies x seeds from a YAML space.
 
     python -m raymix.sweep --space tune_spaces/quickstart.yaml [--set key=value ...]
-                           [--output DIR] [--resume] [--no-report]
+                           [--output DIR] [--resume] [--no-report] [--tracking-uri URI]
 
 Each trial is one budgeted run (``raymix.driver.run``: a Tune function
 trainable that launches a ``TorchTrainer``, the Ray Train V2 pattern) with its
 own MLflow run nested under the sweep's parent run. Trials are named by an
 identity hash of the fields that change results, so ``--resume`` after a
 killed driver runs only the trials that have no FINISHED MLflow run, and never
-logs a finished trial twice. The sweep's report is generated from MLflow at
-the end (``raymix.report``).
+logs a finished trial twice. Concurrent trials log through an MLflow server
+(see :func:`run_sweep`). The sweep's report is generated from MLflow at the
+end (``raymix.report``) and attached to the parent run, with the best trial
+per budget as its tags.
 
 A space file:
 
@@ -279,15 +281,31 @@ def check_resume_identity(space: Space, saved_extra: Sequence[str], extra: Seque
                       "may change), or start the new grid in another --output")
 
 
-def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, report: bool = True,
-              report_dir: Optional[Path] = None, space_file: Optional[str] = None) -> dict:
-    import ray
-    from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
-    from ray import tune
+def concurrency(space: Space, configs: Sequence[RunConfig], cpus: float) -> int:
+    """Trials at a time: the space's ``max_concurrent_trials``, else as many
+    as the cluster's CPUs hold (one on a machine of 2 CPUs or fewer)."""
+    # Local mode (0 workers) trains in the trial process: one worker's share.
+    per_trial = max(max(1, c.runtime.num_workers) * c.runtime.cpus_per_worker for c in configs) + space.trial_cpus
+    return space.max_concurrent_trials or max(1, int(cpus // per_trial) if cpus > 2 else 1)
 
-    from raymix.driver.setup import init_ray, prepare_model_and_data
-    from raymix.tracking import check_reachable
+
+def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, report: bool = True,
+              report_dir: Optional[Path] = None, space_file: Optional[str] = None,
+              tracking_uri: Optional[str] = None) -> dict:
+    """Run the space's trials not yet FINISHED in MLflow, then the report.
+
+    The MLflow store: ``tracking_uri`` (``--tracking-uri``), else
+    ``MLFLOW_TRACKING_URI``, else ``tracking.tracking_uri``, else
+    ``OUTPUT/mlflow.db``. An SQLite store with more than one trial at a
+    time is served by an ``mlflow server`` this sweep starts and stops
+    (:mod:`raymix.tracking_server`), so that only one process opens the
+    file; one trial at a time opens it directly (no server to start: about
+    30 s saved on 2 busy cores), as does a single run."""
+    import ray
+
+    from raymix.driver.setup import init_ray
+    from raymix.tracking import check_reachable, ui_url
+    from raymix.tracking_server import TrackingServer
 
     configs = space.configs(extra)
     sweep_dir = output.resolve()
@@ -301,12 +319,63 @@ def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, re
         check_resume_identity(space, json.loads(state_file.read_text()).get("extra", []), extra, configs)
     sweep_dir.mkdir(parents=True, exist_ok=True)
 
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or configs[0].tracking.tracking_uri or f"sqlite:///{sweep_dir / 'mlflow.db'}"
-    check_reachable(uri)
+    store = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or configs[0].tracking.tracking_uri
+             or f"sqlite:///{sweep_dir / 'mlflow.db'}")
+    check_reachable(store)
+    init_ray(configs[0])
+    concurrent = concurrency(space, configs, ray.cluster_resources().get("CPU", 1))
+    server = None
+    uri = store
+    if store.startswith("sqlite:") and concurrent > 1 and len(configs) > 1:
+        server = TrackingServer(store, sweep_dir / "mlartifacts", sweep_dir / "mlflow-server.log")
+        print(f"[raymix] {concurrent} trials at a time: starting an MLflow server on {store} "
+              f"(log {server.log_path})", flush=True)
+        uri = server.start()
+    try:
+        parent_id, exp_id = _run_trials(space, extra, configs, sweep_dir, resume, uri, store, concurrent)
+    finally:
+        if server is not None:
+            server.stop()
+    result = {"space": space.name, "trials": len(configs), "parent_run_id": parent_id,
+              "experiment_id": exp_id, "tracking_uri": store, "sweep_dir": str(sweep_dir)}
+    if server is not None:
+        result["tracking_server"] = "stopped; it served " + uri
+    if store.startswith(("http://", "https://")):
+        result["mlflow_ui"] = ui_url(store, exp_id, parent_id)
+    else:
+        result["mlflow_ui"] = (f"mlflow ui --backend-store-uri {store} --host 127.0.0.1 --port 5000 --workers 1, "
+                               f"then {ui_url('http://127.0.0.1:5000', exp_id, parent_id)}")
+    if report:
+        from raymix.report import annotate_parent_run, write_report
+
+        path = write_report(store, space.name, report_dir or sweep_dir / "report", space_file)
+        result["report"] = str(path)
+        best = annotate_parent_run(store, parent_id, path.parent)
+        result["best_trial_per_budget"] = ", ".join(f"{b}: run {r}" for b, r in best.items())
+    return result
+
+
+def _run_trials(space: Space, extra: Sequence[str], configs: Sequence[RunConfig], sweep_dir: Path, resume: bool,
+                uri: str, store: str, concurrent: int) -> tuple[str, str]:
+    """The sweep's parent run and its trials on Tune, logging to ``uri``
+    (``store`` itself, or the server in front of it); returns the parent
+    run's and the experiment's ids."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from raymix.driver.setup import prepare_model_and_data
+    from raymix.tracking import EXPERIMENT_TAGS
+
+    state_file = sweep_dir / "sweep.json"
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(space.name)
     exp_id = exp.experiment_id if exp else client.create_experiment(
-        space.name, (sweep_dir / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None)
+        space.name, (sweep_dir / "mlartifacts").as_uri() if store.startswith("sqlite:") else None,
+        tags=EXPERIMENT_TAGS)
+    if exp is not None and not set(EXPERIMENT_TAGS) & set(exp.tags):  # made before raymix set the kind
+        for key, value in EXPERIMENT_TAGS.items():
+            client.set_experiment_tag(exp_id, key, value)
 
     if resume:
         state = json.loads(state_file.read_text())
@@ -317,7 +386,7 @@ def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, re
                                                                           "raymix.space": json.dumps(space.grid)})
         parent_id = parent.info.run_id
         state = {"space": space.name, "parent_run_id": parent_id, "experiment_id": exp_id,
-                 "tracking_uri": uri, "extra": list(extra), "started": time.time()}
+                 "tracking_uri": store, "extra": list(extra), "started": time.time()}
         state_file.write_text(json.dumps(state, indent=1))
         client.log_text(parent_id, yaml.safe_dump({"name": space.name, "base": space.base, "grid": space.grid},
                                                   sort_keys=False), "space.yaml")
@@ -328,7 +397,6 @@ def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, re
         todo = [(ov, cfg) for ov, cfg in zip(space.overrides(extra), configs) if identity_hash(cfg) not in done]
         print(f"[raymix] sweep {space.name}: {len(configs)} trials, {len(configs) - len(todo)} already finished, "
               f"{len(todo)} to run; MLflow {uri} experiment {space.name!r} parent run {parent_id}", flush=True)
-        init_ray(configs[0])
         # Tokenise each distinct pool once, here, rather than in every trial.
         seen = set()
         for _, cfg in todo:
@@ -337,10 +405,6 @@ def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, re
                 seen.add(key)
                 prepare_model_and_data(cfg, sweep_dir / "prepare")
         if todo:
-            cpus = ray.cluster_resources().get("CPU", 1)
-            # Local mode (0 workers) trains in the trial process: one worker's share.
-            per_trial = max(max(1, c.runtime.num_workers) * c.runtime.cpus_per_worker for _, c in todo) + space.trial_cpus
-            concurrent = space.max_concurrent_trials or max(1, int(cpus // per_trial) if cpus > 2 else 1)
             # A trial in local mode trains in its own process: it reserves a
             # worker's CPUs; otherwise its workers reserve theirs.
             local = max((c.runtime.cpus_per_worker for _, c in todo if c.runtime.num_workers == 0), default=0.0)
@@ -373,13 +437,7 @@ def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, re
         status = "FINISHED"
     finally:
         client.set_terminated(parent_id, status)
-    result = {"space": space.name, "trials": len(configs), "parent_run_id": parent_id,
-              "experiment_id": exp_id, "tracking_uri": uri, "sweep_dir": str(sweep_dir)}
-    if report:
-        from raymix.report import write_report
-
-        result["report"] = str(write_report(uri, space.name, report_dir or sweep_dir / "report", space_file))
-    return result
+    return parent_id, exp_id
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -392,6 +450,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-report", action="store_true")
     parser.add_argument("--report-dir", default=None, help="where the report goes (default: OUTPUT/report)")
     parser.add_argument("--dry-run", action="store_true", help="list the trials and exit")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow store or server (default: MLFLOW_TRACKING_URI, else OUTPUT/mlflow.db, served "
+                             "by an mlflow server the sweep starts when trials run concurrently)")
     args = parser.parse_args(argv)
     try:
         for item in args.overrides:
@@ -407,7 +468,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"[raymix] sweep joins the cluster at RAY_ADDRESS: {' '.join(defaults)} (a lost worker "
                   "restarts from the trial's last checkpoint; --set runtime.max_failures=N to change)", flush=True)
         result = run_sweep(space, defaults + list(args.overrides), out, args.resume, report=not args.no_report,
-                           report_dir=Path(args.report_dir) if args.report_dir else None, space_file=args.space)
+                           report_dir=Path(args.report_dir) if args.report_dir else None, space_file=args.space,
+                           tracking_uri=args.tracking_uri)
     except RaymixError as e:
         print(f"raymix: error: {e}", file=sys.stderr)
         return 2

@@ -22,6 +22,26 @@ from raymix.config import RunConfig, flatten, identity_hash
 from raymix.errors import RaymixError
 
 
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+"""Tags of the experiments raymix creates: ``mlflow.experimentKind``
+``custom_model_development`` (the UI's "Machine learning" kind; the UI's
+bundle lists ``genai_development``, ``custom_model_development``,
+``finetuning``, ...) marks them as model training, for the UIs and tools
+that read it. MLflow 3.17's UI reads it only with its GenAI / Model training
+switch turned off, which it is not by default: the addresses raymix prints
+set that switch (:func:`ui_url`)."""
+
+
+def ui_url(base: str, experiment_id: str, run_id: Optional[str] = None) -> str:
+    """The MLflow UI's page of an experiment (or of one of its runs) on the
+    training view. MLflow 3.17's UI has a GenAI / Model training switch of
+    its own (remembered by the browser, GenAI at first) that decides the
+    view before ``mlflow.experimentKind`` is read; ``workflowType`` in the
+    address sets it."""
+    page = f"/runs/{run_id}" if run_id else ""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}{page}?workflowType=machine_learning"
+
+
 def resolve_tracking_uri(cfg: RunConfig, output_dir: Path) -> str:
     uri = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     return uri or f"sqlite:///{output_dir.resolve() / 'mlflow.db'}"
@@ -102,7 +122,8 @@ class RunTracker:
             if self.uri.startswith("sqlite:") or "://" not in self.uri:
                 artifact_location = (output_dir.resolve() / "mlartifacts").as_uri()
             try:
-                exp_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location)
+                exp_id = self.client.create_experiment(cfg.tracking.experiment, artifact_location,
+                                                       tags=EXPERIMENT_TAGS)
             except Exception:  # created concurrently by another process
                 exp_id = self.client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
         else:

@@ -190,6 +190,11 @@ def _check_report(co: Path, home: Path, _: str) -> None:
     assert (co / "runs/smoke/report-again/report.md").is_file()
 
 
+def _check_screenshots(co: Path, home: Path, _: str) -> None:
+    for name in ("experiment.png", "parent_run.png"):
+        assert (co / "runs/smoke/ui" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
 def _check_job(co: Path, home: Path, out: str) -> None:
     assert "succeeded" in out, out[-3000:]
     _smoke_sweep_in_mlflow(co / "runs/smoke-job")
@@ -243,7 +248,11 @@ BLOCKS: tuple[Spec, ...] = (
     Spec("eval", "raymix.eval --checkpoint runs/main/model", "slow", needs=("train-main",), timeout=900,
          check=_check_eval),
     Spec("sweep-report", "raymix.report --experiment smoke", "slow", timeout=900, check=_check_report),
-    Spec("mlflow-server", "mlflow server --backend-store-uri", "run", server="/health", timeout=420),
+    # Chromium is a system package (apt-get install chromium): scripts/setup.sh installs none.
+    Spec("ui-screenshots", "scripts/ui_screenshots.py --store sqlite:///runs/smoke/mlflow.db",
+         "slow" if shutil.which("chromium") else "skip",
+         "needs chromium (apt-get install chromium), a system package scripts/setup.sh does not install",
+         needs=("sweep-report",), timeout=600, check=_check_screenshots),
     Spec("job-submit", "ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\\n"
          "      python -m raymix.sweep --space tune_spaces/smoke.yaml", "slow", timeout=900,
          check=_check_job, variants=("empty-home", "token-in-home"),

@@ -239,7 +239,10 @@ def open_tracker(cfg: RunConfig, out: Path, parent_run_id: Optional[str], saved:
     from raymix.tracking import RunTracker
 
     if saved:
-        return RunTracker(cfg, out, resume_run_id=saved["mlflow_run_id"], resume_uri=saved["mlflow_tracking_uri"])
+        # An explicit tracking URI wins over the saved one: a sweep's MLflow
+        # server listens on another port after the sweep is resumed.
+        return RunTracker(cfg, out, resume_run_id=saved["mlflow_run_id"],
+                          resume_uri=cfg.tracking.tracking_uri or saved["mlflow_tracking_uri"])
     tracker = RunTracker(cfg, out, parent_run_id)
     (out / RUN_FILE).write_text(json.dumps({
         "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.uri,
