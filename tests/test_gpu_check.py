@@ -81,6 +81,14 @@ def test_cpu_stand_in_writes_its_figures(tmp_path: Path, monkeypatch) -> None:
         assert v["tokens_per_second"] > 0 and 0.5 < v["utilisation"] <= 1 and v["mfu"] is None
         assert v["peak_memory_gib"] == 0  # no CUDA
     assert r["runs"]["ddp-adapt"]["meta_time_share"] > 0 and r["runs"]["ddp-uniform"]["meta_time_share"] == 0
+    # The run's summary.json and its MLflow run carry the utilisation and the peak memory.
+    from mlflow.tracking import MlflowClient
+
+    summary = json.loads((out / "gpu" / "ddp-uniform-0" / "summary.json").read_text())
+    assert summary["utilisation"] == r["runs"]["ddp-uniform"]["utilisation"]
+    assert summary["peak_device_memory_bytes"] == 0 and summary["batch_layout"] == "packed"
+    metrics = MlflowClient(summary["mlflow_tracking_uri"]).get_run(summary["mlflow_run_id"]).data.metrics
+    assert metrics["utilisation"] == pytest.approx(summary["utilisation"])
     md = (out / "bench.md").read_text()
     assert "| ddp-adapt |" in md and "ADAPT's overhead" in md and "CPU stand-in" in md
     assert markdown(r)[0] == "## gpu\n"

@@ -41,7 +41,7 @@ QWEN3_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, nu
 PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
              ("L4", 121e12))
 
-GPU_SIZES = {"seq": 2048, "rows_per_micro": 8, "steps": 40, "max_seq_len": 512, "adapt_every": 5, "log_every": 5}
+GPU_SIZES = {"seq": 2048, "rows_per_micro": 8, "steps": 40, "max_seq_len": 128, "adapt_every": 5, "log_every": 5}
 CPU_SIZES = {"seq": 256, "rows_per_micro": 2, "steps": 4, "max_seq_len": 128, "adapt_every": 2, "log_every": 1}
 
 
