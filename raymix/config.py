@@ -29,6 +29,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from raymix.config_regmix import RegmixConfig
 from raymix.errors import RaymixError
 
 SOURCE_KINDS = ("synthetic", "natural_instructions", "jsonl", "hf")
@@ -570,7 +571,7 @@ class PolicyConfig:
 
     name: str = "uniform"
     """Registered policy name: uniform, proportional, temperature, unimax, static, schedule, adapt, gradex, ideal,
-    odm, doremi, aioli."""
+    odm, doremi, aioli, regmix."""
     temperature: float = 2.0
     """temperature: p_i proportional to n_i^(1/temperature)."""
     unimax_epochs: float = 1.0
@@ -594,6 +595,9 @@ class PolicyConfig:
     """doremi: options of DoReMi (in the identity only when ``name`` is doremi)."""
     aioli: AioliConfig = field(default_factory=AioliConfig)
     """aioli: options of Aioli (in the identity only when ``name`` is aioli)."""
+    regmix: RegmixConfig = field(default_factory=RegmixConfig)
+    """regmix: options of RegMix (``raymix.config_regmix``; in the identity only
+    when ``name`` is regmix, without ``swarm_dir``)."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -1003,7 +1007,9 @@ def identity_hash(cfg: RunConfig) -> str:
         # policies hash the block as it was, so their identities (sweep
         # resume, reports) stay what they were.
         tree["policy"]["adapt"] = dict(_ADAPT_BLOCK_BEFORE_13)
-    for block in ("gradex", "ideal", "odm", "doremi", "aioli"):
+    if tree["policy"].get("name") == "regmix":
+        tree["policy"]["regmix"].pop("swarm_dir", None)  # where proxies are kept, not what they are
+    for block in ("gradex", "ideal", "odm", "doremi", "aioli", "regmix"):
         if tree["policy"].get("name") != block:
             # Option blocks added after runs were recorded count only for
             # their own policy: the other policies' hashes (sweep and
