@@ -174,3 +174,21 @@ def test_identity_covers_the_swarm_not_its_folder() -> None:
     assert identity_hash(load_config(None, ["policy.name=regmix", "policy.regmix.swarm_dir=elsewhere"])) == base
     # Not part of any other policy's identity.
     assert identity_hash(load_config(None, ["policy.regmix.proxy_runs=64"])) == identity_hash(RunConfig())
+
+
+def test_proxy_config_is_a_static_run_at_the_proxy_budget() -> None:
+    """A proxy: static on its mixture, the proxy budget in tokens, the swarm's
+    seed (so the final runs of several seeds share proxies), the proxy preset,
+    no lm-eval suite; its identity is the same whatever the final run's seed."""
+    from raymix.config import identity_hash
+    from raymix.driver.regmix import proxy_config
+
+    over = ["policy.name=regmix", "policy.regmix.proxy_preset=llama-micro", "model.preset=llama-small",
+            "eval.suite=ood_embedded", "policy.regmix.swarm_seed=7"]
+    cfg = load_config(None, over + ["seed=3"])
+    p = proxy_config(cfg, {"a": 0.25, "b": 0.75}, 1234, 5, "sqlite:///x.db")
+    assert p.policy.name == "static" and p.policy.weights == {"a": 0.25, "b": 0.75}
+    assert p.budget.tokens == 1234 and p.seed == 7 and p.model.preset == "llama-micro"
+    assert p.eval.suite is None and p.tracking.run_name.endswith("proxy5")
+    other_seed = proxy_config(load_config(None, over + ["seed=4"]), {"a": 0.25, "b": 0.75}, 1234, 5, "sqlite:///y.db")
+    assert identity_hash(p) == identity_hash(other_seed)
