@@ -29,6 +29,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from raymix.config_regmix import RegmixConfig
 from raymix.errors import RaymixError
 
 SOURCE_KINDS = ("synthetic", "natural_instructions", "jsonl", "hf")
@@ -579,7 +580,7 @@ class PolicyConfig:
 
     name: str = "uniform"
     """Registered policy name: uniform, proportional, temperature, unimax, static, schedule, adapt, gradex, ideal,
-    odm, doremi, aioli."""
+    odm, doremi, aioli, regmix."""
     temperature: float = 2.0
     """temperature: p_i proportional to n_i^(1/temperature)."""
     unimax_epochs: float = 1.0
@@ -603,6 +604,9 @@ class PolicyConfig:
     """doremi: options of DoReMi (in the identity only when ``name`` is doremi)."""
     aioli: AioliConfig = field(default_factory=AioliConfig)
     """aioli: options of Aioli (in the identity only when ``name`` is aioli)."""
+    regmix: RegmixConfig = field(default_factory=RegmixConfig)
+    """regmix: options of RegMix (``raymix.config_regmix``; in the identity only
+    when ``name`` is regmix, without ``swarm_dir``)."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -1063,7 +1067,9 @@ def identity_hash(cfg: RunConfig) -> str:
         tree["policy"]["adapt"] = dict(_ADAPT_BLOCK_BEFORE_13)
     elif tree["policy"]["adapt"].get("meta_share") is None:
         tree["policy"]["adapt"].pop("meta_share", None)  # added later: off, it leaves ADAPT's identity as it was
-    for block in ("gradex", "ideal", "odm", "doremi", "aioli"):
+    if tree["policy"].get("name") == "regmix":
+        tree["policy"]["regmix"].pop("swarm_dir", None)  # where proxies are kept, not what they are
+    for block in ("gradex", "ideal", "odm", "doremi", "aioli", "regmix"):
         if tree["policy"].get("name") != block:
             # Option blocks added after runs were recorded count only for
             # their own policy: the other policies' hashes (sweep and

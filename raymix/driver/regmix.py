@@ -1,0 +1,209 @@
+"""RegMix end to end: a swarm of proxy runs, a regression, the final run.
+
+    python -m raymix.train --set policy.name=regmix --output DIR
+
+1. The swarm: ``policy.regmix.proxy_runs`` static mixtures drawn from a
+   Dirichlet around the pool's token distribution, capped by
+   ``budget.max_epochs`` at the final budget (``raymix.policies.regmix.swarm``);
+   each trained as an ordinary static run at the proxy budget (and the
+   proxy model preset, if given), nested under the RegMix MLflow run and
+   tagged as its round. A proxy run's folder is named by its identity hash
+   (``SWARM/proxy-<identity>``, SWARM = ``policy.regmix.swarm_dir`` or
+   ``DIR/swarm``), so a finished proxy is reused: by a resumed run, by a
+   larger swarm (the first K mixtures of a swarm are those of a smaller
+   one), and by the final runs of other seeds that share ``swarm_dir``.
+   Proxy runs train one after another in this process, through the same
+   round mechanism as IDEAL's and DoReMi's drivers.
+2. The regression (``raymix.policies.regmix.regression``): the mixtures the
+   proxies actually trained on (their ledgers) against their per-task
+   validation losses; its quality on held-out proxy runs by k-fold; the
+   optimum searched over ``candidates`` capped mixtures.
+3. The final run: the chosen mixture as a static mixture at the full budget.
+
+``DIR/summary.json`` is the final run's summary under the RegMix run's
+identity, with the compute of every run (``total_*_all_rounds``, proxy tokens
+included) and the ``regmix`` block (swarm, regression, chosen weights).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from raymix.config import RunConfig, identity_hash
+from raymix.driver.ideal import _copy_round_metrics
+from raymix.driver.setup import (
+    budget_tokens,
+    init_ray,
+    open_tracker,
+    prepare_model_and_data,
+    prepare_output,
+    resolve_suite,
+)
+from raymix.driver.single import log_summary, run_round
+from raymix.errors import RaymixError
+
+ROUND_TAG = "raymix.round"
+"""Tag of a proxy or final run (nested); the report lists the RegMix run, not these."""
+
+
+def proxy_config(cfg: RunConfig, weights: dict[str, float], tokens: int, i: int, tracking_uri: str) -> RunConfig:
+    """Proxy run ``i``: a static mixture at ``tokens``, the swarm's seed, the
+    proxy preset if any, no lm-eval suite."""
+    rc = cfg.policy.regmix
+    model = cfg.model
+    if rc.proxy_preset is not None:
+        model = dataclasses.replace(cfg.model, preset=rc.proxy_preset, pretrained=None,
+                                    tokenizer=cfg.model.tokenizer or cfg.model.pretrained)
+    return dataclasses.replace(
+        cfg, seed=rc.swarm_seed, model=model,
+        policy=dataclasses.replace(cfg.policy, name="static", weights=weights),
+        budget=dataclasses.replace(cfg.budget, tokens=int(tokens)),
+        eval=dataclasses.replace(cfg.eval, suite=None),
+        tracking=dataclasses.replace(cfg.tracking, tracking_uri=tracking_uri,
+                                     run_name=f"{cfg.tracking.run_name or 'regmix'}-proxy{i}"))
+
+
+def _check(cfg: RunConfig, tasks: tuple[str, ...]) -> None:
+    from raymix.models import PRESETS
+
+    rc = cfg.policy.regmix
+    if rc.target not in ("worst", "mean") and rc.target not in tasks:
+        raise RaymixError(f"policy.regmix.target={rc.target!r}: not worst, mean or a task of the pool "
+                          f"({', '.join(tasks)})")
+    if rc.proxy_preset is not None and rc.proxy_preset not in PRESETS:
+        raise RaymixError(f"policy.regmix.proxy_preset={rc.proxy_preset!r}: choose one of {', '.join(PRESETS)}")
+
+
+def run_regmix(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = None,
+               resume: bool = False) -> dict:
+    """:func:`raymix.driver.run` for ``policy.name=regmix`` (its registry entry
+    names this driver): same contract (summary.json, one MLflow run)."""
+    from raymix.policies.regmix import (
+        MixtureRegression,
+        aggregate,
+        cap_rows,
+        cross_validate,
+        dirichlet_centre,
+        sample_mixtures,
+        search_optimum,
+    )
+    from raymix.tracking import plot_mixture
+
+    out, saved = prepare_output(cfg, output_dir, resume, "it (finished proxy runs are kept)")
+    t0 = time.perf_counter()
+    resolve_suite(cfg)
+    tracker = open_tracker(cfg, out, parent_run_id, saved)
+    status = "FAILED"
+    try:
+        if not saved:
+            tracker.log_artifact(out / "config.yaml")
+        rc = cfg.policy.regmix
+        init_ray(cfg)
+        _, _, pool, _ = prepare_model_and_data(cfg, out)
+        setup_seconds = time.perf_counter() - t0
+        tasks = pool.tasks
+        _check(cfg, tasks)
+        budget = budget_tokens(cfg, pool.pool_tokens)
+        proxy_tokens = rc.proxy_tokens or max(1, int(round(rc.proxy_share * budget)))
+        capacity = cfg.budget.max_epochs * pool.train_tokens().astype(np.float64)
+        centre = dirichlet_centre(pool.train_tokens(), rc.temperature)
+        mixtures = sample_mixtures([rc.swarm_seed, 0], centre, rc.proxy_runs, rc,
+                                   capacity, budget)
+        swarm_root = Path(rc.swarm_dir).resolve() if rc.swarm_dir else out / "swarm"
+        proxies: list[dict] = []
+        for i, w in enumerate(mixtures):
+            pcfg = proxy_config(cfg, dict(zip(tasks, w.tolist())), proxy_tokens, i, tracker.uri)
+            print(f"[raymix] regmix: proxy run {i + 1}/{rc.proxy_runs} ({proxy_tokens} tokens)", flush=True)
+            s = run_round(pcfg, swarm_root / f"proxy-{identity_hash(pcfg)}", tracker.run_id, "regmix")
+            if s["mlflow_tracking_uri"] == tracker.uri:
+                tracker.client.set_tag(s["mlflow_run_id"], ROUND_TAG, f"proxy{i}")
+            proxies.append(s)
+
+        # What each proxy trained on (its ledger: the mixer's cap applied) against its validation losses.
+        X = np.array([[s["ledger"][t]["train_tokens"] for t in tasks] for s in proxies], dtype=np.float64)
+        X /= X.sum(axis=1, keepdims=True)
+        Y = np.array([[s["val_loss"][t] for t in tasks] for s in proxies], dtype=np.float64)
+        if not np.isfinite(Y).all():
+            raise RaymixError("regmix: a proxy run has a non-finite validation loss (no validation examples for "
+                              "a task, or a diverged run); see the proxies' summary.json under "
+                              f"{swarm_root}")
+        reg = MixtureRegression(rc.regressor, rc.min_child_samples, rc.trees)
+        cv = cross_validate(reg, X, Y, rc.target, tasks, rc.folds, rc.swarm_seed)
+        reg.fit(X, Y)
+        candidates = sample_mixtures([rc.swarm_seed, 1], centre, rc.candidates, rc,
+                                     capacity, budget)
+        chosen, _ = search_optimum(reg, candidates, rc.target, tasks, rc.top_k)
+        uniform = cap_rows(np.full((1, len(tasks)), 1.0 / len(tasks)), capacity, budget)
+        observed = aggregate(Y, rc.target, tasks)
+        weights = dict(zip(tasks, chosen.tolist()))
+        block = {
+            "target": rc.target, "regressor": rc.regressor, "proxy_budget_tokens": proxy_tokens,
+            "cv": cv, "weights": weights,
+            "predicted_target": float(aggregate(reg.predict(chosen[None]), rc.target, tasks)[0]),
+            "predicted_target_uniform": float(aggregate(reg.predict(uniform), rc.target, tasks)[0]),
+            "best_proxy_target": float(observed.min()),
+            "proxy_train_tokens": int(sum(s["train_tokens"] for s in proxies)),
+            "proxies": [{"mixture": dict(zip(tasks, x.tolist())), "target": float(y),
+                         "identity": s["identity"], "mlflow_run_id": s["mlflow_run_id"],
+                         "train_tokens": s["train_tokens"], "meta_tokens": s["meta_tokens"],
+                         "wall_seconds": s["wall_seconds"]} for x, y, s in zip(X, observed, proxies)],
+        }
+        print(f"[raymix] regmix: k-fold Spearman {cv['spearman']:.3f}, relative error {cv['relative_error']:.3f}; "
+              f"final run on the chosen mixture", flush=True)
+
+        fcfg = dataclasses.replace(
+            cfg, policy=dataclasses.replace(cfg.policy, name="static", weights=weights),
+            tracking=dataclasses.replace(cfg.tracking, tracking_uri=tracker.uri,
+                                         run_name=f"{cfg.tracking.run_name or 'regmix'}-final"))
+        final = run_round(fcfg, out / "final", tracker.run_id, "regmix")
+        tracker.client.set_tag(final["mlflow_run_id"], ROUND_TAG, "final")
+
+        summary = _combine(cfg, final, proxies, block, tracker, time.perf_counter() - t0, setup_seconds)
+        _copy_round_metrics(tracker, final["mlflow_run_id"])
+        log_summary(tracker, summary, out, plot_mixture, {"regmix": block})
+        tracker.log_metrics({k: summary[k] for k in (
+            "total_train_tokens_all_rounds", "total_meta_tokens_all_rounds", "total_wall_seconds_all_rounds")})
+        tracker.log_metrics({
+            "regmix/proxy_runs": len(proxies), "regmix/cv_spearman": cv["spearman"],
+            "regmix/cv_relative_error": cv["relative_error"], "regmix/predicted_target": block["predicted_target"],
+            "regmix/predicted_target_uniform": block["predicted_target_uniform"],
+            "regmix/best_proxy_target": block["best_proxy_target"],
+            "regmix/proxy_train_tokens": block["proxy_train_tokens"],
+            **{f"regmix/weight/{t}": w for t, w in weights.items()}})
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        tracker.log_artifact(out / "summary.json")
+        status = "FINISHED"
+        return summary
+    finally:
+        tracker.end(status)
+
+
+def _combine(cfg: RunConfig, final: dict, proxies: list[dict], block: dict, tracker, wall: float,
+             setup_seconds: float) -> dict:
+    """The RegMix run's summary: the final run's, with the compute of every run."""
+    runs = [*proxies, final]
+    summary = copy.deepcopy(final)
+    summary.update({
+        "policy": cfg.policy.name,
+        "identity": identity_hash(cfg),
+        "wall_seconds": wall,
+        "mlflow_run_id": tracker.run_id,
+        "mlflow_tracking_uri": tracker.uri,
+        "mlflow_experiment_id": tracker.experiment_id,
+        "final_round": {k: final[k] for k in ("train_tokens", "meta_tokens", "wall_seconds", "mlflow_run_id",
+                                              "identity")},
+        "total_train_tokens_all_rounds": int(sum(s["train_tokens"] for s in runs)),
+        "total_meta_tokens_all_rounds": int(sum(s["meta_tokens"] for s in runs)),
+        # Proxy runs' and the final run's own wall time from their summaries
+        # (a reused proxy still counts), plus this driver's setup.
+        "total_wall_seconds_all_rounds": float(setup_seconds + sum(s["wall_seconds"] for s in runs)),
+        "regmix": block,
+    })
+    return summary
