@@ -145,6 +145,21 @@ def _check_finished(out: Path) -> dict:
     return summary
 
 
+def _check_each_step_once(summary: dict) -> None:
+    """Every MLflow metric has one value per step, also for the steps trained
+    twice around a fault; with ``train.log_every=1`` every step is there."""
+    from mlflow.tracking import MlflowClient
+
+    client, run_id = MlflowClient(summary["mlflow_tracking_uri"]), summary["mlflow_run_id"]
+    keys = list(client.get_run(run_id).data.metrics)
+    assert "train/loss" in keys and "curve/worst_val_loss" in keys and "pool/tokens" in keys
+    for key in keys:
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        assert len(steps) == len(set(steps)), (key, steps)
+    loss_steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+    assert loss_steps == list(range(1, summary["steps"] + 1)), loss_steps
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_killed_training_worker_restores_from_checkpoint(tmp_path: Path, env: dict) -> None:
@@ -156,6 +171,9 @@ def test_killed_training_worker_restores_from_checkpoint(tmp_path: Path, env: di
     # The curve had 3 points (start, half, end): none lost, none repeated.
     points = [p["train_tokens"] for p in summary["curve"]]
     assert len(points) == 3 and points == sorted(set(points)), points
+    # The steps between the checkpoint and the kill were trained twice, and
+    # are in MLflow once.
+    _check_each_step_once(summary)
 
 
 @pytest.mark.slow

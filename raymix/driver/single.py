@@ -62,13 +62,15 @@ def run_single(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         stats = pool_summary(pool)
         budget = budget_tokens(cfg, pool.pool_tokens)
         tracker.log_json(pool.stats, "pool_stats.json", out)
-        tracker.log_metrics(
-            {"pool/tokens": stats["pool_tokens"], "pool/num_tasks": stats["num_tasks"],
-             "pool/truncated": stats["truncated"], "pool/dropped": stats["dropped"],
-             "pool/prepare_seconds": pool.seconds, "pool/cache_hit": float(pool.cache_hit),
-             "budget/tokens": budget,
-             **{f"pool/tokens/{t}": v for t, v in stats["tokens_per_task"].items()}}
-        )
+        # Once per run: a resumed run logged them when it started (MLflow
+        # would show a second value at step 0).
+        if not saved or "pool/tokens" not in tracker.client.get_run(tracker.run_id).data.metrics:
+            tracker.log_metrics({
+                "pool/tokens": stats["pool_tokens"], "pool/num_tasks": stats["num_tasks"],
+                "pool/truncated": stats["truncated"], "pool/dropped": stats["dropped"],
+                "pool/prepare_seconds": pool.seconds, "pool/cache_hit": float(pool.cache_hit),
+                "budget/tokens": budget,
+                **{f"pool/tokens/{t}": v for t, v in stats["tokens_per_task"].items()}})
         print(f"[raymix] pool: {stats['num_tasks']} tasks, N={stats['pool_tokens']} tokens "
               f"(prepared in {pool.seconds:.1f}s, cache {'hit' if pool.cache_hit else 'miss'}; "
               f"over data.max_seq_len={cfg.data.max_seq_len}: {stats['truncated']} truncated, "
