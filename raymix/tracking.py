@@ -122,6 +122,10 @@ class MetricLogger:
             self.client.log_batch(self.run_id, metrics=batch)
 
 
+ERROR_TAG = "raymix.error"
+"""Run tag: why a FAILED run failed (the exception's type and message)."""
+
+
 class RunTracker:
     """One MLflow run: created RUNNING, ended FINISHED or FAILED, never left open."""
 
@@ -139,6 +143,8 @@ class RunTracker:
             except Exception as e:
                 raise RaymixError(f"--resume: MLflow run {resume_run_id} not found at {self.uri}: {e}") from None
             self.client.update_run(resume_run_id, status="RUNNING")
+            if ERROR_TAG in run.data.tags:
+                self.client.delete_tag(resume_run_id, ERROR_TAG)  # the failure it resumes from
             self.run_id, self.experiment_id = resume_run_id, run.info.experiment_id
             return
         exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
@@ -184,7 +190,10 @@ class RunTracker:
         self.log_artifact(path)
         return path
 
-    def end(self, status: str) -> None:
+    def end(self, status: str, error: Optional[str] = None) -> None:
+        """End the run; a failed one carries its error in the ``raymix.error`` tag."""
+        if error:
+            self.client.set_tag(self.run_id, ERROR_TAG, error[:4000])  # well under MLflow's cap on tag values
         self.client.set_terminated(self.run_id, status=status)
 
 
