@@ -92,7 +92,7 @@ def _checkpoint_registered(out: Path) -> bool:
 
 
 def _run_and_kill(out: Path, env: dict, pick_pid, extra=(), kill_group: bool = False,
-                  after_tokens: int = CHECKPOINT + 3000, timeout: float = 400, inject=None) -> tuple[int, str]:
+                  after_tokens: int = CHECKPOINT + 3000, timeout: float = 600, inject=None) -> tuple[int, str]:
     """Start a run, SIGKILL ``pick_pid(out)`` (or call ``inject()``) once rank
     0 passed ``after_tokens`` and a checkpoint is registered."""
     log = out.with_suffix(".log")
@@ -262,7 +262,7 @@ def test_checkpoint_resumes_under_the_other_parallelism(tmp_path: Path, env: dic
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)  # two runs: the failed one and its resumption
 def test_mixer_actor_lost_for_good_fails_with_its_checkpoint_and_resumes(tmp_path: Path, env: dict) -> None:
     """The mixer actor killed for good mid-run (``ray.kill(no_restart=True)``:
     what exhausted restarts or a lost node leave). The run stops at once with
@@ -279,7 +279,9 @@ def test_mixer_actor_lost_for_good_fails_with_its_checkpoint_and_resumes(tmp_pat
 
     ray.init(num_cpus=2, object_store_memory=200_000_000, include_dashboard=False)
     try:
-        run_env = {**env, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+        # A client joining a cluster needs its token mode said (ray.init set it here).
+        run_env = {**env, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+                   "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
 
         def kill_mixer() -> None:
             names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
