@@ -304,7 +304,7 @@ def test_mixer_actor_lost_for_good_fails_with_its_checkpoint_and_resumes(tmp_pat
         assert failed.info.status == "FAILED"
         assert "the mixer actor mixer-" in failed.data.tags["raymix.error"]
         # The last checkpoint is complete and loadable, and before the kill.
-        checkpoints = sorted((out / "ray").glob("train-*/checkpoint_*"))
+        checkpoints = sorted(d for d in (out / "ray").glob("train-*/checkpoint_*") if d.is_dir())
         assert checkpoints and all((d / MANIFEST_FILE).exists() for d in checkpoints), checkpoints
         state = read_state(str(checkpoints[-1]))
         assert CHECKPOINT <= state["train_tokens"] < BUDGET and state["reason"] == "periodic"

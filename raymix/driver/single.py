@@ -184,7 +184,7 @@ def _raise_if_mixer_lost(cfg: RunConfig, out: Path, mixer, mixer_name: str, chec
     where = (f"its last checkpoint ({checkpoint}) holds the mixer's state" if checkpoint
              else "no checkpoint was written yet, so it starts again")
     raise RaymixError(
-        f"the mixer actor {mixer_name} died and cannot be restarted ({cause} runtime.mixer_max_restarts="
+        f"the mixer actor {mixer_name} died and cannot be restarted ({cause.rstrip('.')}; runtime.mixer_max_restarts="
         f"{cfg.runtime.mixer_max_restarts}). Training stopped; {where}: continue with "
         f"python -m raymix.train --output {out} --resume"
     ) from error
