@@ -662,9 +662,12 @@ class TrainConfig:
     """Train tokens between checkpoints (model, optimizer, RNG states, data
     positions, mixer state and ledger); default: ``checkpoint_fraction`` of
     the budget."""
-    checkpoint_fraction: float = 0.25
+    checkpoint_fraction: float = 0.1
     """Checkpoint every this share of the budget when ``checkpoint_tokens`` is
-    unset; 0 disables periodic checkpoints."""
+    unset; 0 disables periodic checkpoints. Also the cadence at which the
+    training metrics reach MLflow (they are written once the checkpoint
+    covering their steps is, so that a restart never logs a step twice):
+    ten updates of the charts per run by default, one at the end with 0."""
     checkpoints_to_keep: int = 2
     """Most recent periodic checkpoints kept in Ray Train's storage."""
 

@@ -169,6 +169,19 @@ class Mixer:
 MIXER_NAMESPACE = "raymix"
 
 
+class MixerLost(RuntimeError):
+    """The mixer actor is dead and will not be restarted (its
+    ``runtime.mixer_max_restarts`` used up, killed for good, or its node
+    lost): the run cannot go on, and stops with its last checkpoint."""
+
+
+def death_cause(error: Exception) -> str:
+    """Ray's reason for an actor's death, in one line (from ``ActorDiedError``)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    because = [ln for ln in lines if "dead because" in ln or "max_restarts" in ln]
+    return (because or lines or [type(error).__name__])[-1]
+
+
 class ServedMixer(Mixer):
     """The mixer as served by the actor: every reply carries the process's
     incarnation id (new after each restart) and pid, so that rank 0 notices a
@@ -241,8 +254,8 @@ class MixerClient:
     ledger to the counts sent, so no token is lost or counted twice.
     """
 
-    def __init__(self, actor, num_tasks: int, restart_timeout: float = 120.0):
-        self.actor = actor
+    def __init__(self, actor, num_tasks: int, restart_timeout: float = 120.0, name: str = "mixer"):
+        self.actor, self.name = actor, name
         self.sent_train = np.zeros(num_tasks, dtype=np.int64)
         self.sent_meta = np.zeros(num_tasks, dtype=np.int64)
         self.checkpoint_state: Optional[dict] = None
@@ -291,7 +304,10 @@ class MixerClient:
             return ray.get(getattr(self.actor, method).remote(*args))
         except RayActorError:
             self.recover()
-            return ray.get(getattr(self.actor, method).remote(*args))
+            try:
+                return ray.get(getattr(self.actor, method).remote(*args))
+            except RayActorError:
+                return self.call(method, *args)  # died again: recover (or MixerLost) again
 
     # -- checkpoint and recovery ----------------------------------------------
     def snapshot(self) -> dict:
@@ -319,22 +335,33 @@ class MixerClient:
         return self.get(self.actor.mixture.remote())
 
     def recover(self) -> dict:
+        """Wait for the restarted actor and bring it back to the run's state;
+        :class:`MixerLost` when it is dead for good."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
+        from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError
 
         self.restarts += 1
         deadline = time.monotonic() + self.restart_timeout
+        died = 0
         while True:
             try:
                 reply = ray.get(self.actor.mixture.remote(), timeout=10)
                 break
             except (RayActorError, GetTimeoutError) as e:
+                # A call to an actor being restarted waits for it; one to an
+                # actor that Ray will not restart fails at once with
+                # ActorDiedError (ActorUnavailableError: only in flight while
+                # it restarts). Seen twice, a second apart, to be sure.
+                died = died + 1 if isinstance(e, ActorDiedError) else 0
+                if died >= 2:
+                    raise MixerLost(f"the mixer actor {self.name} is dead and will not be restarted: "
+                                    f"{death_cause(e)}") from e
                 if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"the mixer actor did not come back within {self.restart_timeout:.0f}s "
-                        f"(runtime.mixer_max_restarts exhausted?): {e}"
+                    raise MixerLost(
+                        f"the mixer actor {self.name} did not come back within {self.restart_timeout:.0f}s "
+                        f"(runtime.mixer_max_restarts exhausted?): {death_cause(e)}"
                     ) from e
-                time.sleep(0.5)
+                time.sleep(1.0 if died else 0.5)
         print(f"[raymix] mixer actor restarted (pid {self.pid} -> {reply['pid']}); restoring the last "
               "checkpoint's mixer state and re-syncing the ledger", flush=True)
         if self.checkpoint_state is not None:

@@ -92,9 +92,9 @@ def _checkpoint_registered(out: Path) -> bool:
 
 
 def _run_and_kill(out: Path, env: dict, pick_pid, extra=(), kill_group: bool = False,
-                  after_tokens: int = CHECKPOINT + 3000, timeout: float = 400) -> tuple[int, str]:
-    """Start a run, SIGKILL ``pick_pid(out)`` once rank 0 passed ``after_tokens``
-    and a checkpoint is registered."""
+                  after_tokens: int = CHECKPOINT + 3000, timeout: float = 600, inject=None) -> tuple[int, str]:
+    """Start a run, SIGKILL ``pick_pid(out)`` (or call ``inject()``) once rank
+    0 passed ``after_tokens`` and a checkpoint is registered."""
     log = out.with_suffix(".log")
     with open(log, "w") as f:
         p = subprocess.Popen(_cmd(out, extra), stdout=f, stderr=subprocess.STDOUT, env=env,
@@ -108,7 +108,9 @@ def _run_and_kill(out: Path, env: dict, pick_pid, extra=(), kill_group: bool = F
                     and _checkpoint_registered(out)):
                 assert st["train_tokens"] < BUDGET, "the run ended before the fault could be injected"
                 print(f"fault injected at {st['train_tokens']} train tokens", flush=True)
-                if kill_group:
+                if inject is not None:
+                    inject()
+                elif kill_group:
                     os.killpg(p.pid, signal.SIGKILL)
                 else:
                     os.kill(pick_pid(out), signal.SIGKILL)
@@ -145,6 +147,21 @@ def _check_finished(out: Path) -> dict:
     return summary
 
 
+def _check_each_step_once(summary: dict) -> None:
+    """Every MLflow metric has one value per step, also for the steps trained
+    twice around a fault; with ``train.log_every=1`` every step is there."""
+    from mlflow.tracking import MlflowClient
+
+    client, run_id = MlflowClient(summary["mlflow_tracking_uri"]), summary["mlflow_run_id"]
+    keys = list(client.get_run(run_id).data.metrics)
+    assert "train/loss" in keys and "curve/worst_val_loss" in keys and "pool/tokens" in keys
+    for key in keys:
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        assert len(steps) == len(set(steps)), (key, steps)
+    loss_steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+    assert loss_steps == list(range(1, summary["steps"] + 1)), loss_steps
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_killed_training_worker_restores_from_checkpoint(tmp_path: Path, env: dict) -> None:
@@ -156,6 +173,9 @@ def test_killed_training_worker_restores_from_checkpoint(tmp_path: Path, env: di
     # The curve had 3 points (start, half, end): none lost, none repeated.
     points = [p["train_tokens"] for p in summary["curve"]]
     assert len(points) == 3 and points == sorted(set(points)), points
+    # The steps between the checkpoint and the kill were trained twice, and
+    # are in MLflow once.
+    _check_each_step_once(summary)
 
 
 @pytest.mark.slow
@@ -306,3 +326,62 @@ def test_elastic_run_starts_with_the_workers_it_can_place(tmp_path: Path, env: d
     assert summary["workers"] == 1
     ledger = {t: row["train_tokens"] for t, row in summary["ledger"].items()}
     assert ledger == _consumed_prefix_tokens(env, summary)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)  # two runs: the failed one and its resumption
+def test_mixer_actor_lost_for_good_fails_with_its_checkpoint_and_resumes(tmp_path: Path, env: dict) -> None:
+    """The mixer actor killed for good mid-run (``ray.kill(no_restart=True)``:
+    what exhausted restarts or a lost node leave). The run stops at once with
+    an error naming the actor (no hang, no retry), its MLflow run FAILED
+    with that error, and its last checkpoint on disk, complete; ``--resume``
+    continues from that checkpoint with a new actor and finishes, each step
+    once in MLflow. The run joins a Ray started here (RAY_ADDRESS), so that
+    this test can reach its actor."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from raymix.loop.checkpoint import read_state
+    from raymix.mixer import MIXER_NAMESPACE
+
+    ray.init(num_cpus=2, object_store_memory=200_000_000, include_dashboard=False)
+    try:
+        # A client joining a cluster needs its token mode said (ray.init set it here).
+        run_env = {**env, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+                   "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+
+        def kill_mixer() -> None:
+            names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                     if a["namespace"] == MIXER_NAMESPACE]
+            assert len(names) == 1, names
+            ray.kill(ray.get_actor(names[0], namespace=MIXER_NAMESPACE), no_restart=True)
+
+        out = tmp_path / "mixer-lost"
+        t0 = time.monotonic()
+        rc, log = _run_and_kill(out, run_env, None, ["policy.name=proportional"], inject=kill_mixer)
+        assert rc == 2, log[-4000:]
+        error = [ln for ln in log.splitlines() if ln.startswith("raymix: error:")]
+        assert error and "the mixer actor mixer-" in error[0] and "cannot be restarted" in error[0], log[-4000:]
+        assert "--resume" in error[0]
+        print(f"failed {time.monotonic() - t0:.0f}s after the start: {error[0]}")
+        assert not (out / "summary.json").exists()
+        saved = json.loads((out / "run.json").read_text())
+        client = MlflowClient(saved["mlflow_tracking_uri"])
+        failed = client.get_run(saved["mlflow_run_id"])
+        assert failed.info.status == "FAILED"
+        assert "the mixer actor mixer-" in failed.data.tags["raymix.error"]
+        # The last checkpoint is complete and loadable, and before the kill.
+        checkpoints = sorted(d for d in (out / "ray").glob("train-*/checkpoint_*") if d.is_dir())
+        assert checkpoints and all((d / MANIFEST_FILE).exists() for d in checkpoints), checkpoints
+        state = read_state(str(checkpoints[-1]))
+        assert CHECKPOINT <= state["train_tokens"] < BUDGET and state["reason"] == "periodic"
+
+        p = subprocess.run(_cmd(out, resume=True), env=run_env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+        assert "restored from checkpoint" in p.stdout + p.stderr
+    finally:
+        ray.shutdown()
+    summary = _check_finished(out)
+    assert summary["restores"] == 1 and summary["mixer_restarts"] == 0
+    assert "raymix.error" not in client.get_run(saved["mlflow_run_id"]).data.tags
+    _check_each_step_once(summary)

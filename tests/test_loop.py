@@ -110,6 +110,58 @@ def test_checkpoint_round_trip(prepared, tmp_path: Path) -> None:
     assert resumed.curve == full.curve
 
 
+class DyingMixer:
+    """A ``LocalMixerClient`` whose actor dies for good after the run's first
+    checkpoint: every reply from then on raises ``MixerLost``."""
+
+    def __init__(self, inner):
+        self.inner, self.dead = inner, False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def snapshot(self) -> dict:
+        state = self.inner.snapshot()
+        self.dead = True
+        return state
+
+    def get(self, reply):
+        from raymix.mixer import MixerLost
+
+        if self.dead:
+            raise MixerLost("the mixer actor mixer-test is dead and will not be restarted")
+        return self.inner.get(reply)
+
+
+def test_a_lost_mixer_stops_at_the_last_checkpoint_which_resumes(prepared, tmp_path: Path) -> None:
+    """The mixer lost for good after the first checkpoint: the loop stops at
+    its next sync without raising (a raise would make Ray Train restart the
+    workers, to no avail) and without writing another checkpoint; the
+    complete last one resumes with a new mixer and the run finishes."""
+    from raymix.loop import LoopConfig, train_loop
+    from raymix.loop.checkpoint import read_state
+    from raymix.mixer import LocalMixerClient, Mixer
+    from raymix.policies import PoolInfo
+
+    every = ["train.checkpoint_tokens=1000"]
+    pool, tok_dir, init_dir = prepared
+    cfg = load_config(None, SMALL + every)
+    info = PoolInfo(pool.tasks, pool.train_tokens(), pool.train_examples(), cfg.budget.tokens)
+    dying = DyingMixer(LocalMixerClient(Mixer(cfg.policy, info, cfg.budget.max_epochs)))
+    ckpts = tmp_path / "checkpoints"
+    loop = LoopConfig(run=cfg, pool=pool, budget_tokens=cfg.budget.tokens, tokenizer_dir=tok_dir,
+                      init_model_dir=init_dir, output_dir=str(tmp_path), local_checkpoint_dir=str(ckpts))
+    session = RecordingSession(str(ckpts))
+    train_loop(loop, session, mixer=dying)  # returns: no exception
+    assert dying.dead
+    (only,) = list(ckpts.iterdir())  # the first checkpoint, complete, and nothing after it
+    assert only.name.endswith("-periodic") and 1000 <= read_state(str(only))["train_tokens"] < 2000
+    assert session.inner.reports[-1][0]["checkpoint_reason"] == "periodic"
+    resumed, _, _ = _run(prepared, tmp_path, every)  # a fresh mixer, as after --resume
+    assert resumed.restores == 1 and resumed.train_tokens >= cfg.budget.tokens
+    assert sum(row["train_tokens"] for row in resumed.mixer["ledger"].values()) == resumed.train_tokens
+
+
 class ObservingSignal:
     """A worker-side signal that does nothing but look: it observes every
     step, is due every third step, and computes nothing."""

@@ -49,7 +49,7 @@ def run_single(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
     tracker = open_tracker(cfg, out, parent_run_id, saved)
     if saved:
         print(f"[raymix] resuming MLflow run {tracker.run_id} from the latest checkpoint in {out}", flush=True)
-    status = "FAILED"
+    status, error = "FAILED", None
     try:
         if not saved:
             tracker.log_artifact(out / "config.yaml")
@@ -62,13 +62,15 @@ def run_single(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         stats = pool_summary(pool)
         budget = budget_tokens(cfg, pool.pool_tokens)
         tracker.log_json(pool.stats, "pool_stats.json", out)
-        tracker.log_metrics(
-            {"pool/tokens": stats["pool_tokens"], "pool/num_tasks": stats["num_tasks"],
-             "pool/truncated": stats["truncated"], "pool/dropped": stats["dropped"],
-             "pool/prepare_seconds": pool.seconds, "pool/cache_hit": float(pool.cache_hit),
-             "budget/tokens": budget,
-             **{f"pool/tokens/{t}": v for t, v in stats["tokens_per_task"].items()}}
-        )
+        # Once per run: a resumed run logged them when it started (MLflow
+        # would show a second value at step 0).
+        if not saved or "pool/tokens" not in tracker.client.get_run(tracker.run_id).data.metrics:
+            tracker.log_metrics({
+                "pool/tokens": stats["pool_tokens"], "pool/num_tasks": stats["num_tasks"],
+                "pool/truncated": stats["truncated"], "pool/dropped": stats["dropped"],
+                "pool/prepare_seconds": pool.seconds, "pool/cache_hit": float(pool.cache_hit),
+                "budget/tokens": budget,
+                **{f"pool/tokens/{t}": v for t, v in stats["tokens_per_task"].items()}})
         print(f"[raymix] pool: {stats['num_tasks']} tasks, N={stats['pool_tokens']} tokens "
               f"(prepared in {pool.seconds:.1f}s, cache {'hit' if pool.cache_hit else 'miss'}; "
               f"over data.max_seq_len={cfg.data.max_seq_len}: {stats['truncated']} truncated, "
@@ -100,8 +102,11 @@ def run_single(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         tracker.log_artifact(out / "summary.json")
         status = "FINISHED"
         return summary
+    except BaseException as e:
+        error = f"{type(e).__name__}: {e}"
+        raise
     finally:
-        tracker.end(status)
+        tracker.end(status, error)
 
 
 def _train(cfg, out, tracker, pool, tok_dir, init_dir, budget, pool_info) -> tuple[dict, LoopResult]:
@@ -121,18 +126,68 @@ def _train(cfg, out, tracker, pool, tok_dir, init_dir, budget, pool_info) -> tup
             output_dir=str(out),
             local_checkpoint_dir=str(out / "checkpoints") if cfg.runtime.num_workers == 0 else None,
         )
-        if cfg.runtime.num_workers == 0:
-            result, fit_started, fit_ended = _train_in_process(cfg, loop_config)
-        else:
-            result, fit_started, fit_ended = _train_on_workers(cfg, out, tracker, loop_config)
-        aborted = (result.metrics or {}).get("aborted")
-        if aborted:
+        result = None
+        try:
+            if cfg.runtime.num_workers == 0:
+                result, fit_started, fit_ended = _train_in_process(cfg, loop_config)
+            else:
+                result, fit_started, fit_ended = _train_on_workers(cfg, out, tracker, loop_config)
+                if result.error:
+                    raise result.error
+        except Exception as e:
+            _raise_if_mixer_lost(cfg, out, mixer, mixer_name, _last_checkpoint(result, loop_config), e)
+            raise
+        metrics = result.metrics or {}
+        if metrics.get("aborted"):
             where = result.checkpoint.path if result.checkpoint is not None else "(no checkpoint)"
-            raise RaymixError(f"{aborted}. The last good state (model, optimizer, data positions, mixer, "
-                              f"ledger) is checkpointed at {where}")
+            raise RaymixError(f"{metrics['aborted']}. The last good state (model, optimizer, data positions, "
+                              f"mixer, ledger) is checkpointed at {where}")
+        if result.checkpoint is None or "checkpoint_reason" in metrics:
+            # The loop returned without its final checkpoint: it stopped
+            # because the mixer actor is gone (see raymix.loop.loop._mixer_lost).
+            _raise_if_mixer_lost(cfg, out, mixer, mixer_name, _last_checkpoint(result, loop_config), None)
+            raise RaymixError("training stopped without its final checkpoint (see the workers' log above); "
+                              f"continue with python -m raymix.train --output {out} --resume")
     finally:
         ray.kill(mixer)
     return _summarise(cfg, out, tracker, result, fit_started, fit_ended, budget)
+
+
+def _last_checkpoint(result, loop_config: LoopConfig) -> Optional[str]:
+    """Where the run's last checkpoint is: Ray Train's result's, or the newest in OUTPUT/checkpoints."""
+    from raymix.loop.checkpoint import latest_local_checkpoint
+
+    if result is not None and result.checkpoint is not None:
+        return result.checkpoint.path
+    if loop_config.local_checkpoint_dir:
+        return latest_local_checkpoint(loop_config.local_checkpoint_dir)
+    return None
+
+
+def _raise_if_mixer_lost(cfg: RunConfig, out: Path, mixer, mixer_name: str, checkpoint: Optional[str],
+                         error: Optional[Exception]) -> None:
+    """A RaymixError naming the mixer actor when it is dead for good (Ray
+    will not restart it): the run fails, and resumes from its last
+    checkpoint, which holds the mixer's state, with a new actor."""
+    import ray
+    from ray.exceptions import ActorDiedError, GetTimeoutError
+
+    from raymix.mixer import death_cause
+
+    try:
+        ray.get(mixer.mixture.remote(), timeout=60)
+        return  # alive (or restarted): the failure was something else
+    except ActorDiedError as e:
+        cause = death_cause(e)
+    except GetTimeoutError:
+        return
+    where = (f"its last checkpoint ({checkpoint}) holds the mixer's state" if checkpoint
+             else "no checkpoint was written yet, so it starts again")
+    raise RaymixError(
+        f"the mixer actor {mixer_name} died and cannot be restarted ({cause.rstrip('.')}; runtime.mixer_max_restarts="
+        f"{cfg.runtime.mixer_max_restarts}). Training stopped; {where}: continue with "
+        f"python -m raymix.train --output {out} --resume"
+    ) from error
 
 
 @dataclasses.dataclass
@@ -187,8 +242,6 @@ def _train_on_workers(cfg: RunConfig, out: Path, tracker, loop_config: LoopConfi
     fit_started = time.time()
     result = trainer.fit()
     fit_ended = time.time()
-    if result.error:
-        raise result.error
     return result, fit_started, fit_ended
 
 

@@ -173,8 +173,6 @@ class Checkpointer:
         w = self.w
         state = self.capture(reason)
         model_state, optimizer_state = w.model_and_optimizer_state()
-        if self.metrics_log is not None:
-            self.metrics_log.flush()  # the metrics up to a checkpoint are stored before it is
         if w.rank != 0:
             self.session.report(metrics, None)
             return
@@ -185,6 +183,10 @@ class Checkpointer:
         state["optimizer"] = optimizer_state
         report_checkpoint(self.session, {**metrics, "checkpoint_reason": reason}, lambda d: write_state(d, state),
                           w.local_checkpoint_dir, f"{state['step']:08d}-{reason}", self.keep)
+        if self.metrics_log is not None:
+            # Written now that the checkpoint covering them is: a failure
+            # before this point retrains their steps and logs them then.
+            self.metrics_log.commit(state["step"])
         print(f"[raymix] checkpoint ({reason}) at {state['train_tokens']} train tokens, step {state['step']}",
               flush=True)
 

@@ -16,7 +16,10 @@ def finish(w, session, exchange, metrics_log, signal, progress, curve, checkpoin
 
     cfg = w.cfg
     if metrics_log is not None:
-        metrics_log.flush()  # every logged metric reaches the store
+        # Every logged metric reaches the store, before the final checkpoint:
+        # a failure from here on retrains from the last periodic checkpoint,
+        # and MetricLogger skips the steps it committed (its run tag).
+        metrics_log.commit()
     mixer_summary = exchange.summary() if w.rank == 0 else None  # and every counted token the ledger
     loop_seconds = timing["loop_seconds"]
     numbers = {"train_tokens": progress.train_tokens, "steps": progress.step, "loop_seconds": loop_seconds,

@@ -39,7 +39,8 @@ def train_loop(config: dict | LoopConfig, session=None, mixer=None) -> None:
     cfg, budget, session = loop.run, loop.budget_tokens, session or RayTrainSession()
     w = Worker.build(loop, session)
     step = TrainStep(w)  # builds the optimizer
-    exchange = MixerExchange(_mixer_client(loop, mixer) if w.rank == 0 else None, step.T, w.rank, w.distributed)
+    client, lost = _mixer_client(loop, mixer) if w.rank == 0 else (None, None)
+    exchange = MixerExchange(client, step.T, w.rank, w.distributed, lost)
     metrics_log = _metric_logger(loop) if w.rank == 0 else None
     signal = _signal(w)
     progress = Progress()
@@ -50,6 +51,8 @@ def train_loop(config: dict | LoopConfig, session=None, mixer=None) -> None:
     if not checkpointer.restore():
         return  # the run had finished; its final checkpoint was reported again
     exchange.start(progress.train_tokens)
+    if exchange.lost is not None:
+        return _mixer_lost(exchange, w.rank)
     if progress.restores and w.rank == 0:
         print(f"[raymix] restored from checkpoint at {progress.train_tokens} train tokens, step {progress.step} "
               f"(restore {progress.restores})", flush=True)
@@ -75,11 +78,13 @@ def train_loop(config: dict | LoopConfig, session=None, mixer=None) -> None:
         signal.observe(view)
         if signal.due(view):
             _run_signal(signal, view, exchange, metrics_log, progress, t_loop)
-            if signal.stops_run():
+            if signal.stops_run() and exchange.lost is None:
                 stopped = True
                 break
         elif progress.step % cfg.train.sync_every == 0 and progress.train_tokens < budget:
             exchange.sync(None, progress.train_tokens)
+        if exchange.lost is not None:
+            return _mixer_lost(exchange, w.rank)
         if curve is not None:
             curve.after_step(progress)
         metrics.after_step(progress, outcome, exchange.weights)
@@ -129,14 +134,31 @@ def _signal(w: Worker):
     return resolve(spec.signal)(ctx)
 
 
-def _mixer_client(loop: LoopConfig, given):
+def _mixer_lost(exchange: MixerExchange, rank: int) -> None:
+    """Stop without a checkpoint: the mixer's state since the last one (the
+    policy's, the ledger's) died with the actor, so the last checkpoint is
+    what the run resumes from. The driver names the actor and fails the run;
+    raising here instead would make Ray Train restart the workers, who would
+    find the actor gone again."""
+    if rank == 0:
+        print(f"[raymix] {exchange.lost}; training stops at the last checkpoint", flush=True)
+
+
+def _mixer_client(loop: LoopConfig, given) -> tuple[object, Optional[str]]:
+    """Rank 0's mixer client, and why the mixer is lost if it already is."""
     if given is not None:
-        return given
+        return given, None
     import ray
 
     from raymix.mixer import MIXER_NAMESPACE, MixerClient
 
-    return MixerClient(ray.get_actor(loop.mixer_name, namespace=MIXER_NAMESPACE), len(loop.pool.tasks))
+    try:
+        actor = ray.get_actor(loop.mixer_name, namespace=MIXER_NAMESPACE)
+    except ValueError:
+        # A dead actor's name is released: the worker group was restarted
+        # after the mixer died for good.
+        return None, f"the mixer actor {loop.mixer_name} is dead and will not be restarted (no actor by that name)"
+    return MixerClient(actor, len(loop.pool.tasks), name=loop.mixer_name), None
 
 
 def _metric_logger(loop: LoopConfig) -> Optional[object]:
