@@ -72,7 +72,7 @@ def run_doremi(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         for name, s in rounds:
             tracker.client.set_tag(s["mlflow_run_id"], ROUND_TAG, name)
         summary = _combine(cfg, rounds, tracker, time.perf_counter() - t0)
-        log_summary(tracker, summary, out, plot_mixture)
+        log_summary(tracker, summary, out, plot_mixture, max_tasks=cfg.tracking.per_task_metrics_max_tasks)
         tracker.log_metrics({k: summary[k] for k in ("total_train_tokens_all_rounds", "total_meta_tokens_all_rounds",
                                                      "total_wall_seconds_all_rounds")})
         tracker.log_metrics({f"doremi/weight/{t}": float(w) for t, w in weights.items()})

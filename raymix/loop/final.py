@@ -17,6 +17,7 @@ def finish(w, session, exchange, metrics_log, signal, progress, curve, checkpoin
     cfg = w.cfg
     if metrics_log is not None:
         metrics_log.flush()  # every logged metric reaches the store
+        _log_per_task_series(w, metrics_log)
     mixer_summary = exchange.summary() if w.rank == 0 else None  # and every counted token the ledger
     loop_seconds = timing["loop_seconds"]
     numbers = {"train_tokens": progress.train_tokens, "steps": progress.step, "loop_seconds": loop_seconds,
@@ -50,3 +51,14 @@ def finish(w, session, exchange, metrics_log, signal, progress, curve, checkpoin
         reported.update(result.metrics())
 
     report_checkpoint(session, reported, write_final, w.local_checkpoint_dir, "final", None)
+
+
+def _log_per_task_series(w, metrics_log) -> None:
+    """The per-task series kept instead of per-task metrics (above
+    ``tracking.per_task_metrics_max_tasks``) as ``per_task/loop.parquet``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = w.task_metrics.write(tmp, "loop")
+        if path is not None:
+            metrics_log.client.log_artifact(metrics_log.run_id, path, "per_task")
