@@ -79,17 +79,28 @@ def exact_match(
 ) -> dict[str, float]:
     """Share of test prompts (the first ``max_examples`` of each task) whose
     greedy continuation equals a reference; prompts of all tasks are
-    generated together, batched by prompt length."""
+    generated together (:func:`greedy_answers`)."""
+    owner, examples, extra = split_examples(pool, "test", max_examples,
+                                            ("input_ids", "prompt_len", "references"))
+    texts = greedy_answers(model, tokenizer, [ids[:p] for ids, p in examples], max_new_tokens, batch_size, device)
+    T = len(pool.tasks)
+    hits, count = np.zeros(T), np.zeros(T)
+    for i, text in enumerate(texts):
+        count[owner[i]] += 1
+        if normalise_answer(text) in {normalise_answer(r) for r in extra["references"][i]}:
+            hits[owner[i]] += 1
+    return {t: float(hits[i] / count[i]) if count[i] else float("nan") for i, t in enumerate(pool.tasks)}
+
+
+def greedy_answers(model, tokenizer, prompts: list[np.ndarray], max_new_tokens: int, batch_size: int,
+                   device="cpu") -> list[str]:
+    """Each prompt's greedy continuation (decoded), in the prompts' order;
+    generated in batches of prompts of similar length, left-padded."""
     import torch
 
     model.eval()
     pad_id = tokenizer.pad_token_id
-    owner, examples, extra = split_examples(pool, "test", max_examples,
-                                            ("input_ids", "prompt_len", "references"))
-    T = len(pool.tasks)
-    hits, count = np.zeros(T), np.zeros(T)
-    np.add.at(count, np.asarray(owner, dtype=np.int64), 1)
-    prompts = [ids[:p] for ids, p in examples]
+    texts: list[str] = [""] * len(prompts)
     with torch.no_grad():
         for idx in length_batches([len(p) for p in prompts], batch_size):
             width = max(len(prompts[i]) for i in idx)
@@ -97,7 +108,7 @@ def exact_match(
             ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for r, i in enumerate(idx):
-                p = prompts[i]
+                p = np.asarray(prompts[i], dtype=np.int64)
                 ids[r, width - len(p) :] = torch.from_numpy(p)
                 mask[r, width - len(p) :] = 1
             gen = model.generate(
@@ -108,11 +119,9 @@ def exact_match(
                 pad_token_id=pad_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-            texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
-            for text, i in zip(texts, idx):
-                if normalise_answer(text) in {normalise_answer(r) for r in extra["references"][i]}:
-                    hits[owner[i]] += 1
-    return {t: float(hits[i] / count[i]) if count[i] else float("nan") for i, t in enumerate(pool.tasks)}
+            for i, text in zip(idx, tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)):
+                texts[i] = text
+    return texts
 
 
 class CurveEvaluator:
