@@ -40,6 +40,7 @@ def run_single(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
     driver, a failed attempt): the same MLflow run, Ray Train restoring the
     latest checkpoint in the run's storage."""
     from raymix.data import pool_summary
+    from raymix.metrics_view import TaskMetricsView, per_task
     from raymix.policies import PoolInfo
     from raymix.tracking import plot_mixture
 
@@ -62,13 +63,12 @@ def run_single(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         stats = pool_summary(pool)
         budget = budget_tokens(cfg, pool.pool_tokens)
         tracker.log_json(pool.stats, "pool_stats.json", out)
-        tracker.log_metrics(
+        tokens = stats["tokens_per_task"]
+        tracker.log_metrics(TaskMetricsView(pool.tasks, cfg.tracking.per_task_metrics_max_tasks)(
             {"pool/tokens": stats["pool_tokens"], "pool/num_tasks": stats["num_tasks"],
              "pool/truncated": stats["truncated"], "pool/dropped": stats["dropped"],
              "pool/prepare_seconds": pool.seconds, "pool/cache_hit": float(pool.cache_hit),
-             "budget/tokens": budget,
-             **{f"pool/tokens/{t}": v for t, v in stats["tokens_per_task"].items()}}
-        )
+             "budget/tokens": budget, "pool/tokens/{task}": per_task([tokens[t] for t in pool.tasks], "count")}, 0))
         print(f"[raymix] pool: {stats['num_tasks']} tasks, N={stats['pool_tokens']} tokens "
               f"(prepared in {pool.seconds:.1f}s, cache {'hit' if pool.cache_hit else 'miss'}; "
               f"over data.max_seq_len={cfg.data.max_seq_len}: {stats['truncated']} truncated, "
@@ -94,9 +94,11 @@ def run_single(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         summary["phase_seconds"] = phases
         summary["pool"] = stats
         # The signal's reports (GradEx's scores and verification) as JSON artifacts too.
+        t = time.perf_counter()
         log_summary(tracker, summary, out, plot_mixture,
                     {k: v for k, v in loop_result.signal_summary.items() if isinstance(v, dict)},
                     cfg.tracking.per_task_metrics_max_tasks)
+        phases["log_summary"] = time.perf_counter() - t  # after wall_seconds: its own phase
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         tracker.log_artifact(out / "summary.json")
         status = "FINISHED"

@@ -13,7 +13,7 @@ import re
 import numpy as np
 
 from raymix.loss import token_nll
-from raymix.streams import collate, read_split
+from raymix.streams import collate
 
 
 def validation_losses(model, pool, pad_id: int, batch_size: int, device="cpu") -> dict[str, float]:
@@ -29,19 +29,18 @@ def losses_on_test(model, pool, pad_id: int, batch_size: int, device="cpu") -> d
 
 
 def split_examples(pool, split: str, limit: int | None = None, columns=("input_ids", "prompt_len")):
-    """Every task's examples of a split (the first ``limit`` of each), in the
-    pool's task order: (owner task index, tokens, prompt length, the rows'
-    other ``columns``)."""
-    owner, examples, extra = [], [], {c: [] for c in columns if c not in ("input_ids", "prompt_len")}
-    for i, task in enumerate(pool.tasks):
-        rows = read_split(pool.shard_dir(split, task), list(columns))
-        n = len(rows["input_ids"]) if limit is None else min(limit, len(rows["input_ids"]))
-        for j in range(n):
-            owner.append(i)
-            examples.append((np.asarray(rows["input_ids"][j], dtype=np.int64), int(rows["prompt_len"][j])))
-            for c in extra:
-                extra[c].append(rows[c][j])
-    return owner, examples, extra
+    """Every task's examples of a split (the first ``limit`` of each, by id),
+    in the pool's task order, read in one scan: (owner task index, (tokens,
+    prompt length), the rows' other ``columns``)."""
+    owner, rows = pool.read_split_rows(split, list(columns))
+    keep = np.arange(len(owner))
+    if limit is not None and len(owner):
+        # Position of each row within its task (rows are grouped by task).
+        first = np.searchsorted(owner, owner, side="left")
+        keep = keep[(keep - first) < limit]
+    examples = [(np.asarray(rows["input_ids"][j], dtype=np.int64), int(rows["prompt_len"][j])) for j in keep]
+    extra = {c: [rows[c][j] for j in keep] for c in columns if c not in ("input_ids", "prompt_len")}
+    return owner[keep].tolist(), examples, extra
 
 
 def length_batches(lengths: list[int], batch_size: int) -> list[np.ndarray]:
@@ -134,15 +133,16 @@ class CurveEvaluator:
         self.examples, self.owner = [], []
         per_rank = [0] * world
         self.filler = None  # any example, for lockstep forwards on a rank with none of its own
-        for i, task in enumerate(pool.tasks):
-            rows = read_split(pool.shard_dir(split, task), ["input_ids", "prompt_len"])
-            for j, (ids, plen) in enumerate(zip(rows["input_ids"][:per_task], rows["prompt_len"][:per_task])):
-                per_rank[(i * per_task + j) % world] += 1
-                if self.filler is None:
-                    self.filler = [(np.asarray(ids, dtype=np.int64), int(plen))]
-                if (i * per_task + j) % world == rank:
-                    self.examples.append((np.asarray(ids, dtype=np.int64), int(plen)))
-                    self.owner.append(i)
+        owner, examples, _ = split_examples(pool, split, per_task)
+        j = 0
+        for k, (i, example) in enumerate(zip(owner, examples)):
+            j = j + 1 if k and owner[k - 1] == i else 0  # the example's place within its task
+            per_rank[(i * per_task + j) % world] += 1
+            if self.filler is None:
+                self.filler = [example]
+            if (i * per_task + j) % world == rank:
+                self.examples.append(example)
+                self.owner.append(i)
         # Examples of all tasks batched by length: padding stays small at any task count.
         order = np.argsort([len(e[0]) for e in self.examples], kind="stable")
         self.examples = [self.examples[i] for i in order]
