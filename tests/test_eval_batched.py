@@ -83,3 +83,42 @@ def test_batched_greedy_answers_equal_one_task_at_a_time(prepared, model_and_tok
     assert together == alone and len(set(together)) > 1
     em = exact_match(model, tok, pool, 3, 4, 8)
     assert list(em) == list(pool.tasks) and all(0.0 <= v <= 1.0 for v in em.values())
+
+
+def test_one_scan_of_a_split_equals_per_task_reads(tmp_path) -> None:
+    """``PreparedPool.read_split_rows`` (one scan of a split) gives each task's
+    rows as ``read_split`` does (ordered by id, dropped rows left out), grouped
+    by task in pool order, and ``split_examples`` its first ``limit`` of each.
+    Shards written here in the cache's layout, without Ray."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raymix.data import PreparedPool
+    from raymix.loop.evaluation import split_examples
+    from raymix.streams import read_split
+
+    rng = np.random.default_rng(0)
+    tasks = tuple(f"t{i}" for i in range(12))
+    for i in range(len(tasks)):
+        for part in range(2):  # two files per task, ids interleaved between them
+            n = int(rng.integers(0, 4))
+            d = tmp_path / "split=val" / f"task_idx={i}"
+            d.mkdir(parents=True, exist_ok=True)
+            ids = [f"{i}-{int(x):03d}" for x in rng.permutation(100)[:n]]
+            pq.write_table(pa.table({
+                "input_ids": [list(rng.integers(1, 50, size=int(rng.integers(3, 9)))) for _ in ids],
+                "prompt_len": [2] * n, "status": [str(s) for s in rng.choice(["ok", "dropped"], size=n)],
+                "id": ids}, schema=pa.schema([("input_ids", pa.list_(pa.int64())), ("prompt_len", pa.int64()),
+                                              ("status", pa.string()), ("id", pa.string())])),
+                d / f"part{part}.parquet")
+    pool = PreparedPool(str(tmp_path), tasks, {}, True, 0.0)
+    owner, rows = pool.read_split_rows("val", ["input_ids", "prompt_len"])
+    for i, t in enumerate(tasks):
+        alone = read_split(pool.shard_dir("val", t), ["input_ids", "prompt_len"])
+        mine = np.flatnonzero(owner == i)
+        assert [rows["input_ids"][j] for j in mine] == alone["input_ids"]
+    assert list(owner) == sorted(owner) and len(set(owner.tolist())) > 1
+    o, ex, _ = split_examples(pool, "val", 1)
+    assert o == sorted(set(owner.tolist()))  # the first example of every task that has one
+    assert [list(e[0]) for e in ex] == [rows["input_ids"][int(np.flatnonzero(owner == i)[0])] for i in o]
+    assert pool.read_split_rows("test", ["input_ids"])[0].size == 0  # no such split
