@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("one_torch_thread")]
+# Two whole runs (3,000 tasks, then 20): about 2 minutes on 2 cores.
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 TINY = [
     "model.vocab_size=512",
