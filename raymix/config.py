@@ -814,6 +814,17 @@ class TrackingConfig:
     tracking_uri: Optional[str] = None
     experiment: str = "raymix"
     run_name: Optional[str] = None
+    per_task_metrics_max_tasks: int = 64
+    """Up to this many tasks, every per-task number (mixture weight, training
+    and curve loss, signal values, final losses) is its own MLflow metric;
+    above it, each becomes a fixed set of ``tasks/...`` aggregates (worst,
+    mean, quantiles; entropy and KL from uniform of the mixture) and the full
+    per-task series are written as Parquet artifacts (``per_task/``), so a run
+    of thousands of tasks stays readable (``raymix.metrics_view``)."""
+
+    def __post_init__(self) -> None:
+        if self.per_task_metrics_max_tasks < 0:
+            raise RaymixError(f"tracking.per_task_metrics_max_tasks must be >= 0, got {self.per_task_metrics_max_tasks}")
 
 
 @dataclass(frozen=True)

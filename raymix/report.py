@@ -232,7 +232,7 @@ def _plot_mixtures(client, df, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from raymix.tracking import mixture_heatmap, mixture_lim
+    from raymix.tracking import LABEL_ALL_TASKS, mixture_heatmap, mixture_lim, plot_height
 
     top = df[df["budget_value"] == df["budget_value"].max()]
     picks = top.sort_values("seed").groupby(["model", "policy"]).head(1)
@@ -241,8 +241,9 @@ def _plot_mixtures(client, df, path: Path) -> bool:
     schedules = [(_artifact_json(client, row["run_id"], "mixture_schedule.json") or [], row)
                  for _, row in picks.iterrows()]
     T = max((len(s[0][1]) for s, _ in schedules if s), default=1)
-    fig, axes = plt.subplots(1, len(picks), figsize=(4.5 * len(picks) + 2, max(4, 0.22 * T + 1.5)),
-                             squeeze=False, sharey=True)
+    # Above LABEL_ALL_TASKS each panel sorts its tasks by its own weights: rows differ between panels.
+    fig, axes = plt.subplots(1, len(picks), figsize=(4.5 * len(picks) + 2, plot_height(T)),
+                             squeeze=False, sharey=T <= LABEL_ALL_TASKS)
     img = None
     # One colour scale for every panel, so that colours compare across policies.
     lim = max([mixture_lim(s, list(s[0][1])) for s, _ in schedules if s] or [1.0])
@@ -275,7 +276,11 @@ def _plot_allocation(client, df, path: Path) -> bool:
     ledgers = {k: v for k, v in ledgers.items() if v}
     if not ledgers:
         return False
+    from raymix.tracking import LABEL_ALL_TASKS
+
     tasks = list(next(iter(ledgers.values())))
+    if len(tasks) > LABEL_ALL_TASKS:
+        return _plot_sorted_allocation(ledgers, tasks, path)
     fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(tasks)), 4.5))
     width = 0.8 / len(ledgers)
     for i, (label, ledger) in enumerate(ledgers.items()):
@@ -288,6 +293,36 @@ def _plot_allocation(client, df, path: Path) -> bool:
     ax.set_xticklabels(tasks, rotation=70, ha="right", fontsize=7)
     ax.set_ylabel("train tokens")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_sorted_allocation(ledgers: dict, tasks: list, path: Path) -> bool:
+    """Many tasks: each policy's train tokens per task sorted from most to
+    least (the allocation's shape), the uniform share, and the tasks each
+    policy gave the most tokens named in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from raymix.tracking import LABELLED_TASKS
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    k = min(3, LABELLED_TASKS)
+    for label, ledger in ledgers.items():
+        tokens = {t: ledger.get(t, {}).get("train_tokens", 0) for t in tasks}
+        order = sorted(tasks, key=lambda t: -tokens[t])
+        ax.plot(np.arange(1, len(order) + 1), [tokens[t] for t in order], drawstyle="steps-mid",
+                label=f"{label}; most: {', '.join(order[:k])}")
+    totals = [sum(row.get("train_tokens", 0) for row in ledger.values()) for ledger in ledgers.values()]
+    ax.axhline(np.mean(totals) / max(1, len(tasks)), color="k", linestyle="--", linewidth=1, label="uniform share")
+    ax.set_xlabel(f"task rank by train tokens (of {len(tasks)} tasks)")
+    ax.set_ylabel("train tokens")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

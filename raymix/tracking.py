@@ -202,6 +202,10 @@ class RunTracker:
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         log_metrics(self.client, self.run_id, metrics, step)
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, v)
+
     def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
@@ -228,10 +232,56 @@ def mixture_lim(schedule: list, tasks: list) -> float:
     return max([1.0] + vals)
 
 
+LABEL_ALL_TASKS = 48
+"""Up to this many tasks a plot names every task; above it tasks are sorted
+(by weight, by tokens) and only the top and bottom :data:`LABELLED_TASKS` are named."""
+LABELLED_TASKS = 10
+
+
+def plot_height(T: int) -> float:
+    """Inches for a plot with one row per task: 0.22 a row up to
+    :data:`LABEL_ALL_TASKS` tasks, then no taller (rows become pixel lines)."""
+    return max(4.5, 0.22 * min(T, LABEL_ALL_TASKS) + 1.5)
+
+
+def sparse_labels(names: list[str], k: int = LABELLED_TASKS) -> list[str]:
+    """The names of a sorted list's first and last ``k``, blank between."""
+    if len(names) <= 2 * k:
+        return list(names)
+    return [n if (i < k or i >= len(names) - k) else "" for i, n in enumerate(names)]
+
+
+def name_extremes(ax, names: list[str], values: list[float], unit: str, k: int = LABELLED_TASKS) -> None:
+    """On a plot with one row per task sorted (``names``, top row first): row
+    ranks as ticks, and the first and last ``k`` tasks named with their
+    ``values`` in the left margin, beside the rows they are."""
+    import numpy as np
+
+    T = len(names)
+    ranks = sorted({0, T // 4, T // 2, (3 * T) // 4, T - 1})
+    ax.set_yticks(np.array(ranks) + 0.5)
+    ax.set_yticklabels([f"#{r + 1}" for r in ranks], fontsize=7)
+    top = "\n".join(f"{n} ({v:.3g}{unit})" for n, v in zip(names[:k], values[:k]))
+    bottom = "\n".join(f"{n} ({v:.3g}{unit})" for n, v in zip(names[-k:], values[-k:]))
+    kw = {"transform": ax.transAxes, "ha": "right", "fontsize": 6, "family": "monospace"}
+    ax.text(-0.07, 1.0, f"top {k}:\n{top}", va="top", **kw)
+    ax.text(-0.07, 0.0, f"bottom {k}:\n{bottom}", va="bottom", **kw)
+
+
+def by_mean_weight(schedule: list, tasks: list) -> list:
+    """Tasks sorted by their mean applied weight over a schedule, largest first."""
+    import numpy as np
+
+    mean = {t: float(np.mean([w.get(t, 0.0) for _, w in schedule])) for t in tasks}
+    return sorted(tasks, key=lambda t: -mean[t])
+
+
 def mixture_heatmap(ax, schedule: list, tasks: list, end: float, lim: Optional[float] = None):
     """Draw each task's applied weight relative to uniform (T * w, on a log2
     colour scale centred on 1 = uniform) over training tokens, task names on
     rows; ``lim``: the colour scale's half-range (default: this schedule's).
+    Above :data:`LABEL_ALL_TASKS` tasks the rows are sorted by mean weight and
+    only the top and bottom :data:`LABELLED_TASKS` are named.
     Returns the image for a colour bar, or None without a schedule."""
     import numpy as np
     from matplotlib.colors import TwoSlopeNorm
@@ -239,14 +289,22 @@ def mixture_heatmap(ax, schedule: list, tasks: list, end: float, lim: Optional[f
     if not schedule:
         return None
     T = len(tasks)
+    many = T > LABEL_ALL_TASKS
+    if many:
+        tasks = by_mean_weight(schedule, tasks)
     edges = [o for o, _ in schedule] + [max(end, schedule[-1][0] + 1)]
     rel = np.array([[max(w.get(t, 0.0) * T, 1e-3) for _, w in schedule] for t in tasks])
     z = np.log2(rel)
     lim = lim or max(1.0, float(np.abs(z).max()))
     img = ax.pcolormesh(edges, np.arange(T + 1), z, cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -lim, lim),
                         shading="flat")
-    ax.set_yticks(np.arange(T) + 0.5)
-    ax.set_yticklabels(tasks, fontsize=max(4, min(8, int(400 / max(T, 1)))))
+    if many:
+        mean_rel = [float(np.mean([w.get(t, 0.0) * T for _, w in schedule])) for t in tasks]
+        name_extremes(ax, tasks, mean_rel, "x uniform")
+        ax.set_ylabel(f"{T} tasks by mean weight", fontsize=8)
+    else:
+        ax.set_yticks(np.arange(T) + 0.5)
+        ax.set_yticklabels(tasks, fontsize=max(4, min(8, int(400 / max(T, 1)))))
     ax.invert_yaxis()
     ax.set_xlabel("train tokens")
     return img
@@ -260,11 +318,11 @@ def plot_mixture(schedule: list, ledger: dict, path: Path, budget: int) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     tasks = list(ledger)
     T = max(1, len(tasks))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, max(4.5, 0.22 * T + 1.5)),
-                                   gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, plot_height(T)), gridspec_kw={"width_ratios": [3, 2]})
     end = max(budget, schedule[-1][0] if schedule else 0)
     img = mixture_heatmap(ax1, schedule, tasks, end)
     if img is not None:
@@ -272,12 +330,20 @@ def plot_mixture(schedule: list, ledger: dict, path: Path, budget: int) -> Path:
         bar.set_label("weight / uniform (log2: +1 = twice uniform)")
     ax1.set_title("applied mixture relative to uniform")
     consumed = [ledger[t]["train_tokens"] for t in tasks]
-    ax2.barh(tasks, consumed)
+    if T > LABEL_ALL_TASKS:
+        # One bar per task, sorted: the shape of the allocation, its extremes named.
+        order = sorted(range(T), key=lambda i: -consumed[i])
+        ax2.barh(np.arange(T) + 0.5, [consumed[i] for i in order], height=1.0)
+        ax2.set_ylim(0, T)
+        name_extremes(ax2, [tasks[i] for i in order], [consumed[i] for i in order], " tokens")
+        ax2.set_ylabel(f"{T} tasks by train tokens", fontsize=8)
+    else:
+        ax2.barh(tasks, consumed)
+        ax2.tick_params(axis="y", labelsize=7)
     ax2.axvline(sum(consumed) / T, color="k", linestyle="--", linewidth=1, label="uniform share")
     ax2.set_xlabel("train tokens consumed")
     ax2.legend(fontsize=7, loc="lower right")
     ax2.invert_yaxis()
-    ax2.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -26,6 +26,11 @@ and of one mixer update (``Mixer.report`` with meta signals) on pools of
 the yardstick is the smallest pool, and cost(1000)/cost(20) is reported
 (target for the meta step: at most 3).
 
+``task_runs``: whole runs on the same examples (``--examples``, default
+20,000) cut into 20, 100, 1,000 and 5,000 tasks (``--run-tasks``): wall,
+preparation, loop, curve and final evaluation seconds, and the MLflow volume
+(distinct metric keys and rows); the yardstick is the smallest task count.
+
 ``data_plane``: rows/s and tokens/s of ``raymix.data.prepare_shards`` (Ray
 Data, from an empty cache) against the same tokenisation in a plain
 single-process loop, and the time of a cache hit.
@@ -56,17 +61,18 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from raymix.bench import data_plane, gpu, memory, meta_overhead, policy_cost, task_scaling, throughput
+from raymix.bench import data_plane, gpu, memory, meta_overhead, policy_cost, task_runs, task_scaling, throughput
 from raymix.config import load_config
 from raymix.errors import RaymixError
 
 MODULES = {"throughput": throughput, "meta_overhead": meta_overhead, "task_scaling": task_scaling,
-           "data_plane": data_plane, "memory": memory, "policy_cost": policy_cost, "gpu": gpu}
+           "task_runs": task_runs, "data_plane": data_plane, "memory": memory, "policy_cost": policy_cost, "gpu": gpu}
 BENCHMARKS = {"throughput": throughput.bench_throughput, "meta_overhead": meta_overhead.bench_meta_overhead,
-              "task_scaling": task_scaling.bench_task_scaling, "data_plane": data_plane.bench_data_plane,
-              "memory": memory.bench_memory, "policy_cost": policy_cost.bench_policy_cost, "gpu": gpu.bench_gpu}
-DEFAULT_REPEATS = {"throughput": 1, "meta_overhead": 1, "task_scaling": 7, "data_plane": 3, "memory": 3,
-                   "policy_cost": 1, "gpu": 1}
+              "task_scaling": task_scaling.bench_task_scaling, "task_runs": task_runs.bench_task_runs,
+              "data_plane": data_plane.bench_data_plane, "memory": memory.bench_memory,
+              "policy_cost": policy_cost.bench_policy_cost, "gpu": gpu.bench_gpu}
+DEFAULT_REPEATS = {"throughput": 1, "meta_overhead": 1, "task_scaling": 7, "task_runs": 1, "data_plane": 3,
+                   "memory": 3, "policy_cost": 1, "gpu": 1}
 ON_REQUEST = ("gpu",)  # run when named only
 
 
@@ -95,6 +101,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="task_scaling: comma-separated task counts (the smallest is the yardstick)")
     parser.add_argument("--policies", default=None,
                         help="policy_cost: comma-separated policies (default: every learned one)")
+    parser.add_argument("--run-tasks", default="20,100,1000,5000",
+                        help="task_runs: comma-separated task counts of the whole runs (the smallest is the yardstick)")
+    parser.add_argument("--examples", type=int, default=20000,
+                        help="task_runs: examples in every pool, cut into that many tasks")
     parser.add_argument("--report", default=None, help="also write the Markdown table here (e.g. reports/bench.md)")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
@@ -118,6 +128,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if (args.repeats is not None and args.repeats < 1) or args.warmup < 0:
         print("raymix: error: --repeats must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
+    try:
+        run_tasks = sorted({int(x) for x in args.run_tasks.split(",") if x.strip()})
+    except ValueError:
+        run_tasks = []
+    if len(run_tasks) < 2 or run_tasks[0] < 1 or args.examples < 4 * run_tasks[-1]:
+        print(f"raymix: error: --run-tasks needs two or more positive task counts, and --examples at least 4 "
+              f"per task, got {args.run_tasks!r} and {args.examples}", file=sys.stderr)
+        return 2
     policies = [p.strip() for p in args.policies.split(",") if p.strip()] if args.policies else None
     if policies:
         from raymix.bench.policy_cost import learned_policies
@@ -128,6 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   f"{learned_policies()}", file=sys.stderr)
             return 2
     extra = {"task_scaling": {"warmup": args.warmup, "task_counts": task_counts},
+             "task_runs": {"task_counts": run_tasks, "total_examples": args.examples},
              "data_plane": {"warmup": args.warmup}, "policy_cost": {"policies": policies}}
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

@@ -28,6 +28,7 @@ from typing import Optional
 from raymix.config import RunConfig, identity_hash
 from raymix.driver.setup import open_tracker, prepare_output, resolve_suite
 from raymix.driver.single import log_summary, run_round
+from raymix.metrics_view import TaskMetricsView, per_task
 
 ROUND_TAG = "raymix.round"
 """Tag of a round's nested run; the report lists the DoReMi run, not its rounds."""
@@ -72,10 +73,12 @@ def run_doremi(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         for name, s in rounds:
             tracker.client.set_tag(s["mlflow_run_id"], ROUND_TAG, name)
         summary = _combine(cfg, rounds, tracker, time.perf_counter() - t0)
-        log_summary(tracker, summary, out, plot_mixture)
+        log_summary(tracker, summary, out, plot_mixture, max_tasks=cfg.tracking.per_task_metrics_max_tasks)
         tracker.log_metrics({k: summary[k] for k in ("total_train_tokens_all_rounds", "total_meta_tokens_all_rounds",
                                                      "total_wall_seconds_all_rounds")})
-        tracker.log_metrics({f"doremi/weight/{t}": float(w) for t, w in weights.items()})
+        tasks = list(weights)
+        tracker.log_metrics(TaskMetricsView(tasks, cfg.tracking.per_task_metrics_max_tasks)(
+            {"doremi/weight/{task}": per_task([weights[t] for t in tasks], "weight")}, 0))
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         tracker.log_artifact(out / "summary.json")
         status = "FINISHED"

@@ -41,6 +41,7 @@ from raymix.driver.setup import (
     resolve_suite,
 )
 from raymix.driver.single import log_summary, run_round
+from raymix.metrics_view import TaskMetricsView, per_task
 
 SCORES_FILE = "ideal_scores.json"
 ROUND_TAG = "raymix.ideal_round"
@@ -107,7 +108,7 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
             metrics = {f"ideal/round{r}/{k}": s.get(k, float("nan")) for k in (
                 "train_tokens", "meta_tokens", "wall_seconds", "worst_val_loss", "mean_val_loss", "worst_test_loss",
                 "mean_test_loss")}
-            metrics.update({f"ideal/round{r}/volume/{t}": float(v) for t, v in zip(pool.tasks, volumes)})
+            metrics[f"ideal/round{r}/volume/{{task}}"] = per_task(volumes, "count")
             if r < icfg.rounds:
                 score_file = rdir / SCORES_FILE
                 t_phase = time.perf_counter()
@@ -125,11 +126,11 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
                             "next_volumes": dict(zip(pool.tasks, volumes.tolist())),
                             "influence_meta_tokens": int(sum(sc["meta_tokens"].values())),
                             "influence_seconds": sc["seconds"], "curvature": sc["curvature"]})
-                metrics.update({f"ideal/round{r}/score/{t}": v for t, v in sc["scores"].items()})
-                metrics.update({f"ideal/round{r}/beta/{t}": float(b) for t, b in zip(pool.tasks, beta)})
+                metrics[f"ideal/round{r}/score/{{task}}"] = per_task(scores, "score")
+                metrics[f"ideal/round{r}/beta/{{task}}"] = per_task(beta, "score")
                 metrics[f"ideal/round{r}/influence_seconds"] = sc["seconds"]
                 metrics[f"ideal/round{r}/influence_meta_tokens"] = rec["influence_meta_tokens"]
-            tracker.log_metrics(metrics)
+            tracker.log_metrics(TaskMetricsView(pool.tasks, cfg.tracking.per_task_metrics_max_tasks)(metrics, 0))
             rounds.append(rec)
 
         summary = _combine(cfg, summaries, rounds, influence_meta, influence_seconds, tracker,
@@ -139,7 +140,7 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
         summary["phase_seconds"] = phases
         _copy_round_metrics(tracker, summaries[-1]["mlflow_run_id"])
         tracker.log_json(rounds, "ideal_rounds.json", out)
-        log_summary(tracker, summary, out, plot_mixture)
+        log_summary(tracker, summary, out, plot_mixture, max_tasks=cfg.tracking.per_task_metrics_max_tasks)
         tracker.log_metrics({k: summary[k] for k in (
             "total_train_tokens_all_rounds", "total_meta_tokens_all_rounds", "total_wall_seconds_all_rounds",
             "influence_seconds", "influence_meta_tokens")})

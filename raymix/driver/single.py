@@ -40,6 +40,7 @@ def run_single(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
     driver, a failed attempt): the same MLflow run, Ray Train restoring the
     latest checkpoint in the run's storage."""
     from raymix.data import pool_summary
+    from raymix.metrics_view import TaskMetricsView, per_task
     from raymix.policies import PoolInfo
     from raymix.tracking import plot_mixture
 
@@ -65,12 +66,13 @@ def run_single(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         # Once per run: a resumed run logged them when it started (MLflow
         # would show a second value at step 0).
         if not saved or "pool/tokens" not in tracker.client.get_run(tracker.run_id).data.metrics:
-            tracker.log_metrics({
-                "pool/tokens": stats["pool_tokens"], "pool/num_tasks": stats["num_tasks"],
-                "pool/truncated": stats["truncated"], "pool/dropped": stats["dropped"],
-                "pool/prepare_seconds": pool.seconds, "pool/cache_hit": float(pool.cache_hit),
-                "budget/tokens": budget,
-                **{f"pool/tokens/{t}": v for t, v in stats["tokens_per_task"].items()}})
+            tokens = stats["tokens_per_task"]
+            tracker.log_metrics(TaskMetricsView(pool.tasks, cfg.tracking.per_task_metrics_max_tasks)(
+                {"pool/tokens": stats["pool_tokens"], "pool/num_tasks": stats["num_tasks"],
+                 "pool/truncated": stats["truncated"], "pool/dropped": stats["dropped"],
+                 "pool/prepare_seconds": pool.seconds, "pool/cache_hit": float(pool.cache_hit),
+                 "budget/tokens": budget,
+                 "pool/tokens/{task}": per_task([tokens[t] for t in pool.tasks], "count")}, 0))
         print(f"[raymix] pool: {stats['num_tasks']} tasks, N={stats['pool_tokens']} tokens "
               f"(prepared in {pool.seconds:.1f}s, cache {'hit' if pool.cache_hit else 'miss'}; "
               f"over data.max_seq_len={cfg.data.max_seq_len}: {stats['truncated']} truncated, "
@@ -96,8 +98,11 @@ def run_single(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         summary["phase_seconds"] = phases
         summary["pool"] = stats
         # The signal's reports (GradEx's scores and verification) as JSON artifacts too.
+        t = time.perf_counter()
         log_summary(tracker, summary, out, plot_mixture,
-                    {k: v for k, v in loop_result.signal_summary.items() if isinstance(v, dict)})
+                    {k: v for k, v in loop_result.signal_summary.items() if isinstance(v, dict)},
+                    cfg.tracking.per_task_metrics_max_tasks)
+        phases["log_summary"] = time.perf_counter() - t  # after wall_seconds: its own phase
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
         tracker.log_artifact(out / "summary.json")
         status = "FINISHED"
@@ -326,25 +331,34 @@ def _summarise(cfg, out, tracker, result, fit_started, fit_ended, budget) -> tup
     return summary, ev
 
 
-def log_summary(tracker, summary: dict, out: Path, plot_mixture, artifacts: Optional[dict] = None) -> None:
-    """The summary's numbers as MLflow metrics; the ledger, the schedule, the
-    mixture plot and ``artifacts`` (``{name: json-able}``) as artifacts."""
-    metrics = {k: summary[k] for k in (
+def log_summary(tracker, summary: dict, out: Path, plot_mixture, artifacts: Optional[dict] = None,
+                max_tasks: int = 64) -> None:
+    """The summary's numbers as MLflow metrics (per task up to ``max_tasks``
+    tasks, aggregates above it: ``raymix.metrics_view``); the ledger, the
+    schedule, the mixture plot and ``artifacts`` (``{name: json-able}``) as
+    artifacts, and above ``max_tasks`` the per-task finals as
+    ``per_task/final.parquet`` and the top tasks as tags."""
+    from raymix.metrics_view import TaskMetricsView, per_task
+
+    metrics: dict = {k: summary[k] for k in (
         "train_tokens", "meta_tokens", "budget_tokens", "overshoot_tokens", "worst_val_loss",
         "mean_val_loss", "worst_test_loss", "mean_test_loss", "mean_test_exact_match", "tokens_per_second",
         "wall_seconds", "train_loop_seconds", "eval_seconds", "mixer_update_seconds")}
-    for t, v in summary["val_loss"].items():
-        metrics[f"val_loss/{t}"] = v
-    for t, v in summary["test_loss"].items():
-        metrics[f"test_loss/{t}"] = v
-    for t, v in summary["test_exact_match"].items():
-        metrics[f"test_exact_match/{t}"] = v
-    for t, row in summary["ledger"].items():
-        metrics[f"ledger/{t}/train_tokens"] = row["train_tokens"]
-        metrics[f"ledger/{t}/meta_tokens"] = row["meta_tokens"]
+    tasks = list(summary["ledger"])
+    nan = float("nan")
+    metrics["val_loss/{task}"] = per_task([summary["val_loss"].get(t, nan) for t in tasks], "loss")
+    metrics["test_loss/{task}"] = per_task([summary["test_loss"].get(t, nan) for t in tasks], "loss")
+    metrics["test_exact_match/{task}"] = per_task([summary["test_exact_match"].get(t, nan) for t in tasks], "score")
+    metrics["ledger/{task}/train_tokens"] = per_task([summary["ledger"][t]["train_tokens"] for t in tasks], "count")
+    metrics["ledger/{task}/meta_tokens"] = per_task([summary["ledger"][t]["meta_tokens"] for t in tasks], "count")
     if "utilisation" in summary:  # absent from summaries written before it existed
         metrics["utilisation"] = summary["utilisation"]
-    tracker.log_metrics(metrics, step=summary["steps"])
+    view = TaskMetricsView(tasks, max_tasks)
+    tracker.log_metrics(view(metrics, summary["steps"]), step=summary["steps"])
+    if not view.per_task_keys:
+        path = view.write(out / "per_task", "final")
+        tracker.log_artifact(Path(path), "per_task")
+        tracker.set_tags(top_task_tags(summary, tasks))
     tracker.log_json(summary["ledger"], "ledger.json", out)
     tracker.log_json(summary["mixture_schedule"], "mixture_schedule.json", out)
     for name, value in (artifacts or {}).items():
@@ -352,6 +366,28 @@ def log_summary(tracker, summary: dict, out: Path, plot_mixture, artifacts: Opti
     png = plot_mixture(summary["mixture_schedule"], summary["ledger"], out / "mixture.png",
                        summary["budget_tokens"])
     tracker.log_artifact(png)
+
+
+def top_task_tags(summary: dict, tasks: list[str], k: int = 5) -> dict[str, str]:
+    """MLflow tags naming the top ``k`` tasks by final weight and the worst by
+    validation and test loss (``task=value, ...``): what a person looks for
+    first in a run too large for one metric per task."""
+    from raymix.metrics_view import top_tasks
+
+    nan = float("nan")
+
+    def fmt(pairs) -> str:
+        return ", ".join(f"{t}={v:.4g}" for t, v in pairs)[:4900]  # MLflow caps a tag at 5000 characters
+
+    tags = {}
+    if summary.get("final_weights"):
+        w = [summary["final_weights"].get(t, nan) for t in tasks]
+        tags["raymix.top_tasks_by_weight"] = fmt(top_tasks(w, tasks, k))
+        tags["raymix.bottom_tasks_by_weight"] = fmt(top_tasks(w, tasks, k, largest=False))
+    for split in ("val", "test"):
+        tags[f"raymix.worst_tasks_by_{split}_loss"] = fmt(
+            top_tasks([summary[f"{split}_loss"].get(t, nan) for t in tasks], tasks, k))
+    return tags
 
 
 def run_round(cfg: RunConfig, rdir: Path, parent_run_id: str, driver: str) -> dict:

@@ -13,7 +13,7 @@ import re
 import numpy as np
 
 from raymix.loss import token_nll
-from raymix.streams import collate, read_split
+from raymix.streams import collate
 
 
 def validation_losses(model, pool, pad_id: int, batch_size: int, device="cpu") -> dict[str, float]:
@@ -28,22 +28,45 @@ def losses_on_test(model, pool, pad_id: int, batch_size: int, device="cpu") -> d
     return split_losses(model, pool, "test", pad_id, batch_size, device)
 
 
+def split_examples(pool, split: str, limit: int | None = None, columns=("input_ids", "prompt_len")):
+    """Every task's examples of a split (the first ``limit`` of each, by id),
+    in the pool's task order, read in one scan: (owner task index, (tokens,
+    prompt length), the rows' other ``columns``)."""
+    owner, rows = pool.read_split_rows(split, list(columns))
+    keep = np.arange(len(owner))
+    if limit is not None and len(owner):
+        # Position of each row within its task (rows are grouped by task).
+        first = np.searchsorted(owner, owner, side="left")
+        keep = keep[(keep - first) < limit]
+    examples = [(np.asarray(rows["input_ids"][j], dtype=np.int64), int(rows["prompt_len"][j])) for j in keep]
+    extra = {c: [rows[c][j] for j in keep] for c in columns if c not in ("input_ids", "prompt_len")}
+    return owner[keep].tolist(), examples, extra
+
+
+def length_batches(lengths: list[int], batch_size: int) -> list[np.ndarray]:
+    """Indices in order of length (stable), cut into batches of ``batch_size``:
+    examples of every task share batches and padding stays small, so
+    evaluation costs what its examples cost, whatever the task count."""
+    order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 def split_losses(model, pool, split: str, pad_id: int, batch_size: int, device="cpu") -> dict[str, float]:
+    """Mean completion-token NLL per task on a split: all tasks' examples
+    batched together by length, each example's sums added to its task's."""
     import torch
 
     model.eval()
-    out: dict[str, float] = {}
+    owner, examples, _ = split_examples(pool, split)
+    owner_t = torch.tensor(owner, dtype=torch.long)
+    sums = torch.zeros(2, len(pool.tasks), dtype=torch.float64)
     with torch.no_grad():
-        for task in pool.tasks:
-            rows = read_split(pool.shard_dir(split, task), ["input_ids", "prompt_len"])
-            examples = [(np.asarray(i, dtype=np.int64), int(p)) for i, p in zip(rows["input_ids"], rows["prompt_len"])]
-            total, count = 0.0, 0.0
-            for s in range(0, len(examples), batch_size):
-                nll, cnt = token_nll(model, collate(examples[s : s + batch_size], pad_id), device)
-                total += float(nll.sum())
-                count += float(cnt.sum())
-            out[task] = total / count if count else float("nan")
-    return out
+        for idx in length_batches([len(e[0]) for e in examples], batch_size):
+            nll, cnt = token_nll(model, collate([examples[i] for i in idx], pad_id), device)
+            who = owner_t[torch.from_numpy(idx)]
+            sums[0].index_add_(0, who, nll.double().cpu())
+            sums[1].index_add_(0, who, cnt.double().cpu())
+    return {t: float(sums[0, i] / sums[1, i]) if sums[1, i] > 0 else float("nan") for i, t in enumerate(pool.tasks)}
 
 
 def normalise_answer(text: str) -> str:
@@ -53,43 +76,51 @@ def normalise_answer(text: str) -> str:
 def exact_match(
     model, tokenizer, pool, max_examples: int, max_new_tokens: int, batch_size: int, device="cpu"
 ) -> dict[str, float]:
-    """Share of test prompts whose greedy continuation equals a reference."""
+    """Share of test prompts (the first ``max_examples`` of each task) whose
+    greedy continuation equals a reference; prompts of all tasks are
+    generated together (:func:`greedy_answers`)."""
+    owner, examples, extra = split_examples(pool, "test", max_examples,
+                                            ("input_ids", "prompt_len", "references"))
+    texts = greedy_answers(model, tokenizer, [ids[:p] for ids, p in examples], max_new_tokens, batch_size, device)
+    T = len(pool.tasks)
+    hits, count = np.zeros(T), np.zeros(T)
+    for i, text in enumerate(texts):
+        count[owner[i]] += 1
+        if normalise_answer(text) in {normalise_answer(r) for r in extra["references"][i]}:
+            hits[owner[i]] += 1
+    return {t: float(hits[i] / count[i]) if count[i] else float("nan") for i, t in enumerate(pool.tasks)}
+
+
+def greedy_answers(model, tokenizer, prompts: list[np.ndarray], max_new_tokens: int, batch_size: int,
+                   device="cpu") -> list[str]:
+    """Each prompt's greedy continuation (decoded), in the prompts' order;
+    generated in batches of prompts of similar length, left-padded."""
     import torch
 
     model.eval()
     pad_id = tokenizer.pad_token_id
-    out: dict[str, float] = {}
+    texts: list[str] = [""] * len(prompts)
     with torch.no_grad():
-        for task in pool.tasks:
-            rows = read_split(pool.shard_dir("test", task), ["input_ids", "prompt_len", "references"])
-            n = min(max_examples, len(rows["input_ids"]))
-            if n == 0:
-                out[task] = float("nan")
-                continue
-            hits = 0
-            for s in range(0, n, batch_size):
-                prompts = [list(ids[:p]) for ids, p in zip(rows["input_ids"][s : min(n, s + batch_size)], rows["prompt_len"][s : min(n, s + batch_size)])]
-                width = max(len(p) for p in prompts)
-                # Left padding so every row's answer starts at the same column.
-                ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for r, p in enumerate(prompts):
-                    ids[r, width - len(p) :] = torch.tensor(p)
-                    mask[r, width - len(p) :] = 1
-                gen = model.generate(
-                    input_ids=ids.to(device),
-                    attention_mask=mask.to(device),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=pad_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-                texts = tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)
-                for text, refs in zip(texts, rows["references"][s : min(n, s + batch_size)]):
-                    if normalise_answer(text) in {normalise_answer(r) for r in refs}:
-                        hits += 1
-            out[task] = hits / n
-    return out
+        for idx in length_batches([len(p) for p in prompts], batch_size):
+            width = max(len(prompts[i]) for i in idx)
+            # Left padding so every row's answer starts at the same column.
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, i in enumerate(idx):
+                p = np.asarray(prompts[i], dtype=np.int64)
+                ids[r, width - len(p) :] = torch.from_numpy(p)
+                mask[r, width - len(p) :] = 1
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            for i, text in zip(idx, tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)):
+                texts[i] = text
+    return texts
 
 
 class CurveEvaluator:
@@ -102,15 +133,20 @@ class CurveEvaluator:
         self.examples, self.owner = [], []
         per_rank = [0] * world
         self.filler = None  # any example, for lockstep forwards on a rank with none of its own
-        for i, task in enumerate(pool.tasks):
-            rows = read_split(pool.shard_dir(split, task), ["input_ids", "prompt_len"])
-            for j, (ids, plen) in enumerate(zip(rows["input_ids"][:per_task], rows["prompt_len"][:per_task])):
-                per_rank[(i * per_task + j) % world] += 1
-                if self.filler is None:
-                    self.filler = [(np.asarray(ids, dtype=np.int64), int(plen))]
-                if (i * per_task + j) % world == rank:
-                    self.examples.append((np.asarray(ids, dtype=np.int64), int(plen)))
-                    self.owner.append(i)
+        owner, examples, _ = split_examples(pool, split, per_task)
+        j = 0
+        for k, (i, example) in enumerate(zip(owner, examples)):
+            j = j + 1 if k and owner[k - 1] == i else 0  # the example's place within its task
+            per_rank[(i * per_task + j) % world] += 1
+            if self.filler is None:
+                self.filler = [example]
+            if (i * per_task + j) % world == rank:
+                self.examples.append(example)
+                self.owner.append(i)
+        # Examples of all tasks batched by length: padding stays small at any task count.
+        order = np.argsort([len(e[0]) for e in self.examples], kind="stable")
+        self.examples = [self.examples[i] for i in order]
+        self.owner = [self.owner[i] for i in order]
         self.pad_id, self.batch_size, self.device = pad_id, batch_size, device
         # Under FSDP every forward is a collective (it gathers each layer's
         # shards from all ranks): every rank must run as many as the busiest

@@ -20,6 +20,7 @@ def finish(w, session, exchange, metrics_log, signal, progress, curve, checkpoin
         # a failure from here on retrains from the last periodic checkpoint,
         # and MetricLogger skips the steps it committed (its run tag).
         metrics_log.commit()
+        _log_per_task_series(w, metrics_log)
     mixer_summary = exchange.summary() if w.rank == 0 else None  # and every counted token the ledger
     loop_seconds = timing["loop_seconds"]
     numbers = {"train_tokens": progress.train_tokens, "steps": progress.step, "loop_seconds": loop_seconds,
@@ -62,3 +63,14 @@ def _peak_device_memory(device) -> int:
     import torch
 
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else 0
+
+
+def _log_per_task_series(w, metrics_log) -> None:
+    """The per-task series kept instead of per-task metrics (above
+    ``tracking.per_task_metrics_max_tasks``) as ``per_task/loop.parquet``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = w.task_metrics.write(tmp, "loop")
+        if path is not None:
+            metrics_log.client.log_artifact(metrics_log.run_id, path, "per_task")

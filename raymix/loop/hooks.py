@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raymix.metrics_view import kl_uniform, per_task
+
 
 @dataclass
 class Progress:
@@ -85,9 +87,9 @@ class CurveHook:
         self.log.append(point)
         if self.metrics_log is not None:
             m = {f"curve/{k}": v for k, v in point.items()}
-            m.update({f"curve/{t}/val_loss": float(vl[i]) for i, t in enumerate(self.w.loop.pool.tasks)})
-            m.update({f"curve/{t}/test_loss": float(tl[i]) for i, t in enumerate(self.w.loop.pool.tasks)})
-            self.metrics_log.log(m, progress.step)
+            m["curve/{task}/val_loss"] = per_task(vl, "loss")
+            m["curve/{task}/test_loss"] = per_task(tl, "loss")
+            self.metrics_log.log(self.w.task_metrics(m, progress.step), progress.step)
 
     def state_dict(self) -> dict:
         return {"next_curve": self.next_curve, "curve_log": list(self.log)}
@@ -97,7 +99,8 @@ class CurveHook:
 
 
 class MetricsHook:
-    """``train/*``, ``mixture/<task>``, ``mixture/kl_uniform`` and ``loss/<task>`` every
+    """``train/*``, ``mixture/<task>``, ``mixture/kl_uniform`` and ``loss/<task>`` (or their
+    ``tasks/...`` aggregates above ``tracking.per_task_metrics_max_tasks``) every
     ``train.log_every`` steps and at the end of the budget (rank 0)."""
 
     def __init__(self, w, metrics_log):
@@ -124,13 +127,11 @@ class MetricsHook:
             "train/budget_progress": progress.train_tokens / budget,
         }
         # How far the mixture is from uniform, in one number: log T - H(p).
-        p = np.clip(np.asarray(weights, dtype=np.float64), 1e-300, 1.0)
-        metrics["mixture/kl_uniform"] = float(np.log(len(p)) + (p * np.log(p)).sum())
-        for i, t in enumerate(self.w.loop.pool.tasks):
-            metrics[f"mixture/{t}"] = float(weights[i])
-            if self.loss[1, i] > 0:
-                metrics[f"loss/{t}"] = self.loss[0, i] / self.loss[1, i]
-        self.metrics_log.log(metrics, progress.step)
+        metrics["mixture/kl_uniform"] = kl_uniform(np.asarray(weights, dtype=np.float64))
+        metrics["mixture/{task}"] = per_task(weights, "weight")
+        with np.errstate(invalid="ignore", divide="ignore"):  # no tokens of a task since the last log: NaN, not logged
+            metrics["loss/{task}"] = per_task(np.where(self.loss[1] > 0, self.loss[0] / self.loss[1], np.nan), "loss")
+        self.metrics_log.log(self.w.task_metrics(metrics, progress.step), progress.step)
         self.loss[:] = 0
         self.tokens_start, self.time_start = progress.train_tokens, now
 

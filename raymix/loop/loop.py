@@ -47,7 +47,7 @@ def train_loop(config: dict | LoopConfig, session=None, mixer=None) -> None:
     curve = CurveHook(w, exchange, metrics_log) if cfg.eval.curve_points > 0 else None
     metrics = MetricsHook(w, metrics_log)
     checkpointer = Checkpointer(w, session, exchange, metrics_log,
-                                [progress, step, exchange, signal] + ([curve] if curve else []))
+                                [progress, step, exchange, signal, w.task_metrics] + ([curve] if curve else []))
     if not checkpointer.restore():
         return  # the run had finished; its final checkpoint was reported again
     exchange.start(progress.train_tokens)
@@ -77,7 +77,7 @@ def train_loop(config: dict | LoopConfig, session=None, mixer=None) -> None:
         view = StepView(progress.step, progress.train_tokens, budget, outcome.lr, exchange.weights, outcome.stats)
         signal.observe(view)
         if signal.due(view):
-            _run_signal(signal, view, exchange, metrics_log, progress, t_loop)
+            _run_signal(signal, view, exchange, metrics_log, progress, t_loop, w.task_metrics)
             if signal.stops_run() and exchange.lost is None:
                 stopped = True
                 break
@@ -110,7 +110,7 @@ def train_loop(config: dict | LoopConfig, session=None, mixer=None) -> None:
 
 
 def _run_signal(signal, view: StepView, exchange: MixerExchange, metrics_log, progress: Progress,
-                t_loop: float) -> None:
+                t_loop: float, task_metrics) -> None:
     """The policy's worker-side computation, its report to the mixer (whose
     new mixture applies at once), and its metrics."""
     t = time.perf_counter()
@@ -121,7 +121,7 @@ def _run_signal(signal, view: StepView, exchange: MixerExchange, metrics_log, pr
     if metrics_log is not None:
         now = time.perf_counter()
         timing = {"step_seconds": now - t, "time_share": progress.meta_seconds / max(1e-9, now - t_loop)}
-        metrics_log.log(signal.metrics(signals, exchange.weights, timing), view.step)
+        metrics_log.log(task_metrics(signal.metrics(signals, exchange.weights, timing), view.step), view.step)
 
 
 def _signal(w: Worker):

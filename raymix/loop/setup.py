@@ -26,6 +26,9 @@ class Worker:
     raw_model: Any
     """The model's own module (what signals and evaluation call)."""
     optimizer: Any = None
+    task_metrics: Any = None
+    """What per-task metrics become in MLflow (``raymix.metrics_view.TaskMetricsView``);
+    a checkpoint part, since it keeps the per-task series above the threshold."""
 
     @property
     def budget(self) -> int:
@@ -63,7 +66,10 @@ class Worker:
         model = session.prepare_model(model, cfg.runtime.parallelism)
         # FSDP2 shards in place (no wrapper): the model is its own raw model.
         raw_model = model.module if hasattr(model, "module") else model
-        return cls(cfg, loop, rank, world, distributed, device, tokenizer, model, raw_model)
+        from raymix.metrics_view import TaskMetricsView
+
+        view = TaskMetricsView(loop.pool.tasks, cfg.tracking.per_task_metrics_max_tasks)
+        return cls(cfg, loop, rank, world, distributed, device, tokenizer, model, raw_model, task_metrics=view)
 
     def all_reduce(self, tensor):
         if self.distributed:

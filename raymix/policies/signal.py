@@ -73,7 +73,10 @@ class WorkerSignal(Protocol):
     def metrics(self, signals: Optional[dict], weights: np.ndarray, timing: dict[str, float]) -> dict[str, float]:
         """MLflow metrics after a computation, on rank 0, once the mixture it
         led to (``weights``) applies; ``timing``: ``step_seconds`` (the
-        computation and the mixer's reply) and ``time_share`` (of the loop so far)."""
+        computation and the mixer's reply) and ``time_share`` (of the loop so far).
+        Per-task numbers go under a key template holding ``{task}`` as a
+        ``raymix.metrics_view.PerTask`` (one metric per task, or aggregates
+        above ``tracking.per_task_metrics_max_tasks``)."""
 
     def stops_run(self) -> bool:
         """After a computation: whether the run ends here, short of the budget."""

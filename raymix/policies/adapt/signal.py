@@ -36,6 +36,7 @@ import numpy as np
 from raymix.config import AdaptConfig
 from raymix.gradients import gradients_only_on, select_params
 from raymix.loss import token_nll
+from raymix.metrics_view import per_task
 from raymix.policies.adapt.policy import entropy, kl_uniform, smooth_max, standardise
 from raymix.policies.signal import NoSignal, SignalContext, StepView
 from raymix.streams import TaskStream, collate
@@ -316,11 +317,10 @@ class AdaptSignal(NoSignal):
              "meta/step_seconds": timing["step_seconds"], "meta/time_share": timing["time_share"],
              "meta/tokens": float(np.sum(signals["meta_tokens"])), "mixture/kl_uniform": kl_uniform(weights)}
         z = standardise(np.asarray(signals["alignment"], dtype=np.float64))
-        for i, t in enumerate(self.tasks):
-            m[f"signal/{t}/val_loss"] = float(vl[i])
-            m[f"signal/{t}/alignment"] = float(signals["alignment"][i])
-            m[f"signal/{t}/z"] = float(z[i])  # the normalised alignment the policy reads (when refreshed)
-            m[f"mixture/{t}"] = float(weights[i])
+        m["signal/{task}/val_loss"] = per_task(vl, "loss")
+        m["signal/{task}/alignment"] = per_task(signals["alignment"], "score")
+        m["signal/{task}/z"] = per_task(z, "score")  # the normalised alignment the policy reads (when refreshed)
+        m["mixture/{task}"] = per_task(weights, "weight")
         return m
 
     def rank_state_dict(self) -> dict:

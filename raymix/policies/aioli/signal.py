@@ -24,6 +24,7 @@ from typing import Optional
 import numpy as np
 
 from raymix.loss import token_nll
+from raymix.metrics_view import per_task
 from raymix.policies.aioli.policy import num_probes
 from raymix.policies.signal import NoSignal, SignalContext, StepView
 from raymix.streams import TaskStream, collate
@@ -98,9 +99,8 @@ class AioliSignal(NoSignal):
              "meta/tokens": float(np.sum(signals["meta_tokens"])), "aioli/probe_index": float(signals["probe_index"]),
              "aioli/round": float(self.round),
              "aioli/mean_val_loss": float(np.nanmean(vl)) if np.isfinite(vl).any() else float("nan")}
-        for i, t in enumerate(self.tasks):
-            m[f"signal/{t}/val_loss"] = float(vl[i])
-            m[f"mixture/{t}"] = float(weights[i])
+        m["signal/{task}/val_loss"] = per_task(vl, "loss")
+        m["mixture/{task}"] = per_task(weights, "weight")
         return m
 
     def state_dict(self) -> dict:

@@ -20,6 +20,7 @@ import numpy as np
 
 from raymix.errors import RaymixError
 from raymix.loss import completion_token_nll
+from raymix.metrics_view import per_task
 from raymix.policies.signal import NoSignal, SignalContext, StepView
 from raymix.streams import TaskStream, collate
 
@@ -120,9 +121,8 @@ class DoremiSignal(NoSignal):
              "meta/tokens": float(np.sum(signals["meta_tokens"])),
              "doremi/zero_excess_tasks": float((ex[np.isfinite(ex)] <= 0).sum()),
              "doremi/mean_excess": float(np.nanmean(ex)) if np.isfinite(ex).any() else float("nan")}
-        for i, t in enumerate(self.tasks):
-            m[f"signal/{t}/excess_loss"] = float(ex[i])
-            m[f"mixture/{t}"] = float(weights[i])
+        m["signal/{task}/excess_loss"] = per_task(ex, "loss")
+        m["mixture/{task}"] = per_task(weights, "weight")
         return m
 
     def rank_state_dict(self) -> dict:

@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 
 from raymix.config import GradexConfig
+from raymix.metrics_view import per_task
 from raymix.policies.signal import NoSignal, SignalContext, StepView
 from raymix.streams import TaskStream, collate
 
@@ -238,7 +239,7 @@ def score_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def gradex_metrics(report: dict | None) -> dict:
+def gradex_metrics(report: dict | None, tasks: list[str]) -> dict:
     """``gradex/*`` MLflow metrics of a GradEx report (this module)."""
     if not report:
         return {}
@@ -251,9 +252,8 @@ def gradex_metrics(report: dict | None) -> dict:
                 "speedup_with_gradients", "finetune_seconds_per_subset", "estimate_seconds_per_subset"):
         if report.get("verification") and report["verification"].get(key) is not None:
             m[f"gradex/{key}"] = report["verification"][key]
-    for t, s in report["scores"].items():
-        if s is not None:
-            m[f"gradex/score/{t}"] = s
+    scores = report["scores"]
+    m["gradex/score/{task}"] = per_task([np.nan if scores.get(t) is None else scores[t] for t in tasks], "score")
     return m
 
 
@@ -266,7 +266,7 @@ class GradexSignal(NoSignal):
     def __init__(self, ctx: SignalContext):
         self.cfg = ctx.run.policy.gradex
         self.at = int(math.ceil(self.cfg.meta_share * ctx.budget_tokens))
-        self.rank, self.T = ctx.rank, len(ctx.pool.tasks)
+        self.rank, self.T, self.tasks = ctx.rank, len(ctx.pool.tasks), list(ctx.pool.tasks)
         self.step = (GradexStep(ctx.model, self.cfg, ctx.pool, ctx.pad_id, ctx.device, ctx.run.seed)
                      if ctx.rank == 0 else None)
         self.done, self.report, self.stopped = False, None, False
@@ -285,7 +285,7 @@ class GradexSignal(NoSignal):
         return signals
 
     def metrics(self, signals: Optional[dict], weights: np.ndarray, timing: dict[str, float]) -> dict[str, float]:
-        return gradex_metrics(self.report)
+        return gradex_metrics(self.report, self.tasks)
 
     def stops_run(self) -> bool:
         self.stopped = self.cfg.scores_only  # the scores were all that was asked for

@@ -1,0 +1,111 @@
+"""``task_runs``: whole runs (``raymix.driver.single.run_single``) on pools of
+the same examples cut into more and more tasks, against the smallest task
+count: wall time and its parts (shard preparation from an empty cache, the
+training loop, the loss curve, the final evaluation, the summary's tracking)
+and the MLflow volume (distinct metric keys, metric rows, store size)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from raymix.bench.common import ray_info, ray_settings
+from raymix.bench.task_scaling import write_synthetic_tasks
+from raymix.config import RunConfig
+
+
+def mlflow_volume(db: Path, run_id: str) -> dict:
+    """Distinct metric keys and metric rows of one run in a SQLite MLflow store."""
+    with sqlite3.connect(str(db)) as con:
+        rows, keys = con.execute("SELECT COUNT(*), COUNT(DISTINCT key) FROM metrics WHERE run_uuid = ?",
+                                 (run_id,)).fetchone()
+    return {"metric_rows": int(rows), "metric_keys": int(keys)}
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def one_run(cfg: RunConfig, out: Path, tasks: int, total_examples: int) -> dict:
+    """One task count's whole run, from an empty shard cache."""
+    import shutil
+
+    from raymix.config import SourceConfig
+    from raymix.driver.single import run_single
+
+    shutil.rmtree(out, ignore_errors=True)  # a new run, a cold cache
+    src = write_synthetic_tasks(out / "source", tasks, max(4, total_examples // tasks), cfg.seed)
+    run_dir = out / "run"
+    c = replace(cfg, data=replace(cfg.data, sources=[SourceConfig(kind="jsonl", path=str(src))],
+                                  cache_dir=str((out / "cache").resolve())),
+                tracking=replace(cfg.tracking, tracking_uri=f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"))
+    t0 = time.perf_counter()
+    s = run_single(c, run_dir)
+    outer = time.perf_counter() - t0
+    ph = s["phase_seconds"]
+    rt = s["ray_train_seconds"]
+    return {
+        "tasks": tasks, "examples_per_task": max(4, total_examples // tasks), "train_tokens": s["train_tokens"],
+        "steps": s["steps"], "wall_seconds": outer,
+        "prepare_seconds": ph.get("records", 0.0) + ph.get("tokenizer", 0.0) + ph.get("shards", 0.0),
+        "shards_seconds": ph.get("shards", 0.0),
+        "loop_seconds": s["train_loop_seconds"], "tokens_per_second": s["tokens_per_second"],
+        "curve_seconds": s["curve_seconds"], "final_eval_seconds": s["eval_seconds"],
+        "worker_start_seconds": rt["worker_start"], "worker_setup_seconds": rt["worker_setup"],
+        "log_summary_seconds": ph.get("log_summary", 0.0), "meta_seconds": s["meta_seconds"],
+        "mean_test_loss": s["mean_test_loss"],
+        **mlflow_volume(run_dir / "mlflow.db", s["mlflow_run_id"]),
+        "mlflow_bytes": (run_dir / "mlflow.db").stat().st_size + _folder_bytes(run_dir / "mlartifacts"),
+    }
+
+
+def bench_task_runs(cfg: RunConfig, out: Path, repeats: int = 1,
+                    task_counts: Sequence[int] = (20, 100, 1000, 5000), total_examples: int = 20000) -> dict:
+    """Whole runs at each task count on ``total_examples`` examples of
+    :func:`write_synthetic_tasks` (80/10/10 splits), under the configuration's
+    budget and runtime (``eval.suite`` off: lm-eval does not depend on the
+    pool). ``repeats`` runs per count, each from an empty cache; the figures
+    are those of the run with the median wall time. Ratios are against the
+    smallest task count; goals (issue "thousands of tasks"): wall <= 1.2x,
+    loop <= 1.1x, evaluation <= 1.5x, distinct metric keys equal."""
+    cfg = ray_settings(replace(cfg, eval=replace(cfg.eval, suite=None)))
+    rows: dict[str, dict] = {}
+    for n in task_counts:
+        runs = [one_run(cfg, out / f"T{n}" / f"r{i}", n, total_examples) for i in range(repeats)]
+        runs.sort(key=lambda r: r["wall_seconds"])
+        rows[str(n)] = {**runs[len(runs) // 2], "wall_seconds_all": [r["wall_seconds"] for r in runs]}
+    lo = rows[str(min(task_counts))]
+    for r in rows.values():
+        r["ratios"] = {k: r[k] / max(1e-9, lo[k]) for k in (
+            "wall_seconds", "loop_seconds", "prepare_seconds", "final_eval_seconds", "curve_seconds",
+            "metric_keys", "metric_rows")}
+    return {"model": cfg.model.preset, "total_examples": total_examples, "repeats": repeats,
+            "budget_tokens": cfg.budget.tokens, "num_workers": cfg.runtime.num_workers,
+            "per_task_metrics_max_tasks": cfg.tracking.per_task_metrics_max_tasks, "ray": ray_info(cfg),
+            "task_counts": list(task_counts), "runs": rows}
+
+
+def markdown(r: dict) -> list[str]:
+    """This benchmark's section of bench.md."""
+    lo = min(r["task_counts"])
+    lines = [
+        "\n## task_runs\n",
+        f"Whole runs (`run_single`, {r['num_workers']} worker(s), budget {r['budget_tokens']} tokens, model "
+        f"`{r['model']}`) on the same {r['total_examples']:,} short examples cut into more tasks; shards prepared "
+        f"from an empty cache; one metric per task up to {r['per_task_metrics_max_tasks']} tasks. Ratios against "
+        f"{lo} tasks.\n",
+        "| tasks | wall s | prepare s | loop s (tokens/s) | curve s | final eval s | MLflow keys / rows | "
+        "store MB | wall / loop / eval ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for n in r["task_counts"]:
+        x = r["runs"][str(n)]
+        q = x["ratios"]
+        lines.append(f"| {n} | {x['wall_seconds']:.1f} | {x['prepare_seconds']:.1f} | {x['loop_seconds']:.1f} "
+                     f"({x['tokens_per_second']:,.0f}) | {x['curve_seconds']:.1f} | {x['final_eval_seconds']:.1f} | "
+                     f"{x['metric_keys']:,} / {x['metric_rows']:,} | {x['mlflow_bytes'] / 1e6:.1f} | "
+                     f"{q['wall_seconds']:.2f} / {q['loop_seconds']:.2f} / {q['final_eval_seconds']:.2f} |")
+    return lines
