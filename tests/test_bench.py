@@ -89,6 +89,7 @@ def test_policy_cost_refuses_a_static_or_unknown_policy(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # three runs; CI's time goes to the fault and resume tests
 @pytest.mark.ray
 @pytest.mark.timeout(600)
 def test_policy_cost_writes_per_update_figures(tmp_path: Path, monkeypatch) -> None:

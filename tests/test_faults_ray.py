@@ -244,7 +244,8 @@ def test_local_mode_driver_kill_resumes_exactly(tmp_path: Path, env: dict) -> No
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("first, then", [("fsdp", "ddp"), ("ddp", "fsdp")])
+# One direction in CI, the other with the heavy tests (CI's 90 minutes).
+@pytest.mark.parametrize("first, then", [("fsdp", "ddp"), pytest.param("ddp", "fsdp", marks=pytest.mark.heavy)])
 def test_checkpoint_resumes_under_the_other_parallelism(tmp_path: Path, env: dict, first: str, then: str) -> None:
     """A run under one runtime.parallelism, its driver killed after a
     checkpoint, resumes under the other (a runtime field, so --resume accepts
@@ -313,6 +314,7 @@ def test_checkpoint_resumes_on_another_worker_count(tmp_path: Path, env: dict, f
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # CI runs the two worker-count resumes above; this one adds Ray Train's own placement
 @pytest.mark.timeout(900)
 def test_elastic_run_starts_with_the_workers_it_can_place(tmp_path: Path, env: dict) -> None:
     """``runtime.num_workers=[1, 2]`` where only one 1.5-CPU worker fits on

@@ -60,6 +60,7 @@ def test_gpu_is_run_on_request_only(tmp_path: Path, monkeypatch) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow  # about 1 minute alone (Ray, data preparation, two runs); 4 on a busy 2-core machine
+@pytest.mark.heavy  # CI's 90 minutes go to the fault, resume and concurrency tests; the fast tests above keep the FLOPs and shapes
 @pytest.mark.timeout(900)
 def test_cpu_stand_in_writes_its_figures(tmp_path: Path, monkeypatch) -> None:
     import ray
