@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Optional
 
 from raymix.config import RunConfig, identity_hash
-from raymix.driver.setup import open_tracker, prepare_output, resolve_suite
+from raymix.driver.setup import rounds_run
 from raymix.driver.single import log_summary, run_round
 from raymix.metrics_view import TaskMetricsView, per_task
 
@@ -48,14 +47,8 @@ def run_doremi(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
     names this driver): same contract (summary.json, one MLflow run)."""
     from raymix.tracking import plot_mixture
 
-    out, saved = prepare_output(cfg, output_dir, resume, "it (finished rounds are kept)")
-    t0 = time.perf_counter()
-    resolve_suite(cfg)
-    tracker = open_tracker(cfg, out, parent_run_id, saved)
-    status = "FAILED"
-    try:
-        if not saved:
-            tracker.log_artifact(out / "config.yaml")
+    with rounds_run(cfg, output_dir, parent_run_id, resume, "rounds") as run:
+        out, tracker, t0 = run.out, run.tracker, run.t0
         d = cfg.policy.doremi
         rounds: list[tuple[str, dict]] = []
         reference = d.reference_model
@@ -79,12 +72,8 @@ def run_doremi(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         tasks = list(weights)
         tracker.log_metrics(TaskMetricsView(tasks, cfg.tracking.per_task_metrics_max_tasks)(
             {"doremi/weight/{task}": per_task([weights[t] for t in tasks], "weight")}, 0))
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        tracker.log_artifact(out / "summary.json")
-        status = "FINISHED"
+        run.write_summary(summary)
         return summary
-    finally:
-        tracker.end(status)
 
 
 def _combine(cfg: RunConfig, rounds: list[tuple[str, dict]], tracker, wall: float) -> dict:

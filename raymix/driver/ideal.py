@@ -35,10 +35,8 @@ from raymix.config import RunConfig, identity_hash
 from raymix.driver.setup import (
     budget_tokens,
     init_ray,
-    open_tracker,
     prepare_model_and_data,
-    prepare_output,
-    resolve_suite,
+    rounds_run,
 )
 from raymix.driver.single import log_summary, run_round
 from raymix.metrics_view import TaskMetricsView, per_task
@@ -68,16 +66,8 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
     from raymix.policies.ideal.scoring import reference_tasks, score_tasks
     from raymix.tracking import plot_mixture
 
-    out, saved = prepare_output(cfg, output_dir, resume, "it (finished rounds are kept)")
-    t0 = time.perf_counter()
-    resolve_suite(cfg)  # an unusable suite fails before round 1, not after round R
-    tracker = open_tracker(cfg, out, parent_run_id, saved)
-    if saved:
-        print(f"[raymix] ideal: resuming MLflow run {tracker.run_id} in {out}", flush=True)
-    status = "FAILED"
-    try:
-        if not saved:
-            tracker.log_artifact(out / "config.yaml")
+    with rounds_run(cfg, output_dir, parent_run_id, resume, "rounds") as run:
+        out, tracker, t0 = run.out, run.tracker, run.t0
         icfg = cfg.policy.ideal
         init_ray(cfg)
         # The pool and tokenizer the rounds will find cached; the driver needs
@@ -144,12 +134,8 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
         tracker.log_metrics({k: summary[k] for k in (
             "total_train_tokens_all_rounds", "total_meta_tokens_all_rounds", "total_wall_seconds_all_rounds",
             "influence_seconds", "influence_meta_tokens")})
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        tracker.log_artifact(out / "summary.json")
-        status = "FINISHED"
+        run.write_summary(summary)
         return summary
-    finally:
-        tracker.end(status)
 
 
 def _copy_round_metrics(tracker, round_run_id: str, prefixes=("curve/", "eval/")) -> None:

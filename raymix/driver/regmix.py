@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -41,10 +40,8 @@ from raymix.driver.ideal import _copy_round_metrics
 from raymix.driver.setup import (
     budget_tokens,
     init_ray,
-    open_tracker,
     prepare_model_and_data,
-    prepare_output,
-    resolve_suite,
+    rounds_run,
 )
 from raymix.driver.single import log_summary, run_round
 from raymix.errors import RaymixError
@@ -96,14 +93,8 @@ def run_regmix(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
     )
     from raymix.tracking import plot_mixture
 
-    out, saved = prepare_output(cfg, output_dir, resume, "it (finished proxy runs are kept)")
-    t0 = time.perf_counter()
-    resolve_suite(cfg)
-    tracker = open_tracker(cfg, out, parent_run_id, saved)
-    status = "FAILED"
-    try:
-        if not saved:
-            tracker.log_artifact(out / "config.yaml")
+    with rounds_run(cfg, output_dir, parent_run_id, resume, "proxy runs") as run:
+        out, tracker, t0 = run.out, run.tracker, run.t0
         rc = cfg.policy.regmix
         init_ray(cfg)
         _, _, pool, _ = prepare_model_and_data(cfg, out)
@@ -177,12 +168,8 @@ def run_regmix(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
             "regmix/best_proxy_target": block["best_proxy_target"],
             "regmix/proxy_train_tokens": block["proxy_train_tokens"],
             **{f"regmix/weight/{t}": w for t, w in weights.items()}})
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        tracker.log_artifact(out / "summary.json")
-        status = "FINISHED"
+        run.write_summary(summary)
         return summary
-    finally:
-        tracker.end(status)
 
 
 def _combine(cfg: RunConfig, final: dict, proxies: list[dict], block: dict, tracker, wall: float,

@@ -8,11 +8,13 @@ IDEAL's (``raymix.driver.ideal``), the sweep and the benchmarks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 from raymix.config import RunConfig, identity_hash, load_config, to_yaml
 from raymix.errors import RaymixError
@@ -249,3 +251,45 @@ def open_tracker(cfg: RunConfig, out: Path, parent_run_id: Optional[str], saved:
         "mlflow_experiment_id": tracker.experiment_id, "identity": identity_hash(cfg),
         "started": time.time()}, indent=1))
     return tracker
+
+
+@dataclass
+class RoundsRun:
+    """What a multi-round driver's body works in (see :func:`rounds_run`)."""
+
+    out: Path
+    saved: Optional[dict]
+    """The run record being resumed, or None for a new run."""
+    tracker: Any
+    t0: float
+    """``time.perf_counter()`` when the driver started."""
+
+    def write_summary(self, summary: dict) -> None:
+        """``OUTPUT/summary.json``, also as an MLflow artifact."""
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.tracker.log_artifact(self.out / "summary.json")
+
+
+@contextlib.contextmanager
+def rounds_run(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str], resume: bool,
+               kept: str = "rounds") -> Iterator[RoundsRun]:
+    """The frame every multi-round driver (IDEAL's, DoReMi's, RegMix's) shares:
+    the output folder checked (a finished run is never overwritten; with
+    --resume the finished ``kept`` are reused), the lm-eval suite checked
+    before round 1 rather than after the last, one MLflow run (new, or the
+    saved one continued) with the config as its artifact, and that run
+    ended FINISHED when the body returns, FAILED when it raises."""
+    out, saved = prepare_output(cfg, output_dir, resume, f"it (finished {kept} are kept)")
+    t0 = time.perf_counter()
+    resolve_suite(cfg)
+    tracker = open_tracker(cfg, out, parent_run_id, saved)
+    if saved:
+        print(f"[raymix] {cfg.policy.name}: resuming MLflow run {tracker.run_id} in {out}", flush=True)
+    status = "FAILED"
+    try:
+        if not saved:
+            tracker.log_artifact(out / "config.yaml")
+        yield RoundsRun(out, saved, tracker, t0)
+        status = "FINISHED"
+    finally:
+        tracker.end(status)
