@@ -21,7 +21,6 @@ from typing import Optional
 from raymix.config import RunConfig, flatten, identity_hash
 from raymix.errors import RaymixError
 
-
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 """Tags of the experiments raymix creates: ``mlflow.experimentKind``
 ``custom_model_development`` (the UI's "Machine learning" kind; the UI's

@@ -135,7 +135,7 @@ class TrackingServer:
         except ProcessLookupError:
             pass
 
-    def __enter__(self) -> "TrackingServer":
+    def __enter__(self) -> TrackingServer:
         self.start()
         return self
 

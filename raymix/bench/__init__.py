@@ -61,7 +61,16 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from raymix.bench import data_plane, gpu, memory, meta_overhead, policy_cost, task_runs, task_scaling, throughput
+from raymix.bench import (
+    data_plane,
+    gpu,
+    memory,
+    meta_overhead,
+    policy_cost,
+    task_runs,
+    task_scaling,
+    throughput,
+)
 from raymix.config import load_config
 from raymix.errors import RaymixError
 
