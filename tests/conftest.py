@@ -72,3 +72,23 @@ def prepared(request, tmp_path_factory):
     once per module (the in-process loop tests)."""
     return prepare_pool(tmp_path_factory, request.module.SMALL)
 
+
+
+TINY_IN_PROCESS = [
+    "data.sources=[{kind: synthetic, scale: 0.02}]",
+    "data.max_test=4",
+    "model.vocab_size=512",
+    "train.micro_batch_size=16",
+    "train.sync_every=2",
+    "train.log_every=2",
+    "eval.max_test_examples=4",
+    "eval.max_new_tokens=6",
+    "eval.curve_points=2",
+    "eval.suite=null",
+    "runtime.num_cpus=2",
+    "runtime.num_workers=0",
+    "runtime.object_store_memory=200000000",
+    "budget.tokens=6000",
+]
+"""A whole run on a tiny pool in this process (about 6k tokens), for the
+multi-round drivers' end-to-end tests; each adds its policy's options."""

@@ -10,26 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TINY_IN_PROCESS
 
 from raymix.config import load_config
 
 pytestmark = pytest.mark.ray
 
 TINY = [
-    "data.sources=[{kind: synthetic, scale: 0.02}]",
-    "data.max_test=4",
-    "model.vocab_size=512",
-    "train.micro_batch_size=16",
-    "train.sync_every=2",
-    "train.log_every=2",
-    "eval.max_test_examples=4",
-    "eval.max_new_tokens=6",
-    "eval.curve_points=2",
-    "eval.suite=null",
-    "runtime.num_cpus=2",
-    "runtime.num_workers=0",
-    "runtime.object_store_memory=200000000",
-    "budget.tokens=6000",
+    *TINY_IN_PROCESS,
     "policy.name=regmix",
     "policy.regmix.proxy_runs=4",
     "policy.regmix.proxy_tokens=1500",
