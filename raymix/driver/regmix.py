@@ -45,6 +45,7 @@ from raymix.driver.setup import (
 )
 from raymix.driver.single import log_summary, run_round
 from raymix.errors import RaymixError
+from raymix.metrics_view import TaskMetricsView, per_task
 
 ROUND_TAG = "raymix.round"
 """Tag of a proxy or final run (nested); the report lists the RegMix run, not these."""
@@ -158,7 +159,8 @@ def run_regmix(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
 
         summary = _combine(cfg, final, proxies, block, tracker, time.perf_counter() - t0, setup_seconds)
         _copy_round_metrics(tracker, final["mlflow_run_id"])
-        log_summary(tracker, summary, out, plot_mixture, {"regmix": block})
+        log_summary(tracker, summary, out, plot_mixture, {"regmix": block},
+                    max_tasks=cfg.tracking.per_task_metrics_max_tasks)
         tracker.log_metrics({k: summary[k] for k in (
             "total_train_tokens_all_rounds", "total_meta_tokens_all_rounds", "total_wall_seconds_all_rounds")})
         tracker.log_metrics({
@@ -166,8 +168,10 @@ def run_regmix(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
             "regmix/cv_relative_error": cv["relative_error"], "regmix/predicted_target": block["predicted_target"],
             "regmix/predicted_target_uniform": block["predicted_target_uniform"],
             "regmix/best_proxy_target": block["best_proxy_target"],
-            "regmix/proxy_train_tokens": block["proxy_train_tokens"],
-            **{f"regmix/weight/{t}": w for t, w in weights.items()}})
+            "regmix/proxy_train_tokens": block["proxy_train_tokens"]})
+        tasks = list(weights)  # per task only up to tracking.per_task_metrics_max_tasks, aggregates above
+        tracker.log_metrics(TaskMetricsView(tasks, cfg.tracking.per_task_metrics_max_tasks)(
+            {"regmix/weight/{task}": per_task([weights[t] for t in tasks], "weight")}, 0))
         run.write_summary(summary)
         return summary
 
