@@ -18,13 +18,11 @@ weights). Resume: a round whose ``summary.json`` exists is not trained again.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import time
 from pathlib import Path
 from typing import Optional
 
-from raymix.config import RunConfig, identity_hash
+from raymix.config import RunConfig
 from raymix.driver.setup import rounds_run
 from raymix.driver.single import log_summary, run_round
 from raymix.metrics_view import TaskMetricsView, per_task
@@ -48,7 +46,7 @@ def run_doremi(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
     from raymix.tracking import plot_mixture
 
     with rounds_run(cfg, output_dir, parent_run_id, resume, "rounds") as run:
-        out, tracker, t0 = run.out, run.tracker, run.t0
+        out, tracker = run.out, run.tracker
         d = cfg.policy.doremi
         rounds: list[tuple[str, dict]] = []
         reference = d.reference_model
@@ -65,7 +63,7 @@ def run_doremi(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
             rounds.append(("final", run_round(fcfg, out / "round3_final", tracker.run_id, "doremi")))
         for name, s in rounds:
             tracker.client.set_tag(s["mlflow_run_id"], ROUND_TAG, name)
-        summary = _combine(cfg, rounds, tracker, time.perf_counter() - t0)
+        summary = _combine(cfg, rounds, run)
         log_summary(tracker, summary, out, plot_mixture, max_tasks=cfg.tracking.per_task_metrics_max_tasks)
         tracker.log_metrics({k: summary[k] for k in ("total_train_tokens_all_rounds", "total_meta_tokens_all_rounds",
                                                      "total_wall_seconds_all_rounds")})
@@ -76,23 +74,11 @@ def run_doremi(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         return summary
 
 
-def _combine(cfg: RunConfig, rounds: list[tuple[str, dict]], tracker, wall: float) -> dict:
-    last = rounds[-1][1]
-    proxy = dict(rounds)["proxy"]
-    summary = copy.deepcopy(last)
+def _combine(cfg: RunConfig, rounds: list[tuple[str, dict]], run) -> dict:
+    """The DoReMi run's summary: the last round's, with the proxy's weights and every round's compute."""
+    summary = run.combine(cfg, [s for _, s in rounds])
     summary.update({
-        "policy": cfg.policy.name,
-        "identity": identity_hash(cfg),
-        "wall_seconds": wall,
-        "mlflow_run_id": tracker.run_id,
-        "mlflow_tracking_uri": tracker.uri,
-        "mlflow_experiment_id": tracker.experiment_id,
-        "doremi": proxy["doremi"],
-        "final_round": {k: last[k] for k in ("train_tokens", "meta_tokens", "wall_seconds", "mlflow_run_id",
-                                             "identity")},
-        "total_train_tokens_all_rounds": int(sum(s["train_tokens"] for _, s in rounds)),
-        "total_meta_tokens_all_rounds": int(sum(s["meta_tokens"] for _, s in rounds)),
-        "total_wall_seconds_all_rounds": float(sum(s["wall_seconds"] for _, s in rounds)),
+        "doremi": dict(rounds)["proxy"]["doremi"],
         "doremi_rounds": [{"round": name, "policy": s["policy"], "mlflow_run_id": s["mlflow_run_id"],
                            **{k: s[k] for k in ("train_tokens", "meta_tokens", "wall_seconds", "mean_val_loss",
                                                 "worst_val_loss")}} for name, s in rounds],

@@ -22,7 +22,6 @@ written (``round<r>/ideal_scores.json``) are not recomputed.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import time
@@ -31,7 +30,7 @@ from typing import Optional
 
 import numpy as np
 
-from raymix.config import RunConfig, identity_hash
+from raymix.config import RunConfig
 from raymix.driver.setup import (
     budget_tokens,
     init_ray,
@@ -123,8 +122,7 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
             tracker.log_metrics(TaskMetricsView(pool.tasks, cfg.tracking.per_task_metrics_max_tasks)(metrics, 0))
             rounds.append(rec)
 
-        summary = _combine(cfg, summaries, rounds, influence_meta, influence_seconds, tracker,
-                           time.perf_counter() - t0, phases["setup"])
+        summary = _combine(cfg, summaries, rounds, influence_meta, influence_seconds, run, phases["setup"])
         # This driver's phases (a round's own are in its summary.json); a
         # round finished before a resume takes no time here.
         summary["phase_seconds"] = phases
@@ -154,36 +152,19 @@ def _copy_round_metrics(tracker, round_run_id: str, prefixes=("curve/", "eval/")
 
 
 def _combine(cfg: RunConfig, summaries: list[dict], rounds: list[dict], influence_meta: np.ndarray,
-             influence_seconds: float, tracker, wall: float, setup_seconds: float) -> dict:
+             influence_seconds: float, run, setup_seconds: float) -> dict:
     """The IDEAL run's summary: the final round's, with the influence tokens
-    in the ledger's meta tokens and the compute of every round."""
-    last = summaries[-1]
-    summary = copy.deepcopy(last)
-    tasks = list(last["ledger"])
-    ledger = summary["ledger"]
-    for t, extra in zip(tasks, influence_meta.tolist()):
-        ledger[t]["meta_tokens"] += int(extra)
+    in the ledger's meta tokens and the compute of every round (the driver's
+    setup, every round's wall time and the influence scoring, the latter two
+    from their records so that a resumed driver still counts them)."""
+    summary = run.combine(cfg, summaries, extra_meta_tokens=int(influence_meta.sum()),
+                          extra_wall_seconds=setup_seconds + influence_seconds)
+    for t, extra in zip(list(summaries[-1]["ledger"]), influence_meta.tolist()):
+        summary["ledger"][t]["meta_tokens"] += int(extra)
     summary.update({
-        "policy": "ideal",
-        "identity": identity_hash(cfg),
-        "meta_tokens": last["meta_tokens"] + int(influence_meta.sum()),
-        "wall_seconds": wall,
-        "mlflow_run_id": tracker.run_id,
-        "mlflow_tracking_uri": tracker.uri,
-        "mlflow_experiment_id": tracker.experiment_id,
-        "final_round": {k: last[k] for k in ("train_tokens", "meta_tokens", "wall_seconds", "mlflow_run_id",
-                                             "identity")},
+        "meta_tokens": summaries[-1]["meta_tokens"] + int(influence_meta.sum()),
         "influence_meta_tokens": int(influence_meta.sum()),
         "influence_seconds": influence_seconds,
-        "total_train_tokens_all_rounds": int(sum(s["train_tokens"] for s in summaries)),
-        "total_meta_tokens_all_rounds": int(sum(s["meta_tokens"] for s in summaries) + influence_meta.sum()),
-        # The driver's setup (pool, tokenizer, Ray: what a single run's
-        # wall_seconds includes too), every round's wall time and the
-        # influence scoring, the latter two from their records so that a
-        # resumed driver still counts them; ``wall_seconds`` is this driver
-        # invocation's own time.
-        "total_wall_seconds_all_rounds": float(setup_seconds + sum(s["wall_seconds"] for s in summaries)
-                                               + influence_seconds),
         "rounds_wall_seconds": [s["wall_seconds"] for s in summaries],
         "ideal_rounds": rounds,
     })

@@ -27,7 +27,6 @@ included) and the ``regmix`` block (swarm, regression, chosen weights).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from pathlib import Path
@@ -157,7 +156,7 @@ def run_regmix(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         final = run_round(fcfg, out / "final", tracker.run_id, "regmix")
         tracker.client.set_tag(final["mlflow_run_id"], ROUND_TAG, "final")
 
-        summary = _combine(cfg, final, proxies, block, tracker, time.perf_counter() - t0, setup_seconds)
+        summary = _combine(cfg, final, proxies, block, run, setup_seconds)
         _copy_round_metrics(tracker, final["mlflow_run_id"])
         log_summary(tracker, summary, out, plot_mixture, {"regmix": block},
                     max_tasks=cfg.tracking.per_task_metrics_max_tasks)
@@ -176,25 +175,10 @@ def run_regmix(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         return summary
 
 
-def _combine(cfg: RunConfig, final: dict, proxies: list[dict], block: dict, tracker, wall: float,
-             setup_seconds: float) -> dict:
-    """The RegMix run's summary: the final run's, with the compute of every run."""
-    runs = [*proxies, final]
-    summary = copy.deepcopy(final)
-    summary.update({
-        "policy": cfg.policy.name,
-        "identity": identity_hash(cfg),
-        "wall_seconds": wall,
-        "mlflow_run_id": tracker.run_id,
-        "mlflow_tracking_uri": tracker.uri,
-        "mlflow_experiment_id": tracker.experiment_id,
-        "final_round": {k: final[k] for k in ("train_tokens", "meta_tokens", "wall_seconds", "mlflow_run_id",
-                                              "identity")},
-        "total_train_tokens_all_rounds": int(sum(s["train_tokens"] for s in runs)),
-        "total_meta_tokens_all_rounds": int(sum(s["meta_tokens"] for s in runs)),
-        # Proxy runs' and the final run's own wall time from their summaries
-        # (a reused proxy still counts), plus this driver's setup.
-        "total_wall_seconds_all_rounds": float(setup_seconds + sum(s["wall_seconds"] for s in runs)),
-        "regmix": block,
-    })
+def _combine(cfg: RunConfig, final: dict, proxies: list[dict], block: dict, run, setup_seconds: float) -> dict:
+    """The RegMix run's summary: the final run's, with the compute of every
+    run (proxy runs' and the final run's own wall time from their summaries,
+    so a reused proxy still counts, plus this driver's setup)."""
+    summary = run.combine(cfg, [*proxies, final], extra_wall_seconds=setup_seconds)
+    summary["regmix"] = block
     return summary

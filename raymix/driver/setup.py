@@ -264,6 +264,33 @@ class RoundsRun:
     t0: float
     """``time.perf_counter()`` when the driver started."""
 
+    def combine(self, cfg: RunConfig, runs: list[dict], extra_meta_tokens: int = 0,
+                extra_wall_seconds: float = 0.0) -> dict:
+        """The driver's summary: the last run's (its ledger, losses and
+        mixture), under this driver's identity and MLflow run, with the compute
+        of every run. ``extra_*``: what the driver spent between runs (setup,
+        scoring); runs' wall times come from their records, so a resumed
+        driver still counts the runs it reused. ``wall_seconds`` is this
+        driver invocation's own time."""
+        import copy
+
+        last = runs[-1]
+        summary = copy.deepcopy(last)
+        summary.update({
+            "policy": cfg.policy.name,
+            "identity": identity_hash(cfg),
+            "wall_seconds": time.perf_counter() - self.t0,
+            "mlflow_run_id": self.tracker.run_id,
+            "mlflow_tracking_uri": self.tracker.uri,
+            "mlflow_experiment_id": self.tracker.experiment_id,
+            "final_round": {k: last[k] for k in ("train_tokens", "meta_tokens", "wall_seconds", "mlflow_run_id",
+                                                 "identity")},
+            "total_train_tokens_all_rounds": int(sum(s["train_tokens"] for s in runs)),
+            "total_meta_tokens_all_rounds": int(sum(s["meta_tokens"] for s in runs) + extra_meta_tokens),
+            "total_wall_seconds_all_rounds": float(sum(s["wall_seconds"] for s in runs) + extra_wall_seconds),
+        })
+        return summary
+
     def write_summary(self, summary: dict) -> None:
         """``OUTPUT/summary.json``, also as an MLflow artifact."""
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
