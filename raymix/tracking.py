@@ -91,22 +91,25 @@ class MetricLogger:
     again. MLflow cannot delete or replace a logged value, so anything written
     for those steps before the failure would stay beside the new value, and
     a chart would show two series. :meth:`log` therefore only keeps a step's
-    metrics in memory; :meth:`commit` writes them once the checkpoint that
-    covers their step has been written (the loop calls it after each
+    metrics in memory; :meth:`commit` writes them when the checkpoint that
+    covers their step is written (the loop calls it just before each
     checkpoint's report, and once before the final one). A failure loses the
     uncommitted interval, which the restarted workers train again and log
     once. The cost: MLflow's charts advance at checkpoint cadence
     (``train.checkpoint_tokens`` / ``checkpoint_fraction``), not per step;
     ``OUTPUT/progress/rank<R>.json`` follows every ``train.log_every`` steps.
 
-    Ray Train registers a reported checkpoint at its controller's next poll
-    of the workers (every 2 s): a worker lost in between restarts from the
-    previous checkpoint, after the newer interval was committed. A run tag
-    (:data:`METRICS_THROUGH_TAG`) closes that window: set to the last
-    committed step *before* the values are written, and read when the logger
-    starts; steps at or below it are never logged again. A failure in the
-    middle of a commit can therefore leave a step without some values, never
-    with two.
+    Why before the report, not after: Ray Train registers a reported
+    checkpoint at its controller's next poll of the workers (every 2 s), so
+    whether the restart begins at the newest checkpoint or the one before is
+    not known to the worker. Committed after the report, a worker lost
+    between the two restarts at the new checkpoint with the interval's
+    buffer gone: those steps would never be written. Committed before, the
+    restart either begins after them or retrains them; a run tag
+    (:data:`METRICS_THROUGH_TAG`), set to the last committed step *before*
+    the values are written and read when the logger starts, keeps retrained
+    steps from being logged again. Only a failure in the middle of a commit
+    can leave a step without some of its values, never with two.
 
     A commit writes synchronously in batches of up to 900 values: one
     synchronous call per step cost about 40 ms against SQLite (13% of a small

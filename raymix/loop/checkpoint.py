@@ -181,12 +181,16 @@ class Checkpointer:
         state["mixer"] = self.exchange.snapshot()
         state["model"] = model_state
         state["optimizer"] = optimizer_state
+        if self.metrics_log is not None:
+            # Written before the checkpoint that covers them is reported, not
+            # after: a worker lost between the report and a later commit
+            # would restart from this checkpoint with their steps never
+            # written. Written first, a loss before Ray registers the
+            # checkpoint retrains them, and the logger's run tag keeps the
+            # retrained steps from being written twice.
+            self.metrics_log.commit(state["step"])
         report_checkpoint(self.session, {**metrics, "checkpoint_reason": reason}, lambda d: write_state(d, state),
                           w.local_checkpoint_dir, f"{state['step']:08d}-{reason}", self.keep)
-        if self.metrics_log is not None:
-            # Written now that the checkpoint covering them is: a failure
-            # before this point retrains their steps and logs them then.
-            self.metrics_log.commit(state["step"])
         print(f"[raymix] checkpoint ({reason}) at {state['train_tokens']} train tokens, step {state['step']}",
               flush=True)
 
