@@ -1082,7 +1082,8 @@ def identity_hash(cfg: RunConfig) -> str:
     elif tree["policy"]["adapt"].get("meta_share") is None:
         tree["policy"]["adapt"].pop("meta_share", None)  # added later: off, it leaves ADAPT's identity as it was
     if tree["policy"].get("name") == "regmix":
-        tree["policy"]["regmix"].pop("swarm_dir", None)  # where proxies are kept, not what they are
+        for key in ("swarm_dir", "concurrent_proxies"):  # where and when proxies train, not what they are
+            tree["policy"]["regmix"].pop(key, None)
     for block in ("gradex", "ideal", "odm", "doremi", "aioli", "regmix"):
         if tree["policy"].get("name") != block:
             # Option blocks added after runs were recorded count only for

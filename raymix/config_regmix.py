@@ -79,6 +79,12 @@ class RegmixConfig:
     one is reused (a resumed run, or another run's swarm with the same proxies,
     e.g. the final run of another seed). null: ``OUTPUT/swarm``. Not part of
     the identity; runs sharing it should not run at the same time."""
+    concurrent_proxies: Optional[int] = None
+    """Proxy runs trained at a time, each a Ray Tune trial. null: as many as
+    the cluster's CPUs hold (a proxy in local mode reserves
+    ``runtime.cpus_per_worker``, otherwise its workers reserve theirs), one
+    on a machine of 2 CPUs or fewer, as a sweep's trials. Not part of the
+    identity (it changes when proxies train, not what they are)."""
 
     def __post_init__(self) -> None:
         if self.proxy_runs < 4:
@@ -96,6 +102,8 @@ class RegmixConfig:
             raise RaymixError(f"policy.regmix.min_weight must be in [0, 0.5), got {self.min_weight}")
         if not self.target:
             raise RaymixError("policy.regmix.target must be worst, mean or a task name")
+        if self.concurrent_proxies is not None and self.concurrent_proxies < 1:
+            raise RaymixError(f"policy.regmix.concurrent_proxies must be >= 1 or null, got {self.concurrent_proxies}")
         for name in ("trees", "min_child_samples", "candidates", "top_k"):
             if getattr(self, name) < 1:
                 raise RaymixError(f"policy.regmix.{name} must be >= 1, got {getattr(self, name)}")

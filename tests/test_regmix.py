@@ -159,6 +159,7 @@ def test_cross_validation_on_noise_ranks_nothing() -> None:
     ("policy.regmix.folds=1", "policy.regmix.folds"),
     ("policy.regmix.top_k=20000", "policy.regmix.top_k"),
     ("policy.regmix.regressor=xgboost", "policy.regmix.regressor"),
+    ("policy.regmix.concurrent_proxies=0", "policy.regmix.concurrent_proxies"),
 ])
 def test_bad_options_name_the_field(override: str, field: str) -> None:
     with pytest.raises(RaymixError, match=field.replace(".", r"\.")):
@@ -172,6 +173,7 @@ def test_identity_covers_the_swarm_not_its_folder() -> None:
     assert identity_hash(load_config(None, ["policy.name=regmix", "policy.regmix.proxy_runs=64"])) != base
     assert identity_hash(load_config(None, ["policy.name=regmix", "policy.regmix.swarm_seed=1"])) != base
     assert identity_hash(load_config(None, ["policy.name=regmix", "policy.regmix.swarm_dir=elsewhere"])) == base
+    assert identity_hash(load_config(None, ["policy.name=regmix", "policy.regmix.concurrent_proxies=4"])) == base
     # Not part of any other policy's identity.
     assert identity_hash(load_config(None, ["policy.regmix.proxy_runs=64"])) == identity_hash(RunConfig())
 
@@ -192,3 +194,18 @@ def test_proxy_config_is_a_static_run_at_the_proxy_budget() -> None:
     assert p.eval.suite is None and p.tracking.run_name.endswith("proxy5")
     other_seed = proxy_config(load_config(None, over + ["seed=4"]), {"a": 0.25, "b": 0.75}, 1234, 5, "sqlite:///y.db")
     assert identity_hash(p) == identity_hash(other_seed)
+
+
+def test_swarm_concurrency_counts_cpus_as_a_sweep() -> None:
+    """As many proxy trials as the CPUs hold (a local-mode proxy reserves
+    its worker's CPUs plus the trial's 0.05; Ray Train workers reserve
+    theirs), one on 2 CPUs or fewer, the option above all."""
+    from raymix.driver.regmix import swarm_concurrency
+
+    local = load_config(None, ["policy.name=regmix", "runtime.num_workers=0", "runtime.cpus_per_worker=1"])
+    assert swarm_concurrency(local, 2) == 1
+    assert swarm_concurrency(local, 16) == 15  # 16 // 1.05
+    two = load_config(None, ["policy.name=regmix", "runtime.num_workers=2", "runtime.cpus_per_worker=2"])
+    assert swarm_concurrency(two, 16) == 3  # 16 // 4.05
+    fixed = load_config(None, ["policy.name=regmix", "policy.regmix.concurrent_proxies=3"])
+    assert swarm_concurrency(fixed, 2) == 3

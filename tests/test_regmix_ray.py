@@ -44,6 +44,9 @@ def test_regmix_swarm_regression_final_run(ray_local, tmp_path: Path) -> None:
     assert summary["policy"] == "regmix" and summary["budget_tokens"] == 6000
     proxies = [json.loads(p.read_text()) for p in sorted((out / "swarm").glob("proxy-*/summary.json"))]
     assert len(proxies) == 4 and len(r["proxies"]) == 4
+    # Each proxy a Ray Tune trial of the swarm's experiment.
+    trials = [d for d in (out / "swarm" / "ray" / "regmix-swarm").iterdir() if d.name.startswith("_proxy_trial")]
+    assert len(trials) == 4, sorted(d.name for d in trials)
     # Every proxy at the proxy budget (the loop stops within one global batch past it).
     for s in proxies:
         assert s["budget_tokens"] == 1500 and 0 <= s["train_tokens"] - 1500 < s["global_batch_tokens"]

@@ -12,8 +12,13 @@
    ``DIR/swarm``), so a finished proxy is reused: by a resumed run, by a
    larger swarm (the first K mixtures of a swarm are those of a smaller
    one), and by the final runs of other seeds that share ``swarm_dir``.
-   Proxy runs train one after another in this process, through the same
-   round mechanism as IDEAL's and DoReMi's drivers.
+   Each proxy run is a Ray Tune trial (:func:`train_swarm`), as many at a
+   time as ``policy.regmix.concurrent_proxies`` or the cluster's CPUs allow;
+   an SQLite store is then served by an MLflow server for the swarm
+   (:mod:`raymix.tracking_server`), as a sweep's is. Inside a sweep's trial
+   (a RegMix run in a tune space) the proxies train one after another in
+   that trial's process instead: Ray Tune does not support a Tune run
+   nested in a trial (ray-project/ray#36024).
 2. The regression (``raymix.policies.regmix.regression``): the mixtures the
    proxies actually trained on (their ledgers) against their per-task
    validation losses; its quality on held-out proxy runs by k-fold; the
@@ -28,6 +33,7 @@ included) and the ``regmix`` block (swarm, regression, chosen weights).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -65,6 +71,97 @@ def proxy_config(cfg: RunConfig, weights: dict[str, float], tokens: int, i: int,
         eval=dataclasses.replace(cfg.eval, suite=None),
         tracking=dataclasses.replace(cfg.tracking, tracking_uri=tracking_uri,
                                      run_name=f"{cfg.tracking.run_name or 'regmix'}-proxy{i}"))
+
+
+TRIAL_CPUS = 0.05
+"""CPUs a proxy trial reserves beside its training (a sweep's ``trial_cpus`` default)."""
+
+
+def _proxy_trial(params: dict, configs: list[RunConfig]) -> None:
+    """The Tune function trainable of one proxy run."""
+    from ray import tune
+
+    # Relative paths (task files, models) mean the driver's directory, as in
+    # a sweep's trial (raymix.sweep._trial says why).
+    if os.environ.get("TUNE_ORIG_WORKING_DIR"):
+        os.chdir(os.environ["TUNE_ORIG_WORKING_DIR"])
+    i = params["index"]
+    s = _train_proxy(configs[i], Path(params["folders"][i]), params["parent_run_id"], i)
+    tune.report({"worst_val_loss": s["worst_val_loss"], "mean_val_loss": s["mean_val_loss"],
+                 "train_tokens": s["train_tokens"], "mlflow_run_id": s["mlflow_run_id"]})
+
+
+def _train_proxy(cfg: RunConfig, folder: Path, parent_run_id: str, i: int) -> dict:
+    """Proxy run ``i`` (trained, resumed or read back), tagged as the RegMix run's round."""
+    from mlflow.tracking import MlflowClient
+
+    trained = not (folder / "summary.json").exists()
+    s = run_round(cfg, folder, parent_run_id, "regmix")
+    if trained:
+        MlflowClient(s["mlflow_tracking_uri"]).set_tag(s["mlflow_run_id"], ROUND_TAG, f"proxy{i}")
+    return s
+
+
+def swarm_concurrency(cfg: RunConfig, cpus: float) -> int:
+    """Proxy runs at a time: ``policy.regmix.concurrent_proxies``, else as
+    many as ``cpus`` hold (one on 2 CPUs or fewer), as
+    :func:`raymix.sweep.concurrency` counts a sweep's trials."""
+    per_proxy = max(1, cfg.runtime.num_workers) * cfg.runtime.cpus_per_worker + TRIAL_CPUS
+    return cfg.policy.regmix.concurrent_proxies or (max(1, int(cpus // per_proxy)) if cpus > 2 else 1)
+
+
+def train_swarm(cfg: RunConfig, configs: list[RunConfig], swarm_root: Path, parent_run_id: str,
+                uri: str) -> list[dict]:
+    """The proxy runs' summaries, in the swarm's order: the unfinished ones
+    trained as Ray Tune trials (resumed from their last checkpoint where
+    they have one), the finished ones read from their folders."""
+    import ray
+
+    folders = [swarm_root / f"proxy-{identity_hash(p)}" for p in configs]
+    todo = [i for i, f in enumerate(folders) if not (f / "summary.json").exists()]
+    tokens = configs[0].budget.tokens
+    print(f"[raymix] regmix: {len(configs)} proxy runs of {tokens} tokens, {len(configs) - len(todo)} finished "
+          f"before, {len(todo)} to train", flush=True)
+    if todo and os.environ.get("TUNE_ORIG_WORKING_DIR"):
+        print("[raymix] regmix: inside a Ray Tune trial, the proxies train one after another in this process "
+              "(Ray Tune runs no Tune run nested in a trial)", flush=True)
+    elif todo:
+        from ray import tune
+
+        from raymix.tracking_server import TrackingServer
+
+        concurrent = swarm_concurrency(cfg, ray.cluster_resources().get("CPU", 1))
+        server = None
+        if uri.startswith("sqlite:") and concurrent > 1 and len(todo) > 1:
+            # One process opens the SQLite file; the proxies log through it.
+            server = TrackingServer(uri, swarm_root / "mlartifacts", swarm_root / "mlflow-server.log")
+            print(f"[raymix] regmix: {concurrent} proxy runs at a time: starting an MLflow server on {uri} "
+                  f"(log {server.log_path})", flush=True)
+            served = server.start()
+            configs = [dataclasses.replace(c, tracking=dataclasses.replace(c.tracking, tracking_uri=served))
+                       for c in configs]
+        # A proxy in local mode trains in its trial's process: it reserves a
+        # worker's CPUs; otherwise its Ray Train workers reserve theirs.
+        local = cfg.runtime.cpus_per_worker if cfg.runtime.num_workers == 0 else 0.0
+        try:
+            tuner = tune.Tuner(
+                tune.with_resources(tune.with_parameters(_proxy_trial, configs=configs),
+                                    {"cpu": TRIAL_CPUS + local}),
+                param_space={"index": tune.grid_search(todo), "folders": [str(f) for f in folders],
+                             "parent_run_id": parent_run_id},
+                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+                run_config=tune.RunConfig(name="regmix-swarm",
+                                          storage_path=os.environ.get("RAYMIX_STORAGE") or str(swarm_root / "ray"),
+                                          failure_config=tune.FailureConfig(max_failures=0), verbose=1))
+            errors = [r.error for r in tuner.fit() if r.error]
+        finally:
+            if server is not None:
+                server.stop()
+        if errors:
+            raise RaymixError(f"regmix: {len(errors)} proxy run(s) failed (finished ones are kept under "
+                              f"{swarm_root} and reused by --resume); first: {errors[0]}")
+    # Finished proxies are read back; inside a trial the others train here.
+    return [_train_proxy(c, f, parent_run_id, i) for i, (c, f) in enumerate(zip(configs, folders))]
 
 
 def _check(cfg: RunConfig, tasks: tuple[str, ...]) -> None:
@@ -108,14 +205,9 @@ def run_regmix(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         mixtures = sample_mixtures([rc.swarm_seed, 0], centre, rc.proxy_runs, rc,
                                    capacity, budget)
         swarm_root = Path(rc.swarm_dir).resolve() if rc.swarm_dir else out / "swarm"
-        proxies: list[dict] = []
-        for i, w in enumerate(mixtures):
-            pcfg = proxy_config(cfg, dict(zip(tasks, w.tolist())), proxy_tokens, i, tracker.uri)
-            print(f"[raymix] regmix: proxy run {i + 1}/{rc.proxy_runs} ({proxy_tokens} tokens)", flush=True)
-            s = run_round(pcfg, swarm_root / f"proxy-{identity_hash(pcfg)}", tracker.run_id, "regmix")
-            if s["mlflow_tracking_uri"] == tracker.uri:
-                tracker.client.set_tag(s["mlflow_run_id"], ROUND_TAG, f"proxy{i}")
-            proxies.append(s)
+        configs = [proxy_config(cfg, dict(zip(tasks, w.tolist())), proxy_tokens, i, tracker.uri)
+                   for i, w in enumerate(mixtures)]
+        proxies = train_swarm(cfg, configs, swarm_root, tracker.run_id, tracker.uri)
 
         # What each proxy trained on (its ledger: the mixer's cap applied) against its validation losses.
         X = np.array([[s["ledger"][t]["train_tokens"] for t in tasks] for s in proxies], dtype=np.float64)
