@@ -305,7 +305,7 @@ def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, re
 
     from raymix.driver.setup import init_ray
     from raymix.tracking import check_reachable, ui_url
-    from raymix.tracking_server import TrackingServer
+    from raymix.tracking_server import serve_if_concurrent
 
     configs = space.configs(extra)
     sweep_dir = output.resolve()
@@ -324,13 +324,7 @@ def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, re
     check_reachable(store)
     init_ray(configs[0])
     concurrent = concurrency(space, configs, ray.cluster_resources().get("CPU", 1))
-    server = None
-    uri = store
-    if store.startswith("sqlite:") and concurrent > 1 and len(configs) > 1:
-        server = TrackingServer(store, sweep_dir / "mlartifacts", sweep_dir / "mlflow-server.log")
-        print(f"[raymix] {concurrent} trials at a time: starting an MLflow server on {store} "
-              f"(log {server.log_path})", flush=True)
-        uri = server.start()
+    server, uri = serve_if_concurrent(store, sweep_dir, concurrent, len(configs), "trials")
     try:
         parent_id, exp_id = _run_trials(space, extra, configs, sweep_dir, resume, uri, store, concurrent)
     finally:

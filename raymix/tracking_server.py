@@ -141,3 +141,18 @@ class TrackingServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def serve_if_concurrent(store: str, folder: Path, concurrent: int, runs: int,
+                        what: str) -> tuple[Optional[TrackingServer], str]:
+    """The server a sweep's trials or a RegMix swarm's proxies log through:
+    started in front of an SQLite ``store`` when more than one of ``runs``
+    log at a time (only one process then opens the file), with its artifacts
+    and log in ``folder``; otherwise none, and the store itself. The caller
+    stops a returned server."""
+    if not (store.startswith("sqlite:") and concurrent > 1 and runs > 1):
+        return None, store
+    server = TrackingServer(store, folder / "mlartifacts", folder / "mlflow-server.log")
+    print(f"[raymix] {concurrent} {what} at a time: starting an MLflow server on {store} "
+          f"(log {server.log_path})", flush=True)
+    return server, server.start()

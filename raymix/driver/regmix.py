@@ -128,16 +128,11 @@ def train_swarm(cfg: RunConfig, configs: list[RunConfig], swarm_root: Path, pare
     elif todo:
         from ray import tune
 
-        from raymix.tracking_server import TrackingServer
+        from raymix.tracking_server import serve_if_concurrent
 
         concurrent = swarm_concurrency(cfg, ray.cluster_resources().get("CPU", 1))
-        server = None
-        if uri.startswith("sqlite:") and concurrent > 1 and len(todo) > 1:
-            # One process opens the SQLite file; the proxies log through it.
-            server = TrackingServer(uri, swarm_root / "mlartifacts", swarm_root / "mlflow-server.log")
-            print(f"[raymix] regmix: {concurrent} proxy runs at a time: starting an MLflow server on {uri} "
-                  f"(log {server.log_path})", flush=True)
-            served = server.start()
+        server, served = serve_if_concurrent(uri, swarm_root, concurrent, len(todo), "proxy runs")
+        if server is not None:
             configs = [dataclasses.replace(c, tracking=dataclasses.replace(c.tracking, tracking_uri=served))
                        for c in configs]
         # A proxy in local mode trains in its trial's process: it reserves a
