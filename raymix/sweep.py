@@ -284,9 +284,9 @@ def check_resume_identity(space: Space, saved_extra: Sequence[str], extra: Seque
 def concurrency(space: Space, configs: Sequence[RunConfig], cpus: float) -> int:
     """Trials at a time: the space's ``max_concurrent_trials``, else as many
     as the cluster's CPUs hold (one on a machine of 2 CPUs or fewer)."""
-    # Local mode (0 workers) trains in the trial process: one worker's share.
-    per_trial = max(max(1, c.runtime.num_workers) * c.runtime.cpus_per_worker for c in configs) + space.trial_cpus
-    return space.max_concurrent_trials or max(1, int(cpus // per_trial) if cpus > 2 else 1)
+    from raymix.driver.setup import runs_at_a_time
+
+    return runs_at_a_time(configs, cpus, space.trial_cpus, space.max_concurrent_trials)
 
 
 def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, report: bool = True,

@@ -47,6 +47,7 @@ from raymix.driver.setup import (
     init_ray,
     prepare_model_and_data,
     rounds_run,
+    runs_at_a_time,
 )
 from raymix.driver.single import log_summary, run_round
 from raymix.errors import RaymixError
@@ -105,9 +106,8 @@ def _train_proxy(cfg: RunConfig, folder: Path, parent_run_id: str, i: int) -> di
 def swarm_concurrency(cfg: RunConfig, cpus: float) -> int:
     """Proxy runs at a time: ``policy.regmix.concurrent_proxies``, else as
     many as ``cpus`` hold (one on 2 CPUs or fewer), as
-    :func:`raymix.sweep.concurrency` counts a sweep's trials."""
-    per_proxy = max(1, cfg.runtime.num_workers) * cfg.runtime.cpus_per_worker + TRIAL_CPUS
-    return cfg.policy.regmix.concurrent_proxies or (max(1, int(cpus // per_proxy)) if cpus > 2 else 1)
+    :func:`raymix.driver.setup.runs_at_a_time` counts a sweep's trials."""
+    return runs_at_a_time([cfg], cpus, TRIAL_CPUS, cfg.policy.regmix.concurrent_proxies)
 
 
 def train_swarm(cfg: RunConfig, configs: list[RunConfig], swarm_root: Path, parent_run_id: str,

@@ -32,6 +32,15 @@ def init_ray(cfg: RunConfig) -> None:
     ray.init(**kwargs)
 
 
+def runs_at_a_time(configs, cpus: float, extra_cpus: float, fixed: Optional[int] = None) -> int:
+    """How many of these runs train at a time as Ray Tune trials (a sweep's
+    trials, a RegMix swarm's proxies): ``fixed`` if set, else as many as
+    ``cpus`` hold (a run reserves its workers' CPUs, one worker's in local
+    mode, plus ``extra_cpus`` for its trial), one on 2 CPUs or fewer."""
+    per_run = max(max(1, c.runtime.num_workers) * c.runtime.cpus_per_worker for c in configs) + extra_cpus
+    return fixed or (max(1, int(cpus // per_run)) if cpus > 2 else 1)
+
+
 def budget_tokens(cfg: RunConfig, pool_tokens: int) -> int:
     if cfg.budget.tokens is not None:
         budget = int(cfg.budget.tokens)
