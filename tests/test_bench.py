@@ -115,3 +115,55 @@ def test_policy_cost_writes_per_update_figures(tmp_path: Path, monkeypatch) -> N
     assert odm["updates"] >= 1 and odm["meta_tokens"] == 0
     assert adapt["updates"] >= 1 and adapt["meta_tokens_per_update"] > 0 and adapt["signal_seconds_per_update"] > 0
     assert "| adapt |" in (out / "bench.md").read_text()
+
+
+def test_startup_splits_a_summary_into_its_parts() -> None:
+    from raymix.bench.throughput import STARTUP_PARTS, markdown, startup
+
+    summary = {"wall_seconds": 30.0,
+               "phase_seconds": {"tracking_setup": 1.0, "ray_init": 2.0, "tokenizer": 0.5, "shards": 1.5,
+                                 "model_init": 1.0, "ray_train": 20.0, "lm_eval": 3.0, "log_summary": 1.0},
+               "ray_train_seconds": {"worker_start": 6.0, "worker_setup": 4.0, "train_loop": 8.0,
+                                     "checkpoints": 1.0, "final_eval": 0.5, "report_and_shutdown": 1.5}}
+    parts = startup(summary)
+    assert set(parts) == set(STARTUP_PARTS)
+    # Preparation is every phase but Ray's start, training, lm-eval, tracking setup and logging.
+    assert parts["prepare"] == pytest.approx(3.0)
+    assert (parts["ray_init"], parts["worker_start"], parts["lm_eval"]) == (2.0, 6.0, 3.0)
+    run = {"tokens": 1, "steps": 1, "seconds": 1.0, "tokens_per_second": 100.0, "utilisation": 1.0,
+           "startup": parts}
+    lines = markdown({"model": "m", "micro_batch_size": 1, "torch_threads": 1, "budget_tokens": 1, "repeats": 1,
+                      "median_tokens_per_second": {"plain": 100.0, "raymix_1w": 100.0},
+                      "min_max_tokens_per_second": {"plain": (100.0, 100.0), "raymix_1w": (100.0, 100.0)},
+                      "startup_median_seconds": {"raymix_1w": parts}, "runs": {"raymix_1w": [run]}})
+    assert any(line.startswith("| raymix_1w | 30.0 | 2.0 | 3.0 | 6.0 | 4.0 |") for line in lines)
+
+
+def test_sweeps_refuses_a_missing_space(tmp_path: Path) -> None:
+    assert main(["sweeps", "--space", str(tmp_path / "nope.yaml"), "--output", str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_sweeps_measures_a_sweep_in_process_and_on_workers(tmp_path: Path, monkeypatch) -> None:
+    """The smoke space through ``python -m raymix.sweep``, in-process and with
+    2 workers: the efficiency is the trials' loop seconds over the sweep's
+    wall, and the trials' parts come from their summaries."""
+    monkeypatch.setenv("RAYMIX_CACHE", str(tmp_path / "cache"))
+    space = Path(__file__).resolve().parents[1] / "tune_spaces" / "smoke.yaml"
+    out = tmp_path / "bench"
+    assert main(["sweeps", "--space", str(space), "--output", str(out), "--repeats", "1",
+                 "--set", "runtime.cpus_per_worker=0.5", "--set", "runtime.num_cpus=2"]) == 0
+    r = json.loads((out / "bench.json").read_text())["sweeps"]
+    assert set(r["median"]) == {"in-process", "2 workers"}
+    for mode, runs in r["runs"].items():
+        (one,) = runs
+        assert one["trials"] == 2 and one["trials_timed"] == 2
+        assert 0 < one["efficiency"] < 1 and one["efficiency"] == pytest.approx(
+            one["trial_loop_seconds"] / one["sweep_wall_seconds"])
+        parts = one["trial_parts_seconds"]
+        assert parts["train_loop"] > 0 and parts["wall"] <= one["sweep_wall_seconds"]
+        if mode == "2 workers":
+            assert parts["worker_start"] > 0 and parts["worker_setup"] > 0
+    assert "## sweeps" in (out / "bench.md").read_text()

@@ -561,3 +561,10 @@ def test_bad_worker_range_is_refused_naming_the_field(value: str, message: str) 
     with pytest.raises(RaymixError, match="runtime.num_workers") as e:
         load_config(overrides=[f"runtime.num_workers={value}"])  # max_failures: 0 by default
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_train_poll_seconds_must_be_positive(value: float) -> None:
+    with pytest.raises(RaymixError, match="runtime.train_poll_seconds must be > 0"):
+        load_config(overrides=[f"runtime.train_poll_seconds={value}"])
+    assert load_config(overrides=["runtime.train_poll_seconds=0.5"]).runtime.train_poll_seconds == 0.5

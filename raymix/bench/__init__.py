@@ -2,7 +2,7 @@
 
     python -m raymix.bench [NAME ...] --output DIR [--repeats N] [--warmup N]
         [--tasks 20,100,400,1000] [--policies adapt,odm] [--config FILE] [--set key=value ...]
-        [--report FILE]
+        [--space FILE] [--report FILE]
 
 Every benchmark repeats its measurement (``--repeats``, default per
 benchmark), reports the median and the spread (min, max), and writes its
@@ -44,6 +44,12 @@ and the tokens and wall time of all rounds of the multi-round ones.
 tokens/s, model FLOPs utilisation, peak memory, ADAPT's overhead (see
 :mod:`raymix.bench.gpu`; without CUDA a tiny CPU stand-in runs).
 
+``sweeps``: a tune space (``--space``, default the README's quickstart) run
+by ``python -m raymix.sweep`` in-process and with 2 Ray Train workers per
+trial: the sweep's efficiency (the trials' training-loop seconds over its
+wall time) and where the trials' wall time went. ``--set`` options reach its
+trials too.
+
 ``memory``: peak memory (RSS and PSS, summed over the process tree: driver,
 Ray workers, and separately Ray's own GCS/raylet/agents) of a short raymix
 run against the plain loop on the same model and tokens.
@@ -67,6 +73,7 @@ from raymix.bench import (
     memory,
     meta_overhead,
     policy_cost,
+    sweeps,
     task_runs,
     task_scaling,
     throughput,
@@ -75,13 +82,15 @@ from raymix.config import load_config
 from raymix.errors import RaymixError
 
 MODULES = {"throughput": throughput, "meta_overhead": meta_overhead, "task_scaling": task_scaling,
-           "task_runs": task_runs, "data_plane": data_plane, "memory": memory, "policy_cost": policy_cost, "gpu": gpu}
+           "task_runs": task_runs, "data_plane": data_plane, "memory": memory, "policy_cost": policy_cost, "sweeps": sweeps, "gpu": gpu}
 BENCHMARKS = {"throughput": throughput.bench_throughput, "meta_overhead": meta_overhead.bench_meta_overhead,
               "task_scaling": task_scaling.bench_task_scaling, "task_runs": task_runs.bench_task_runs,
               "data_plane": data_plane.bench_data_plane, "memory": memory.bench_memory,
-              "policy_cost": policy_cost.bench_policy_cost, "gpu": gpu.bench_gpu}
-DEFAULT_REPEATS = {"throughput": 1, "meta_overhead": 1, "task_scaling": 7, "task_runs": 1, "data_plane": 3,
-                   "memory": 3, "policy_cost": 1, "gpu": 1}
+              "policy_cost": policy_cost.bench_policy_cost, "sweeps": sweeps.bench_sweeps, "gpu": gpu.bench_gpu}
+# Times are medians of 3 where a repeat costs seconds to minutes; a whole-run
+# or whole-sweep benchmark runs once unless --repeats says otherwise.
+DEFAULT_REPEATS = {"throughput": 3, "meta_overhead": 3, "task_scaling": 7, "task_runs": 1, "data_plane": 3,
+                   "memory": 3, "policy_cost": 1, "sweeps": 1, "gpu": 1}
 ON_REQUEST = ("gpu",)  # run when named only
 
 
@@ -114,6 +123,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="task_runs: comma-separated task counts of the whole runs (the smallest is the yardstick)")
     parser.add_argument("--examples", type=int, default=20000,
                         help="task_runs: examples in every pool, cut into that many tasks")
+    parser.add_argument("--space", default=None,
+                        help="sweeps: the tune space to run (default: tune_spaces/quickstart.yaml)")
     parser.add_argument("--report", default=None, help="also write the Markdown table here (e.g. reports/bench.md)")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
@@ -154,9 +165,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"raymix: error: --policies: {unknown} are not learned policies; choose from "
                   f"{learned_policies()}", file=sys.stderr)
             return 2
+    if "sweeps" in args.names and args.space and not Path(args.space).is_file():
+        print(f"raymix: error: --space {args.space} is not a file", file=sys.stderr)
+        return 2
     extra = {"task_scaling": {"warmup": args.warmup, "task_counts": task_counts},
              "task_runs": {"task_counts": run_tasks, "total_examples": args.examples},
-             "data_plane": {"warmup": args.warmup}, "policy_cost": {"policies": policies}}
+             "data_plane": {"warmup": args.warmup}, "policy_cost": {"policies": policies},
+             "sweeps": {"space": args.space, "overrides": args.overrides}}
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:

@@ -224,6 +224,9 @@ def _train_on_workers(cfg: RunConfig, out: Path, tracker, loop_config: LoopConfi
 
     from raymix.loop import train_loop
 
+    # Read by TorchTrainer.fit, which passes it on to the run's controller
+    # actor (see RuntimeConfig.train_poll_seconds for why it is not Ray's 2 s).
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(cfg.runtime.train_poll_seconds)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config.as_train_loop_config(),
