@@ -303,7 +303,7 @@ def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, re
     30 s saved on 2 busy cores), as does a single run."""
     import ray
 
-    from raymix.driver.setup import init_ray
+    from raymix.driver.setup import check_worker_resources, init_ray
     from raymix.tracking import check_reachable, ui_url
     from raymix.tracking_server import serve_if_concurrent
 
@@ -323,6 +323,10 @@ def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, re
              or f"sqlite:///{sweep_dir / 'mlflow.db'}")
     check_reachable(store)
     init_ray(configs[0])
+    # Before any trial starts: a trial whose worker group the local Ray can
+    # never place beside the trial itself would wait for it forever.
+    for cfg in configs:
+        check_worker_resources(cfg, trial_cpus=space.trial_cpus)
     concurrent = concurrency(space, configs, ray.cluster_resources().get("CPU", 1))
     server, uri = serve_if_concurrent(store, sweep_dir, concurrent, len(configs), "trials")
     try:

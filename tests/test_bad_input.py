@@ -186,6 +186,25 @@ def test_more_workers_than_a_local_ray_can_place_is_refused(monkeypatch) -> None
     check_worker_resources(cfg)
 
 
+def test_sweep_refuses_trials_whose_workers_cannot_be_placed_beside_the_trial(tmp_path: Path, monkeypatch) -> None:
+    """Two workers of 1 CPU fill a 2-CPU local Ray, and the Tune trial that
+    starts them holds its own share: the group could never start. Refused
+    before any trial starts (it used to wait for ever), naming the fields."""
+    import ray
+
+    import raymix.driver.setup as setup
+    from raymix.sweep import load_space, run_sweep
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(setup, "init_ray", lambda cfg: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    space = load_space(Path(__file__).resolve().parents[1] / "tune_spaces" / "smoke.yaml")
+    with pytest.raises(RaymixError, match=r"runtime.num_workers=2 x runtime.cpus_per_worker=1.0 \+ 0.05 for its "
+                                          r"Tune trial = 2.05 CPU\(s\), but the local Ray has 2 CPU"):
+        run_sweep(space, ["runtime.num_workers=2", "runtime.cpus_per_worker=1"], tmp_path / "sweep", resume=False)
+    assert not (tmp_path / "sweep" / "trials").exists()
+
+
 def test_sweep_resume_that_changes_trial_identity_is_refused(tmp_path: Path) -> None:
     """``--resume`` with a ``--set`` that changes results is refused before
     anything is written; a runtime-only ``--set`` passes the check."""

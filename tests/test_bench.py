@@ -154,7 +154,7 @@ def test_sweeps_measures_a_sweep_in_process_and_on_workers(tmp_path: Path, monke
     space = Path(__file__).resolve().parents[1] / "tune_spaces" / "smoke.yaml"
     out = tmp_path / "bench"
     assert main(["sweeps", "--space", str(space), "--output", str(out), "--repeats", "1",
-                 "--set", "runtime.cpus_per_worker=0.5", "--set", "runtime.num_cpus=2"]) == 0
+                 "--set", "runtime.num_cpus=2"]) == 0
     r = json.loads((out / "bench.json").read_text())["sweeps"]
     assert set(r["median"]) == {"in-process", "2 workers"}
     for mode, runs in r["runs"].items():
@@ -167,3 +167,33 @@ def test_sweeps_measures_a_sweep_in_process_and_on_workers(tmp_path: Path, monke
         if mode == "2 workers":
             assert parts["worker_start"] > 0 and parts["worker_setup"] > 0
     assert "## sweeps" in (out / "bench.md").read_text()
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_task_runs_counts_the_examples_each_evaluation_reads(tmp_path: Path, monkeypatch) -> None:
+    """Two tiny whole runs (4 and 8 tasks of the same 80 examples): their
+    figures, and the examples evaluated per run from their pool statistics."""
+    import ray
+
+    monkeypatch.setenv("RAYMIX_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "bench"
+    try:
+        rc = main(["task_runs", "--run-tasks", "4,8", "--examples", "80", "--output", str(out), *RAY,
+                   "--set", "runtime.num_workers=0", "--set", "budget.tokens=600", "--set", "model.vocab_size=512",
+                   "--set", "eval.max_test_examples=3", "--set", "eval.curve_points=2"])
+    finally:
+        ray.shutdown()
+    assert rc == 0
+    r = json.loads((out / "bench.json").read_text())["task_runs"]
+    assert r["budget_tokens"] == 600
+    for n, per_task in (("4", 20), ("8", 10)):
+        x = r["runs"][n]
+        val = test = max(1, per_task // 10)  # write_synthetic_tasks: a tenth each, at least one
+        assert (x["val_examples"], x["test_examples"]) == (int(n) * val, int(n) * test)
+        assert x["exact_match_prompts"] == int(n) * min(3, test)
+        assert x["final_eval_examples"] == x["val_examples"] + x["test_examples"] + x["exact_match_prompts"]
+        assert x["curve_examples"] > 0 and x["train_tokens"] >= 600
+        assert x["final_eval_ms_per_example"] == pytest.approx(1e3 * x["final_eval_seconds"] / x["final_eval_examples"])
+    assert r["runs"]["4"]["ratios"]["final_eval_ms_per_example"] == 1.0
+    assert "per example" in (out / "bench.md").read_text()

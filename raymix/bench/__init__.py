@@ -27,7 +27,7 @@ the yardstick is the smallest pool, and cost(1000)/cost(20) is reported
 (target for the meta step: at most 3).
 
 ``task_runs``: whole runs on the same examples (``--examples``, default
-20,000) cut into 20, 100, 1,000 and 5,000 tasks (``--run-tasks``): wall,
+60,000; 300,000 training tokens unless ``budget.tokens`` is set) cut into 20, 100, 1,000 and 5,000 tasks (``--run-tasks``): wall,
 preparation, loop, curve and final evaluation seconds, and the MLflow volume
 (distinct metric keys and rows); the yardstick is the smallest task count.
 
@@ -121,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="policy_cost: comma-separated policies (default: every learned one)")
     parser.add_argument("--run-tasks", default="20,100,1000,5000",
                         help="task_runs: comma-separated task counts of the whole runs (the smallest is the yardstick)")
-    parser.add_argument("--examples", type=int, default=20000,
+    parser.add_argument("--examples", type=int, default=60000,
                         help="task_runs: examples in every pool, cut into that many tasks")
     parser.add_argument("--space", default=None,
                         help="sweeps: the tune space to run (default: tune_spaces/quickstart.yaml)")

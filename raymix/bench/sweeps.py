@@ -3,7 +3,7 @@
 Runs a tune space (the README's quickstart by default) as a user does,
 ``python -m raymix.sweep --space ... --output ...`` in a fresh process, once
 in-process (``runtime.num_workers=0``: each trial trains in its own Tune
-process) and once with 2 Ray Train workers per trial, and reads the sweep's
+process) and once with 2 Ray Train workers of half a CPU per trial, and reads the sweep's
 own ``timing`` from ``sweep_summary.json``: the trials' training-loop seconds
 over the sweep's wall time (its *efficiency*), and where each trial's wall
 time went (the parts of :func:`raymix.bench.throughput.startup`). A sweep is
@@ -55,7 +55,10 @@ def bench_sweeps(cfg: RunConfig, out: Path, repeats: int, space: str | None = No
     if not space_path.is_file():
         raise FileNotFoundError(f"sweeps: --space {space_path} is not a file")
     out.mkdir(parents=True, exist_ok=True)
-    modes = {"in-process": ["runtime.num_workers=0"], "2 workers": ["runtime.num_workers=2"]}
+    # Half a CPU per worker: two workers and the trial that starts them fit
+    # on 2 CPUs (whole CPUs would not, and the sweep refuses that).
+    modes = {"in-process": ["runtime.num_workers=0"],
+             "2 workers": ["runtime.num_workers=2", "runtime.cpus_per_worker=0.5"]}
     runs: dict[str, list[dict]] = {}
     for mode, extra in modes.items():
         runs[mode] = [one_sweep(space_path, out / f"{mode.replace(' ', '_')}-{r}", [*overrides, *extra])

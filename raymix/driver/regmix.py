@@ -130,6 +130,9 @@ def train_swarm(cfg: RunConfig, configs: list[RunConfig], swarm_root: Path, pare
 
         from raymix.tracking_server import serve_if_concurrent
 
+        from raymix.driver.setup import check_worker_resources
+
+        check_worker_resources(configs[0], trial_cpus=TRIAL_CPUS)  # else a proxy would wait for ever
         concurrent = swarm_concurrency(cfg, ray.cluster_resources().get("CPU", 1))
         server, served = serve_if_concurrent(uri, swarm_root, concurrent, len(todo), "proxy runs")
         if server is not None:

@@ -216,24 +216,27 @@ def check_writable(out: Path) -> None:
                           "or choose another directory")
 
 
-def check_worker_resources(cfg: RunConfig) -> None:
+def check_worker_resources(cfg: RunConfig, trial_cpus: float = 0.0) -> None:
     """Refuse a worker group that the local Ray raymix started can never
     place (it cannot autoscale: Ray Train would retry its start forever). On
-    a cluster the autoscaler may add nodes, so it only says what it waits for."""
+    a cluster the autoscaler may add nodes, so it only says what it waits for.
+    ``trial_cpus``: what the Tune trial that starts the group holds itself (a
+    sweep's trial, a RegMix proxy), checked before any trial starts."""
     import ray
 
     if cfg.runtime.num_workers == 0:
         return
     # An elastic run starts once its minimum fits.
     workers = cfg.runtime.min_workers if cfg.runtime.elastic else cfg.runtime.num_workers
-    want_cpu = workers * cfg.runtime.cpus_per_worker
+    want_cpu = workers * cfg.runtime.cpus_per_worker + trial_cpus
     want_gpu = workers if cfg.runtime.use_gpu else 0
     total = ray.cluster_resources()
     have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
     if want_cpu <= have_cpu + 1e-9 and want_gpu <= have_gpu:
         return
     named = "min_workers" if cfg.runtime.elastic else "num_workers"
-    asked = (f"runtime.{named}={workers} x runtime.cpus_per_worker={cfg.runtime.cpus_per_worker}"
+    trial = f" + {trial_cpus:g} for its Tune trial" if trial_cpus else ""
+    asked = (f"runtime.{named}={workers} x runtime.cpus_per_worker={cfg.runtime.cpus_per_worker}{trial}"
              f" = {want_cpu:g} CPU(s){f' and {want_gpu} GPU(s)' if want_gpu else ''}")
     if os.environ.get("RAY_ADDRESS"):
         print(f"[raymix] waiting for the cluster to place {asked}; it has {have_cpu:g} CPU(s) and "
