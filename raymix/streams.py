@@ -34,6 +34,13 @@ class TaskStream:
         self.seed, self.rank, self.world, self.chunk_rows = seed, rank, world, chunk_rows
         self.epoch = 0
         self.served = 0  # examples served in this epoch (for resume)
+        # Files decoded once and kept, while they hold at most ``chunk_rows``
+        # rows in all: a small task's stream wraps many times in a run, and
+        # re-reading its file at every pass cost a file open and a decode per
+        # pass (with thousands of small tasks, a large share of the loop).
+        # The memory bound per task stays ``chunk_rows`` rows.
+        self._kept: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}
+        self._kept_rows = 0
         self._iter = self._examples()
 
     def _chunks(self, epoch: int) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
@@ -41,7 +48,11 @@ class TaskStream:
 
         rng = np.random.default_rng([self.seed, epoch])
         for fi in rng.permutation(len(self.files)):
+            if fi in self._kept:
+                yield self._kept[fi]
+                continue
             pf = pq.ParquetFile(self.files[fi])
+            decoded = []
             for batch in pf.iter_batches(
                 batch_size=self.chunk_rows, columns=["input_ids", "prompt_len", "status"]
             ):
@@ -52,7 +63,13 @@ class TaskStream:
                 values = col.values.to_numpy().astype(np.int64)
                 ids = [values[offsets[j] : offsets[j + 1]] for j in np.flatnonzero(keep)]
                 plen = np.asarray(batch.column("prompt_len").to_numpy())[keep]
+                decoded.append((ids, plen))
                 yield ids, plen
+            rows = pf.metadata.num_rows
+            if len(decoded) == 1 and rows <= self.chunk_rows - self._kept_rows:
+                # The whole file came as this one chunk, within the bound.
+                self._kept[fi] = decoded[0]
+                self._kept_rows += rows
 
     def _examples(self) -> Iterator[tuple[np.ndarray, int]]:
         while True:

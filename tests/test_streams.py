@@ -328,3 +328,25 @@ def test_sampler_state_resumes_on_another_worker_count(three_tasks, first: int, 
         got = [k for k in keys if k // 100 == t]
         assert sorted(got) == sorted(expected[t]) and len(set(got)) == len(got)
         assert after[0].positions()[t]["served"] == counts[t]
+
+
+def test_small_files_are_decoded_once_and_give_the_same_draws(shards, monkeypatch) -> None:
+    """Files that fit in one chunk are kept after their first pass: later
+    passes open no file, and the draws are those of a stream that re-reads
+    every pass (same seeds, same order)."""
+    d, keep = shards
+    opened: list[str] = []
+    real = pq.ParquetFile
+    monkeypatch.setattr(pq, "ParquetFile", lambda path, *a, **k: opened.append(path) or real(path, *a, **k))
+    kept = TaskStream(str(d), seed=3, chunk_rows=64)
+    draws = take(kept, 4 * len(keep))
+    assert len(opened) == 3 and kept.state_dict() == {"epoch": 3, "served": len(keep)}  # four passes
+    reread = TaskStream(str(d), seed=3, chunk_rows=64)
+    reread._kept_rows = reread.chunk_rows  # no room to keep anything: every pass reads its files
+    opened.clear()
+    assert take(reread, 4 * len(keep)) == draws
+    assert len(opened) == 3 * 4
+    # A file larger than the room left is not kept: the bound holds.
+    bounded = TaskStream(str(d), seed=3, chunk_rows=15)
+    take(bounded, 2 * len(keep))
+    assert bounded._kept_rows <= 15
