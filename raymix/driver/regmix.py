@@ -147,7 +147,8 @@ def train_swarm(cfg: RunConfig, configs: list[RunConfig], swarm_root: Path, pare
                                     {"cpu": TRIAL_CPUS + local}),
                 param_space={"index": tune.grid_search(todo), "folders": [str(f) for f in folders],
                              "parent_run_id": parent_run_id},
-                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+                # Proxies reuse their trial process (see raymix.sweep: imports once).
+                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
                 run_config=tune.RunConfig(name="regmix-swarm",
                                           storage_path=os.environ.get("RAYMIX_STORAGE") or str(swarm_root / "ray"),
                                           failure_config=tune.FailureConfig(max_failures=0), verbose=1))
