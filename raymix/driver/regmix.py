@@ -44,6 +44,7 @@ from raymix.config import RunConfig, identity_hash
 from raymix.driver.ideal import _copy_round_metrics
 from raymix.driver.setup import (
     budget_tokens,
+    check_worker_resources,
     init_ray,
     prepare_model_and_data,
     rounds_run,
@@ -129,8 +130,6 @@ def train_swarm(cfg: RunConfig, configs: list[RunConfig], swarm_root: Path, pare
         from ray import tune
 
         from raymix.tracking_server import serve_if_concurrent
-
-        from raymix.driver.setup import check_worker_resources
 
         check_worker_resources(configs[0], trial_cpus=TRIAL_CPUS)  # else a proxy would wait for ever
         concurrent = swarm_concurrency(cfg, ray.cluster_resources().get("CPU", 1))
