@@ -52,7 +52,7 @@ class TaskStream:
                 yield self._kept[fi]
                 continue
             pf = pq.ParquetFile(self.files[fi])
-            decoded = []
+            first, chunks = None, 0  # the first chunk only: a large file's others are not held
             for batch in pf.iter_batches(
                 batch_size=self.chunk_rows, columns=["input_ids", "prompt_len", "status"]
             ):
@@ -63,12 +63,12 @@ class TaskStream:
                 values = col.values.to_numpy().astype(np.int64)
                 ids = [values[offsets[j] : offsets[j + 1]] for j in np.flatnonzero(keep)]
                 plen = np.asarray(batch.column("prompt_len").to_numpy())[keep]
-                decoded.append((ids, plen))
+                first, chunks = first or (ids, plen), chunks + 1
                 yield ids, plen
             rows = pf.metadata.num_rows
-            if len(decoded) == 1 and rows <= self.chunk_rows - self._kept_rows:
+            if chunks == 1 and rows <= self.chunk_rows - self._kept_rows:
                 # The whole file came as this one chunk, within the bound.
-                self._kept[fi] = decoded[0]
+                self._kept[fi] = first
                 self._kept_rows += rows
 
     def _examples(self) -> Iterator[tuple[np.ndarray, int]]:

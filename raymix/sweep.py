@@ -196,16 +196,11 @@ def _trial(params: dict) -> None:
     from ray import tune
 
     from raymix.driver import run
+    from raymix.driver.setup import enter_driver_dir
 
-    # Ray Tune runs a trial in its own log directory; relative paths in a
-    # space or --set (task files, models) mean the directory the sweep was
-    # started from, which Tune records as TUNE_ORIG_WORKING_DIR (locally the
-    # driver's; under ray job submit the job's working_dir on each node).
-    # RAY_CHDIR_TO_TRIAL_DIR=0 would keep it too, but must be in the trial
-    # actors' environment before they start, which a driver joining a
-    # running cluster does not control. Outputs use absolute paths.
-    if os.environ.get("TUNE_ORIG_WORKING_DIR"):
-        os.chdir(os.environ["TUNE_ORIG_WORKING_DIR"])
+    # Ray Tune runs a trial in its own log directory: back to the sweep's
+    # (relative paths in a space or --set). Outputs use absolute paths.
+    enter_driver_dir()
     cfg = load_config(None, list(params["overrides"]) + [
         f"tracking.tracking_uri={params['tracking_uri']}", f"tracking.experiment={params['experiment']}"])
     out = Path(params["sweep_dir"]) / "trials" / trial_name(cfg)
@@ -362,7 +357,7 @@ def _run_trials(space: Space, extra: Sequence[str], configs: Sequence[RunConfig]
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from raymix.driver.setup import prepare_model_and_data
+    from raymix.driver.setup import prepare_model_and_data, runs_as_trials
     from raymix.tracking import EXPERIMENT_TAGS
 
     state_file = sweep_dir / "sweep.json"
@@ -403,24 +398,11 @@ def _run_trials(space: Space, extra: Sequence[str], configs: Sequence[RunConfig]
                 seen.add(key)
                 prepare_model_and_data(cfg, sweep_dir / "prepare")
         if todo:
-            # A trial in local mode trains in its own process: it reserves a
-            # worker's CPUs; otherwise its workers reserve theirs.
-            local = max((c.runtime.cpus_per_worker for _, c in todo if c.runtime.num_workers == 0), default=0.0)
-            tuner = tune.Tuner(
-                tune.with_resources(_trial, {"cpu": space.trial_cpus + local}),
-                param_space={"overrides": tune.grid_search([ov for ov, _ in todo]),
-                             "sweep_dir": str(sweep_dir), "parent_run_id": parent_id,
-                             "tracking_uri": uri, "experiment": space.name},
-                # One trial process for the trials that follow each other:
-                # a fresh one re-imported torch, transformers and MLflow and
-                # reloaded the tokenizer for every trial (about 7 s of a
-                # quickstart trial on 2 cores). A trial keeps no state in its
-                # process between runs; its resources are the same for all.
-                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
-                run_config=tune.RunConfig(name=f"tune-{space.name}",
-                                          storage_path=os.environ.get("RAYMIX_STORAGE") or str(sweep_dir / "ray"),
-                                          failure_config=tune.FailureConfig(max_failures=0), verbose=1),
-            )
+            tuner = runs_as_trials(
+                _trial,
+                {"overrides": tune.grid_search([ov for ov, _ in todo]), "sweep_dir": str(sweep_dir),
+                 "parent_run_id": parent_id, "tracking_uri": uri, "experiment": space.name},
+                [c for _, c in todo], space.trial_cpus, concurrent, f"tune-{space.name}", sweep_dir / "ray")
             results = tuner.fit()
             errors = [r.error for r in results if r.error]
             if errors:

@@ -45,9 +45,11 @@ from raymix.driver.ideal import _copy_round_metrics
 from raymix.driver.setup import (
     budget_tokens,
     check_worker_resources,
+    enter_driver_dir,
     init_ray,
     prepare_model_and_data,
     rounds_run,
+    runs_as_trials,
     runs_at_a_time,
 )
 from raymix.driver.single import log_summary, run_round
@@ -83,10 +85,7 @@ def _proxy_trial(params: dict, configs: list[RunConfig]) -> None:
     """The Tune function trainable of one proxy run."""
     from ray import tune
 
-    # Relative paths (task files, models) mean the driver's directory, as in
-    # a sweep's trial (raymix.sweep._trial says why).
-    if os.environ.get("TUNE_ORIG_WORKING_DIR"):
-        os.chdir(os.environ["TUNE_ORIG_WORKING_DIR"])
+    enter_driver_dir()  # relative paths (task files, models) mean the driver's directory
     i = params["index"]
     s = _train_proxy(configs[i], Path(params["folders"][i]), params["parent_run_id"], i)
     tune.report({"worst_val_loss": s["worst_val_loss"], "mean_val_loss": s["mean_val_loss"],
@@ -137,20 +136,12 @@ def train_swarm(cfg: RunConfig, configs: list[RunConfig], swarm_root: Path, pare
         if server is not None:
             configs = [dataclasses.replace(c, tracking=dataclasses.replace(c.tracking, tracking_uri=served))
                        for c in configs]
-        # A proxy in local mode trains in its trial's process: it reserves a
-        # worker's CPUs; otherwise its Ray Train workers reserve theirs.
-        local = cfg.runtime.cpus_per_worker if cfg.runtime.num_workers == 0 else 0.0
         try:
-            tuner = tune.Tuner(
-                tune.with_resources(tune.with_parameters(_proxy_trial, configs=configs),
-                                    {"cpu": TRIAL_CPUS + local}),
-                param_space={"index": tune.grid_search(todo), "folders": [str(f) for f in folders],
-                             "parent_run_id": parent_run_id},
-                # Proxies reuse their trial process (see raymix.sweep: imports once).
-                tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
-                run_config=tune.RunConfig(name="regmix-swarm",
-                                          storage_path=os.environ.get("RAYMIX_STORAGE") or str(swarm_root / "ray"),
-                                          failure_config=tune.FailureConfig(max_failures=0), verbose=1))
+            tuner = runs_as_trials(
+                tune.with_parameters(_proxy_trial, configs=configs),
+                {"index": tune.grid_search(todo), "folders": [str(f) for f in folders],
+                 "parent_run_id": parent_run_id},
+                configs, TRIAL_CPUS, concurrent, "regmix-swarm", swarm_root / "ray")
             errors = [r.error for r in tuner.fit() if r.error]
         finally:
             if server is not None:

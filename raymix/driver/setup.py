@@ -41,6 +41,42 @@ def runs_at_a_time(configs, cpus: float, extra_cpus: float, fixed: Optional[int]
     return fixed or (max(1, int(cpus // per_run)) if cpus > 2 else 1)
 
 
+def runs_as_trials(trainable, param_space: dict, configs, trial_cpus: float, concurrent: int, name: str,
+                   storage: Path):
+    """A Ray Tune ``Tuner`` that trains runs as trials (a sweep's, a RegMix
+    swarm's proxies), ``concurrent`` at a time, none retried (a failed run
+    fails its trial; finished ones are kept and reused on resume). A run in
+    local mode trains in its trial's process, so its trial reserves a
+    worker's CPUs beside ``trial_cpus``; otherwise its workers reserve
+    theirs. Trials that follow each other reuse one process: a fresh one
+    re-imported torch, transformers and MLflow and reloaded the tokenizer for
+    every trial (about 7 s of a quickstart trial on 2 cores); a run keeps no
+    state in its process, and all trials ask the same resources. Checkpoints
+    go to ``RAYMIX_STORAGE`` (a bucket on clusters) or ``storage``."""
+    from ray import tune
+
+    local = max((c.runtime.cpus_per_worker for c in configs if c.runtime.num_workers == 0), default=0.0)
+    return tune.Tuner(
+        tune.with_resources(trainable, {"cpu": trial_cpus + local}),
+        param_space=param_space,
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent, reuse_actors=True),
+        run_config=tune.RunConfig(name=name, storage_path=os.environ.get("RAYMIX_STORAGE") or str(storage),
+                                  failure_config=tune.FailureConfig(max_failures=0), verbose=1),
+    )
+
+
+def enter_driver_dir() -> None:
+    """Inside a Ray Tune trial, work in the directory the driver started
+    from (Tune records it as ``TUNE_ORIG_WORKING_DIR``: locally the driver's,
+    under ``ray job submit`` the job's working_dir on each node), so that
+    relative paths in a space or ``--set`` (task files, models) mean what
+    they meant there. ``RAY_CHDIR_TO_TRIAL_DIR=0`` would keep it too, but
+    must be in the trial actors' environment before they start, which a
+    driver joining a running cluster does not control."""
+    if os.environ.get("TUNE_ORIG_WORKING_DIR"):
+        os.chdir(os.environ["TUNE_ORIG_WORKING_DIR"])
+
+
 def budget_tokens(cfg: RunConfig, pool_tokens: int) -> int:
     if cfg.budget.tokens is not None:
         budget = int(cfg.budget.tokens)
