@@ -25,6 +25,8 @@ def test_unknown_benchmark_and_bad_task_counts_are_refused(tmp_path: Path) -> No
     assert main(["task_scaling", "--tasks", "0,8", "--output", str(tmp_path)]) == 2
     assert main(["task_runs", "--run-tasks", "20", "--output", str(tmp_path)]) == 2
     assert main(["task_runs", "--run-tasks", "20,1000", "--examples", "3999", "--output", str(tmp_path)]) == 2
+    assert main(["task_runs", "--run-tasks", "20,100", "--adapt-tasks", "1000", "--output", str(tmp_path)]) == 2
+    assert main(["task_runs", "--run-tasks", "20,100", "--adapt-tasks", "x", "--output", str(tmp_path)]) == 2
 
 
 def test_tree_sampler_counts_descendants() -> None:
@@ -170,7 +172,7 @@ def test_sweeps_measures_a_sweep_in_process_and_on_workers(tmp_path: Path, monke
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 def test_task_runs_counts_the_examples_each_evaluation_reads(tmp_path: Path, monkeypatch) -> None:
     """Two tiny whole runs (4 and 8 tasks of the same 80 examples): their
     figures, and the examples evaluated per run from their pool statistics."""
@@ -179,9 +181,12 @@ def test_task_runs_counts_the_examples_each_evaluation_reads(tmp_path: Path, mon
     monkeypatch.setenv("RAYMIX_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "bench"
     try:
-        rc = main(["task_runs", "--run-tasks", "4,8", "--examples", "80", "--output", str(out), *RAY,
+        rc = main(["task_runs", "--run-tasks", "4,8", "--adapt-tasks", "8", "--repeats", "2", "--examples", "80",
+                   "--output", str(out), *RAY,
                    "--set", "runtime.num_workers=0", "--set", "budget.tokens=600", "--set", "model.vocab_size=512",
-                   "--set", "eval.max_test_examples=3", "--set", "eval.curve_points=2"])
+                   "--set", "eval.max_test_examples=3", "--set", "eval.curve_points=2",
+                   # ADAPT's meta steps within so small a budget (the uniform runs ignore these)
+                   "--set", "policy.adapt.every_steps=1", "--set", "policy.adapt.warmup_steps=0"])
     finally:
         ray.shutdown()
     assert rc == 0
@@ -196,4 +201,13 @@ def test_task_runs_counts_the_examples_each_evaluation_reads(tmp_path: Path, mon
         assert x["curve_examples"] > 0 and x["train_tokens"] >= 600
         assert x["final_eval_ms_per_example"] == pytest.approx(1e3 * x["final_eval_seconds"] / x["final_eval_examples"])
     assert r["runs"]["4"]["ratios"]["final_eval_ms_per_example"] == 1.0
-    assert "per example" in (out / "bench.md").read_text()
+    # Medians over the two repeats: each figure lies within its runs' range.
+    for x in r["runs"].values():
+        assert len(x["loop_seconds_all"]) == 2 and min(x["loop_seconds_all"]) <= x["loop_seconds"] <= max(
+            x["loop_seconds_all"])
+    (a,) = r["adapt"].values()
+    assert r["policy"] == "uniform" and list(r["adapt"]) == ["8"] and a["meta_seconds"] > 0
+    assert a["loop_vs_policy"] == pytest.approx(a["loop_seconds"] / r["runs"]["8"]["loop_seconds"])
+    assert a["loop_without_meta_vs_policy"] < a["loop_vs_policy"]
+    md = (out / "bench.md").read_text()
+    assert "per example" in md and "ADAPT against uniform" in md

@@ -27,9 +27,12 @@ the yardstick is the smallest pool, and cost(1000)/cost(20) is reported
 (target for the meta step: at most 3).
 
 ``task_runs``: whole runs on the same examples (``--examples``, default
-60,000; 300,000 training tokens unless ``budget.tokens`` is set) cut into 20, 100, 1,000 and 5,000 tasks (``--run-tasks``): wall,
-preparation, loop, curve and final evaluation seconds, and the MLflow volume
-(distinct metric keys and rows); the yardstick is the smallest task count.
+60,000; 300,000 training tokens unless ``budget.tokens`` is set) cut into
+20, 100, 1,000 and 5,000 tasks (``--run-tasks``): wall, preparation, loop,
+curve and final evaluation seconds, and the MLflow volume (distinct metric
+keys and rows); the yardstick is the smallest task count. At the counts of
+``--adapt-tasks`` (default 1,000 where it is run) ADAPT runs too, its loop against the
+configured policy's.
 
 ``data_plane``: rows/s and tokens/s of ``raymix.data.prepare_shards`` (Ray
 Data, from an empty cache) against the same tokenisation in a plain
@@ -87,9 +90,10 @@ BENCHMARKS = {"throughput": throughput.bench_throughput, "meta_overhead": meta_o
               "task_scaling": task_scaling.bench_task_scaling, "task_runs": task_runs.bench_task_runs,
               "data_plane": data_plane.bench_data_plane, "memory": memory.bench_memory,
               "policy_cost": policy_cost.bench_policy_cost, "sweeps": sweeps.bench_sweeps, "gpu": gpu.bench_gpu}
-# Times are medians of 3 where a repeat costs seconds to minutes; a whole-run
-# or whole-sweep benchmark runs once unless --repeats says otherwise.
-DEFAULT_REPEATS = {"throughput": 3, "meta_overhead": 3, "task_scaling": 7, "task_runs": 1, "data_plane": 3,
+# Times are medians of 3 where a repeat costs seconds to minutes (task_runs
+# too: one repeat of its loop ratio was within run-to-run noise); a
+# whole-sweep benchmark runs once unless --repeats says otherwise.
+DEFAULT_REPEATS = {"throughput": 3, "meta_overhead": 3, "task_scaling": 7, "task_runs": 3, "data_plane": 3,
                    "memory": 3, "policy_cost": 1, "sweeps": 1, "gpu": 1}
 ON_REQUEST = ("gpu",)  # run when named only
 
@@ -121,6 +125,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="policy_cost: comma-separated policies (default: every learned one)")
     parser.add_argument("--run-tasks", default="20,100,1000,5000",
                         help="task_runs: comma-separated task counts of the whole runs (the smallest is the yardstick)")
+    parser.add_argument("--adapt-tasks", default=None,
+                        help="task_runs: task counts (of --run-tasks) at which ADAPT also runs, against the "
+                             "configured policy ('' for none; default 1000 where --run-tasks has it)")
     parser.add_argument("--examples", type=int, default=60000,
                         help="task_runs: examples in every pool, cut into that many tasks")
     parser.add_argument("--space", default=None,
@@ -156,6 +163,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"raymix: error: --run-tasks needs two or more positive task counts, and --examples at least 4 "
               f"per task, got {args.run_tasks!r} and {args.examples}", file=sys.stderr)
         return 2
+    try:
+        adapt_tasks = ([1000] if 1000 in run_tasks else []) if args.adapt_tasks is None else sorted(
+            {int(x) for x in args.adapt_tasks.split(",") if x.strip()})
+    except ValueError:
+        adapt_tasks = [-1]
+    if any(n not in run_tasks for n in adapt_tasks):
+        print(f"raymix: error: --adapt-tasks {args.adapt_tasks!r} must name task counts of --run-tasks "
+              f"{args.run_tasks!r} (or be empty)", file=sys.stderr)
+        return 2
     policies = [p.strip() for p in args.policies.split(",") if p.strip()] if args.policies else None
     if policies:
         from raymix.bench.policy_cost import learned_policies
@@ -169,7 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"raymix: error: --space {args.space} is not a file", file=sys.stderr)
         return 2
     extra = {"task_scaling": {"warmup": args.warmup, "task_counts": task_counts},
-             "task_runs": {"task_counts": run_tasks, "total_examples": args.examples},
+             "task_runs": {"task_counts": run_tasks, "total_examples": args.examples,
+                           "adapt_tasks": adapt_tasks},
              "data_plane": {"warmup": args.warmup}, "policy_cost": {"policies": policies},
              "sweeps": {"space": args.space, "overrides": args.overrides}}
     try:

@@ -89,34 +89,67 @@ def one_run(cfg: RunConfig, out: Path, tasks: int, total_examples: int) -> dict:
 DEFAULT_BUDGET_TOKENS = 300_000  # the budget of the runs that opened the issue "thousands of tasks"
 
 
+def median_row(runs: list[dict]) -> dict:
+    """Each numeric figure's median over repeats (the lower middle for an
+    even count), other fields from the first run, and every run's wall and
+    loop seconds. Medians per figure, not the figures of one median run: the
+    loop of the run with the median wall need not be the median loop."""
+    import statistics
+
+    row = dict(runs[0])
+    for k, v in runs[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            row[k] = statistics.median_low([r[k] for r in runs])
+    row["wall_seconds_all"] = [r["wall_seconds"] for r in runs]
+    row["loop_seconds_all"] = [r["loop_seconds"] for r in runs]
+    return row
+
+
 def bench_task_runs(cfg: RunConfig, out: Path, repeats: int = 1,
-                    task_counts: Sequence[int] = (20, 100, 1000, 5000), total_examples: int = 60000) -> dict:
+                    task_counts: Sequence[int] = (20, 100, 1000, 5000), total_examples: int = 60000,
+                    adapt_tasks: Sequence[int] = (1000,)) -> dict:
     """Whole runs at each task count on ``total_examples`` examples of
     :func:`write_synthetic_tasks` (80/10/10 splits), under the configuration's
     budget (``budget.tokens``, else 300,000 tokens) and runtime (``eval.suite`` off: lm-eval does not depend on the
-    pool). ``repeats`` runs per count, each from an empty cache; the figures
-    are those of the run with the median wall time. Ratios are against the
-    smallest task count; goals (issue "thousands of tasks"): wall <= 1.2x,
-    loop <= 1.1x, evaluation <= 1.5x, distinct metric keys equal."""
+    pool), with the configured policy (uniform by default). ``repeats`` runs
+    per count, each from an empty cache, interleaved across counts (round
+    by round, so a slow spell of the machine touches every count alike);
+    the figures are medians over repeats. Ratios are against the smallest
+    task count; goals (issue "thousands of tasks"): wall <= 1.2x, loop <=
+    1.1x, evaluation <= 1.5x, distinct metric keys equal. At each count of
+    ``adapt_tasks`` the same runs are repeated with ``policy.name=adapt``:
+    its loop against the configured policy's, in all and without the
+    seconds of its meta steps (goal: <= 1.10x)."""
     cfg = ray_settings(replace(cfg, eval=replace(cfg.eval, suite=None)))
     if cfg.budget.tokens is None:
         # Equal tokens at every task count, enough for the loop to be timed
         # (the default fraction of these small pools trains a fraction of a second).
         cfg = replace(cfg, budget=replace(cfg.budget, tokens=DEFAULT_BUDGET_TOKENS))
-    rows: dict[str, dict] = {}
-    for n in task_counts:
-        runs = [one_run(cfg, out / f"T{n}" / f"r{i}", n, total_examples) for i in range(repeats)]
-        runs.sort(key=lambda r: r["wall_seconds"])
-        rows[str(n)] = {**runs[len(runs) // 2], "wall_seconds_all": [r["wall_seconds"] for r in runs]}
+    adapt_cfg = replace(cfg, policy=replace(cfg.policy, name="adapt")) if cfg.policy.name != "adapt" else None
+    runs: dict[str, list[dict]] = {str(n): [] for n in task_counts}
+    adapt_runs: dict[str, list[dict]] = {str(n): [] for n in adapt_tasks if adapt_cfg is not None}
+    for i in range(repeats):
+        for n in task_counts:
+            runs[str(n)].append(one_run(cfg, out / f"T{n}" / f"r{i}", n, total_examples))
+        for key in adapt_runs:
+            adapt_runs[key].append(one_run(adapt_cfg, out / f"T{key}-adapt" / f"r{i}", int(key), total_examples))
+    rows = {n: median_row(rs) for n, rs in runs.items()}
     lo = rows[str(min(task_counts))]
     for r in rows.values():
         r["ratios"] = {k: r[k] / max(1e-9, lo[k]) for k in (
             "wall_seconds", "loop_seconds", "prepare_seconds", "final_eval_seconds", "curve_seconds",
             "final_eval_ms_per_example", "curve_ms_per_example", "metric_keys", "metric_rows")}
-    return {"model": cfg.model.preset, "total_examples": total_examples, "repeats": repeats,
-            "budget_tokens": cfg.budget.tokens, "num_workers": cfg.runtime.num_workers,
+    adapt = {}
+    for n, rs in adapt_runs.items():
+        a = median_row(rs)
+        base = rows[n]["loop_seconds"]
+        a["loop_vs_policy"] = a["loop_seconds"] / max(1e-9, base)
+        a["loop_without_meta_vs_policy"] = (a["loop_seconds"] - a["meta_seconds"]) / max(1e-9, base)
+        adapt[n] = a
+    return {"model": cfg.model.preset, "policy": cfg.policy.name, "total_examples": total_examples,
+            "repeats": repeats, "budget_tokens": cfg.budget.tokens, "num_workers": cfg.runtime.num_workers,
             "per_task_metrics_max_tasks": cfg.tracking.per_task_metrics_max_tasks, "ray": ray_info(cfg),
-            "task_counts": list(task_counts), "runs": rows}
+            "task_counts": list(task_counts), "runs": rows, "adapt": adapt}
 
 
 def markdown(r: dict) -> list[str]:
@@ -153,4 +186,17 @@ def markdown(r: dict) -> list[str]:
               "tasks fall under those caps, so more tasks evaluate more of the same examples, and its cost is "
               "compared per example. Goals (issue \"thousands of tasks\"): at 1,000 tasks, wall <= 1.2x, "
               "loop <= 1.1x, evaluation per example <= 1.5x, and distinct MLflow keys bounded in T."]
+    if r.get("repeats", 1) > 1:
+        lines += ["", f"Figures are medians of {r['repeats']} runs per task count (runs interleaved across counts); "
+                  "loop seconds of every run: " + "; ".join(
+                      f"{n}: " + ", ".join(f"{v:.1f}" for v in r["runs"][str(n)].get("loop_seconds_all", []))
+                      for n in r["task_counts"]) + "."]
+    if r.get("adapt"):
+        lines += ["", f"ADAPT against {r.get('policy', 'uniform')} on the same pools (goal: loop <= 1.10x at 1,000 "
+                  "tasks):", "", "| tasks | loop s (tokens/s) | meta steps s | loop ratio | loop ratio without "
+                  "meta steps | wall s | MLflow keys |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        for n, a in sorted(r["adapt"].items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| {n} | {a['loop_seconds']:.1f} ({a['tokens_per_second']:,.0f}) | {a['meta_seconds']:.1f} | "
+                         f"{a['loop_vs_policy']:.2f} | {a['loop_without_meta_vs_policy']:.2f} | "
+                         f"{a['wall_seconds']:.1f} | {a['metric_keys']:,} |")
     return lines
