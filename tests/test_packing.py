@@ -191,3 +191,21 @@ def test_pack_length_is_validated() -> None:
     with pytest.raises(RaymixError, match="train.pack_length"):
         load_config(None, ["data.max_seq_len=128", "train.pack_length=64"])
     assert load_config(None, ["train.pack_length=512"]).train.pack_length == 512
+
+
+def test_packed_widths_round_to_eight_on_cuda_only() -> None:
+    """Rows are padded to their fullest fill, rounded up to 8 where tensor
+    cores want it (CUDA) and not at all on CPU, where rounding only adds
+    positions; the real tokens are the same either way."""
+    from raymix.packing import row_multiple
+
+    assert (row_multiple("cuda"), row_multiple("cpu")) == (8, 1)
+    model = small_model("llama", "sdpa")
+    ex = examples()
+    draws = [(np.arange(len(ex)), ex)]
+    [(_, cpu)] = StepBatches(model, 0, True, None, 64)(draws)  # the model is on CPU
+    [(_, gpu_like)] = StepBatches(model, 0, True, None, 64, multiple=8)(draws)
+    fullest = int((cpu["example_of"] >= 0).sum(1).max())
+    assert fullest % 8 and cpu["input_ids"].shape[1] == fullest  # these examples leave a remainder
+    assert gpu_like["input_ids"].shape[1] % 8 == 0 and gpu_like["input_ids"].shape[1] >= fullest
+    assert int((cpu["labels"] != -100).sum()) == int((gpu_like["labels"] != -100).sum())
