@@ -211,3 +211,42 @@ def test_task_runs_counts_the_examples_each_evaluation_reads(tmp_path: Path, mon
     assert a["loop_without_meta_vs_policy"] < a["loop_vs_policy"]
     md = (out / "bench.md").read_text()
     assert "per example" in md and "ADAPT against uniform" in md
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_utilisation_counts_layouts_and_merge_keeps_an_earlier_section(tmp_path: Path, monkeypatch) -> None:
+    """``utilisation`` on a tiny embedded pool: the same drawn tokens under
+    each layout, packing computing fewer positions than padding and CPU
+    widths no more than CUDA's; then ``data_plane`` run with ``--merge``
+    keeps that section, naming the commit it was measured on."""
+    import ray
+
+    monkeypatch.setenv("RAYMIX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("RAYMIX_NI_SAMPLE", raising=False)
+    tiny = [*RAY, "--set", "data.sources=[{kind: synthetic, scale: 0.02}]", "--set", "model.vocab_size=512"]
+    try:
+        assert main(["utilisation", "--output", str(tmp_path / "u"), *tiny]) == 0
+        first = json.loads((tmp_path / "u" / "bench.json").read_text())
+        (u,) = first["utilisation"]["pools"].values()
+        assert not first["utilisation"]["ni_sample"] and u["tasks"] == 23
+        util, computed = u["utilisation"], u["computed_positions"]
+        assert computed["padded"] > computed["packed, CUDA widths (x8)"] >= computed["packed, CPU widths"] >= u[
+            "real_tokens"] > 0
+        assert util["packed, CPU widths"] == pytest.approx(u["real_tokens"] / computed["packed, CPU widths"])
+        # As a bench.json written before per-section commits were recorded:
+        # the section falls back to the file's commit.
+        first["commit"] = "abc1234"
+        del first["commits"]
+        prior = tmp_path / "prior.json"
+        prior.write_text(json.dumps(first))
+        assert main(["data_plane", "--output", str(tmp_path / "d"), "--repeats", "1", "--warmup", "0",
+                     "--merge", str(prior), "--report", str(tmp_path / "bench.md"), *tiny]) == 0
+        assert main(["data_plane", "--output", str(tmp_path / "e"), "--merge", str(tmp_path / "nope.json")]) == 2
+    finally:
+        ray.shutdown()
+    merged = json.loads((tmp_path / "d" / "bench.json").read_text())
+    assert merged["utilisation"] == first["utilisation"] and "data_plane" in merged
+    assert merged["commits"]["utilisation"] == "abc1234" and merged["commits"]["data_plane"] == merged["commit"]
+    md = (tmp_path / "bench.md").read_text()
+    assert "## utilisation" in md and "## data_plane" in md and "measured on commit `abc1234`" in md

@@ -2,12 +2,13 @@
 
     python -m raymix.bench [NAME ...] --output DIR [--repeats N] [--warmup N]
         [--tasks 20,100,400,1000] [--policies adapt,odm] [--config FILE] [--set key=value ...]
-        [--space FILE] [--report FILE]
+        [--space FILE] [--report FILE] [--merge bench.json]
 
 Every benchmark repeats its measurement (``--repeats``, default per
 benchmark), reports the median and the spread (min, max), and writes its
 figures to DIR/bench.json and a table to DIR/bench.md. With no NAME, all
-but ``gpu`` run.
+but ``gpu`` run. ``--merge`` keeps an earlier run's other benchmarks in both,
+each section naming the commit it was measured on.
 
 ``throughput``: training tokens/s of the raymix path (Ray Train workers fed
 by per-task streams over the Ray Data shards, with the mixer actor) with 1 and
@@ -16,6 +17,12 @@ single-process PyTorch loop on the same model, micro-batch, sequence length,
 data and thread count. Both are measured over the training loop alone
 (start-up, curve evaluations and checkpoints are reported separately), and
 their ratio is printed.
+
+``utilisation``: real tokens per computed position of raymix's batch
+layouts (padded, packed with CPU widths, packed with CUDA widths) over the
+steps a uniform mixture draws, on the embedded default and, with
+``$RAYMIX_NI_SAMPLE``, the Natural Instructions sample; exact counts, no
+training.
 
 ``meta_overhead``: ADAPT against uniform, wall time per training token in
 one run each.
@@ -80,26 +87,31 @@ from raymix.bench import (
     task_runs,
     task_scaling,
     throughput,
+    utilisation,
 )
 from raymix.config import load_config
 from raymix.errors import RaymixError
 
-MODULES = {"throughput": throughput, "meta_overhead": meta_overhead, "task_scaling": task_scaling,
+MODULES = {"throughput": throughput, "utilisation": utilisation, "meta_overhead": meta_overhead, "task_scaling": task_scaling,
            "task_runs": task_runs, "data_plane": data_plane, "memory": memory, "policy_cost": policy_cost, "sweeps": sweeps, "gpu": gpu}
-BENCHMARKS = {"throughput": throughput.bench_throughput, "meta_overhead": meta_overhead.bench_meta_overhead,
+BENCHMARKS = {"throughput": throughput.bench_throughput, "utilisation": utilisation.bench_utilisation,
+              "meta_overhead": meta_overhead.bench_meta_overhead,
               "task_scaling": task_scaling.bench_task_scaling, "task_runs": task_runs.bench_task_runs,
               "data_plane": data_plane.bench_data_plane, "memory": memory.bench_memory,
               "policy_cost": policy_cost.bench_policy_cost, "sweeps": sweeps.bench_sweeps, "gpu": gpu.bench_gpu}
 # Times are medians of 3 where a repeat costs seconds to minutes (task_runs
 # too: one repeat of its loop ratio was within run-to-run noise); a
 # whole-sweep benchmark runs once unless --repeats says otherwise.
-DEFAULT_REPEATS = {"throughput": 3, "meta_overhead": 3, "task_scaling": 7, "task_runs": 3, "data_plane": 3,
+DEFAULT_REPEATS = {"throughput": 3, "utilisation": 1, "meta_overhead": 3, "task_scaling": 7, "task_runs": 3, "data_plane": 3,
                    "memory": 3, "policy_cost": 1, "sweeps": 1, "gpu": 1}
 ON_REQUEST = ("gpu",)  # run when named only
 
 
-def _markdown(results: dict, commit: str) -> str:
-    lines = [f"# raymix benchmarks\n\nMeasured on commit `{commit}` by `python -m raymix.bench`.\n"]
+def _markdown(results: dict, commit: str, carried: Optional[dict] = None) -> str:
+    lines = [f"# raymix benchmarks\n\nMeasured on commit `{commit}` by `python -m raymix.bench`."]
+    for name, at in sorted((carried or {}).items()):
+        lines.append(f"The `{name}` section was measured on commit `{at}` and carried over (`--merge`).")
+    lines.append("")
     for name, module in MODULES.items():
         if name in results:
             lines += module.markdown(results[name])
@@ -133,6 +145,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--space", default=None,
                         help="sweeps: the tune space to run (default: tune_spaces/quickstart.yaml)")
     parser.add_argument("--report", default=None, help="also write the Markdown table here (e.g. reports/bench.md)")
+    parser.add_argument("--merge", default=None,
+                        help="a bench.json of an earlier run whose benchmarks not run now are kept, each with "
+                             "the commit it was measured on")
     args = parser.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
@@ -184,6 +199,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "sweeps" in args.names and args.space and not Path(args.space).is_file():
         print(f"raymix: error: --space {args.space} is not a file", file=sys.stderr)
         return 2
+    carried: dict = {}
+    prior: dict = {}
+    if args.merge:
+        try:
+            prior = json.loads(Path(args.merge).read_text())
+        except (OSError, ValueError) as e:
+            print(f"raymix: error: --merge {args.merge}: not a readable bench.json ({e})", file=sys.stderr)
+            return 2
+        if not isinstance(prior, dict) or "commit" not in prior:
+            print(f"raymix: error: --merge {args.merge}: no 'commit' field; not written by python -m raymix.bench",
+                  file=sys.stderr)
+            return 2
     extra = {"task_scaling": {"warmup": args.warmup, "task_counts": task_counts},
              "task_runs": {"task_counts": run_tasks, "total_examples": args.examples,
                            "adapt_tasks": adapt_tasks},
@@ -194,13 +221,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except OSError:
         commit = "unknown"
     results: dict = {}
+    for name in BENCHMARKS:
+        if name in prior and name not in args.names:
+            results[name] = prior[name]
+            carried[name] = prior.get("commits", {}).get(name, prior["commit"])
     md = ""
     for name in args.names:
         repeats = args.repeats or DEFAULT_REPEATS[name]
         results[name] = BENCHMARKS[name](cfg, out / name, repeats, **extra.get(name, {}))
         # Written after every benchmark: a later one failing keeps these figures.
-        (out / "bench.json").write_text(json.dumps({"commit": commit, **results}, indent=1))
-        md = _markdown(results, commit)
+        (out / "bench.json").write_text(json.dumps({"commit": commit, "commits": {
+            **carried, **{n: commit for n in results if n not in carried}}, **results}, indent=1))
+        md = _markdown(results, commit, carried)
         (out / "bench.md").write_text(md)
     if args.report:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
