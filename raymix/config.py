@@ -237,10 +237,12 @@ class AdaptConfig:
     """Parameter subset the gradients are taken on: all, the last transformer
     block plus final norm (and head), or the output layer only."""
     sketch_above: Optional[int] = 50_000_000
-    """Inner products are exact (g_val all-reduced once, local dot products,
-    T scalars all-reduced) on parameter subsets of at most this many
-    parameters; above it both sides are CountSketched to ``sketch_dim``
-    dimensions with a hash redrawn at every meta step (None: always exact)."""
+    """Inner products are exact (g_val all-reduced once, each example's
+    derivative along it by forward-mode AD, T scalars all-reduced) on
+    parameter subsets of at most this many parameters; above it g_val is
+    CountSketched to ``sketch_dim`` dimensions before its all-reduce and the
+    derivative is taken along S^T S g_val, with a hash redrawn at every meta
+    step (None: always exact)."""
     sketch_dim: int = 16384
     """CountSketch size when the subset is above ``sketch_above``."""
 

@@ -5,6 +5,7 @@ unbiased estimate of g_val = sum_j q_j grad L_j."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from raymix.policies.adapt import smooth_max
 from raymix.policies.adapt.signal import VAL_TASKS_PER_STEP, val_sample
@@ -189,7 +190,20 @@ def test_meta_signals_equal_exact_inner_products(tmp_path) -> None:
     meta, ref = build(cfg), build(cfg)
     got = np.asarray(meta.compute(0.01)["alignment"])
     exact, norms = _exact_signals(model, ref, cfg, T)
-    assert not meta.sketched and np.all(np.isfinite(got))
+    assert not meta.sketched and np.all(np.isfinite(got)) and meta.forward_mode
+    assert np.abs(got - exact).max() <= 1e-5 * np.abs(exact).max(), (got, exact)
+
+    # A model whose forward has no forward-mode derivative: one backward per
+    # task instead, with a warning, and the same alignments (same tolerance).
+    meta, ref = build(cfg), build(cfg)
+
+    def no_forward_ad(*_):
+        raise NotImplementedError("Trying to use forward AD with my_attention that does not support it")
+
+    meta._along_forward = no_forward_ad
+    with pytest.warns(UserWarning, match="no forward-mode derivative"):
+        got = np.asarray(meta.compute(0.01)["alignment"])
+    assert not meta.forward_mode
     assert np.abs(got - exact).max() <= 1e-5 * np.abs(exact).max(), (got, exact)
 
     k = 64

@@ -5,20 +5,23 @@ At a meta step every worker computes, on its share of the step's examples
 do not depend on the worker count), on a restricted parameter subset:
 per-task validation losses (all-reduced; an exponential moving average of
 them sets the soft-max weights q), the gradient g_val of the smooth
-worst-case validation loss J, and training gradients g_i for every task (a
-random subset on pools of more than ``tasks_per_step`` tasks).
+worst-case validation loss J, and the alignments <g_val, g_i> with the
+training gradient of every task (a random subset on pools of more than
+``tasks_per_step`` tasks).
 
 Inner products are exact where that is cheap: g_val is all-reduced once (d
-numbers), each worker takes the dot products of its local task gradients
-with it, and only the T scalars are all-reduced (sum_r <g_val, g_i^r> =
-<g_val, g_i>). Above ``sketch_above`` parameters both sides are CountSketched
-to ``sketch_dim`` dimensions first, with a hash redrawn at every meta step
-(the same on every rank), so that sketch errors do not repeat from step to
-step. Tokens read here go to the ledger's ``meta_tokens``, never
-``train_tokens``.
+numbers), each worker takes the derivative of each of its training
+examples' loss along it by forward-mode AD (one batched pass for all tasks:
+<g_val, g_i> without forming g_i), and only the T scalars are all-reduced
+(sum_r <g_val, g_i^r> = <g_val, g_i>). Above ``sketch_above`` parameters
+g_val is CountSketched to ``sketch_dim`` dimensions before its all-reduce
+and the derivative is taken along S^T S g_val (so the alignment is the
+sketch's <S g_val, S g_i>), with a hash redrawn at every meta step (the same
+on every rank), so that sketch errors do not repeat from step to
+step. Tokens read here go to the ledger's ``meta_tokens``, never ``train_tokens``.
 
 What a meta step costs does not grow with the number of tasks T beyond
-small O(T) vectors on large pools: training gradients are taken for
+small O(T) vectors on large pools: alignments are taken for
 ``tasks_per_step`` sampled tasks, and when the pool has more than
 ``VAL_TASKS_PER_STEP`` tasks with validation data, validation losses are
 read for that many tasks per step only (see :meth:`MetaSignals._val_sample`);
@@ -29,6 +32,7 @@ tasks a step touches.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -61,6 +65,10 @@ class CountSketch:
         out.index_add_(0, self.bucket.to(vec.device), vec.float() * self.sign.to(vec.device))
         return out
 
+
+ALONG_BATCH = 64
+"""Examples per forward-mode pass of the alignments (sorted by length, so a
+batch pads little); bounds the pass's activation memory."""
 
 VAL_TASKS_PER_STEP = 64
 """Validation tasks read per meta step on pools with more tasks than this
@@ -107,6 +115,9 @@ class MetaSignals:
         self.rank, self.world, self.pad_id, self.device = rank, world, pad_id, device
         self.distributed = distributed
         self.params = select_params(raw_model, cfg.params)
+        by_id = {id(p): n for n, p in raw_model.named_parameters()}
+        self.param_names = [by_id[id(p)] for p in self.params]
+        self.forward_mode = True  # False once a model's forward turned out to have no forward-mode derivative
         self.dim = sum(p.numel() for p in self.params)
         self.sketched = cfg.sketch_above is not None and self.dim > cfg.sketch_above
         self.sketch: Optional[CountSketch] = None  # redrawn at every meta step when sketched
@@ -147,6 +158,87 @@ class MetaSignals:
         flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).to(dtype)
                           for g, p in zip(grads, self.params)])
         return self.sketch(flat) if self.sketch is not None else flat
+
+    def _direction(self, g_val) -> list:
+        """g_val as one tensor per parameter of the subset, in its dtype. When
+        sketched, the direction is S^T S g_val: the derivative along it is
+        <S g_val, S g_i>, the sketch's estimate of the alignment."""
+        if self.sketch is not None:
+            g_val = g_val[self.sketch.bucket.to(g_val.device)] * self.sketch.sign.to(g_val.device)
+        out, at = [], 0
+        for p in self.params:
+            out.append(g_val[at:at + p.numel()].view_as(p).to(p.dtype))
+            at += p.numel()
+        return out
+
+    def _along(self, groups: list, g_val):
+        """Per group of examples (a task's), the derivative of their summed
+        completion-token NLL along g_val on the parameter subset:
+        <g_val, grad sum_e nll_e>, by forward-mode AD (``torch.func.jvp``)
+        over all groups' examples at once, in batches of similar lengths.
+
+        Why forward mode: the alignments need g_val's inner product with each
+        task's gradient, not the gradients themselves. One forward pass with
+        a tangent gives it for every example of every task, where reverse
+        mode needs a backward (and a d-sized gradient) per task; layers
+        before the subset carry no tangent and cost a plain forward.
+        Attention runs on SDPA's math kernel here, which has forward-mode
+        derivatives. A model whose forward has none (a custom attention
+        kernel) falls back to one backward per group, with a warning."""
+        import torch
+
+        owner = torch.tensor([j for j, g in enumerate(groups) for _ in g], dtype=torch.long)
+        examples = [e for g in groups for e in g]
+        out = torch.zeros(len(groups), dtype=torch.float64)
+        if not examples:
+            return out
+        if self.forward_mode:
+            try:
+                return out.index_add_(0, owner, self._along_forward(examples, g_val))
+            except (NotImplementedError, RuntimeError) as e:
+                if "forward" not in str(e).lower() and "jvp" not in str(e).lower():
+                    raise
+                warnings.warn(f"ADAPT: {type(self.model).__name__}'s forward has no forward-mode derivative "
+                              f"({str(e).splitlines()[0]}); the alignments take one backward per task instead",
+                              stacklevel=2)
+                self.forward_mode = False
+        for j, g in enumerate(groups):
+            if g:
+                nll, _ = token_nll(self.model, collate(g, self.pad_id), self.device)
+                grads = torch.autograd.grad(nll.sum(), self.params, allow_unused=True)
+                out[j] = sum(float(torch.sum(gr.double() * d.double())) for gr, d in
+                             zip(grads, self._direction(g_val)) if gr is not None)
+        return out
+
+    def _along_forward(self, examples: list, g_val):
+        """Per example, <g_val, grad nll_e> by ``torch.func.jvp`` (see :meth:`_along`)."""
+        import torch
+        from torch.func import functional_call, jvp
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        model, names = self.model, self.param_names
+
+        class Substituted:  # the model with the subset's tensors given, called as token_nll calls a model
+            def __init__(self, tensors):
+                self.tensors = dict(zip(names, tensors))
+
+            def get_output_embeddings(self):
+                return model.get_output_embeddings()
+
+            def __call__(self, **kwargs):
+                return functional_call(model, self.tensors, (), kwargs)
+
+        tangents = tuple(self._direction(g_val))
+        primals = tuple(p.detach() for p in self.params)
+        order = np.argsort([len(ids) for ids, _ in examples], kind="stable")
+        out = torch.zeros(len(examples), dtype=torch.float64)
+        with sdpa_kernel(SDPBackend.MATH):
+            for start in range(0, len(order), ALONG_BATCH):
+                idx = order[start:start + ALONG_BATCH]
+                batch = collate([examples[i] for i in idx], self.pad_id)
+                _, d = jvp(lambda *ts, b=batch: token_nll(Substituted(ts), b, self.device)[0], primals, tangents)
+                out[torch.from_numpy(idx)] = d.detach().double().cpu()
+        return out
 
     def _share(self, n: int) -> int:
         """This rank's share of ``n`` examples per task (the shares sum to ``n``)."""
@@ -225,28 +317,30 @@ class MetaSignals:
                 g_val = self._zero_grad()
             g_val = self._all_reduce(g_val)  # once: d numbers (sketch_dim when sketched)
 
-            # 2. training gradients, one small forward per task: a backward
-            # through a shared batch would pay for every row (zeros included)
-            # once per task. Each rank reads its share of a task's examples;
-            # the gradient is of the mean over all ranks' completion tokens
-            # (counts all-reduced first), so it is the same statistic on any
-            # number of workers. Only its dot product with g_val leaves the rank.
+            # 2. the alignments <g_val, g_i>, all tasks at once: each is the
+            # derivative of task i's mean training loss along g_val, which
+            # forward-mode AD gives per example in one batched pass (see
+            # :meth:`_along`), instead of a backward and a d-sized gradient
+            # per task. Each rank reads its share of a task's examples; the
+            # loss is the mean over all ranks' completion tokens (counts
+            # all-reduced first), so it is the same statistic on any number
+            # of workers, and only T scalars leave the rank.
             k = T if cfg.tasks_per_step is None else min(T, cfg.tasks_per_step)
             sampled = np.sort(self.rng.choice(T, size=k, replace=False))
             alignment = np.full(T, np.nan)
             n_mine = self._share(cfg.examples_per_task)
-            batches = [collate([self.train[i].next() for _ in range(n_mine)], self.pad_id) if n_mine else None
-                       for i in sampled]
-            counts = self._all_reduce(torch.tensor([0.0 if b is None else float((b["labels"][:, 1:] != -100).sum())
-                                                    for b in batches], dtype=torch.float64))
-            dots = torch.zeros(len(sampled), dtype=torch.float64)
-            for j, (i, batch, count) in enumerate(zip(sampled, batches, counts.tolist())):
-                if batch is None:
-                    continue
-                nll, _ = token_nll(self.model, batch, self.device)
-                meta_tokens[i] += float(batch["attention_mask"].sum())
-                g = self._flat_grad(nll.sum() / max(count, 1.0), retain=False)
-                dots[j] = float(torch.dot(g, g_val.to(g.dtype)).double())
+            rows = [(j, self.train[i].next()) for j, i in enumerate(sampled) for _ in range(n_mine)]
+            owner_j = torch.tensor([j for j, _ in rows], dtype=torch.long)
+            completion = torch.tensor([float(len(ids) - max(int(plen), 1)) for _, (ids, plen) in rows],
+                                      dtype=torch.float64)
+            counts = self._all_reduce(torch.zeros(len(sampled), dtype=torch.float64).index_add_(
+                0, owner_j, completion.clamp(min=0)))
+            if rows:
+                np.add.at(meta_tokens, sampled[owner_j.numpy()], [len(ids) for _, (ids, _) in rows])
+            groups = [[] for _ in sampled]
+            for j, ex in rows:
+                groups[j].append(ex)
+            dots = self._along(groups, g_val) / counts.clamp(min=1.0)
             alignment[sampled] = self._all_reduce(dots).numpy()
             tokens = torch.from_numpy(meta_tokens)
             self._all_reduce(tokens)
