@@ -118,6 +118,10 @@ class MetaSignals:
         by_id = {id(p): n for n, p in raw_model.named_parameters()}
         self.param_names = [by_id[id(p)] for p in self.params]
         self.forward_mode = True  # False once a model's forward turned out to have no forward-mode derivative
+        # torch imports its forward-mode decompositions at the first dual
+        # tensor (0.57 s here): done now, in the worker's setup, rather than
+        # inside the first meta step.
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
         self.dim = sum(p.numel() for p in self.params)
         self.sketched = cfg.sketch_above is not None and self.dim > cfg.sketch_above
         self.sketch: Optional[CountSketch] = None  # redrawn at every meta step when sketched
