@@ -206,12 +206,13 @@ class MetaSignals:
                               f"({str(e).splitlines()[0]}); the alignments take one backward per task instead",
                               stacklevel=2)
                 self.forward_mode = False
+        direction = self._direction(g_val)
         for j, g in enumerate(groups):
             if g:
                 nll, _ = token_nll(self.model, collate(g, self.pad_id), self.device)
                 grads = torch.autograd.grad(nll.sum(), self.params, allow_unused=True)
-                out[j] = sum(float(torch.sum(gr.double() * d.double())) for gr, d in
-                             zip(grads, self._direction(g_val)) if gr is not None)
+                out[j] = sum(float(torch.sum(gr.double() * d.double())) for gr, d in zip(grads, direction)
+                             if gr is not None)
         return out
 
     def _along_forward(self, examples: list, g_val):
@@ -333,17 +334,13 @@ class MetaSignals:
             sampled = np.sort(self.rng.choice(T, size=k, replace=False))
             alignment = np.full(T, np.nan)
             n_mine = self._share(cfg.examples_per_task)
-            rows = [(j, self.train[i].next()) for j, i in enumerate(sampled) for _ in range(n_mine)]
-            owner_j = torch.tensor([j for j, _ in rows], dtype=torch.long)
-            completion = torch.tensor([float(len(ids) - max(int(plen), 1)) for _, (ids, plen) in rows],
-                                      dtype=torch.float64)
-            counts = self._all_reduce(torch.zeros(len(sampled), dtype=torch.float64).index_add_(
-                0, owner_j, completion.clamp(min=0)))
-            if rows:
-                np.add.at(meta_tokens, sampled[owner_j.numpy()], [len(ids) for _, (ids, _) in rows])
-            groups = [[] for _ in sampled]
-            for j, ex in rows:
-                groups[j].append(ex)
+            groups = [[self.train[i].next() for _ in range(n_mine)] for i in sampled]
+            # Completion tokens per task as collate labels them (its rule, not a copy of it).
+            counts = self._all_reduce(torch.tensor(
+                [float((collate(g, self.pad_id)["labels"][:, 1:] != -100).sum()) if g else 0.0 for g in groups],
+                dtype=torch.float64))
+            for i, g in zip(sampled, groups):
+                meta_tokens[i] += sum(len(ids) for ids, _ in g)
             dots = self._along(groups, g_val) / counts.clamp(min=1.0)
             alignment[sampled] = self._all_reduce(dots).numpy()
             tokens = torch.from_numpy(meta_tokens)
