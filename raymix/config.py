@@ -617,6 +617,14 @@ class PolicyConfig:
             raise RaymixError(f"policy.unimax_epochs must be > 0, got {self.unimax_epochs}")
 
 
+POLICY_OPTIONS = {"temperature": "temperature", "unimax_epochs": "unimax", "weights": "static",
+                  "schedule": "schedule", "adapt": "adapt", "gradex": "gradex", "ideal": "ideal", "odm": "odm",
+                  "doremi": "doremi", "aioli": "aioli", "regmix": "regmix"}
+"""The policy that reads each option of :class:`PolicyConfig` (besides
+``name``): every run records all of them, but only its own policy's options
+say anything about it (reports label variants by them)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation. Steps, warm-up and decay derive from the budget."""
@@ -707,7 +715,18 @@ class EvalConfig:
     budget (0 disables); they give the loss-vs-tokens curves that effective
     tokens are read from. Their tokens are counted as meta_tokens."""
     curve_examples_per_task: int = 8
-    """Validation examples per task at each curve point (a fixed subset)."""
+    """Validation (and test) examples per task at each curve point (a fixed subset)."""
+    curve_max_examples: int = 1024
+    """At most this many examples per split at each curve point, in all: above
+    it each task gets ``max(1, curve_max_examples // tasks)`` (at least one:
+    the worst-case curve needs every task), so a point costs about the same
+    at 1,000 tasks as at 100 instead of growing with the task count. Under
+    128 tasks at the defaults it changes nothing."""
+    max_exact_match_prompts: int = 1024
+    """The same bound for the final exact match: at most this many test
+    prompts are generated in all, each task's ``max_test_examples`` lowered
+    to ``max(1, max_exact_match_prompts // tasks)`` above it (32 tasks at the
+    defaults). Losses on the validation and test splits read every example."""
     suite: Optional[str] = "auto"
     """lm-eval suite scored on the final checkpoint (``raymix/eval_suites``):
     ``auto`` is ``ood_embedded`` when every source is the synthetic suite and
@@ -716,6 +735,22 @@ class EvalConfig:
     """Documents per suite task (default: the suite's own)."""
     ni_dir: Optional[str] = None
     """Task directory for the ``ni_heldout`` suite."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_test_examples", "max_new_tokens", "batch_size", "curve_examples_per_task",
+                     "curve_max_examples", "max_exact_match_prompts"):
+            if getattr(self, name) < 1:
+                raise RaymixError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if self.curve_points < 0:
+            raise RaymixError(f"eval.curve_points must be >= 0 (0 disables the curve), got {self.curve_points}")
+
+    def curve_per_task(self, tasks: int) -> int:
+        """Examples per task and split at each curve point for a pool of ``tasks`` tasks."""
+        return min(self.curve_examples_per_task, max(1, self.curve_max_examples // max(1, tasks)))
+
+    def exact_match_per_task(self, tasks: int) -> int:
+        """Test prompts per task that the final exact match generates for."""
+        return min(self.max_test_examples, max(1, self.max_exact_match_prompts // max(1, tasks)))
 
 
 PARALLELISMS = ("ddp", "fsdp")
@@ -1108,6 +1143,14 @@ def identity_hash(cfg: RunConfig) -> str:
         # are laid out (padded or packed) do not change the result: the same
         # examples and loss, up to floating-point order (as runtime.parallelism).
         tree["train"].pop(key, None)
+    for key in ("curve_max_examples", "max_exact_match_prompts"):
+        # Added later. At their defaults they bind only above 128 and 32
+        # tasks, so every smaller pool's runs (sweep resume, reports) keep the
+        # identities they were recorded under; set otherwise, they count. (A
+        # larger pool's run recorded before them evaluated more examples per
+        # task under the same identity.)
+        if tree["eval"].get(key) == getattr(EvalConfig, key):
+            tree["eval"].pop(key)
     if tree["train"].get("global_batch_tokens") is None:
         tree["train"].pop("global_batch_tokens", None)
     else:

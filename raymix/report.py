@@ -3,7 +3,8 @@
     python -m raymix.report --experiment NAME --out DIR [--tracking-uri URI]
 
 Reads every FINISHED trial run (tagged with an identity hash) of the
-experiment, groups them by model, policy and budget, and writes
+experiment, groups them by pool (where runs span more than one), model,
+policy and budget, and writes
 ``DIR/report.md`` with mean ± std over seeds of the run metrics (and of any
 ``eval/...`` metrics), plus PNG plots: metrics against budget per policy, the
 applied mixture over tokens, and tokens per task. Nothing in it is written by
@@ -81,7 +82,7 @@ def add_effective_tokens(client, df):
     df["effective_tokens"] = np.nan
     df["effective_tokens_with_meta"] = np.nan
     curves = {r: _curve(client, r) for r in df["run_id"]}
-    for _, g in df.groupby(["model", "budget_value"]):
+    for _, g in df.groupby(_by(df, "model", "budget_value")):
         static = g[g.get("policy_name", g["policy"]).isin(_static_policies())]
         finals = {idx: curves[r][-1][1] for idx, r in static["run_id"].items() if curves[r]}
         if not finals:
@@ -140,6 +141,7 @@ def load_runs(tracking_uri: str, experiment: str):
             "seed": int(p.get("seed", 0)),
         }
         row["_policy_params"] = {k: v for k, v in p.items() if k.startswith("policy.") and k != "policy.name"}
+        row["_data_params"] = {k: v for k, v in p.items() if k.startswith("data.") and k != "data.cache_dir"}
         row.update({k: v for k, v in r.data.metrics.items()})
         # Single-round runs: their total compute is their own.
         row.setdefault("total_train_tokens_all_rounds", row.get("train_tokens", float("nan")))
@@ -147,28 +149,95 @@ def load_runs(tracking_uri: str, experiment: str):
         rows.append(row)
     if not rows:
         raise RaymixError(f"experiment {experiment!r} has no finished raymix runs")
+    _label_pools(rows)
     _label_variants(rows)
     return client, exp, pd.DataFrame(rows)
 
 
+def _sources_label(value: str) -> str:
+    """A short name for a run's ``data.sources``: each source's kind, its
+    folder's name and whether task sizes were set."""
+    try:
+        sources = json.loads(value)
+    except (TypeError, ValueError):
+        return str(value)[:40]
+    parts = []
+    for src in sources if isinstance(sources, list) else []:
+        kind = src.get("kind", "?") if isinstance(src, dict) else "?"
+        path = src.get("path") if isinstance(src, dict) else None
+        part = f"{kind} {Path(path).name}" if path else kind
+        parts.append(part + (" (task sizes set)" if isinstance(src, dict) and src.get("task_sizes") else ""))
+    return " + ".join(parts) or str(value)[:40]
+
+
+def _label_pools(rows: list[dict]) -> None:
+    """``pool``: which data a run trained on. Runs of one sweep may span pools
+    (``compare_all``: the embedded default and the Natural Instructions
+    sample); the tables and plots keep them apart. Named by the sources;
+    where two pools share that name, by the ``data.*`` settings that differ."""
+    idents = {json.dumps(row["_data_params"], sort_keys=True): row["_data_params"] for row in rows}
+    base = {i: _sources_label(d.get("data.sources", "")) for i, d in idents.items()}
+    names = dict(base)
+    for i, d in idents.items():
+        same = [o for o in idents if base[o] == base[i] and o != i]
+        if same:
+            keys = sorted(k for k in d if k != "data.sources"
+                          and any(idents[o].get(k) != d.get(k) for o in same))
+            names[i] += " (" + ", ".join(f"{k[len('data.'):]}={d.get(k)}" for k in keys) + ")" if keys else ""
+    if len(set(names.values())) < len(names):  # identical labels left: number them
+        for n, i in enumerate(sorted(idents)):
+            names[i] += f" #{n + 1}"
+    for row in rows:
+        row["pool"] = names[json.dumps(row.pop("_data_params"), sort_keys=True)]
+
+
+def _own_options(name: str, params: dict) -> dict:
+    """The ``policy.*`` params that policy ``name`` reads (``POLICY_OPTIONS``;
+    an option it does not list counts), an option block's JSON flattened to
+    ``block.field``."""
+    from raymix.config import POLICY_OPTIONS
+
+    out = {}
+    for key, value in params.items():
+        field = key[len("policy."):].split(".")[0]
+        if POLICY_OPTIONS.get(field, name) != name:
+            continue
+        try:
+            parsed = json.loads(value)
+        except (TypeError, ValueError):
+            parsed = None
+        if isinstance(parsed, dict):
+            out.update({f"{key}.{k}": json.dumps(v, sort_keys=True) for k, v in parsed.items()})
+        else:
+            out[key] = value
+    return out
+
+
 def _label_variants(rows: list[dict]) -> None:
-    """Runs of one policy with different policy settings (temperature t=2 and
-    t=5) are different rows of the tables: ``policy`` becomes
-    ``name (field=value)`` for the ``policy.*`` params that differ between
-    them; ``policy_name`` keeps the registered name."""
-    by_name: dict[str, list[dict]] = {}
+    """Runs of one policy with different settings of its own options
+    (temperature t=2 and t=5) are different rows of the tables: ``policy``
+    becomes ``name (field=value)`` for the options that differ between them
+    (within a pool); ``policy_name`` keeps the registered name."""
+    by_name: dict[tuple, list[dict]] = {}
     for row in rows:
         row["policy_name"] = row["policy"]
-        by_name.setdefault(row["policy"], []).append(row)
-    for name, group in by_name.items():
-        keys = sorted({k for row in group for k in row["_policy_params"]})
-        varying = [k for k in keys if len({row["_policy_params"].get(k) for row in group}) > 1]
+        row["_own"] = _own_options(row["policy"], row["_policy_params"])
+        by_name.setdefault((row.get("pool"), row["policy"]), []).append(row)
+    for (_, name), group in by_name.items():
+        keys = sorted({k for row in group for k in row["_own"]})
+        varying = [k for k in keys if len({row["_own"].get(k) for row in group}) > 1]
         for row in group:
             if varying:
                 row["policy"] = f"{name} (" + ", ".join(
-                    f"{k[len('policy.'):]}={row['_policy_params'].get(k)}" for k in varying) + ")"
+                    f"{k[len('policy.'):]}={row['_own'].get(k)}" for k in varying) + ")"
     for row in rows:
-        del row["_policy_params"]
+        del row["_policy_params"], row["_own"]
+
+
+def _by(df, *columns: str) -> list[str]:
+    """Grouping keys: ``pool`` first where the frame has it (runs on
+    different data are never averaged together)."""
+    return (["pool"] if "pool" in df else []) + list(columns)
 
 
 def _fmt(mean: float, std: float, pattern: str, n: int) -> str:
@@ -179,16 +248,22 @@ def _fmt(mean: float, std: float, pattern: str, n: int) -> str:
 
 
 def _table(df, metrics) -> list[str]:
-    header = "| model | policy | budget | seeds | " + " | ".join(m[1] for m in metrics) + " |"
-    lines = [header, "|" + "---|" * (4 + len(metrics))]
-    groups = df.groupby(["model", "budget_value", "budget", "policy"], sort=True)
-    for (model, _, budget, policy), g in groups:
+    """One row per (pool,) model, budget and policy; the pool column only
+    where the runs span more than one."""
+    pools = "pool" in df and df["pool"].nunique() > 1
+    header = ("| pool " if pools else "") + "| model | policy | budget | seeds | " + \
+        " | ".join(m[1] for m in metrics) + " |"
+    lines = [header, "|" + "---|" * (4 + pools + len(metrics))]
+    groups = df.groupby(_by(df, "model", "budget_value", "budget", "policy"), sort=True)
+    for names, g in groups:
+        pool, (model, _, budget, policy) = (names[0], names[1:]) if "pool" in df else (None, names)
         cells = []
         for key, _, pattern in metrics:
             vals = g[key].dropna() if key in g else []
             cells.append(_fmt(float(vals.mean()) if len(vals) else float("nan"),
                               float(vals.std(ddof=1)) if len(vals) > 1 else float("nan"), pattern, len(vals)))
-        lines.append(f"| {model} | {policy} | {budget} | {len(g)} | " + " | ".join(cells) + " |")
+        lines.append((f"| {pool} " if pools else "") + f"| {model} | {policy} | {budget} | {len(g)} | "
+                     + " | ".join(cells) + " |")
     return lines
 
 
@@ -201,10 +276,12 @@ def _plot_metrics(df, keys, path: Path) -> None:
     keys = [k for k in keys if k in df]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        for (model, policy), g in df.groupby(["model", "policy"]):
+        pools = "pool" in df and df["pool"].nunique() > 1
+        for names, g in df.groupby(_by(df, "model", "policy")):
             stats = g.groupby("budget_value")[key].agg(["mean", "std"]).reset_index()
+            *pool, model, policy = names
             ax.errorbar(stats["budget_value"], stats["mean"], yerr=stats["std"].fillna(0), marker="o",
-                        capsize=3, label=f"{policy} ({model})")
+                        capsize=3, label=f"{policy} ({model}" + (f", {pool[0]})" if pools else ")"))
         ax.set_xscale("log")
         ax.set_xlabel("budget (fraction of pool tokens, or tokens)")
         ax.set_title(key)
@@ -370,18 +447,30 @@ def write_report(tracking_uri: str, experiment: str, out: str | Path, space_file
     _plot_metrics(df, ["worst_test_loss", "mean_test_loss", "worst_val_loss", "mean_test_exact_match"],
                   out / "metrics_vs_budget.png")
     lines += ["## Plots", "", "![metrics against budget](metrics_vs_budget.png)", ""]
-    if _plot_mixtures(client, df, out / "mixtures.png"):
-        lines += ["Applied mixture over training tokens, each task's weight relative to uniform "
-                  "(log2; red: more than uniform, blue: less; largest budget):", "", "![mixtures](mixtures.png)", ""]
-    if _plot_allocation(client, df, out / "allocation.png"):
-        lines += ["Training tokens per task, with the uniform share (largest budget):", "",
-                  "![allocation](allocation.png)", ""]
-    lines += ["## Runs", "", "| run | model | policy | budget | seed |", "|---|---|---|---|---|"]
-    for _, r in df.sort_values(["model", "budget_value", "policy", "seed"]).iterrows():
-        lines.append(f"| `{r['run_id']}` | {r['model']} | {r['policy']} | {r['budget']} | {r['seed']} |")
+    pools = sorted(df["pool"].unique()) if df["pool"].nunique() > 1 else [None]
+    for pool in pools:
+        part = df if pool is None else df[df["pool"] == pool]
+        suffix, where = ("", "") if pool is None else (f"_{_slug(pool)}", f"; {pool}")
+        if _plot_mixtures(client, part, out / f"mixtures{suffix}.png"):
+            lines += ["Applied mixture over training tokens, each task's weight relative to uniform "
+                      f"(log2; red: more than uniform, blue: less; largest budget{where}):", "",
+                      f"![mixtures](mixtures{suffix}.png)", ""]
+        if _plot_allocation(client, part, out / f"allocation{suffix}.png"):
+            lines += [f"Training tokens per task, with the uniform share (largest budget{where}):", "",
+                      f"![allocation](allocation{suffix}.png)", ""]
+    lines += ["## Runs", "", "| run | pool | model | policy | budget | seed |", "|---|---|---|---|---|---|"]
+    for _, r in df.sort_values(["pool", "model", "budget_value", "policy", "seed"]).iterrows():
+        lines.append(f"| `{r['run_id']}` | {r['pool']} | {r['model']} | {r['policy']} | {r['budget']} | {r['seed']} |")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _slug(text: str) -> str:
+    """``text`` as a file name or MLflow key can hold it."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "pool"
 
 
 def _budget_key(row) -> str:
@@ -393,12 +482,15 @@ def _budget_key(row) -> str:
 
 def best_per_budget(df) -> dict[str, str]:
     """``{budget key: run id}`` of the trial with the lowest worst-case test
-    loss at each budget (keyed ``model.budget`` when the runs span models)."""
+    loss at each budget (keyed ``model.budget`` when the runs span models,
+    prefixed with the pool when they span pools)."""
     best = {}
     several_models = df["model"].nunique() > 1
-    for (model, _), group in df.dropna(subset=["worst_test_loss"]).groupby(["model", "budget_value"]):
+    several_pools = "pool" in df and df["pool"].nunique() > 1
+    for _, group in df.dropna(subset=["worst_test_loss"]).groupby(_by(df, "model", "budget_value")):
         row = group.loc[group["worst_test_loss"].idxmin()]
-        best[f"{model}.{_budget_key(row)}" if several_models else _budget_key(row)] = row["run_id"]
+        key = f"{row['model']}.{_budget_key(row)}" if several_models else _budget_key(row)
+        best[f"{_slug(row['pool'])}.{key}" if several_pools else key] = row["run_id"]
     return best
 
 

@@ -185,6 +185,8 @@ def test_task_runs_counts_the_examples_each_evaluation_reads(tmp_path: Path, mon
                    "--output", str(out), *RAY,
                    "--set", "runtime.num_workers=0", "--set", "budget.tokens=600", "--set", "model.vocab_size=512",
                    "--set", "eval.max_test_examples=3", "--set", "eval.curve_points=2",
+                   # bounds in all that bind: one prompt and one curve example per task
+                   "--set", "eval.max_exact_match_prompts=4", "--set", "eval.curve_max_examples=4",
                    # ADAPT's meta steps within so small a budget (the uniform runs ignore these)
                    "--set", "policy.adapt.every_steps=1", "--set", "policy.adapt.warmup_steps=0"])
     finally:
@@ -196,10 +198,12 @@ def test_task_runs_counts_the_examples_each_evaluation_reads(tmp_path: Path, mon
         x = r["runs"][n]
         val = test = max(1, per_task // 10)  # write_synthetic_tasks: a tenth each, at least one
         assert (x["val_examples"], x["test_examples"]) == (int(n) * val, int(n) * test)
-        assert x["exact_match_prompts"] == int(n) * min(3, test)
+        assert x["exact_match_prompts"] == int(n)  # eval.max_exact_match_prompts=4: one per task (4 x 2 unbounded)
         assert x["final_eval_examples"] == x["val_examples"] + x["test_examples"] + x["exact_match_prompts"]
-        assert x["curve_examples"] > 0 and x["train_tokens"] >= 600
+        # eval.curve_max_examples=4: one validation and one test example per task at each of 3 points
+        assert x["curve_examples"] == 3 * 2 * int(n) and x["train_tokens"] >= 600
         assert x["final_eval_ms_per_example"] == pytest.approx(1e3 * x["final_eval_seconds"] / x["final_eval_examples"])
+        assert x["loss_eval_ms_per_example"] > 0 and x["generation_ms_per_prompt"] > 0
     assert r["runs"]["4"]["ratios"]["final_eval_ms_per_example"] == 1.0
     # Medians over the two repeats: each figure lies within its runs' range.
     for x in r["runs"].values():

@@ -467,6 +467,25 @@ def test_adapt_defaults_leave_other_policies_identities_unchanged() -> None:
         identity_hash(load_config(None, ["policy.name=adapt"]))
 
 
+def test_evaluation_bounds_per_task_counts_in_all() -> None:
+    """``eval.curve_max_examples`` and ``eval.max_exact_match_prompts`` bound
+    what a curve point and the exact match read in all: each task's count
+    falls to the bound over the task count, never below one; at their
+    defaults they leave small pools' counts and every identity as they were."""
+    from raymix.config import EvalConfig
+
+    ev = EvalConfig()
+    assert [ev.curve_per_task(t) for t in (23, 128, 129, 1000, 5000)] == [8, 8, 7, 1, 1]
+    assert [ev.exact_match_per_task(t) for t in (23, 32, 33, 1000, 5000)] == [32, 32, 31, 1, 1]
+    # the pinned identities above hold at the defaults; set otherwise, the bounds count
+    assert identity_hash(load_config(None, ["eval.curve_max_examples=1024"])) == identity_hash(RunConfig())
+    for override in ("eval.curve_max_examples=100", "eval.max_exact_match_prompts=100"):
+        assert identity_hash(load_config(None, [override])) != identity_hash(RunConfig())
+    for field in ("curve_max_examples", "max_exact_match_prompts", "batch_size"):
+        with pytest.raises(RaymixError, match=f"eval.{field} must be >= 1, got 0"):
+            load_config(None, [f"eval.{field}=0"])
+
+
 def test_identity_hash_does_not_mutate_config() -> None:
     cfg = load_config(None, ["data.cache_dir=/tmp/c"])
     identity_hash(cfg)
@@ -568,3 +587,13 @@ def test_train_poll_seconds_must_be_positive(value: float) -> None:
     with pytest.raises(RaymixError, match="runtime.train_poll_seconds must be > 0"):
         load_config(overrides=[f"runtime.train_poll_seconds={value}"])
     assert load_config(overrides=["runtime.train_poll_seconds=0.5"]).runtime.train_poll_seconds == 0.5
+
+
+def test_every_policy_option_names_its_policy() -> None:
+    """``POLICY_OPTIONS`` (which policy reads which option; reports label
+    variants by it) covers every field of PolicyConfig, each a registered policy."""
+    from raymix.config import POLICY_OPTIONS
+
+    fields = {f.name for f in dataclasses.fields(PolicyConfig)} - {"name"}
+    assert set(POLICY_OPTIONS) == fields
+    assert set(POLICY_OPTIONS.values()) <= set(POLICIES)

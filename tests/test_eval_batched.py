@@ -122,3 +122,23 @@ def test_one_scan_of_a_split_equals_per_task_reads(tmp_path) -> None:
     assert o == sorted(set(owner.tolist()))  # the first example of every task that has one
     assert [list(e[0]) for e in ex] == [rows["input_ids"][int(np.flatnonzero(owner == i)[0])] for i in o]
     assert pool.read_split_rows("test", ["input_ids"])[0].size == 0  # no such split
+
+
+def test_curve_points_read_the_bounded_count_of_every_task(prepared) -> None:
+    """Above ``eval.curve_max_examples`` a curve point reads fewer examples of
+    each task, at least one of every task (the worst case needs them all),
+    spread over the ranks."""
+    from raymix.config import EvalConfig
+    from raymix.loop.evaluation import CurveEvaluator, split_examples
+
+    pool = prepared[0]
+    T = len(pool.tasks)
+    available = np.bincount(split_examples(pool, "val")[0], minlength=T)
+    assert available.min() >= 2
+    for bound, each in ((10**6, 8), (2 * T, 2), (1, 1)):
+        per_task = EvalConfig(curve_max_examples=bound).curve_per_task(T)
+        assert per_task == each
+        ranks = [CurveEvaluator(pool, per_task, r, 2, 0, 16, "cpu") for r in range(2)]
+        counts = np.bincount(ranks[0].owner + ranks[1].owner, minlength=T)
+        np.testing.assert_array_equal(counts, np.minimum(available, each))
+        assert ranks[0].owner and ranks[1].owner  # both ranks read a share

@@ -89,3 +89,49 @@ def test_policy_variants_get_their_own_rows() -> None:
     assert [r["policy"] for r in rows] == ["temperature (temperature=2.0)", "temperature (temperature=5.0)", "uniform"]
     assert [r["policy_name"] for r in rows] == ["temperature", "temperature", "uniform"]
     assert all("_policy_params" not in r for r in rows)
+
+
+def test_variants_are_labelled_by_the_policys_own_options_within_a_pool() -> None:
+    """Every run records every policy's options: an ADAPT block that differs
+    between pools labels neither the other policies nor ADAPT itself (its
+    runs differ only across pools); within a pool, the flattened fields that
+    differ label ADAPT's variants."""
+    from raymix.report import _label_pools, _label_variants
+
+    def row(policy, every, sources):
+        return {"policy": policy, "_policy_params": {"policy.adapt": json.dumps({"every_steps": every, "lr": 0.2}),
+                                                     "policy.temperature": "2.0"},
+                "_data_params": {"data.sources": json.dumps(sources), "data.max_seq_len": "128"}}
+
+    synthetic = [{"kind": "synthetic", "path": None}]
+    ni = [{"kind": "natural_instructions", "path": "../shared/data/ni-sample", "task_sizes": {"a": 1}}]
+    rows = [row("uniform", 20, synthetic), row("uniform", 5, ni), row("adapt", 20, synthetic),
+            row("adapt", 5, ni), row("adapt", 10, ni)]
+    _label_pools(rows)
+    _label_variants(rows)
+    assert [r["pool"] for r in rows] == ["synthetic", "natural_instructions ni-sample (task sizes set)"] + \
+        ["synthetic"] + ["natural_instructions ni-sample (task sizes set)"] * 2
+    assert [r["policy"] for r in rows] == ["uniform", "uniform", "adapt", "adapt (adapt.every_steps=5)",
+                                           "adapt (adapt.every_steps=10)"]
+    # two pools of the same sources apart by the data settings that differ
+    rows = [row("uniform", 20, synthetic), row("uniform", 20, synthetic)]
+    rows[1]["_data_params"]["data.max_seq_len"] = "256"
+    _label_pools(rows)
+    assert [r["pool"] for r in rows] == ["synthetic (max_seq_len=128)", "synthetic (max_seq_len=256)"]
+
+
+def test_tables_keep_pools_apart() -> None:
+    from raymix.report import _table, best_per_budget
+
+    df = pd.DataFrame([
+        {"run_id": "a", "pool": "p1", "policy": "uniform", "model": "m", "budget": "100%", "budget_value": 1.0,
+         "seed": 0, "worst_test_loss": 1.0},
+        {"run_id": "b", "pool": "p2", "policy": "uniform", "model": "m", "budget": "100%", "budget_value": 1.0,
+         "seed": 0, "worst_test_loss": 3.0},
+    ])
+    lines = _table(df, [("worst_test_loss", "worst test loss", "{:.1f}")])
+    assert lines[0].startswith("| pool | model |") and lines[2:] == [
+        "| p1 | m | uniform | 100% | 1 | 1.0 |", "| p2 | m | uniform | 100% | 1 | 3.0 |"]
+    assert best_per_budget(df) == {"p1.f1": "a", "p2.f1": "b"}
+    one = df[df["pool"] == "p1"]
+    assert _table(one, [("worst_test_loss", "w", "{:.1f}")])[0].startswith("| model |")

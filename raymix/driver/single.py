@@ -320,6 +320,7 @@ def _summarise(cfg, out, tracker, result, fit_started, fit_ended, budget) -> tup
         "peak_device_memory_bytes": ev.peak_device_memory_bytes,
         "train_loop_seconds": ev.loop_seconds,
         "eval_seconds": ev.eval_seconds,
+        "exact_match_seconds": ev.exact_match_seconds,  # of eval_seconds: greedy generation
         "mixer_update_seconds": mix["mixer_update_seconds"],
         "mixture_schedule": mix["mixture_schedule"],
         "final_weights": mix["final_weights"],

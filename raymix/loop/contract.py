@@ -99,6 +99,9 @@ class LoopResult:
     it); empty in a result written before it existed."""
     world: int = 1
     """Workers at the end of the run (an elastic run's count may vary)."""
+    exact_match_seconds: float = 0.0
+    """Of ``eval_seconds``, the greedy generation of the final exact match (0
+    in a result written before it was timed apart)."""
     data_positions: dict = field(default_factory=dict)
     """Per task, the training examples drawn over all workers: ``epoch`` (passes
     completed) and ``served`` (examples of the current pass)."""

@@ -38,9 +38,12 @@ def finish(w, session, exchange, metrics_log, signal, progress, curve, checkpoin
     pool = w.loop.pool
     val = validation_losses(model, pool, w.pad_id, cfg.eval.batch_size, w.device)
     test = losses_on_test(model, pool, w.pad_id, cfg.eval.batch_size, w.device)
-    em = exact_match(model, w.tokenizer, pool, cfg.eval.max_test_examples, cfg.eval.max_new_tokens,
-                     cfg.eval.batch_size, w.device)
-    result = LoopResult(**numbers, eval_seconds=time.perf_counter() - t_eval, reported_at=0.0, val_loss=val,
+    t_em = time.perf_counter()
+    em = exact_match(model, w.tokenizer, pool, cfg.eval.exact_match_per_task(len(pool.tasks)),
+                     cfg.eval.max_new_tokens, cfg.eval.batch_size, w.device)
+    t_end = time.perf_counter()
+    result = LoopResult(**numbers, eval_seconds=t_end - t_eval, exact_match_seconds=t_end - t_em,
+                        reported_at=0.0, val_loss=val,
                         test_loss=test,
                         test_exact_match=em, curve=curve.log if curve is not None else [], mixer=mixer_summary,
                         mixer_restarts=exchange.restarts, stopped_early=timing["stopped_early"],

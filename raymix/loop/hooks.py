@@ -48,11 +48,12 @@ class CurveHook:
         cfg = w.cfg
         self.w, self.exchange, self.metrics_log = w, exchange, metrics_log
         self.points = cfg.eval.curve_points
-        self.evaluate = CurveEvaluator(w.loop.pool, cfg.eval.curve_examples_per_task, w.rank, w.world, w.pad_id,
+        per_task = cfg.eval.curve_per_task(len(w.loop.pool.tasks))  # bounded in all: eval.curve_max_examples
+        self.evaluate = CurveEvaluator(w.loop.pool, per_task, w.rank, w.world, w.pad_id,
                                        cfg.eval.batch_size, w.device, lockstep=w.fsdp)
         # The same on the test split, which no policy reads: reports compare
         # runs (effective tokens) on it, not on what ADAPT's signal reads.
-        self.evaluate_test = CurveEvaluator(w.loop.pool, cfg.eval.curve_examples_per_task, w.rank, w.world,
+        self.evaluate_test = CurveEvaluator(w.loop.pool, per_task, w.rank, w.world,
                                             w.pad_id, cfg.eval.batch_size, w.device, lockstep=w.fsdp, split="test")
         self.next_curve = 1
         self.log: list = []
