@@ -81,7 +81,8 @@ def add_effective_tokens(client, df):
     df = df.copy()
     df["effective_tokens"] = np.nan
     df["effective_tokens_with_meta"] = np.nan
-    curves = {r: _curve(client, r) for r in df["run_id"]}
+    curve_of = df["curve_run_id"] if "curve_run_id" in df else df["run_id"]
+    curves = dict(zip(df["run_id"], (_curve(client, c) for c in curve_of)))
     for _, g in df.groupby(_by(df, "model", "budget_value")):
         static = g[g.get("policy_name", g["policy"]).isin(_static_policies())]
         finals = {idx: curves[r][-1][1] for idx, r in static["run_id"].items() if curves[r]}
@@ -96,6 +97,55 @@ def add_effective_tokens(client, df):
                     df.loc[idx, "effective_tokens"] = tokens / budget
                     df.loc[idx, "effective_tokens_with_meta"] = (tokens + meta) / budget
                     break
+    return df
+
+
+COST_METRICS = [
+    ("signal_updates", "signal updates", "{:.0f}"),
+    ("seconds_per_update", "s per update", "{:.3f}"),
+    ("meta_tokens_per_update", "meta tokens per update", "{:,.0f}"),
+    ("signal_loop_share", "signal s / training loop s", "{:.2f}"),
+    ("mixer_update_seconds", "mixer s (all updates)", "{:.3f}"),
+]
+
+
+def add_update_costs(client, df):
+    """What each learned policy's updates cost, from the runs' ``summary.json``:
+    the updates of its worker-side signal (ADAPT's meta steps, DoReMi's
+    excess-loss readings in its proxy round, Aioli's probe readings, GradEx's
+    estimate; IDEAL's influence scorings between rounds), seconds and meta
+    tokens per update (the run's meta tokens less those of a static run of
+    the same pool and budget: the curve's fixed subsets), and the signal's
+    time over the training loop's. Online Data Mixing has no worker-side
+    signal: its updates are the mixer's (``mixer s``)."""
+    import numpy as np
+
+    df = df.copy()
+    for key, _, _ in COST_METRICS[:-1]:
+        df[key] = np.nan
+    static = df[df.get("policy_name", df["policy"]).isin(_static_policies())]
+    base = static.groupby(_by(df, "model", "budget_value"))["meta_tokens"].median().to_dict()
+    for idx, row in df.iterrows():
+        if row.get("policy_name", row["policy"]) in _static_policies():
+            continue
+        s = _artifact_json(client, row["run_id"], "summary.json") or {}
+        proxy = [r for r in s.get("doremi_rounds", []) if r.get("round") == "proxy"]
+        if proxy:  # DoReMi: its signal runs in the proxy round
+            s = _artifact_json(client, proxy[0]["mlflow_run_id"], "summary.json") or {}
+        scorings = [r for r in s.get("ideal_rounds", []) if "influence_seconds" in r]
+        key = tuple(row[c] for c in _by(df, "model", "budget_value"))
+        extra = s.get("meta_tokens", np.nan) - base.get(key, np.nan)
+        if scorings:
+            updates, seconds, extra = len(scorings), s.get("influence_seconds", np.nan), s.get(
+                "influence_meta_tokens", np.nan)
+        else:
+            updates, seconds = s.get("meta_steps", 0), s.get("meta_seconds", np.nan)
+        if not updates:
+            continue
+        df.loc[idx, "signal_updates"] = updates
+        df.loc[idx, "seconds_per_update"] = seconds / updates
+        df.loc[idx, "meta_tokens_per_update"] = extra / updates
+        df.loc[idx, "signal_loop_share"] = seconds / max(1e-9, s.get("train_loop_seconds", np.nan))
     return df
 
 
@@ -124,6 +174,14 @@ def load_runs(tracking_uri: str, experiment: str):
         raise RaymixError(f"--experiment: no MLflow experiment {experiment!r} at {tracking_uri}")
     runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
                               max_results=10000, order_by=["attributes.start_time DESC"])
+    # A multi-round run's last round (DoReMi's ``final``, or its ``proxy``
+    # without one): runs recorded before DoReMi's driver copied that round's
+    # curve and lm-eval scores onto its own run are read from the round.
+    last_round: dict = {}
+    for r in runs:
+        parent, name = r.data.tags.get("mlflow.parentRunId"), r.data.tags.get("raymix.round")
+        if parent and name in ("final", "proxy") and (parent not in last_round or name == "final"):
+            last_round[parent] = r
     rows, seen = [], set()
     for r in runs:
         ident = r.data.tags.get("raymix.identity")
@@ -143,6 +201,11 @@ def load_runs(tracking_uri: str, experiment: str):
         row["_policy_params"] = {k: v for k, v in p.items() if k.startswith("policy.") and k != "policy.name"}
         row["_data_params"] = {k: v for k, v in p.items() if k.startswith("data.") and k != "data.cache_dir"}
         row.update({k: v for k, v in r.data.metrics.items()})
+        row["curve_run_id"] = r.info.run_id
+        last = last_round.get(r.info.run_id)
+        if last is not None and not any(k.startswith("curve/") for k in r.data.metrics):
+            row.update({k: v for k, v in last.data.metrics.items() if k.startswith("eval/")})
+            row["curve_run_id"] = last.info.run_id
         # Single-round runs: their total compute is their own.
         row.setdefault("total_train_tokens_all_rounds", row.get("train_tokens", float("nan")))
         row.setdefault("total_wall_seconds_all_rounds", row.get("wall_seconds", float("nan")))
@@ -247,9 +310,10 @@ def _fmt(mean: float, std: float, pattern: str, n: int) -> str:
     return f"{text} ± {pattern.format(std)}" if n > 1 and std == std else text
 
 
-def _table(df, metrics) -> list[str]:
+def _table(df, metrics, skip_empty: bool = False) -> list[str]:
     """One row per (pool,) model, budget and policy; the pool column only
-    where the runs span more than one."""
+    where the runs span more than one; ``skip_empty`` leaves out rows
+    without any of the metrics (runs of a pool no suite scores)."""
     pools = "pool" in df and df["pool"].nunique() > 1
     header = ("| pool " if pools else "") + "| model | policy | budget | seeds | " + \
         " | ".join(m[1] for m in metrics) + " |"
@@ -262,6 +326,8 @@ def _table(df, metrics) -> list[str]:
             vals = g[key].dropna() if key in g else []
             cells.append(_fmt(float(vals.mean()) if len(vals) else float("nan"),
                               float(vals.std(ddof=1)) if len(vals) > 1 else float("nan"), pattern, len(vals)))
+        if skip_empty and all(c == "–" for c in cells):
+            continue
         lines.append((f"| {pool} " if pools else "") + f"| {model} | {policy} | {budget} | {len(g)} | "
                      + " | ".join(cells) + " |")
     return lines
@@ -437,8 +503,19 @@ def write_report(tracking_uri: str, experiment: str, out: str | Path, space_file
                                if "eval/aggregate" in df else [])),
         "",
     ]
+    df = add_update_costs(client, df)
+    learned = df[~df["policy_name"].isin(_static_policies())]
+    if len(learned):
+        lines += ["## Cost of the policies' updates", "",
+                  "Per run, from its `summary.json`: the updates of the policy's worker-side signal (ADAPT's "
+                  "meta steps, DoReMi's excess-loss readings in its proxy round, Aioli's probe readings, GradEx's "
+                  "estimate, IDEAL's influence scorings between rounds), seconds and meta tokens per update (the "
+                  "run's meta tokens less a static run's at the same pool and budget: the curve's fixed subsets), "
+                  "and the signal's seconds over the training loop's; Online Data Mixing has no worker-side "
+                  "signal, its updates are the mixer's. Multi-round policies also train once per round "
+                  "(\"all rounds\" columns above).", "", *_table(learned, COST_METRICS), ""]
     if eval_keys:
-        lines += ["## Evaluation", "", *_table(df, [(k, k[len("eval/"):], "{:.3f}") for k in eval_keys]), ""]
+        lines += ["## Evaluation", "", *_table(df, [(k, k[len("eval/"):], "{:.3f}") for k in eval_keys], skip_empty=True), ""]
     names = df["policy_name"] if "policy_name" in df else df["policy"]
     for name in sorted(set(names)):
         spec = POLICIES.get(name)

@@ -93,3 +93,10 @@ def test_doremi_three_rounds_two_workers(ray_local, tmp_path: Path) -> None:
     assert sum(weights.values()) == pytest.approx(1.0)
     assert summary["doremi"]["updates"] >= 2
     assert summary["policy"] == "doremi" and summary["final_round"]["train_tokens"] == rounds[2]["train_tokens"]
+    # the final round's curve on the DoReMi run, where the report reads it (effective tokens)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    final = client.get_metric_history(rounds[2]["mlflow_run_id"], "curve/worst_test_loss")
+    copied = client.get_metric_history(summary["mlflow_run_id"], "curve/worst_test_loss")
+    assert len(final) >= 2 and [(m.step, m.value) for m in copied] == [(m.step, m.value) for m in final]

@@ -133,5 +133,31 @@ def test_tables_keep_pools_apart() -> None:
     assert lines[0].startswith("| pool | model |") and lines[2:] == [
         "| p1 | m | uniform | 100% | 1 | 1.0 |", "| p2 | m | uniform | 100% | 1 | 3.0 |"]
     assert best_per_budget(df) == {"p1.f1": "a", "p2.f1": "b"}
+    with_eval = df.assign(**{"eval/aggregate": [0.5, float("nan")]})
+    assert _table(with_eval, [("eval/aggregate", "aggregate", "{:.1f}")], skip_empty=True)[2:] == [
+        "| p1 | m | uniform | 100% | 1 | 0.5 |"]
     one = df[df["pool"] == "p1"]
     assert _table(one, [("worst_test_loss", "w", "{:.1f}")])[0].startswith("| model |")
+
+
+def test_update_costs_from_the_runs_summaries() -> None:
+    """Seconds and meta tokens per signal update: ADAPT's meta steps, its
+    meta tokens less a static run's at the same budget; DoReMi's from its
+    proxy round's summary; static policies have none."""
+    from raymix.report import add_update_costs
+
+    summaries = {
+        "u": {"meta_tokens": 100, "meta_steps": 0, "meta_seconds": 0.0, "train_loop_seconds": 10.0},
+        "a": {"meta_tokens": 500, "meta_steps": 4, "meta_seconds": 2.0, "train_loop_seconds": 10.0},
+        "d": {"meta_tokens": 100, "meta_steps": 0, "doremi_rounds": [{"round": "proxy", "mlflow_run_id": "dp"}]},
+        "dp": {"meta_tokens": 300, "meta_steps": 10, "meta_seconds": 1.0, "train_loop_seconds": 5.0},
+    }
+    client = FakeClient({}, {r: {"summary.json": s} for r, s in summaries.items()})
+    df = pd.DataFrame([{"run_id": r, "policy": p, "policy_name": p, "model": "m", "budget": "1%",
+                        "budget_value": 0.01, "seed": 0, "meta_tokens": summaries[r]["meta_tokens"]}
+                       for r, p in (("u", "uniform"), ("a", "adapt"), ("d", "doremi"))])
+    out = add_update_costs(client, df).set_index("run_id")
+    assert out.loc["a", ["signal_updates", "seconds_per_update", "meta_tokens_per_update",
+                         "signal_loop_share"]].tolist() == [4, 0.5, 100, 0.2]
+    assert out.loc["d", ["signal_updates", "seconds_per_update", "meta_tokens_per_update"]].tolist() == [10, 0.1, 20]
+    assert np.isnan(out.loc["u", "signal_updates"])

@@ -33,6 +33,7 @@ import numpy as np
 from raymix.config import RunConfig
 from raymix.driver.setup import (
     budget_tokens,
+    copy_round_metrics,
     init_ray,
     prepare_model_and_data,
     rounds_run,
@@ -126,7 +127,7 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
         # This driver's phases (a round's own are in its summary.json); a
         # round finished before a resume takes no time here.
         summary["phase_seconds"] = phases
-        _copy_round_metrics(tracker, summaries[-1]["mlflow_run_id"])
+        copy_round_metrics(tracker, summaries[-1]["mlflow_run_id"])
         tracker.log_json(rounds, "ideal_rounds.json", out)
         log_summary(tracker, summary, out, plot_mixture, max_tasks=cfg.tracking.per_task_metrics_max_tasks)
         tracker.log_metrics({k: summary[k] for k in (
@@ -134,21 +135,6 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
             "influence_seconds", "influence_meta_tokens")})
         run.write_summary(summary)
         return summary
-
-
-def _copy_round_metrics(tracker, round_run_id: str, prefixes=("curve/", "eval/")) -> None:
-    """The final round's loss curve (``curve/*``) and lm-eval scores
-    (``eval/*``, logged by ``raymix.eval`` to the round's run) on the IDEAL
-    run, where the report reads them; the eval JSON artifacts stay with the round."""
-    from collections import defaultdict
-
-    keys = [k for k in tracker.client.get_run(round_run_id).data.metrics if k.startswith(prefixes)]
-    by_step: dict[int, dict[str, float]] = defaultdict(dict)
-    for key in keys:
-        for m in tracker.client.get_metric_history(round_run_id, key):
-            by_step[m.step][key] = m.value
-    for step, metrics in sorted(by_step.items()):
-        tracker.log_metrics(metrics, step=step)
 
 
 def _combine(cfg: RunConfig, summaries: list[dict], rounds: list[dict], influence_meta: np.ndarray,

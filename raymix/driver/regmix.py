@@ -41,9 +41,9 @@ from typing import Optional
 import numpy as np
 
 from raymix.config import RunConfig, identity_hash
-from raymix.driver.ideal import _copy_round_metrics
 from raymix.driver.setup import (
     budget_tokens,
+    copy_round_metrics,
     check_worker_resources,
     enter_driver_dir,
     init_ray,
@@ -238,7 +238,7 @@ def run_regmix(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         tracker.client.set_tag(final["mlflow_run_id"], ROUND_TAG, "final")
 
         summary = _combine(cfg, final, proxies, block, run, setup_seconds)
-        _copy_round_metrics(tracker, final["mlflow_run_id"])
+        copy_round_metrics(tracker, final["mlflow_run_id"])
         log_summary(tracker, summary, out, plot_mixture, {"regmix": block},
                     max_tasks=cfg.tracking.per_task_metrics_max_tasks)
         tracker.log_metrics({k: summary[k] for k in (

@@ -345,6 +345,22 @@ class RoundsRun:
         self.tracker.log_artifact(self.out / "summary.json")
 
 
+def copy_round_metrics(tracker, round_run_id: str, prefixes=("curve/", "eval/")) -> None:
+    """A multi-round policy's last round's loss curve (``curve/*``) and
+    lm-eval scores (``eval/*``, logged by ``raymix.eval`` to the round's run)
+    on the policy's own run, where the report reads them (IDEAL, DoReMi,
+    RegMix); the eval JSON artifacts stay with the round."""
+    from collections import defaultdict
+
+    keys = [k for k in tracker.client.get_run(round_run_id).data.metrics if k.startswith(prefixes)]
+    by_step: dict[int, dict[str, float]] = defaultdict(dict)
+    for key in keys:
+        for m in tracker.client.get_metric_history(round_run_id, key):
+            by_step[m.step][key] = m.value
+    for step, metrics in sorted(by_step.items()):
+        tracker.log_metrics(metrics, step=step)
+
+
 @contextlib.contextmanager
 def rounds_run(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str], resume: bool,
                kept: str = "rounds") -> Iterator[RoundsRun]:
