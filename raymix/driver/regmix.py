@@ -43,8 +43,8 @@ import numpy as np
 from raymix.config import RunConfig, identity_hash
 from raymix.driver.setup import (
     budget_tokens,
-    copy_round_metrics,
     check_worker_resources,
+    copy_round_metrics,
     enter_driver_dir,
     init_ray,
     prepare_model_and_data,
