@@ -40,6 +40,7 @@ METRICS = [
     ("wall_seconds", "wall s", "{:.0f}"),
     # Total compute: a multi-round policy (IDEAL) trains once per round.
     ("total_train_tokens_all_rounds", "train tokens, all rounds", "{:,.0f}"),
+    ("total_meta_tokens_all_rounds", "meta tokens, all rounds", "{:,.0f}"),
     ("total_wall_seconds_all_rounds", "wall s, all rounds", "{:.0f}"),
 ]
 
@@ -208,6 +209,7 @@ def load_runs(tracking_uri: str, experiment: str):
             row["curve_run_id"] = last.info.run_id
         # Single-round runs: their total compute is their own.
         row.setdefault("total_train_tokens_all_rounds", row.get("train_tokens", float("nan")))
+        row.setdefault("total_meta_tokens_all_rounds", row.get("meta_tokens", float("nan")))
         row.setdefault("total_wall_seconds_all_rounds", row.get("wall_seconds", float("nan")))
         rows.append(row)
     if not rows:
