@@ -80,7 +80,7 @@ def test_run_mixture_plot_is_written(tmp_path: Path) -> None:
 
 
 def test_policy_variants_get_their_own_rows() -> None:
-    from raymix.report import _label_variants
+    from raymix.report_runs import _label_variants
 
     rows = [{"policy": "temperature", "_policy_params": {"policy.temperature": "2.0", "policy.adapt.lr": "0.2"}},
             {"policy": "temperature", "_policy_params": {"policy.temperature": "5.0", "policy.adapt.lr": "0.2"}},
@@ -96,7 +96,7 @@ def test_variants_are_labelled_by_the_policys_own_options_within_a_pool() -> Non
     between pools labels neither the other policies nor ADAPT itself (its
     runs differ only across pools); within a pool, the flattened fields that
     differ label ADAPT's variants."""
-    from raymix.report import _label_pools, _label_variants
+    from raymix.report_runs import _label_pools, _label_variants
 
     def row(policy, every, sources):
         return {"policy": policy, "_policy_params": {"policy.adapt": json.dumps({"every_steps": every, "lr": 0.2}),

@@ -1,0 +1,167 @@
+"""The runs a report reads: one row per finished trial of an MLflow
+experiment (the latest run of each identity; a multi-round policy's rounds
+folded into their run), with the labels that keep them apart in the tables:
+``pool`` (the data the run trained on), ``budget`` and ``policy`` (its
+variants told apart by the policy's own options)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from raymix.errors import RaymixError
+
+
+def _budget_label(params: dict) -> str:
+    tokens = params.get("budget.tokens", "null")
+    if tokens not in ("null", "None", None):
+        return f"{int(float(tokens)):,} tok"
+    return f"{float(params.get('budget.fraction', 'nan')):.0%}"
+
+
+def _budget_value(params: dict) -> float:
+    tokens = params.get("budget.tokens", "null")
+    if tokens not in ("null", "None", None):
+        return float(tokens)
+    return float(params.get("budget.fraction", "nan"))
+
+
+def load_runs(tracking_uri: str, experiment: str):
+    """One row per finished trial (the latest run of each identity)."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise RaymixError(f"--experiment: no MLflow experiment {experiment!r} at {tracking_uri}")
+    runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                              max_results=10000, order_by=["attributes.start_time DESC"])
+    # A multi-round run's last round (DoReMi's ``final``, or its ``proxy``
+    # without one): runs recorded before DoReMi's driver copied that round's
+    # curve and lm-eval scores onto its own run are read from the round.
+    last_round: dict = {}
+    for r in runs:
+        parent, name = r.data.tags.get("mlflow.parentRunId"), r.data.tags.get("raymix.round")
+        if parent and name in ("final", "proxy") and (parent not in last_round or name == "final"):
+            last_round[parent] = r
+    rows, seen = [], set()
+    for r in runs:
+        ident = r.data.tags.get("raymix.identity")
+        # A round of a multi-run policy (IDEAL, DoReMi) is part of its run's row, not a trial of its own.
+        if ident is None or ident in seen or {"raymix.ideal_round", "raymix.round"} & set(r.data.tags):
+            continue
+        seen.add(ident)
+        p = r.data.params
+        row = {
+            "run_id": r.info.run_id,
+            "policy": p.get("policy.name", "?"),
+            "model": p.get("model.pretrained", "null") if p.get("model.pretrained", "null") not in ("null", "None") else p.get("model.preset", "?"),
+            "budget": _budget_label(p),
+            "budget_value": _budget_value(p),
+            "seed": int(p.get("seed", 0)),
+        }
+        row["_policy_params"] = {k: v for k, v in p.items() if k.startswith("policy.") and k != "policy.name"}
+        row["_data_params"] = {k: v for k, v in p.items() if k.startswith("data.") and k != "data.cache_dir"}
+        row.update({k: v for k, v in r.data.metrics.items()})
+        row["curve_run_id"] = r.info.run_id
+        last = last_round.get(r.info.run_id)
+        if last is not None and not any(k.startswith("curve/") for k in r.data.metrics):
+            row.update({k: v for k, v in last.data.metrics.items() if k.startswith("eval/")})
+            row["curve_run_id"] = last.info.run_id
+        # Single-round runs: their total compute is their own.
+        row.setdefault("total_train_tokens_all_rounds", row.get("train_tokens", float("nan")))
+        row.setdefault("total_meta_tokens_all_rounds", row.get("meta_tokens", float("nan")))
+        row.setdefault("total_wall_seconds_all_rounds", row.get("wall_seconds", float("nan")))
+        rows.append(row)
+    if not rows:
+        raise RaymixError(f"experiment {experiment!r} has no finished raymix runs")
+    _label_pools(rows)
+    _label_variants(rows)
+    return client, exp, pd.DataFrame(rows)
+
+
+def _sources_label(value: str) -> str:
+    """A short name for a run's ``data.sources``: each source's kind, its
+    folder's name and whether task sizes were set."""
+    try:
+        sources = json.loads(value)
+    except (TypeError, ValueError):
+        return str(value)[:40]
+    parts = []
+    for src in sources if isinstance(sources, list) else []:
+        kind = src.get("kind", "?") if isinstance(src, dict) else "?"
+        path = src.get("path") if isinstance(src, dict) else None
+        part = f"{kind} {Path(path).name}" if path else kind
+        parts.append(part + (" (task sizes set)" if isinstance(src, dict) and src.get("task_sizes") else ""))
+    return " + ".join(parts) or str(value)[:40]
+
+
+def _label_pools(rows: list[dict]) -> None:
+    """``pool``: which data a run trained on. Runs of one sweep may span pools
+    (``compare_all``: the embedded default and the Natural Instructions
+    sample); the tables and plots keep them apart. Named by the sources;
+    where two pools share that name, by the ``data.*`` settings that differ."""
+    idents = {json.dumps(row["_data_params"], sort_keys=True): row["_data_params"] for row in rows}
+    base = {i: _sources_label(d.get("data.sources", "")) for i, d in idents.items()}
+    names = dict(base)
+    for i, d in idents.items():
+        same = [o for o in idents if base[o] == base[i] and o != i]
+        if same:
+            keys = sorted(k for k in d if k != "data.sources"
+                          and any(idents[o].get(k) != d.get(k) for o in same))
+            names[i] += " (" + ", ".join(f"{k[len('data.'):]}={d.get(k)}" for k in keys) + ")" if keys else ""
+    if len(set(names.values())) < len(names):  # identical labels left: number them
+        for n, i in enumerate(sorted(idents)):
+            names[i] += f" #{n + 1}"
+    for row in rows:
+        row["pool"] = names[json.dumps(row.pop("_data_params"), sort_keys=True)]
+
+
+def _own_options(name: str, params: dict) -> dict:
+    """The ``policy.*`` params that policy ``name`` reads (``POLICY_OPTIONS``;
+    an option it does not list counts), an option block's JSON flattened to
+    ``block.field``."""
+    from raymix.config import POLICY_OPTIONS
+
+    out = {}
+    for key, value in params.items():
+        field = key[len("policy."):].split(".")[0]
+        if POLICY_OPTIONS.get(field, name) != name:
+            continue
+        try:
+            parsed = json.loads(value)
+        except (TypeError, ValueError):
+            parsed = None
+        if isinstance(parsed, dict):
+            out.update({f"{key}.{k}": json.dumps(v, sort_keys=True) for k, v in parsed.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def _label_variants(rows: list[dict]) -> None:
+    """Runs of one policy with different settings of its own options
+    (temperature t=2 and t=5) are different rows of the tables: ``policy``
+    becomes ``name (field=value)`` for the options that differ between them
+    (within a pool); ``policy_name`` keeps the registered name."""
+    by_name: dict[tuple, list[dict]] = {}
+    for row in rows:
+        row["policy_name"] = row["policy"]
+        row["_own"] = _own_options(row["policy"], row["_policy_params"])
+        by_name.setdefault((row.get("pool"), row["policy"]), []).append(row)
+    for (_, name), group in by_name.items():
+        keys = sorted({k for row in group for k in row["_own"]})
+        varying = [k for k in keys if len({row["_own"].get(k) for row in group}) > 1]
+        for row in group:
+            if varying:
+                row["policy"] = f"{name} (" + ", ".join(
+                    f"{k[len('policy.'):]}={row['_own'].get(k)}" for k in varying) + ")"
+    for row in rows:
+        del row["_policy_params"], row["_own"]
+
+
+def by(df, *columns: str) -> list[str]:
+    """Grouping keys: ``pool`` first where the frame has it (runs on
+    different data are never averaged together)."""
+    return (["pool"] if "pool" in df else []) + list(columns)
