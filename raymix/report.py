@@ -14,17 +14,15 @@ hand.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 from raymix.errors import RaymixError
 from raymix.policies import POLICIES, resolve
-from raymix.report_runs import by, load_runs
+from raymix.report_runs import artifact_json, by, load_runs, signal_cost
 
 METRICS = [
     # Test: read by no policy, so the comparison. Validation: what ADAPT's
@@ -130,24 +128,18 @@ def add_update_costs(client, df):
     for idx, row in df.iterrows():
         if row.get("policy_name", row["policy"]) in _static_policies():
             continue
-        s = _artifact_json(client, row["run_id"], "summary.json") or {}
-        proxy = [r for r in s.get("doremi_rounds", []) if r.get("round") == "proxy"]
-        if proxy:  # DoReMi: its signal runs in the proxy round
-            s = _artifact_json(client, proxy[0]["mlflow_run_id"], "summary.json") or {}
-        scorings = [r for r in s.get("ideal_rounds", []) if "influence_seconds" in r]
-        key = tuple(row[c] for c in by(df, "model", "budget_value"))
-        extra = s.get("meta_tokens", np.nan) - base.get(key, np.nan)
-        if scorings:
-            updates, seconds, extra = len(scorings), s.get("influence_seconds", np.nan), s.get(
-                "influence_meta_tokens", np.nan)
-        else:
-            updates, seconds = s.get("meta_steps", 0), s.get("meta_seconds", np.nan)
-        if not updates:
+        s = artifact_json(client, row["run_id"], "summary.json") or {}
+        cost = signal_cost(s, lambda run_id: artifact_json(client, run_id, "summary.json"))
+        if not cost["updates"]:
             continue
-        df.loc[idx, "signal_updates"] = updates
-        df.loc[idx, "seconds_per_update"] = seconds / updates
-        df.loc[idx, "meta_tokens_per_update"] = extra / updates
-        df.loc[idx, "signal_loop_share"] = seconds / max(1e-9, s.get("train_loop_seconds", np.nan))
+        key = tuple(row[c] for c in by(df, "model", "budget_value"))
+        read = cost["meta_tokens"]
+        if read is None:
+            read = cost["run_meta_tokens"] - base.get(key, np.nan)
+        df.loc[idx, "signal_updates"] = cost["updates"]
+        df.loc[idx, "seconds_per_update"] = cost["seconds"] / cost["updates"]
+        df.loc[idx, "meta_tokens_per_update"] = read / cost["updates"]
+        df.loc[idx, "signal_loop_share"] = cost["seconds"] / max(1e-9, cost["loop_seconds"])
     return df
 
 
@@ -205,15 +197,6 @@ def _plot_metrics(df, keys, path: Path) -> None:
     plt.close(fig)
 
 
-def _artifact_json(client, run_id: str, name: str):
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = client.download_artifacts(run_id, name, tmp)
-        except Exception:  # an older or failed run without the artifact
-            return None
-        return json.loads(Path(local).read_text())
-
-
 def _plot_mixtures(client, df, path: Path) -> bool:
     """Each task's applied weight relative to uniform over training tokens (a
     heatmap, task names on rows): one panel per policy, at the largest
@@ -229,7 +212,7 @@ def _plot_mixtures(client, df, path: Path) -> bool:
     picks = top.sort_values("seed").groupby(["model", "policy"]).head(1)
     if picks.empty:
         return False
-    schedules = [(_artifact_json(client, row["run_id"], "mixture_schedule.json") or [], row)
+    schedules = [(artifact_json(client, row["run_id"], "mixture_schedule.json") or [], row)
                  for _, row in picks.iterrows()]
     T = max((len(s[0][1]) for s, _ in schedules if s), default=1)
     # Above LABEL_ALL_TASKS each panel sorts its tasks by its own weights: rows differ between panels.
@@ -262,7 +245,7 @@ def _plot_allocation(client, df, path: Path) -> bool:
 
     top = df[df["budget_value"] == df["budget_value"].max()]
     picks = top.sort_values("seed").groupby(["model", "policy"]).head(1)
-    ledgers = {f"{r['policy']} ({r['model']})": _artifact_json(client, r["run_id"], "ledger.json")
+    ledgers = {f"{r['policy']} ({r['model']})": artifact_json(client, r["run_id"], "ledger.json")
                for _, r in picks.iterrows()}
     ledgers = {k: v for k, v in ledgers.items() if v}
     if not ledgers:

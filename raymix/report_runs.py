@@ -165,3 +165,37 @@ def by(df, *columns: str) -> list[str]:
     """Grouping keys: ``pool`` first where the frame has it (runs on
     different data are never averaged together)."""
     return (["pool"] if "pool" in df else []) + list(columns)
+
+
+def signal_cost(summary: dict, round_summary) -> dict:
+    """What a learned policy's worker-side signal cost in one run, from its
+    ``summary.json``: ``updates``, ``seconds`` in all, ``meta_tokens`` it read
+    (None where only the run's total is known: ``run_meta_tokens``, which
+    also counts the curve's evaluations) and the training loop's seconds.
+    DoReMi's signal runs in its proxy round (``round_summary(run_id)`` reads
+    that round's summary); IDEAL's is its influence scorings between rounds.
+    Bench and report read it alike."""
+    nan = float("nan")
+    proxy = [r for r in summary.get("doremi_rounds", []) if r.get("round") == "proxy"]
+    if proxy:
+        summary = round_summary(proxy[0]["mlflow_run_id"]) or {}
+    scorings = [r for r in summary.get("ideal_rounds", []) if "influence_seconds" in r]
+    loop = summary.get("train_loop_seconds", nan)
+    if scorings:
+        return {"updates": len(scorings), "seconds": summary.get("influence_seconds", nan),
+                "meta_tokens": summary.get("influence_meta_tokens", nan), "run_meta_tokens": nan,
+                "loop_seconds": loop}
+    return {"updates": int(summary.get("meta_steps") or 0), "seconds": summary.get("meta_seconds") or 0.0,
+            "meta_tokens": None, "run_meta_tokens": summary.get("meta_tokens", nan), "loop_seconds": loop}
+
+
+def artifact_json(client, run_id: str, name: str):
+    """A run's JSON artifact ``name``; None where the run has none."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, name, tmp)
+        except Exception:  # an older or failed run without the artifact
+            return None
+        return json.loads(Path(local).read_text())

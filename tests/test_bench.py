@@ -114,7 +114,7 @@ def test_policy_cost_writes_per_update_figures(tmp_path: Path, monkeypatch) -> N
     res = json.loads((out / "bench.json").read_text())["policy_cost"]
     assert set(res["policies"]) == {"odm", "adapt"}
     odm, adapt = res["policies"]["odm"], res["policies"]["adapt"]
-    assert odm["updates"] >= 1 and odm["meta_tokens"] == 0
+    assert odm["updates"] >= 1 and odm["meta_tokens"] == 0 and odm["meta_tokens_per_update"] == 0
     assert adapt["updates"] >= 1 and adapt["meta_tokens_per_update"] > 0 and adapt["signal_seconds_per_update"] > 0
     assert "| adapt |" in (out / "bench.md").read_text()
 

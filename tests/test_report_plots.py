@@ -161,3 +161,20 @@ def test_update_costs_from_the_runs_summaries() -> None:
                          "signal_loop_share"]].tolist() == [4, 0.5, 100, 0.2]
     assert out.loc["d", ["signal_updates", "seconds_per_update", "meta_tokens_per_update"]].tolist() == [10, 0.1, 20]
     assert np.isnan(out.loc["u", "signal_updates"])
+
+
+def test_signal_cost_of_multi_round_policies() -> None:
+    """DoReMi's signal is its proxy round's; IDEAL's its influence scorings
+    between rounds, with the tokens they read; a one-run policy's meta steps."""
+    from raymix.report_runs import signal_cost
+
+    proxy = {"meta_steps": 10, "meta_seconds": 1.0, "meta_tokens": 300, "train_loop_seconds": 5.0}
+    doremi = {"meta_steps": 0, "doremi_rounds": [{"round": "reference", "mlflow_run_id": "r"},
+                                                  {"round": "proxy", "mlflow_run_id": "p"}]}
+    assert signal_cost(doremi, {"p": proxy}.get) == {"updates": 10, "seconds": 1.0, "meta_tokens": None,
+                                                     "run_meta_tokens": 300, "loop_seconds": 5.0}
+    ideal = {"meta_steps": 0, "influence_seconds": 4.0, "influence_meta_tokens": 50, "train_loop_seconds": 8.0,
+             "ideal_rounds": [{"round": 1, "influence_seconds": 4.0}, {"round": 2}]}
+    cost = signal_cost(ideal, {}.get)
+    assert (cost["updates"], cost["seconds"], cost["meta_tokens"]) == (1, 4.0, 50)
+    assert signal_cost({"meta_steps": 3, "meta_seconds": 0.3, "meta_tokens": 9}, {}.get)["updates"] == 3

@@ -7,9 +7,12 @@ updates it made (mixture changes the mixer applied, or signal computations
 where those are more), the tokens it read for its signals (``meta_tokens``)
 per update, the seconds of its worker-side signal and of the mixer's update
 per update, and the training loop's extra seconds per update over uniform's
-(which is what a user pays). Multi-run policies (DoReMi's rounds, IDEAL's)
-report the tokens and seconds of all their rounds, so their cost is counted
-whole rather than per update.
+(which is what a user pays). The signal of a multi-round policy is its
+proxy round's (DoReMi) or its influence scorings between rounds (IDEAL), as
+in the sweep report (``raymix.report_runs.signal_cost``); the meta tokens
+per update are those the signal read (the run's less uniform's, which are
+the curve's evaluations). Multi-round policies also report the tokens and
+seconds of all their rounds, so their whole cost is shown too.
 """
 
 from __future__ import annotations
@@ -30,16 +33,35 @@ def learned_policies() -> list[str]:
     return [name for name, spec in POLICIES.items() if not spec.static and name != "uniform"]
 
 
+def _round_summary(s: dict):
+    """Reads another round's ``summary.json`` from the run's MLflow store."""
+    from mlflow.tracking import MlflowClient
+
+    from raymix.report_runs import artifact_json
+
+    client = MlflowClient(s["mlflow_tracking_uri"])
+    return lambda run_id: artifact_json(client, run_id, "summary.json")
+
+
 def _row(s: dict) -> dict:
+    from raymix.report_runs import signal_cost
+
     rounds = "total_train_tokens_all_rounds" in s
-    updates = max(int(s.get("meta_steps") or 0), len(s.get("mixture_schedule") or [[0]]) - 1)
+    cost = signal_cost(s, _round_summary(s))
+    # Updates: the signal's (DoReMi's in its proxy round, IDEAL's scorings), or
+    # the mixture changes the mixer applied where those are more (ODM's).
+    updates = max(cost["updates"], len(s.get("mixture_schedule") or [[0]]) - 1)
     return {
         "updates": updates,
         "train_tokens": s.get("total_train_tokens_all_rounds", s["train_tokens"]),
         "meta_tokens": s.get("total_meta_tokens_all_rounds", s["meta_tokens"]),
+        # The signal's own reads where known; else the run's (or its proxy's)
+        # meta tokens, from which uniform's (the same curve evaluations) are taken.
+        "signal_meta_tokens": cost["meta_tokens"] if cost["meta_tokens"] is not None else float("nan"),
+        "run_meta_tokens": cost["run_meta_tokens"] if cost["meta_tokens"] is None else float("nan"),
         # A multi-round summary carries its final round's loop; the rounds' wall time is below.
         "loop_seconds": s.get("train_loop_seconds", 0.0),
-        "signal_seconds": s.get("meta_seconds") or 0.0,
+        "signal_seconds": cost["seconds"],
         "mixer_seconds": s.get("mixer_update_seconds") or 0.0,
         "wall_seconds": s.get("total_wall_seconds_all_rounds", s["wall_seconds"]),
         "rounds": len(next((v for k, v in s.items() if k.endswith("_rounds") and isinstance(v, list)), [None]))
@@ -59,12 +81,15 @@ def bench_policy_cost(cfg: RunConfig, out: Path, repeats: int, policies: Optiona
             c = replace(cfg, policy=replace(cfg.policy, name=name), eval=replace(cfg.eval, max_test_examples=1))
             runs[name].append(_row(run(c, out / f"{name}-{r}")))
     base = statistics.median(x["loop_seconds"] for x in runs["uniform"])
+    curve_tokens = statistics.median(x["meta_tokens"] for x in runs["uniform"])  # uniform reads only the curve
     table = {}
     for name in names[1:]:
         rows = runs[name]
         med = {k: statistics.median(x[k] for x in rows) for k in rows[0]}
         per = max(1.0, med["updates"])
-        table[name] = {**med, "meta_tokens_per_update": med["meta_tokens"] / per,
+        read = med["signal_meta_tokens"] if med["signal_meta_tokens"] == med["signal_meta_tokens"] else \
+            med["run_meta_tokens"] - curve_tokens
+        table[name] = {**med, "meta_tokens_per_update": read / per,
                        "signal_seconds_per_update": med["signal_seconds"] / per,
                        "mixer_seconds_per_update": med["mixer_seconds"] / per,
                        "extra_loop_seconds_per_update": (med["loop_seconds"] - base) / per,
