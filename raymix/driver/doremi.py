@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from raymix.config import RunConfig
-from raymix.driver.setup import copy_round_metrics, rounds_run
+from raymix.driver.setup import rounds_run
 from raymix.driver.single import log_summary, run_round
 from raymix.metrics_view import TaskMetricsView, per_task
 
@@ -64,8 +64,6 @@ def run_doremi(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         for name, s in rounds:
             tracker.client.set_tag(s["mlflow_run_id"], ROUND_TAG, name)
         summary = _combine(cfg, rounds, run)
-        # The last round's curve and lm-eval scores on the DoReMi run, where the report reads them.
-        copy_round_metrics(tracker, rounds[-1][1]["mlflow_run_id"])
         log_summary(tracker, summary, out, plot_mixture, max_tasks=cfg.tracking.per_task_metrics_max_tasks)
         tracker.log_metrics({k: summary[k] for k in ("total_train_tokens_all_rounds", "total_meta_tokens_all_rounds",
                                                      "total_wall_seconds_all_rounds")})

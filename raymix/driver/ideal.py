@@ -33,7 +33,6 @@ import numpy as np
 from raymix.config import RunConfig
 from raymix.driver.setup import (
     budget_tokens,
-    copy_round_metrics,
     init_ray,
     prepare_model_and_data,
     rounds_run,
@@ -127,7 +126,6 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
         # This driver's phases (a round's own are in its summary.json); a
         # round finished before a resume takes no time here.
         summary["phase_seconds"] = phases
-        copy_round_metrics(tracker, summaries[-1]["mlflow_run_id"])
         tracker.log_json(rounds, "ideal_rounds.json", out)
         log_summary(tracker, summary, out, plot_mixture, max_tasks=cfg.tracking.per_task_metrics_max_tasks)
         tracker.log_metrics({k: summary[k] for k in (

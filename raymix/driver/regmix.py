@@ -44,7 +44,6 @@ from raymix.config import RunConfig, identity_hash
 from raymix.driver.setup import (
     budget_tokens,
     check_worker_resources,
-    copy_round_metrics,
     enter_driver_dir,
     init_ray,
     prepare_model_and_data,
@@ -238,7 +237,6 @@ def run_regmix(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         tracker.client.set_tag(final["mlflow_run_id"], ROUND_TAG, "final")
 
         summary = _combine(cfg, final, proxies, block, run, setup_seconds)
-        copy_round_metrics(tracker, final["mlflow_run_id"])
         log_summary(tracker, summary, out, plot_mixture, {"regmix": block},
                     max_tasks=cfg.tracking.per_task_metrics_max_tasks)
         tracker.log_metrics({k: summary[k] for k in (

@@ -319,10 +319,12 @@ class RoundsRun:
         of every run. ``extra_*``: what the driver spent between runs (setup,
         scoring); runs' wall times come from their records, so a resumed
         driver still counts the runs it reused. ``wall_seconds`` is this
-        driver invocation's own time."""
+        driver invocation's own time. The last run's loss curve and lm-eval
+        scores are copied onto this driver's MLflow run, where reports read them."""
         import copy
 
         last = runs[-1]
+        _copy_round_metrics(self.tracker, last["mlflow_run_id"])
         summary = copy.deepcopy(last)
         summary.update({
             "policy": cfg.policy.name,
@@ -345,7 +347,7 @@ class RoundsRun:
         self.tracker.log_artifact(self.out / "summary.json")
 
 
-def copy_round_metrics(tracker, round_run_id: str, prefixes=("curve/", "eval/")) -> None:
+def _copy_round_metrics(tracker, round_run_id: str, prefixes=("curve/", "eval/")) -> None:
     """A multi-round policy's last round's loss curve (``curve/*``) and
     lm-eval scores (``eval/*``, logged by ``raymix.eval`` to the round's run)
     on the policy's own run, where the report reads them (IDEAL, DoReMi,
