@@ -26,6 +26,73 @@ from typing import Iterator
 import numpy as np
 
 
+COLUMNS = ["input_ids", "prompt_len", "status"]
+"""The columns a stream reads."""
+
+PRELOAD_BYTES = 1 << 20
+"""A task whose train files hold at most this many bytes on disk in all is
+read, when the :class:`MixtureSampler` starts, in one Arrow dataset scan
+together with every other such task. Thousands of small tasks otherwise cost
+a file open and a decode each at their first draw, inside the training loop
+(0.84 s of draws at 1,000 tasks against 0.11 s at 20, over 458 steps of 16
+examples per worker, 0.67 s of it opening and decoding 1,006 files; one scan
+of the same files takes about 0.2 s). A stream keeps what fits in its
+``chunk_rows`` bound, as it would after its first pass; a larger task's files
+are streamed as before. 1 MiB: far above a small task's file (tens of KB),
+so the scan reads small tasks only."""
+
+
+def _decode(batch) -> tuple[list[np.ndarray], np.ndarray]:
+    """A record batch's kept rows: token ids (int64) and prompt lengths."""
+    keep = np.asarray(batch.column("status").to_pylist()) != "dropped"
+    col = batch.column("input_ids")
+    # Slice the flat values by the list offsets: no per-token Python objects.
+    offsets = col.offsets.to_numpy()
+    values = col.values.to_numpy().astype(np.int64)
+    ids = [values[offsets[j] : offsets[j + 1]] for j in np.flatnonzero(keep)]
+    plen = np.asarray(batch.column("prompt_len").to_numpy())[keep]
+    return ids, plen
+
+
+def preload_small(streams: list["TaskStream"], max_bytes: int = PRELOAD_BYTES) -> int:
+    """Decode, in one dataset scan, the files of every stream whose files sum
+    to at most ``max_bytes`` bytes, and give each stream what fits in its
+    bound (see :data:`PRELOAD_BYTES`); the files read. The draws are those of
+    streams that read their files themselves: a kept file is the same chunk
+    their first pass would have decoded and kept."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    owner: dict[str, tuple[TaskStream, int]] = {}
+    for s in streams:
+        if s.epoch == 0 and s.served == 0 and not s._kept:
+            if sum(os.path.getsize(f) for f in s.files) <= max_bytes:
+                owner.update({f: (s, fi) for fi, f in enumerate(s.files)})
+    if not owner:
+        return 0
+    parts: dict[str, list] = {}
+    try:
+        # scan_batches tags each batch with its file (its fragment); one
+        # file's batches come in the file's row order.
+        for tagged in pads.dataset(list(owner), format="parquet").scanner(columns=COLUMNS).scan_batches():
+            parts.setdefault(tagged.fragment.path, []).append(tagged.record_batch)
+    except (pa.ArrowException, OSError):
+        # Files one scan cannot read together (schemas that differ between
+        # tasks): each stream reads its own at its first draw, as it would
+        # without this; a file that is unreadable fails there, naming it.
+        return 0
+    for path, batches in parts.items():
+        if path not in owner:
+            continue
+        table = pa.Table.from_batches(batches).combine_chunks()
+        if table.num_rows == 0:
+            continue
+        s, fi = owner[path]
+        if table.num_rows <= s.chunk_rows - s._kept_rows:
+            s.keep(fi, table.num_rows, _decode(table.to_batches()[0]))
+    return len(parts)
+
+
 class TaskStream:
     def __init__(self, shard_dir: str, seed: int, rank: int = 0, world: int = 1, chunk_rows: int = 8192):
         self.files = sorted(glob.glob(os.path.join(shard_dir, "*.parquet")))
@@ -53,23 +120,21 @@ class TaskStream:
                 continue
             pf = pq.ParquetFile(self.files[fi])
             first, chunks = None, 0  # the first chunk only: a large file's others are not held
-            for batch in pf.iter_batches(
-                batch_size=self.chunk_rows, columns=["input_ids", "prompt_len", "status"]
-            ):
-                keep = np.asarray(batch.column("status").to_pylist()) != "dropped"
-                col = batch.column("input_ids")
-                # Slice the flat values by the list offsets: no per-token Python objects.
-                offsets = col.offsets.to_numpy()
-                values = col.values.to_numpy().astype(np.int64)
-                ids = [values[offsets[j] : offsets[j + 1]] for j in np.flatnonzero(keep)]
-                plen = np.asarray(batch.column("prompt_len").to_numpy())[keep]
+            for batch in pf.iter_batches(batch_size=self.chunk_rows, columns=COLUMNS):
+                ids, plen = _decode(batch)
                 first, chunks = first or (ids, plen), chunks + 1
                 yield ids, plen
-            rows = pf.metadata.num_rows
-            if chunks == 1 and rows <= self.chunk_rows - self._kept_rows:
-                # The whole file came as this one chunk, within the bound.
-                self._kept[fi] = first
-                self._kept_rows += rows
+            if chunks == 1:  # the whole file came as this one chunk
+                self.keep(fi, pf.metadata.num_rows, first)
+
+    def keep(self, fi: int, rows: int, decoded: tuple[list[np.ndarray], np.ndarray]) -> bool:
+        """Hold file ``fi``'s decoded rows (``rows`` of them, dropped ones
+        included) for later passes, if they fit in the bound; whether they did."""
+        if fi in self._kept or rows > self.chunk_rows - self._kept_rows:
+            return fi in self._kept
+        self._kept[fi] = decoded
+        self._kept_rows += rows
+        return True
 
     def _examples(self) -> Iterator[tuple[np.ndarray, int]]:
         while True:
@@ -129,6 +194,7 @@ class MixtureSampler:
         # The seeds of the single-process sampler this replaced: with one
         # worker the draws and the example order are unchanged.
         self.streams = [TaskStream(d, seed=seed * 100003 + i) for i, d in enumerate(shard_dirs)]
+        preload_small(self.streams)
         self.rng = np.random.default_rng([seed, 0, 7])
         self.rank, self.world = rank, world
 

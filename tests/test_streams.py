@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raymix.streams import MixtureSampler, TaskStream, collate, read_split
+from raymix.streams import MixtureSampler, TaskStream, collate, preload_small, read_split
 
 SCHEMA = pa.schema(
     [
@@ -350,3 +350,36 @@ def test_small_files_are_decoded_once_and_give_the_same_draws(shards, monkeypatc
     bounded = TaskStream(str(d), seed=3, chunk_rows=15)
     take(bounded, 2 * len(keep))
     assert bounded._kept_rows <= 15
+
+
+def test_sampler_reads_small_tasks_in_one_scan_with_the_same_draws(tmp_path: Path, monkeypatch) -> None:
+    """The sampler decodes small tasks' files together when it starts: its
+    draws open no file afterwards and equal those of streams that read their
+    own files (same seeds); a task above the byte bound, or with more rows
+    than a stream keeps, is streamed as before."""
+    dirs = [str(write_shards(tmp_path / f"t{t}", [[row(t * 100 + k) for k in range(8 + t)],
+                                                  [row(t * 100 + 50 + k, "dropped" if k == 1 else "ok")
+                                                   for k in range(5)]]))
+            for t in range(4)]
+    weights = np.array([0.4, 0.3, 0.2, 0.1])
+    opened: list[str] = []
+    real = pq.ParquetFile
+    monkeypatch.setattr(pq, "ParquetFile", lambda path, *a, **k: opened.append(path) or real(path, *a, **k))
+
+    def draws(sampler: MixtureSampler) -> list[int]:
+        return [int(ids[0]) for _ in range(12) for _, ex in sampler.draw(weights, 2, 3) for ids, _ in ex]
+
+    preloaded = MixtureSampler(dirs, seed=4)
+    assert all(len(s._kept) == 2 for s in preloaded.streams)  # both files of every task, before any draw
+    got = draws(preloaded)
+    assert opened == []  # 72 draws: several passes over every task, no file opened
+    monkeypatch.setattr("raymix.streams.preload_small", lambda streams, max_bytes=0: 0)
+    assert draws(MixtureSampler(dirs, seed=4)) == got
+    assert len(opened) == 8  # without it: each file opened at its task's first pass
+    monkeypatch.undo()
+
+    big = [TaskStream(d, seed=1) for d in dirs]
+    assert preload_small(big, max_bytes=1) == 0 and not any(s._kept for s in big)  # above the byte bound
+    tight = [TaskStream(d, seed=1, chunk_rows=9) for d in dirs]
+    preload_small(tight)
+    assert [s._kept_rows for s in tight] == [8, 9, 5, 5]  # what fits in 9 rows: first files of 8-11 rows, or the 5-row one
