@@ -5,7 +5,10 @@ A :class:`TaskStream` reads its task's Parquet files a chunk at a time
 (memory stays bounded by ``chunk_rows`` per task), shuffles within the
 chunk, and starts a new seeded pass over the files when it runs out (a
 repeat, capped by the mixer). Signals that read their own examples on every
-rank take every ``world``-th row for their rank.
+rank take every ``world``-th row for their rank. The training sampler reads
+small tasks' files together when it starts (:func:`preload_small`), so that
+a pool of thousands of tiny tasks does not open a file per task inside the
+training loop.
 
 Training reads through a :class:`MixtureSampler`: every rank draws the whole
 step's tasks for all ranks from one shared generator and walks every task's

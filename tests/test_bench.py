@@ -24,6 +24,7 @@ def test_unknown_benchmark_and_bad_task_counts_are_refused(tmp_path: Path) -> No
     assert main(["task_scaling", "--tasks", "8", "--output", str(tmp_path)]) == 2
     assert main(["task_scaling", "--tasks", "0,8", "--output", str(tmp_path)]) == 2
     assert main(["task_runs", "--run-tasks", "20", "--output", str(tmp_path)]) == 2
+    assert main(["task_runs", "--run-tasks", "20", "--adapt-tasks", "", "--output", str(tmp_path)]) == 2
     assert main(["task_runs", "--run-tasks", "20,1000", "--examples", "3999", "--output", str(tmp_path)]) == 2
     assert main(["task_runs", "--run-tasks", "20,100", "--adapt-tasks", "1000", "--output", str(tmp_path)]) == 2
     assert main(["task_runs", "--run-tasks", "20,100", "--adapt-tasks", "x", "--output", str(tmp_path)]) == 2

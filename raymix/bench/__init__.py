@@ -174,15 +174,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_tasks = sorted({int(x) for x in args.run_tasks.split(",") if x.strip()})
     except ValueError:
         run_tasks = []
-    if len(run_tasks) < 2 or run_tasks[0] < 1 or args.examples < 4 * run_tasks[-1]:
-        print(f"raymix: error: --run-tasks needs two or more positive task counts, and --examples at least 4 "
-              f"per task, got {args.run_tasks!r} and {args.examples}", file=sys.stderr)
-        return 2
     try:
         adapt_tasks = ([1000] if 1000 in run_tasks else []) if args.adapt_tasks is None else sorted(
             {int(x) for x in args.adapt_tasks.split(",") if x.strip()})
     except ValueError:
         adapt_tasks = [-1]
+    # One task count is enough where ADAPT runs at it: the run is then ADAPT
+    # against the configured policy at that count (a larger batch, say).
+    if (len(run_tasks) < (1 if adapt_tasks else 2) or run_tasks[0] < 1
+            or args.examples < 4 * run_tasks[-1]):
+        print(f"raymix: error: --run-tasks needs two or more positive task counts (one with --adapt-tasks at "
+              f"it), and --examples at least 4 per task, got {args.run_tasks!r} and {args.examples}",
+              file=sys.stderr)
+        return 2
     if any(n not in run_tasks for n in adapt_tasks):
         print(f"raymix: error: --adapt-tasks {args.adapt_tasks!r} must name task counts of --run-tasks "
               f"{args.run_tasks!r} (or be empty)", file=sys.stderr)

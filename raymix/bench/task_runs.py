@@ -86,6 +86,7 @@ def one_run(cfg: RunConfig, out: Path, tasks: int, total_examples: int) -> dict:
         "curve_seconds": s["curve_seconds"], "final_eval_seconds": s["eval_seconds"],
         "worker_start_seconds": rt["worker_start"], "worker_setup_seconds": rt["worker_setup"],
         "log_summary_seconds": ph.get("log_summary", 0.0), "meta_seconds": s["meta_seconds"],
+        "meta_steps": s.get("meta_steps", 0), "meta_tokens": s.get("meta_tokens", 0),
         "mean_test_loss": s["mean_test_loss"],
         **mlflow_volume(run_dir / "mlflow.db", s["mlflow_run_id"]),
         "mlflow_bytes": (run_dir / "mlflow.db").stat().st_size + _folder_bytes(run_dir / "mlartifacts"),
@@ -152,9 +153,16 @@ def bench_task_runs(cfg: RunConfig, out: Path, repeats: int = 1,
         base = rows[n]["loop_seconds"]
         a["loop_vs_policy"] = a["loop_seconds"] / max(1e-9, base)
         a["loop_without_meta_vs_policy"] = (a["loop_seconds"] - a["meta_seconds"]) / max(1e-9, base)
+        # Tokens read for ADAPT's signals: its meta tokens net of the
+        # configured policy's (both read the same curve evaluations).
+        a["signal_tokens"] = a["meta_tokens"] - rows[n]["meta_tokens"]
         adapt[n] = a
+    from raymix.config import effective_grad_accum
+
+    world = max(1, cfg.runtime.num_workers)
     return {"model": cfg.model.preset, "policy": cfg.policy.name, "total_examples": total_examples,
             "repeats": repeats, "budget_tokens": cfg.budget.tokens, "num_workers": cfg.runtime.num_workers,
+            "global_batch_examples": cfg.train.micro_batch_size * effective_grad_accum(cfg, world=world) * world,
             "per_task_metrics_max_tasks": cfg.tracking.per_task_metrics_max_tasks, "ray": ray_info(cfg),
             "task_counts": list(task_counts), "runs": rows, "adapt": adapt}
 
@@ -164,7 +172,9 @@ def markdown(r: dict) -> list[str]:
     lo = min(r["task_counts"])
     lines = [
         "\n## task_runs\n",
-        f"Whole runs (`run_single`, {r['num_workers']} worker(s), budget {r['budget_tokens']:,} tokens, model "
+        f"Whole runs (`run_single`, {r['num_workers']} worker(s), "
+        + (f"{r['global_batch_examples']:,} examples per step, " if "global_batch_examples" in r else "")
+        + f"budget {r['budget_tokens']:,} tokens, model "
         f"`{r['model']}`) on the same {r['total_examples']:,} short examples cut into more tasks; shards prepared "
         f"from an empty cache; one metric per task up to {r['per_task_metrics_max_tasks']} tasks. Ratios against "
         f"{lo} tasks.\n",
@@ -210,10 +220,15 @@ def markdown(r: dict) -> list[str]:
                       for n in r["task_counts"]) + "."]
     if r.get("adapt"):
         lines += ["", f"ADAPT against {r.get('policy', 'uniform')} on the same pools (goal: loop <= 1.10x at 1,000 "
-                  "tasks):", "", "| tasks | loop s (tokens/s) | meta steps s | loop ratio | loop ratio without "
-                  "meta steps | wall s | MLflow keys |", "|---:|---:|---:|---:|---:|---:|---:|"]
+                  "tasks):", "", "| tasks | loop s (tokens/s) | meta steps s | meta steps | signal tokens / train "
+                  "tokens | loop ratio | loop ratio without meta steps | wall s | MLflow keys |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for n, a in sorted(r["adapt"].items(), key=lambda kv: int(kv[0])):
+            # Runs recorded before the meta steps and their tokens were kept show a dash.
+            steps = f"{a['meta_steps']}" if "meta_steps" in a else "-"
+            share = (f"{a['signal_tokens']:,} / {a['train_tokens']:,} ({a['signal_tokens'] / a['train_tokens']:.2f})"
+                     if "signal_tokens" in a else "-")
             lines.append(f"| {n} | {a['loop_seconds']:.1f} ({a['tokens_per_second']:,.0f}) | {a['meta_seconds']:.1f} | "
-                         f"{a['loop_vs_policy']:.2f} | {a['loop_without_meta_vs_policy']:.2f} | "
+                         f"{steps} | {share} | {a['loop_vs_policy']:.2f} | {a['loop_without_meta_vs_policy']:.2f} | "
                          f"{a['wall_seconds']:.1f} | {a['metric_keys']:,} |")
     return lines
