@@ -43,7 +43,7 @@ from raymix.loss import token_nll
 from raymix.metrics_view import per_task
 from raymix.policies.adapt.policy import entropy, kl_uniform, smooth_max, standardise
 from raymix.policies.signal import NoSignal, SignalContext, StepView
-from raymix.streams import TaskStream, collate
+from raymix.streams import TaskStream, collate, preload_small
 
 
 class CountSketch:
@@ -130,6 +130,11 @@ class MetaSignals:
                     pool.stats["val"][t]["examples"] else None for i, t in enumerate(self.tasks)]
         self.train = [TaskStream(pool.shard_dir("train", t), seed * 7919 + 50021 + i, rank, world)
                       for i, t in enumerate(self.tasks)]
+        # Small tasks' files read together now, not one file open per task
+        # at its first meta step (at 1,000 tasks, about a sixth of the first
+        # meta steps' time; see raymix.streams.preload_small).
+        preload_small(self.train)
+        preload_small([s for s in self.val if s is not None])
         self.rng = np.random.default_rng([seed, 99])  # same on every rank: same sampled tasks
         self.steps = 0
         self.val_ids = np.array([i for i, s in enumerate(self.val) if s is not None], dtype=np.int64)
