@@ -15,6 +15,7 @@ streams (``raymix.streams``) over the same shards.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -25,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -259,12 +260,35 @@ class PreparedPool:
         where = os.path.join(self.root, f"split={split}")
         if not os.path.isdir(where):
             return np.zeros(0, dtype=np.int64), {c: [] for c in columns}
-        table = pads.dataset(where, format="parquet", partitioning="hive").to_table(
-            columns=list(dict.fromkeys(columns + ["status", "id", "task_idx"])))
-        table = table.filter(pc.not_equal(table["status"], "dropped")).sort_by([("task_idx", "ascending"),
-                                                                                 ("id", "ascending")])
+        cache = self.__dict__.get("_split_tables")
+        table = cache.get(split) if cache is not None else None
+        if table is None or not set(columns) <= set(table.column_names):
+            wanted = (columns + (table.column_names if table is not None else [])
+                      + self.__dict__.get("_split_columns", []))
+            table = pads.dataset(where, format="parquet", partitioning="hive").to_table(
+                columns=list(dict.fromkeys(wanted + ["status", "id", "task_idx"])))
+            table = table.filter(pc.not_equal(table["status"], "dropped")).sort_by([("task_idx", "ascending"),
+                                                                                     ("id", "ascending")])
+            if cache is not None:
+                cache[split] = table
         return table.column("task_idx").to_numpy().astype(np.int64), {c: table.column(c).to_pylist()
                                                                        for c in columns}
+
+    @contextlib.contextmanager
+    def splits_read_once(self, columns: Sequence[str] = ()):
+        """Within the block, each split is read from disk once (with
+        ``columns`` and whatever else a reader asks for) and served from
+        memory after: the final evaluation reads the test split for its
+        losses and again for exact match, and a scan of a pool of thousands
+        of tasks costs a file open per task (0.3 s per split at 1,000 tasks,
+        against 0.02-0.07 s at 20). Outside it nothing is held."""
+        self.__dict__["_split_tables"] = {}
+        self.__dict__["_split_columns"] = list(columns)
+        try:
+            yield self
+        finally:
+            self.__dict__.pop("_split_tables", None)
+            self.__dict__.pop("_split_columns", None)
 
     def train_tokens(self) -> np.ndarray:
         return np.array([self.stats["train"][t]["tokens"] for t in self.tasks], dtype=np.int64)

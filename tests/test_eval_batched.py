@@ -85,7 +85,7 @@ def test_batched_greedy_answers_equal_one_task_at_a_time(prepared, model_and_tok
     assert list(em) == list(pool.tasks) and all(0.0 <= v <= 1.0 for v in em.values())
 
 
-def test_one_scan_of_a_split_equals_per_task_reads(tmp_path) -> None:
+def test_one_scan_of_a_split_equals_per_task_reads(tmp_path, monkeypatch) -> None:
     """``PreparedPool.read_split_rows`` (one scan of a split) gives each task's
     rows as ``read_split`` does (ordered by id, dropped rows left out), grouped
     by task in pool order, and ``split_examples`` its first ``limit`` of each.
@@ -122,6 +122,21 @@ def test_one_scan_of_a_split_equals_per_task_reads(tmp_path) -> None:
     assert o == sorted(set(owner.tolist()))  # the first example of every task that has one
     assert [list(e[0]) for e in ex] == [rows["input_ids"][int(np.flatnonzero(owner == i)[0])] for i in o]
     assert pool.read_split_rows("test", ["input_ids"])[0].size == 0  # no such split
+
+    # Within splits_read_once a split is scanned once (with the columns it
+    # names) and served from memory after; outside it nothing is held.
+    import pyarrow.dataset as pads
+
+    scans: list = []
+    real = pads.dataset
+    monkeypatch.setattr(pads, "dataset", lambda *a, **k: scans.append(a[0]) or real(*a, **k))
+    with pool.splits_read_once(["input_ids", "prompt_len", "id"]):
+        again = pool.read_split_rows("val", ["input_ids", "prompt_len"])
+        by_id = pool.read_split_rows("val", ["id"])
+    assert len(scans) == 1 and list(again[0]) == list(owner) and again[1]["input_ids"] == rows["input_ids"]
+    assert len(by_id[1]["id"]) == len(owner) and "_split_tables" not in pool.__dict__
+    pool.read_split_rows("val", ["input_ids"])
+    assert len(scans) == 2
 
 
 def test_curve_points_read_the_bounded_count_of_every_task(prepared) -> None:

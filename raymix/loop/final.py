@@ -36,11 +36,13 @@ def finish(w, session, exchange, metrics_log, signal, progress, curve, checkpoin
         return
     t_eval = time.perf_counter()
     pool = w.loop.pool
-    val = validation_losses(model, pool, w.pad_id, cfg.eval.batch_size, w.device)
-    test = losses_on_test(model, pool, w.pad_id, cfg.eval.batch_size, w.device)
-    t_em = time.perf_counter()
-    em = exact_match(model, w.tokenizer, pool, cfg.eval.exact_match_per_task(len(pool.tasks)),
-                     cfg.eval.max_new_tokens, cfg.eval.batch_size, w.device)
+    # The test split is read once for its losses and its exact match.
+    with pool.splits_read_once(["input_ids", "prompt_len", "references"]):
+        val = validation_losses(model, pool, w.pad_id, cfg.eval.batch_size, w.device)
+        test = losses_on_test(model, pool, w.pad_id, cfg.eval.batch_size, w.device)
+        t_em = time.perf_counter()
+        em = exact_match(model, w.tokenizer, pool, cfg.eval.exact_match_per_task(len(pool.tasks)),
+                         cfg.eval.max_new_tokens, cfg.eval.batch_size, w.device)
     t_end = time.perf_counter()
     result = LoopResult(**numbers, eval_seconds=t_end - t_eval, exact_match_seconds=t_end - t_em,
                         reported_at=0.0, val_loss=val,
