@@ -81,6 +81,9 @@ def test_batched_greedy_answers_equal_one_task_at_a_time(prepared, model_and_tok
     for i in range(len(pool.tasks)):
         alone += greedy_answers(model, tok, [p for p, o in zip(prompts, owner) if o == i], 4, 8)
     assert together == alone and len(set(together)) > 1
+    # Grouped by an expected answer length first (exact_match's order): the same answers.
+    expected = np.random.default_rng(0).integers(1, 9, size=len(prompts)).astype(float)
+    assert greedy_answers(model, tok, prompts, 4, 8, expected=expected) == alone
     em = exact_match(model, tok, pool, 3, 4, 8)
     assert list(em) == list(pool.tasks) and all(0.0 <= v <= 1.0 for v in em.values())
 

@@ -81,7 +81,14 @@ def exact_match(
     generated together (:func:`greedy_answers`)."""
     owner, examples, extra = split_examples(pool, "test", max_examples,
                                             ("input_ids", "prompt_len", "references"))
-    texts = greedy_answers(model, tokenizer, [ids[:p] for ids, p in examples], max_new_tokens, batch_size, device)
+    # Each prompt's expected answer length: its task's mean completion tokens
+    # per training example (the pool's statistics; no test answer is read).
+    train = pool.stats.get("train", {})
+    per_task = np.array([train[t]["completion_tokens"] / train[t]["examples"]
+                         if train.get(t, {}).get("examples") and train[t].get("completion_tokens") else 0.0
+                         for t in pool.tasks])
+    texts = greedy_answers(model, tokenizer, [ids[:p] for ids, p in examples], max_new_tokens, batch_size, device,
+                           expected=per_task[np.asarray(owner, dtype=np.int64)] if owner else None)
     T = len(pool.tasks)
     hits, count = np.zeros(T), np.zeros(T)
     for i, text in enumerate(texts):
@@ -92,16 +99,28 @@ def exact_match(
 
 
 def greedy_answers(model, tokenizer, prompts: list[np.ndarray], max_new_tokens: int, batch_size: int,
-                   device="cpu") -> list[str]:
+                   device="cpu", expected: np.ndarray | None = None) -> list[str]:
     """Each prompt's greedy continuation (decoded), in the prompts' order;
-    generated in batches of prompts of similar length, left-padded."""
+    generated in batches of prompts of similar length, left-padded. With
+    ``expected`` (each prompt's expected answer length in tokens), prompts
+    are grouped by it (rounded) first: a batch decodes until its longest
+    answer ends, so short answers batched with long ones cost the long ones'
+    steps (one prompt per task from a thousand tasks mixes them: 0.74 ms
+    per prompt at 1,000 tasks against 0.31 ms at 20, ungrouped, in
+    ``python -m raymix.bench task_runs``)."""
     import torch
 
     model.eval()
     pad_id = tokenizer.pad_token_id
     texts: list[str] = [""] * len(prompts)
+    lengths = [len(p) for p in prompts]
+    if expected is None:
+        batches = length_batches(lengths, batch_size)
+    else:
+        order = np.lexsort((np.asarray(lengths, dtype=np.int64), np.round(np.asarray(expected, dtype=np.float64))))
+        batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     with torch.no_grad():
-        for idx in length_batches([len(p) for p in prompts], batch_size):
+        for idx in batches:
             width = max(len(prompts[i]) for i in idx)
             # Left padding so every row's answer starts at the same column.
             ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
