@@ -290,6 +290,14 @@ class PreparedPool:
             self.__dict__.pop("_split_tables", None)
             self.__dict__.pop("_split_columns", None)
 
+    def completion_per_example(self, default: float) -> np.ndarray:
+        """Per task, the mean completion tokens of a training example (from
+        the pool's statistics; ``default`` where they are missing)."""
+        train = self.stats.get("train", {})
+        return np.array([train[t]["completion_tokens"] / train[t]["examples"]
+                         if train.get(t, {}).get("examples") and train[t].get("completion_tokens") else default
+                         for t in self.tasks], dtype=np.float64)
+
     def train_tokens(self) -> np.ndarray:
         return np.array([self.stats["train"][t]["tokens"] for t in self.tasks], dtype=np.int64)
 

@@ -91,7 +91,7 @@ def preload_small(streams: list["TaskStream"], max_bytes: int = PRELOAD_BYTES) -
         if table.num_rows == 0:
             continue
         s, fi = owner[path]
-        if table.num_rows <= s.chunk_rows - s._kept_rows:
+        if s.fits(table.num_rows):
             s.keep(fi, table.num_rows, _decode(table.to_batches()[0]))
     return len(parts)
 
@@ -130,10 +130,14 @@ class TaskStream:
             if chunks == 1:  # the whole file came as this one chunk
                 self.keep(fi, pf.metadata.num_rows, first)
 
+    def fits(self, rows: int) -> bool:
+        """Whether ``rows`` more rows stay within the ``chunk_rows`` bound of kept files."""
+        return rows <= self.chunk_rows - self._kept_rows
+
     def keep(self, fi: int, rows: int, decoded: tuple[list[np.ndarray], np.ndarray]) -> bool:
         """Hold file ``fi``'s decoded rows (``rows`` of them, dropped ones
         included) for later passes, if they fit in the bound; whether they did."""
-        if fi in self._kept or rows > self.chunk_rows - self._kept_rows:
+        if fi in self._kept or not self.fits(rows):
             return fi in self._kept
         self._kept[fi] = decoded
         self._kept_rows += rows

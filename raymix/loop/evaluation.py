@@ -83,10 +83,7 @@ def exact_match(
                                             ("input_ids", "prompt_len", "references"))
     # Each prompt's expected answer length: its task's mean completion tokens
     # per training example (the pool's statistics; no test answer is read).
-    train = pool.stats.get("train", {})
-    per_task = np.array([train[t]["completion_tokens"] / train[t]["examples"]
-                         if train.get(t, {}).get("examples") and train[t].get("completion_tokens") else 0.0
-                         for t in pool.tasks])
+    per_task = pool.completion_per_example(default=0.0)
     texts = greedy_answers(model, tokenizer, [ids[:p] for ids, p in examples], max_new_tokens, batch_size, device,
                            expected=per_task[np.asarray(owner, dtype=np.int64)] if owner else None)
     T = len(pool.tasks)

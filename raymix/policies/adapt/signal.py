@@ -144,10 +144,7 @@ class MetaSignals:
         self.val_estimate = np.full(self.T, np.nan)  # last observed validation loss per task
         self.val_smoothed = np.full(self.T, np.nan)  # its moving average (policy.adapt.val_ema)
         # l_i: completion tokens per training example, for the token-share Jacobian.
-        train = pool.stats["train"]
-        self.completion_per_example = [
-            float(train[t].get("completion_tokens", 0)) / train[t]["examples"]
-            if train[t].get("examples") and train[t].get("completion_tokens") else 1.0 for t in self.tasks]
+        self.completion_per_example = pool.completion_per_example(default=1.0).tolist()
 
     def _all_reduce(self, tensor):
         if self.distributed:
