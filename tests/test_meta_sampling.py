@@ -160,7 +160,7 @@ def _exact_signals(model, ref, cfg, T):
     return exact, norms
 
 
-def test_meta_signals_equal_exact_inner_products(tmp_path) -> None:
+def test_meta_signals_equal_exact_inner_products(tmp_path, monkeypatch) -> None:
     """Sketch off: MetaSignals' alignments equal <grad J, grad L_i> computed
     directly. Tolerance 1e-5 relative (to the largest alignment): the model is
     float64 but token_nll takes the cross-entropy in float32 (about 1e-7
@@ -192,6 +192,16 @@ def test_meta_signals_equal_exact_inner_products(tmp_path) -> None:
     exact, norms = _exact_signals(model, ref, cfg, T)
     assert not meta.sketched and np.all(np.isfinite(got)) and meta.forward_mode
     assert np.abs(got - exact).max() <= 1e-5 * np.abs(exact).max(), (got, exact)
+
+    # The meta step reads its examples in passes of META_BATCH (20 validation
+    # and 15 training examples here fit one): in passes of 3, the same
+    # alignments (same tolerance: only the padding differs).
+    from raymix.policies.adapt import signal
+
+    monkeypatch.setattr(signal, "META_BATCH", 3)
+    got = np.asarray(build(cfg).compute(0.01)["alignment"])
+    assert np.abs(got - exact).max() <= 1e-5 * np.abs(exact).max(), (got, exact)
+    monkeypatch.undo()
 
     # A model whose forward has no forward-mode derivative: one backward per
     # task instead, with a warning, and the same alignments (same tolerance).
