@@ -242,15 +242,20 @@ class MetaSignals:
 
         tangents = tuple(self._direction(g_val))
         primals = tuple(p.detach() for p in self.params)
-        order = np.argsort([len(ids) for ids, _ in examples], kind="stable")
         out = torch.zeros(len(examples), dtype=torch.float64)
         with sdpa_kernel(SDPBackend.MATH):
-            for start in range(0, len(order), META_BATCH):
-                idx = order[start:start + META_BATCH]
-                batch = collate([examples[i] for i in idx], self.pad_id)
+            for idx, batch in self._passes(examples):
                 _, d = jvp(lambda *ts, b=batch: token_nll(Substituted(ts), b, self.device)[0], primals, tangents)
                 out[torch.from_numpy(idx)] = d.detach().double().cpu()
         return out
+
+    def _passes(self, examples: list):
+        """The examples in passes of ``META_BATCH`` of similar lengths (so a
+        batch pads little): per pass, the examples' indices and their batch."""
+        order = np.argsort([len(ids) for ids, _ in examples], kind="stable")
+        for start in range(0, len(order), META_BATCH):
+            idx = order[start:start + META_BATCH]
+            yield idx, collate([examples[i] for i in idx], self.pad_id)
 
     def _share(self, n: int) -> int:
         """This rank's share of ``n`` examples per task (the shares sum to ``n``)."""
@@ -294,21 +299,20 @@ class MetaSignals:
                 for _ in range(self._share(cfg.val_examples_per_task)):
                     examples.append(stream.next())
                     owner.append(int(i))
-            # In passes of META_BATCH examples of similar lengths; each pass's
-            # graph (on the parameter subset only) is kept for the one
-            # backward below, once q is known.
-            order = np.argsort([len(ids) for ids, _ in examples], kind="stable")
-            examples, owner = [examples[i] for i in order], [owner[i] for i in order]
-            owner_t = torch.tensor(owner, dtype=torch.long)
+            # In passes (see _passes); each pass's graph (on the parameter
+            # subset only) is kept for the one backward below, once q is
+            # known. nll, cnt and owner follow the passes' order.
             sums = torch.zeros(2, T, dtype=torch.float64)
             if examples:
-                parts = []
-                for start in range(0, len(examples), META_BATCH):
-                    batch = collate(examples[start:start + META_BATCH], self.pad_id)
+                parts, order = [], []
+                for idx, batch in self._passes(examples):
                     parts.append(token_nll(self.model, batch, self.device))
-                    np.add.at(meta_tokens, owner[start:start + META_BATCH], batch["attention_mask"].sum(1).numpy())
+                    order.extend(idx.tolist())
+                    np.add.at(meta_tokens, [owner[i] for i in idx], batch["attention_mask"].sum(1).numpy())
+                owner = [owner[i] for i in order]
                 nll = torch.cat([n for n, _ in parts])
                 cnt = torch.cat([c for _, c in parts])
+                owner_t = torch.tensor(owner, dtype=torch.long)
                 sums[0].index_add_(0, owner_t, nll.detach().double().cpu())
                 sums[1].index_add_(0, owner_t, cnt.double().cpu())
             self._all_reduce(sums)
