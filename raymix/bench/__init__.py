@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -223,7 +224,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
-        commit = "unknown"
+        commit = ""
+    # A copy of the tree without its git history (a rented GPU machine, say)
+    # names its commit through RAYMIX_COMMIT.
+    commit = commit or os.environ.get("RAYMIX_COMMIT", "").strip() or "unknown"
     results: dict = {}
     for name in BENCHMARKS:
         if name in prior and name not in args.names:
