@@ -48,7 +48,7 @@ MANIFEST = "manifest.json"
 
 def cache_root(cfg: DataConfig) -> Path:
     root = cfg.cache_dir or os.environ.get("RAYMIX_CACHE") or "~/.cache/raymix"
-    return Path(root).expanduser()
+    return Path(root).expanduser().resolve()  # absolute: Ray workers run in directories of their own
 
 
 # ----------------------------------------------------------------------------

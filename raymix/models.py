@@ -47,6 +47,15 @@ def _check_local(name: str, what: str, field: str) -> None:
         raise RaymixError(f"{field}: {what} path {name} does not exist")
 
 
+def local_or_hub(name: str) -> str:
+    """``name`` as the training workers must read it: a local directory made
+    absolute (Ray Train workers run in directories of their own, where a
+    relative path names nothing and transformers then takes it for a hub
+    id), a hub id as it is."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
 def train_tokenizer(
     texts: Callable[[], Iterable[str]], vocab_size: int, cache_root: Path, fingerprint: str
 ):

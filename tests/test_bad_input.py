@@ -337,3 +337,16 @@ def test_cache_of_an_older_format_is_rebuilt_with_a_message(ray_local, tmp_path:
     assert f"format version {SHARD_FORMAT_VERSION - 1} in {MANIFEST}" in capsys.readouterr().err
     _, _, hit, _ = prepare_model_and_data(cfg, tmp_path / "out4")
     assert hit.cache_hit and _read_all(hit) == 40
+
+
+def test_local_model_paths_reach_workers_absolute(tmp_path: Path, monkeypatch) -> None:
+    """Ray Train workers run in directories of their own: a relative
+    ``model.pretrained`` (``--output runs/x`` in the GPU check) is handed to
+    them absolute, else transformers takes it for a hub id there."""
+    from raymix.models import local_or_hub
+
+    (tmp_path / "runs" / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert local_or_hub("runs/model") == str(tmp_path.resolve() / "runs" / "model")
+    assert local_or_hub("./runs/model/") == str(tmp_path.resolve() / "runs" / "model")
+    assert local_or_hub("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"  # not here: a hub id, left as it is

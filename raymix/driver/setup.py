@@ -112,7 +112,7 @@ def tokenizer_corpus(records, limit: int = TOKENIZER_SAMPLE):
 def prepare_model_and_data(cfg: RunConfig, output_dir: Path, phases: Optional[dict] = None):
     """Records -> tokenizer -> shards -> initial model. Returns what workers need."""
     from raymix.data import cache_root, load_pool, pool_fingerprint, prepare_shards
-    from raymix.models import build_model, load_tokenizer, train_tokenizer
+    from raymix.models import build_model, load_tokenizer, local_or_hub, train_tokenizer
 
     phases = {} if phases is None else phases
     t = time.perf_counter()
@@ -144,7 +144,7 @@ def prepare_model_and_data(cfg: RunConfig, output_dir: Path, phases: Optional[di
     phases["shards"] = pool.seconds
     t = time.perf_counter()
     if cfg.model.pretrained:
-        init_dir = cfg.model.pretrained
+        init_dir = local_or_hub(cfg.model.pretrained)
         build_model(cfg.model, tokenizer, cfg.seed)  # fail before training if it cannot load
     else:
         model = build_model(cfg.model, tokenizer, cfg.seed)
