@@ -28,7 +28,6 @@ from typing import Iterator
 
 import numpy as np
 
-
 COLUMNS = ["input_ids", "prompt_len", "status"]
 """The columns a stream reads."""
 
@@ -57,7 +56,7 @@ def _decode(batch) -> tuple[list[np.ndarray], np.ndarray]:
     return ids, plen
 
 
-def preload_small(streams: list["TaskStream"], max_bytes: int = PRELOAD_BYTES) -> int:
+def preload_small(streams: list[TaskStream], max_bytes: int = PRELOAD_BYTES) -> int:
     """Decode, in one dataset scan, the files of every stream whose files sum
     to at most ``max_bytes`` bytes, and give each stream what fits in its
     bound (see :data:`PRELOAD_BYTES`); the files read. The draws are those of
