@@ -93,3 +93,52 @@ def test_cpu_stand_in_writes_its_figures(tmp_path: Path, monkeypatch) -> None:
     md = (out / "bench.md").read_text()
     assert "| ddp-adapt |" in md and "ADAPT's overhead" in md and "CPU stand-in" in md
     assert markdown(r)[0] == "## gpu\n"
+
+
+def _gpu_result() -> dict:
+    run = {"parallelism": "ddp", "policy": "uniform", "runs": [], "tokens_per_second": 32000.0, "mfu": 0.139,
+           "peak_memory_gib": 51.0, "utilisation": 0.998, "meta_time_share": 0.0}
+    return {"device": "NVIDIA H200", "cuda": True, "peak_bf16_flops": 989e12, "model": "Qwen3-0.6B shape",
+            "parameters": 596_049_920, "model_flops_per_token": 4.28e9, "row_length": 2048, "micro_batch_size": 871,
+            "mean_example_tokens": 18.2, "budget_tokens": 635_375, "repeats": 1, "workers": 1,
+            "runs": {"ddp-uniform": run, "ddp-adapt": dict(run, policy="adapt", meta_time_share=0.13)},
+            "adapt_overhead": 0.198}
+
+
+def test_a_copied_tree_names_its_commit_and_a_gpu_machines_json_renders(tmp_path: Path, monkeypatch) -> None:
+    """RAYMIX_COMMIT wins over git (a GPU machine's copy of the tree may carry
+    a stale history), and ``--render`` writes the Markdown of that machine's
+    bench.json here without running anything."""
+    import raymix.bench as bench
+
+    monkeypatch.setattr(bench, "BENCHMARKS", dict(bench.BENCHMARKS, gpu=lambda *a, **kw: _gpu_result()))
+    monkeypatch.setenv("RAYMIX_COMMIT", "abc1234")
+    assert main(["gpu", "--output", str(tmp_path / "device")]) == 0
+    written = json.loads((tmp_path / "device" / "bench.json").read_text())
+    assert written["commit"] == "abc1234" and written["commits"] == {"gpu": "abc1234"}
+    monkeypatch.delenv("RAYMIX_COMMIT")
+    report = tmp_path / "reports" / "gpu_check.md"
+    assert main(["--render", str(tmp_path / "device" / "bench.json"), "--output", str(tmp_path / "here"),
+                 "--report", str(report)]) == 0
+    md = report.read_text()
+    assert md == (tmp_path / "device" / "bench.md").read_text() == (tmp_path / "here" / "bench.md").read_text()
+    assert "commit `abc1234`" in md and "| ddp-adapt | 32,000 | 13.9% | 51.0 |" in md and "+19.8%" in md
+    (tmp_path / "bad.json").write_text('{"gpu": {}}')
+    assert main(["--render", str(tmp_path / "bad.json"), "--output", str(tmp_path / "x")]) == 2
+
+
+def test_model_ceiling_script_runs_its_cpu_path(tmp_path: Path) -> None:
+    """scripts/gpu_model_ceiling.py (the GPU check's yardstick) on its tiny CPU stand-in."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "ceiling.json"
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "gpu_model_ceiling.py"), str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["device"] == "CPU" and len(r["variants"]) == 4
+    for name, v in r["variants"].items():
+        assert "error" not in v, (name, v)
+        assert v["tokens_per_second"] > 0 and v["mfu"] > 0

@@ -3,6 +3,7 @@
     python -m raymix.bench [NAME ...] --output DIR [--repeats N] [--warmup N]
         [--tasks 20,100,400,1000] [--policies adapt,odm] [--config FILE] [--set key=value ...]
         [--space FILE] [--report FILE] [--merge bench.json]
+    python -m raymix.bench --render bench.json --output DIR [--report FILE]
 
 Every benchmark repeats its measurement (``--repeats``, default per
 benchmark), reports the median and the spread (min, max), and writes its
@@ -119,6 +120,31 @@ def _markdown(results: dict, commit: str, carried: Optional[dict] = None) -> str
     return "\n".join(lines) + "\n"
 
 
+def _render(path: Path, out: Path, report: Optional[str]) -> int:
+    """``--render``: the Markdown of an earlier run's bench.json, each section
+    under the commit it names."""
+    try:
+        prior = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        print(f"raymix: error: --render {path}: not a readable bench.json ({e})", file=sys.stderr)
+        return 2
+    if not isinstance(prior, dict) or "commit" not in prior or not any(n in prior for n in BENCHMARKS):
+        print(f"raymix: error: --render {path}: no 'commit' field or no benchmark; not written by "
+              "python -m raymix.bench", file=sys.stderr)
+        return 2
+    results = {n: prior[n] for n in BENCHMARKS if n in prior}
+    commits = prior.get("commits", {})
+    carried = {n: commits[n] for n in results if commits.get(n, prior["commit"]) != prior["commit"]}
+    md = _markdown(results, prior["commit"], carried)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.md").write_text(md)
+    if report:
+        Path(report).parent.mkdir(parents=True, exist_ok=True)
+        Path(report).write_text(md)
+    print(md)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     import subprocess
 
@@ -149,7 +175,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--merge", default=None,
                         help="a bench.json of an earlier run whose benchmarks not run now are kept, each with "
                              "the commit it was measured on")
+    parser.add_argument("--render", default=None, metavar="BENCH_JSON",
+                        help="run nothing: write the Markdown of this bench.json (a GPU machine's, say) to "
+                             "--report and DIR/bench.md")
     args = parser.parse_args(argv)
+    if args.render:
+        return _render(Path(args.render), Path(args.output), args.report)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         print(f"raymix: error: unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}", file=sys.stderr)
@@ -225,9 +256,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = ""
-    # A copy of the tree without its git history (a rented GPU machine, say)
-    # names its commit through RAYMIX_COMMIT.
-    commit = commit or os.environ.get("RAYMIX_COMMIT", "").strip() or "unknown"
+    # A copy of the tree whose git history is missing or stale (a rented GPU
+    # machine, say) names its commit through RAYMIX_COMMIT, which wins.
+    commit = os.environ.get("RAYMIX_COMMIT", "").strip() or commit or "unknown"
     results: dict = {}
     for name in BENCHMARKS:
         if name in prior and name not in args.names:

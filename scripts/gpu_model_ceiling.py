@@ -1,0 +1,132 @@
+"""The model's own training speed on one GPU, outside raymix: the yardstick
+for the GPU check's MFU (``python -m raymix.bench gpu``, reports/gpu_check.md).
+
+A Qwen3-0.6B-shaped model (random weights, SDPA, bf16 autocast, fused AdamW)
+trains on 8 rows of 2,048 random tokens per step; variants: raymix's packed
+layout (a 4D boolean block-diagonal mask over 18-token examples, the GPU
+check's mean example) or plain causal rows; bf16 or float32 (raymix's) master
+weights; the output layer and loss at every position or at a third of them
+(raymix applies them at completion positions only). It prints the measured
+bf16 matrix-product rate, tokens/s and MFU (the GPU check's FLOPs per token
+against 989 TFLOP/s) per variant, and a ``torch.profiler`` table of the first
+variant's GPU time by operator; JSON goes to the path given.
+
+    python scripts/gpu_model_ceiling.py ceiling.json
+
+Without CUDA it runs a tiny Qwen3 on CPU in seconds (``tests/test_gpu_check.py``
+runs it so it cannot rot); those figures say nothing about a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
+
+from raymix.bench.gpu import PEAK_BF16, QWEN3_0_6B, QWEN3_TINY, model_flops_per_token  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+SHAPE = QWEN3_0_6B if CUDA else dict(QWEN3_TINY, vocab_size=500)
+ROWS, SEQ, WARM, STEPS = (8, 2048, 3, 6) if CUDA else (2, 256, 1, 2)
+EXAMPLE = 18  # tokens: the GPU check's mean example on its synthetic pool
+PEAK = dict(PEAK_BF16)["H200"]
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def matmul_rate(n: int) -> float:
+    a = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    for _ in range(3):
+        a @ b
+    sync()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync()
+    return 10 * 2 * n**3 / (time.perf_counter() - t)
+
+
+def variant(cfg, ids, flops_token: float, weights=torch.bfloat16, inputs=None, loss_share=1.0, profile=False):
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=weights).to(DEV)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=CUDA)
+    scored = torch.arange(0, ROWS * SEQ, int(round(1 / loss_share)), device=DEV)
+
+    def step():
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            hidden = model.model(input_ids=ids, **(inputs or {})).last_hidden_state
+            logits = model.lm_head(hidden.reshape(ROWS * SEQ, -1)[scored])
+        loss = torch.nn.functional.cross_entropy(logits.float(), ids.view(-1)[scored])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(WARM):
+        step()
+    sync()
+    t = time.perf_counter()
+    for _ in range(STEPS):
+        step()
+    sync()
+    seconds = (time.perf_counter() - t) / STEPS
+    tps = ROWS * SEQ / seconds
+    out = {"step_seconds": seconds, "tokens_per_second": tps, "mfu": tps * flops_token / PEAK,
+           "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0}
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof
+
+        with prof(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])) as p:
+            for _ in range(2):
+                step()
+            sync()
+        key = "self_cuda_time_total" if CUDA else "self_cpu_time_total"
+        print(p.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=60), flush=True)
+    model = opt = None  # freed before the next variant builds its own
+    if CUDA:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return out
+
+
+def main(path: str) -> dict:
+    cfg = Qwen3Config(**SHAPE)
+    flops_token = model_flops_per_token(cfg, SEQ)
+    ids = torch.randint(0, cfg.vocab_size, (ROWS, SEQ), device=DEV)
+    pos = torch.arange(SEQ, device=DEV)
+    segment = pos // EXAMPLE
+    mask = (segment[:, None] == segment[None, :]) & (pos[:, None] >= pos[None, :])
+    packed = {"attention_mask": mask[None, None].expand(ROWS, 1, SEQ, SEQ),
+              "position_ids": (pos % EXAMPLE)[None].expand(ROWS, SEQ)}
+    result = {"device": torch.cuda.get_device_name(0) if CUDA else "CPU", "torch": torch.__version__,
+              "rows": ROWS, "row_length": SEQ, "example_tokens": EXAMPLE, "model_flops_per_token": flops_token,
+              "peak_bf16_flops": PEAK, "matmul_bf16_flops": matmul_rate(8192 if CUDA else 256), "variants": {}}
+    print(json.dumps({k: v for k, v in result.items() if k != "variants"}), flush=True)
+    plan = [("packed, bf16 weights, loss everywhere", dict(inputs=packed, profile=True)),
+            ("packed, float32 weights, loss everywhere", dict(inputs=packed, weights=torch.float32)),
+            ("packed, bf16 weights, loss at a third", dict(inputs=packed, loss_share=1 / 3)),
+            ("causal, bf16 weights, loss at a third", dict(loss_share=1 / 3))]
+    for name, kw in plan:
+        try:
+            result["variants"][name] = variant(cfg, ids, flops_token, **kw)
+        except Exception:  # one variant failing (memory, a kernel) keeps the others' figures
+            result["variants"][name] = {"error": traceback.format_exc()[-800:]}
+        print(json.dumps({name: result["variants"][name]}), flush=True)
+        Path(path).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "ceiling.json")
