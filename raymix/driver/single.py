@@ -218,11 +218,67 @@ def _train_in_process(cfg: RunConfig, loop_config: LoopConfig):
     return _InProcessResult(metrics, checkpoint), fit_started, fit_ended
 
 
-def _train_on_workers(cfg: RunConfig, out: Path, tracker, loop_config: LoopConfig):
-    import ray.train
+def state_api_answers() -> bool:
+    """Whether Ray's State API answers on the cluster this process is
+    connected to: it is served by the dashboard, which a local Ray that
+    raymix starts leaves off (see ``init_ray``); a cluster's head runs it."""
+    import ray
+    from ray.util.state import list_nodes
+
+    try:
+        list_nodes(address=ray.get_runtime_context().gcs_address, limit=1, timeout=5)
+    except Exception:  # ServerUnavailable, a connection error: no State API here
+        return False
+    return True
+
+
+def lean_trainer_class():
+    """Ray Train's ``TorchTrainer`` without the Ray Train actors that cannot
+    serve a raymix run. Ray Train 2.60 starts, for every run:
+
+    - a ``DatasetManager`` actor, also for a trainer given no ``datasets``,
+      as raymix's are (their workers read the shards through their own
+      per-task streams; see the README's limits);
+    - a ``PlacementGroupCleaner`` actor, which asks the State API every
+      second whether the run's controller is alive, to remove the worker
+      group's placement group should it die uncleanly. Where the State API
+      does not answer (a local Ray without its dashboard, as raymix starts
+      one) every ask fails: it logs a warning each second and can never
+      clean up.
+
+    Each is one more Python process (about 200 MB RSS) and its imports
+    while the worker group starts. Ray's API has no switch for them: the
+    subclass leaves out the callbacks that start them, through
+    ``_create_default_callbacks``, a private method of the pinned Ray
+    (2.60.0); each is kept where it can serve (datasets given, a State API
+    that answers), and without that method this is Ray's own trainer."""
     from ray.train.torch import TorchTrainer
 
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:  # another Ray Train: nothing known to leave out
+        return TorchTrainer
+    if not hasattr(TorchTrainer, "_create_default_callbacks"):
+        return TorchTrainer
+
+    class LeanTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            drop: tuple = () if self.datasets else (DatasetsCallback,)
+            if not state_api_answers():
+                drop += (PlacementGroupCleanerCallback,)
+            return [c for c in callbacks if not isinstance(c, drop)]
+
+    return LeanTorchTrainer
+
+
+def _train_on_workers(cfg: RunConfig, out: Path, tracker, loop_config: LoopConfig):
+    import ray.train
+
     from raymix.loop import train_loop
+
+    TorchTrainer = lean_trainer_class()  # noqa: N806 (a class)
 
     # Read by TorchTrainer.fit, which passes it on to the run's controller
     # actor (see RuntimeConfig.train_poll_seconds for why it is not Ray's 2 s).
