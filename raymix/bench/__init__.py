@@ -120,19 +120,31 @@ def _markdown(results: dict, commit: str, carried: Optional[dict] = None) -> str
     return "\n".join(lines) + "\n"
 
 
-def _render(path: Path, out: Path, report: Optional[str]) -> int:
+def _read_bench_json(path: str, flag: str) -> Optional[dict]:
+    """An earlier run's bench.json (for ``--merge`` or ``--render``), or None
+    after saying on stderr why it cannot be one."""
+    try:
+        prior = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        print(f"raymix: error: {flag} {path}: not a readable bench.json ({e})", file=sys.stderr)
+        return None
+    if not isinstance(prior, dict) or "commit" not in prior:
+        print(f"raymix: error: {flag} {path}: no 'commit' field; not written by python -m raymix.bench",
+              file=sys.stderr)
+        return None
+    return prior
+
+
+def _render(path: str, out: Path, report: Optional[str]) -> int:
     """``--render``: the Markdown of an earlier run's bench.json, each section
     under the commit it names."""
-    try:
-        prior = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        print(f"raymix: error: --render {path}: not a readable bench.json ({e})", file=sys.stderr)
-        return 2
-    if not isinstance(prior, dict) or "commit" not in prior or not any(n in prior for n in BENCHMARKS):
-        print(f"raymix: error: --render {path}: no 'commit' field or no benchmark; not written by "
-              "python -m raymix.bench", file=sys.stderr)
+    prior = _read_bench_json(path, "--render")
+    if prior is None:
         return 2
     results = {n: prior[n] for n in BENCHMARKS if n in prior}
+    if not results:
+        print(f"raymix: error: --render {path}: holds no benchmark", file=sys.stderr)
+        return 2
     commits = prior.get("commits", {})
     carried = {n: commits[n] for n in results if commits.get(n, prior["commit"]) != prior["commit"]}
     md = _markdown(results, prior["commit"], carried)
@@ -180,7 +192,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "--report and DIR/bench.md")
     args = parser.parse_args(argv)
     if args.render:
-        return _render(Path(args.render), Path(args.output), args.report)
+        return _render(args.render, Path(args.output), args.report)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         print(f"raymix: error: unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}", file=sys.stderr)
@@ -238,14 +250,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     carried: dict = {}
     prior: dict = {}
     if args.merge:
-        try:
-            prior = json.loads(Path(args.merge).read_text())
-        except (OSError, ValueError) as e:
-            print(f"raymix: error: --merge {args.merge}: not a readable bench.json ({e})", file=sys.stderr)
-            return 2
-        if not isinstance(prior, dict) or "commit" not in prior:
-            print(f"raymix: error: --merge {args.merge}: no 'commit' field; not written by python -m raymix.bench",
-                  file=sys.stderr)
+        prior = _read_bench_json(args.merge, "--merge")
+        if prior is None:
             return 2
     extra = {"task_scaling": {"warmup": args.warmup, "task_counts": task_counts},
              "task_runs": {"task_counts": run_tasks, "total_examples": args.examples,
