@@ -220,6 +220,21 @@ class AdaptConfig:
     meta step: every task on pools of up to this many, a random subset on
     larger ones (None: every task always). Stale alignments decay by
     ``stale_decay`` per meta step."""
+    signal_share: Optional[float] = 0.15
+    """On pools larger than ``tasks_per_step``: the tasks read per meta step
+    (for alignments, and for validation losses) are cut so that the step reads
+    about this share of the examples trained on in the interval it follows
+    (``every_steps`` x the global batch), but never fewer than
+    ``raymix.policies.adapt.signal.MIN_TASKS_PER_STEP``. Without it, the
+    signal at 64 tasks per step is 1,536 examples however small the batch:
+    2.4 signal tokens per training token at 32 examples per step, where ADAPT's
+    loop took 2x uniform's on a 1,000-task pool. Why 0.15: in whole runs a
+    signal token cost about 0.6 of a training token (a full forward, the
+    last block's backward, a forward-mode pass, and each step's fixed
+    costs), so 0.15 keeps the meta steps near a tenth of the loop. None:
+    ``tasks_per_step`` whatever the batch. Pools of at most
+    ``tasks_per_step`` tasks (the embedded default) read every task at every
+    step either way."""
     stale_decay: float = 0.5
     """On pools larger than ``tasks_per_step``: a task's normalised signal is
     multiplied by this at every meta step that does not refresh it."""
@@ -265,6 +280,8 @@ class AdaptConfig:
                               f"{self.lr} * {self.entropy}): the logits would overshoot their fixed point")
         if self.tasks_per_step is not None and self.tasks_per_step < 1:
             raise RaymixError("policy.adapt.tasks_per_step must be >= 1 or null")
+        if self.signal_share is not None and not self.signal_share > 0:
+            raise RaymixError(f"policy.adapt.signal_share must be > 0 (or null: no cut), got {self.signal_share}")
         if not 0 <= self.stale_decay <= 1 or not 0 <= self.val_ema < 1:
             raise RaymixError("policy.adapt.stale_decay must be in [0, 1] and policy.adapt.val_ema in [0, 1)")
         if self.sketch_above is not None and self.sketch_above < 0:
@@ -1126,8 +1143,16 @@ def identity_hash(cfg: RunConfig) -> str:
         # policies hash the block as it was, so their identities (sweep
         # resume, reports) stay what they were.
         tree["policy"]["adapt"] = dict(_ADAPT_BLOCK_BEFORE_13)
-    elif tree["policy"]["adapt"].get("meta_share") is None:
-        tree["policy"]["adapt"].pop("meta_share", None)  # added later: off, it leaves ADAPT's identity as it was
+    else:
+        if tree["policy"]["adapt"].get("meta_share") is None:
+            tree["policy"]["adapt"].pop("meta_share", None)  # added later: off, it leaves ADAPT's identity as it was
+        if tree["policy"]["adapt"].get("signal_share") == AdaptConfig.signal_share:
+            # Added later. At its default it binds only on pools of more than
+            # tasks_per_step tasks, so every smaller pool's ADAPT runs (sweep
+            # resume, reports) keep the identities they were recorded under;
+            # set otherwise, it counts. (A larger pool's ADAPT run recorded
+            # before it read more tasks per meta step under the same identity.)
+            tree["policy"]["adapt"].pop("signal_share")
     if tree["policy"].get("name") == "regmix":
         for key in ("swarm_dir", "concurrent_proxies"):  # where and when proxies train, not what they are
             tree["policy"]["regmix"].pop(key, None)

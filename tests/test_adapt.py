@@ -328,3 +328,18 @@ def test_meta_share_enters_adapts_identity_only_when_set() -> None:
                                                                        "policy.adapt.meta_share=0.1"]))
     with pytest.raises(Exception, match="policy.adapt.meta_share must be > 0"):
         load_config(overrides=["policy.name=adapt", "policy.adapt.meta_share=0"])
+
+
+def test_signal_share_enters_adapts_identity_only_off_its_default() -> None:
+    """At its default, policy.adapt.signal_share leaves ADAPT's identity as it
+    was recorded before the field existed (d061155101a6aa77, the hash of the
+    defaults at cd38a2a), so sweeps resume; set otherwise, it counts."""
+    from raymix.config import identity_hash, load_config
+
+    base = load_config(overrides=["policy.name=adapt"])
+    assert identity_hash(base) == "d061155101a6aa77"
+    for other in ("null", "0.3"):
+        assert identity_hash(base) != identity_hash(load_config(overrides=["policy.name=adapt",
+                                                                           f"policy.adapt.signal_share={other}"]))
+    with pytest.raises(Exception, match="policy.adapt.signal_share must be > 0"):
+        load_config(overrides=["policy.name=adapt", "policy.adapt.signal_share=0"])

@@ -134,6 +134,46 @@ def test_meta_step_on_a_large_pool_reads_only_the_sampled_tasks(tmp_path) -> Non
     assert small.compute(0.01)["val_tasks_read"] == T
 
 
+def test_signal_share_cuts_a_large_pools_sample_to_the_interval(tmp_path) -> None:
+    """policy.adapt.signal_share: on a pool larger than tasks_per_step a meta
+    step reads about signal_share of the interval's examples (at least
+    MIN_TASKS_PER_STEP tasks); a pool of at most tasks_per_step tasks reads
+    every task whatever the interval."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raymix.config import AdaptConfig
+    from raymix.policies.adapt.signal import MIN_TASKS_PER_STEP, MetaSignals, signal_cut
+
+    cfg = AdaptConfig(tasks_per_step=8, examples_per_task=2, val_examples_per_task=2, signal_share=0.25)
+    assert signal_cut(cfg, 48) == MIN_TASKS_PER_STEP  # floor(0.25 * 48 / 4) = 3, below the floor of 4
+    assert signal_cut(cfg, 100) == 6  # floor(0.25 * 100 / 4)
+    assert signal_cut(cfg, None) is None and signal_cut(AdaptConfig(signal_share=None), 100) is None
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=2, intermediate_size=32, max_position_embeddings=64))
+    T = 12
+    pool = _shards(tmp_path, T, rows=6)
+
+    def build(c, interval, val_tasks=8):
+        return MetaSignals(model, c, pool, 0, 1, seed=0, pad_id=0, device=torch.device("cpu"), distributed=False,
+                           val_tasks=val_tasks, interval_examples=interval)
+
+    cut = build(cfg, 20)  # 0.25 * 20 / 4 = 1: the floor of four tasks
+    s = cut.compute(0.01)
+    assert cut.train_tasks == MIN_TASKS_PER_STEP and cut.val_tasks == MIN_TASKS_PER_STEP
+    assert np.isfinite(s["alignment"]).sum() == MIN_TASKS_PER_STEP and s["val_tasks_read"] == MIN_TASKS_PER_STEP
+    wide = build(cfg, 1000)  # the cut (62) is above tasks_per_step: tasks_per_step binds
+    assert wide.train_tasks == 8 and wide.val_tasks == 8
+    assert build(AdaptConfig(tasks_per_step=8, examples_per_task=2, val_examples_per_task=2, signal_share=None),
+                 20).train_tasks == 8
+    small = build(AdaptConfig(tasks_per_step=T, examples_per_task=2, val_examples_per_task=2), 20, val_tasks=T)
+    s = small.compute(0.01)
+    assert small.train_tasks == T and small.val_tasks is None
+    assert np.isfinite(s["alignment"]).sum() == T and s["val_tasks_read"] == T
+
+
 def _exact_signals(model, ref, cfg, T):
     """<g_val, g_i> by plain autograd, one task at a time, on the examples a
     MetaSignals built like ``ref`` reads (same streams, same positions)."""

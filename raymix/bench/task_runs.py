@@ -25,6 +25,20 @@ def mlflow_volume(db: Path, run_id: str) -> dict:
     return {"metric_rows": int(rows), "metric_keys": int(keys)}
 
 
+def mixture_kl(db: Path, run_id: str) -> dict:
+    """The mixture's KL from uniform over a run (its ``mixture/kl_uniform``
+    series in a SQLite MLflow store): the mean over logged steps and the
+    last value; NaN for a run that logged none. Whether a policy's mixture
+    moved at all, next to what its signal cost."""
+    with sqlite3.connect(str(db)) as con:
+        rows = con.execute("SELECT step, value FROM metrics WHERE run_uuid = ? AND key = 'mixture/kl_uniform' "
+                           "ORDER BY step", (run_id,)).fetchall()
+    values = [float(v) for _, v in rows]
+    nan = float("nan")
+    return {"kl_uniform_mean": sum(values) / len(values) if values else nan,
+            "kl_uniform_last": values[-1] if values else nan}
+
+
 def _folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
@@ -92,6 +106,7 @@ def one_run(cfg: RunConfig, out: Path, tasks: int, total_examples: int) -> dict:
         "loop_without_meta_seconds": s["train_loop_seconds"] - s["meta_seconds"],
         "mean_test_loss": s["mean_test_loss"],
         **mlflow_volume(run_dir / "mlflow.db", s["mlflow_run_id"]),
+        **mixture_kl(run_dir / "mlflow.db", s["mlflow_run_id"]),
         "mlflow_bytes": (run_dir / "mlflow.db").stat().st_size + _folder_bytes(run_dir / "mlartifacts"),
     }
 
@@ -161,11 +176,24 @@ def bench_task_runs(cfg: RunConfig, out: Path, repeats: int = 1,
         a["signal_tokens"] = a["meta_tokens"] - rows[n]["meta_tokens"]
         adapt[n] = a
     from raymix.config import effective_grad_accum
+    from raymix.policies.adapt.signal import VAL_TASKS_PER_STEP, signal_cut
 
     world = max(1, cfg.runtime.num_workers)
+    batch = cfg.train.micro_batch_size * effective_grad_accum(cfg, world=world) * world
+    if adapt_cfg is not None:
+        a_cfg = adapt_cfg.policy.adapt
+        cut = signal_cut(a_cfg, batch * a_cfg.every_steps)
+        for n, a in adapt.items():
+            # Tasks a meta step reads on this pool (alignments; validation losses).
+            k = int(n) if a_cfg.tasks_per_step is None else min(int(n), a_cfg.tasks_per_step)
+            k_val = int(n) if a_cfg.tasks_per_step is None or int(n) <= VAL_TASKS_PER_STEP else VAL_TASKS_PER_STEP
+            if cut is not None:
+                k = min(k, cut) if k < int(n) else k
+                k_val = min(k_val, cut) if k_val < int(n) else k_val
+            a["tasks_per_meta_step"] = [k, k_val]
     return {"model": cfg.model.preset, "policy": cfg.policy.name, "total_examples": total_examples,
             "repeats": repeats, "budget_tokens": cfg.budget.tokens, "num_workers": cfg.runtime.num_workers,
-            "global_batch_examples": cfg.train.micro_batch_size * effective_grad_accum(cfg, world=world) * world,
+            "global_batch_examples": batch,
             "per_task_metrics_max_tasks": cfg.tracking.per_task_metrics_max_tasks, "ray": ray_info(cfg),
             "task_counts": list(task_counts), "runs": rows, "adapt": adapt}
 
@@ -223,15 +251,19 @@ def markdown(r: dict) -> list[str]:
                       for n in r["task_counts"]) + "."]
     if r.get("adapt"):
         lines += ["", f"ADAPT against {r.get('policy', 'uniform')} on the same pools (goal: loop <= 1.10x at 1,000 "
-                  "tasks):", "", "| tasks | loop s (tokens/s) | meta steps s | meta steps | signal tokens / train "
-                  "tokens | loop ratio | loop ratio without meta steps | wall s | MLflow keys |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "tasks):", "", "| tasks | loop s (tokens/s) | meta steps s | meta steps | tasks read per meta "
+                  "step (alignments / validation) | signal tokens / train tokens | loop ratio | loop ratio without "
+                  "meta steps | KL(p‖uniform): mean / last | wall s | MLflow keys |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for n, a in sorted(r["adapt"].items(), key=lambda kv: int(kv[0])):
             # Runs recorded before the meta steps and their tokens were kept show a dash.
             steps = f"{a['meta_steps']}" if "meta_steps" in a else "-"
             share = (f"{a['signal_tokens']:,} / {a['train_tokens']:,} ({a['signal_tokens'] / a['train_tokens']:.2f})"
                      if "signal_tokens" in a else "-")
+            read = " / ".join(map(str, a["tasks_per_meta_step"])) if "tasks_per_meta_step" in a else "-"
+            kl = (f"{a['kl_uniform_mean']:.3f} / {a['kl_uniform_last']:.3f}" if "kl_uniform_mean" in a else "-")
             lines.append(f"| {n} | {a['loop_seconds']:.1f} ({a['tokens_per_second']:,.0f}) | {a['meta_seconds']:.1f} | "
-                         f"{steps} | {share} | {a['loop_vs_policy']:.2f} | {a['loop_without_meta_vs_policy']:.2f} | "
-                         f"{a['wall_seconds']:.1f} | {a['metric_keys']:,} |")
+                         f"{steps} | {read} | {share} | {a['loop_vs_policy']:.2f} | "
+                         f"{a['loop_without_meta_vs_policy']:.2f} | {kl} | {a['wall_seconds']:.1f} | "
+                         f"{a['metric_keys']:,} |")
     return lines

@@ -55,8 +55,14 @@ def _meta_and_mixer_costs(cfg: RunConfig, pool, tokenizer, init_dir: str, warmup
 
     model = AutoModelForCausalLM.from_pretrained(init_dir, dtype=torch.float32)
     model.train()
+    from raymix.config import effective_grad_accum
+
+    # The interval of a run with the configured batch and workers, so that a
+    # large pool's sample is cut as in that run (policy.adapt.signal_share).
+    world = max(1, cfg.runtime.num_workers)
+    meta_interval = cfg.train.micro_batch_size * effective_grad_accum(cfg, world) * world * cfg.policy.adapt.every_steps
     meta = MetaSignals(model, cfg.policy.adapt, pool, 0, 1, cfg.seed, tokenizer.pad_token_id,
-                       torch.device("cpu"), False)
+                       torch.device("cpu"), False, interval_examples=meta_interval)
     meta_times, signals = timed(lambda: meta.compute(lookahead_lr=cfg.train.lr), warmup, repeats)
 
     # A budget of one epoch of the pool, so that one interval's report leaves
@@ -122,7 +128,7 @@ def bench_task_scaling(cfg: RunConfig, out: Path, repeats: int, warmup: int = 1,
     return {
         "model": cfg.model.preset, "examples_per_task": examples_per_task, "repeats": repeats, "warmup": warmup,
         "ray": ray_info(cfg),
-        "adapt": {k: getattr(cfg.policy.adapt, k) for k in ("tasks_per_step", "examples_per_task",
+        "adapt": {k: getattr(cfg.policy.adapt, k) for k in ("tasks_per_step", "signal_share", "examples_per_task",
                                                             "val_examples_per_task", "params", "sketch_dim")},
         "task_counts": list(task_counts), "runs": rows,
         "meta_step_ratio": meta_ratio, "mixer_report_ratio": mixer_ratio,

@@ -25,8 +25,11 @@ small O(T) vectors on large pools: alignments are taken for
 ``tasks_per_step`` sampled tasks, and when the pool has more than
 ``VAL_TASKS_PER_STEP`` tasks with validation data, validation losses are
 read for that many tasks per step only (see :meth:`MetaSignals._val_sample`);
-the other tasks keep their last observed loss. Streams are only read for the
-tasks a step touches.
+the other tasks keep their last observed loss. On such pools both samples
+are further cut to ``signal_share`` of the examples trained on between meta
+steps (see :func:`signal_cut`), so that the signal's cost is a bounded share
+of the training's at any batch size. Streams are only read for the tasks a
+step touches.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from typing import Optional
 
 import numpy as np
 
-from raymix.config import AdaptConfig
+from raymix.config import AdaptConfig, effective_grad_accum
 from raymix.gradients import gradients_only_on, select_params
 from raymix.loss import token_nll
 from raymix.metrics_view import per_task
@@ -82,6 +85,25 @@ at every step). Pools of at most this many tasks, such as the 23-task
 embedded default, read every task at every step."""
 
 
+MIN_TASKS_PER_STEP = 4
+"""The fewest tasks a meta step reads on a large pool when
+``policy.adapt.signal_share`` cuts the sample: at least two of the highest
+validation losses and two others, and four alignments to standardise."""
+
+
+def signal_cut(cfg: AdaptConfig, interval_examples: Optional[int]) -> Optional[int]:
+    """The most tasks a meta step on a large pool reads (for alignments, and
+    for validation losses) so that its examples, ``examples_per_task +
+    val_examples_per_task`` per task, are about ``signal_share`` of the
+    ``interval_examples`` trained on between meta steps; at least
+    ``MIN_TASKS_PER_STEP``. None: no cut (``signal_share`` null, or the
+    interval unknown)."""
+    if cfg.signal_share is None or not interval_examples:
+        return None
+    per_task = cfg.examples_per_task + cfg.val_examples_per_task
+    return max(MIN_TASKS_PER_STEP, int(cfg.signal_share * interval_examples // per_task))
+
+
 def val_sample(val_ids: np.ndarray, estimate: np.ndarray, k: int, seed: int, step: int
                ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` tasks (of ``val_ids``) whose validation losses a meta step
@@ -112,7 +134,8 @@ def val_sample(val_ids: np.ndarray, estimate: np.ndarray, k: int, seed: int, ste
 
 class MetaSignals:
     def __init__(self, raw_model, cfg: AdaptConfig, pool, rank: int, world: int, seed: int, pad_id: int,
-                 device, distributed: bool, val_tasks: Optional[int] = VAL_TASKS_PER_STEP):
+                 device, distributed: bool, val_tasks: Optional[int] = VAL_TASKS_PER_STEP,
+                 interval_examples: Optional[int] = None):
         self.model, self.cfg, self.pool = raw_model, cfg, pool
         self.tasks = pool.tasks
         self.T = len(self.tasks)
@@ -146,6 +169,18 @@ class MetaSignals:
         # None: every task with validation data at every step (exact J and g_val).
         self.val_tasks = (None if cfg.tasks_per_step is None or val_tasks is None
                           or len(self.val_ids) <= val_tasks else int(val_tasks))
+        # Tasks whose alignment a step refreshes: every task on a pool of at
+        # most tasks_per_step, else a sample of tasks_per_step.
+        self.train_tasks = self.T if cfg.tasks_per_step is None else min(self.T, cfg.tasks_per_step)
+        # On a large pool both samples are cut to the interval's size
+        # (policy.adapt.signal_share): the signal then costs a bounded share
+        # of the training however small the batch and however many the tasks.
+        cut = signal_cut(cfg, interval_examples)
+        if cut is not None:
+            if self.train_tasks < self.T:
+                self.train_tasks = min(self.train_tasks, cut)
+            if self.val_tasks is not None:
+                self.val_tasks = min(self.val_tasks, cut)
         self.val_estimate = np.full(self.T, np.nan)  # last observed validation loss per task
         self.val_smoothed = np.full(self.T, np.nan)  # its moving average (policy.adapt.val_ema)
         # l_i: completion tokens per training example, for the token-share Jacobian.
@@ -350,8 +385,7 @@ class MetaSignals:
             # loss is the mean over all ranks' completion tokens (counts
             # all-reduced first), so it is the same statistic on any number
             # of workers, and only T scalars leave the rank.
-            k = T if cfg.tasks_per_step is None else min(T, cfg.tasks_per_step)
-            sampled = np.sort(self.rng.choice(T, size=k, replace=False))
+            sampled = np.sort(self.rng.choice(T, size=self.train_tasks, replace=False))
             alignment = np.full(T, np.nan)
             n_mine = self._share(cfg.examples_per_task)
             groups = [[self.train[i].next() for _ in range(n_mine)] for i in sampled]
@@ -402,8 +436,11 @@ class AdaptSignal(NoSignal):
     def __init__(self, ctx: SignalContext):
         self.cfg = ctx.run.policy.adapt
         self.tasks = ctx.pool.tasks
+        # Examples trained on between two meta steps, over all workers.
+        interval = (ctx.run.train.micro_batch_size * effective_grad_accum(ctx.run, ctx.world) * ctx.world
+                    * self.cfg.every_steps)
         self.meta = MetaSignals(ctx.model, self.cfg, ctx.pool, ctx.rank, ctx.world, ctx.run.seed, ctx.pad_id,
-                                ctx.device, ctx.distributed)
+                                ctx.device, ctx.distributed, interval_examples=interval)
 
         self.meta_spent = 0  # tokens read for signals, over all ranks (the same on every rank)
 
