@@ -40,3 +40,74 @@ def test_the_cleaner_stays_where_the_state_api_answers(ray_local, monkeypatch) -
 
     monkeypatch.setattr(single, "state_api_answers", lambda: True)
     assert "PlacementGroupCleanerCallback" in _callbacks(lean_trainer_class())
+
+
+@pytest.mark.ray
+def test_scaling_policy_sends_no_resource_requests_on_a_local_ray_raymix_started(ray_local, monkeypatch) -> None:
+    """Where init_ray started the local Ray (LOCAL_RAY_ENV set), the fixed
+    scaling policy is swapped for one without the AutoscalingCoordinator;
+    elsewhere Ray's own policy goes to the controller."""
+    import ray.train
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from raymix.driver.setup import LOCAL_RAY_ENV
+
+    given = []
+    monkeypatch.setattr(DataParallelTrainer, "_initialize_and_run_controller",
+                        lambda self, **kw: given.append(kw["scaling_policy"]))
+    lean = lean_trainer_class()
+    scaling = ray.train.ScalingConfig(num_workers=1)
+    trainer = lean(lambda: None, scaling_config=scaling)
+    monkeypatch.delenv(LOCAL_RAY_ENV, raising=False)
+    trainer._initialize_and_run_controller(scaling_policy=FixedScalingPolicy(scaling))
+    monkeypatch.setenv(LOCAL_RAY_ENV, "1")
+    trainer._initialize_and_run_controller(scaling_policy=FixedScalingPolicy(scaling))
+    assert type(given[0]) is FixedScalingPolicy
+    local = given[1]
+    assert isinstance(local, FixedScalingPolicy) and type(local) is not FixedScalingPolicy
+    assert local.scaling_config is scaling
+
+    class Context:
+        run_id = "r"
+
+    local.after_controller_start(Context())  # no coordinator client, so no actor
+    local.make_decision_for_non_running_worker_group()
+    assert local._coordinator_client is None
+
+
+FIT_ON_RAYMIX_RAY = """
+import json, os, sys
+import ray, ray.train
+from raymix.config import load_config
+from raymix.driver.setup import LOCAL_RAY_ENV, init_ray
+from raymix.driver.single import lean_trainer_class
+
+init_ray(load_config(overrides=["runtime.num_cpus=2", "runtime.object_store_memory=100000000"]))
+env = {k: os.environ.get(k) for k in (LOCAL_RAY_ENV, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}
+lean_trainer_class()(lambda: None, scaling_config=ray.train.ScalingConfig(
+    num_workers=1, resources_per_worker={"CPU": 1}),
+    run_config=ray.train.RunConfig(storage_path=sys.argv[1])).fit()
+names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True))
+print(json.dumps({"env": env, "named": names}))
+"""
+
+
+@pytest.mark.ray
+def test_a_run_on_a_local_ray_leaves_no_coordinator_and_starts_no_watcher(tmp_path) -> None:
+    """A whole fit on a Ray that init_ray started: the environment says so
+    (and turns the preemption watcher off), and the detached
+    AutoscalingCoordinator actor, which would outlive the run, was never
+    created. In a child process: init_ray starts its own Ray."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items()
+           if k not in ("RAY_ADDRESS", "RAYMIX_LOCAL_RAY", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}
+    out = subprocess.run([sys.executable, "-c", FIT_ON_RAYMIX_RAY, str(tmp_path)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["env"] == {"RAYMIX_LOCAL_RAY": "1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    assert "AutoscalingCoordinator" not in got["named"], got["named"]

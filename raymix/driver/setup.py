@@ -26,10 +26,36 @@ def init_ray(cfg: RunConfig) -> None:
     if ray.is_initialized():
         return
     kwargs: dict = {"include_dashboard": False, "log_to_driver": True}
-    if not os.environ.get("RAY_ADDRESS"):
-        kwargs["num_cpus"] = cfg.runtime.num_cpus
-        kwargs["object_store_memory"] = cfg.runtime.object_store_memory
-    ray.init(**kwargs)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(**kwargs)
+        return
+    kwargs["num_cpus"] = cfg.runtime.num_cpus
+    kwargs["object_store_memory"] = cfg.runtime.object_store_memory
+    # A new local Ray (ray.init refuses num_cpus when it would join a running
+    # cluster instead): one machine, no autoscaler, no node that a cloud can
+    # drain. Set before it starts, so that its every process inherits them:
+    # RAYMIX_LOCAL_RAY tells raymix's trainer so (see
+    # raymix.driver.single.lean_trainer_class), and Ray Train's preemption
+    # watcher, an actor (about 200 MB) polling for node drains that cannot
+    # happen here, is off unless the user set it.
+    env = {LOCAL_RAY_ENV: "1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get(
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")}
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        ray.init(**kwargs)
+    except BaseException:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        raise
+
+
+LOCAL_RAY_ENV = "RAYMIX_LOCAL_RAY"
+"""Set to 1 in the environment of a local Ray instance that raymix started
+(:func:`init_ray`): a single machine without an autoscaler."""
 
 
 def runs_at_a_time(configs, cpus: float, extra_cpus: float, fixed: Optional[int] = None) -> int:

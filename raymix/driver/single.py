@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from raymix.config import RunConfig, effective_grad_accum, identity_hash
 from raymix.driver.setup import (
+    LOCAL_RAY_ENV,
     budget_tokens,
     check_worker_resources,
     init_ray,
@@ -246,21 +247,46 @@ def lean_trainer_class():
       one) every ask fails: it logs a warning each second and can never
       clean up.
 
+    On a local Ray that raymix started (``init_ray``: one machine, no
+    autoscaler), also:
+
+    - the ``AutoscalingCoordinator`` actor (Ray Data's, a detached actor
+      that outlives the run), which the fixed scaling policy starts to pass
+      the worker group's resource requests to a cluster autoscaler: there is
+      none to pass them to. The policy is replaced by one that sends none;
+    - the ``PreemptionWatcher`` actor, turned off by ``init_ray`` through
+      Ray Train's own switch (``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER``).
+
     Each is one more Python process (about 200 MB RSS) and its imports
-    while the worker group starts. Ray's API has no switch for them: the
-    subclass leaves out the callbacks that start them, through
-    ``_create_default_callbacks``, a private method of the pinned Ray
+    while the worker group starts. Ray's API has no switch for the first
+    three: the subclass leaves out the callbacks that start them, through
+    ``_create_default_callbacks``, and swaps the scaling policy given to
+    ``_initialize_and_run_controller``, private methods of the pinned Ray
     (2.60.0); each is kept where it can serve (datasets given, a State API
-    that answers), and without that method this is Ray's own trainer."""
+    that answers, a Ray that raymix did not start), and without those
+    methods this is Ray's own trainer."""
     from ray.train.torch import TorchTrainer
 
     try:
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+        from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
     except ImportError:  # another Ray Train: nothing known to leave out
         return TorchTrainer
-    if not hasattr(TorchTrainer, "_create_default_callbacks"):
+    if not all(hasattr(TorchTrainer, m) for m in ("_create_default_callbacks", "_initialize_and_run_controller")):
         return TorchTrainer
+
+    class LocalFixedScalingPolicy(FixedScalingPolicy):
+        """The fixed policy without resource requests to a cluster autoscaler."""
+
+        def after_controller_start(self, train_run_context):
+            self._requester_id = f"train-{train_run_context.run_id}"
+
+        def _maybe_send_resource_request(self):
+            pass
+
+        def _send_resource_request(self):
+            pass
 
     class LeanTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
@@ -269,6 +295,12 @@ def lean_trainer_class():
             if not state_api_answers():
                 drop += (PlacementGroupCleanerCallback,)
             return [c for c in callbacks if not isinstance(c, drop)]
+
+        def _initialize_and_run_controller(self, **kwargs):
+            policy = kwargs.get("scaling_policy")
+            if os.environ.get(LOCAL_RAY_ENV) == "1" and type(policy) is FixedScalingPolicy:
+                kwargs["scaling_policy"] = LocalFixedScalingPolicy(policy.scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
 
     return LeanTorchTrainer
 
