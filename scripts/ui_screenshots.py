@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         exp = client.get_experiment_by_name(args.experiment)
         if exp is None:
             raise RaymixError(f"--experiment: no experiment {args.experiment!r} in {args.store}")
-        parents = client.search_runs([exp.experiment_id], "tags.`raymix.sweep` = '%s'" % args.experiment,
+        parents = client.search_runs([exp.experiment_id], f"tags.`raymix.sweep` = '{args.experiment}'",
                                      order_by=["attributes.start_time DESC"], max_results=1)
         pages = {"experiment": ui_url(uri, exp.experiment_id)}
         if parents:
