@@ -176,21 +176,16 @@ def bench_task_runs(cfg: RunConfig, out: Path, repeats: int = 1,
         a["signal_tokens"] = a["meta_tokens"] - rows[n]["meta_tokens"]
         adapt[n] = a
     from raymix.config import effective_grad_accum
-    from raymix.policies.adapt.signal import VAL_TASKS_PER_STEP, signal_cut
+    from raymix.policies.adapt.signal import meta_interval_examples, tasks_per_meta_step
 
     world = max(1, cfg.runtime.num_workers)
     batch = cfg.train.micro_batch_size * effective_grad_accum(cfg, world=world) * world
-    if adapt_cfg is not None:
-        a_cfg = adapt_cfg.policy.adapt
-        cut = signal_cut(a_cfg, batch * a_cfg.every_steps)
-        for n, a in adapt.items():
-            # Tasks a meta step reads on this pool (alignments; validation losses).
-            k = int(n) if a_cfg.tasks_per_step is None else min(int(n), a_cfg.tasks_per_step)
-            k_val = int(n) if a_cfg.tasks_per_step is None or int(n) <= VAL_TASKS_PER_STEP else VAL_TASKS_PER_STEP
-            if cut is not None:
-                k = min(k, cut) if k < int(n) else k
-                k_val = min(k_val, cut) if k_val < int(n) else k_val
-            a["tasks_per_meta_step"] = [k, k_val]
+    for n, a in adapt.items():
+        # Tasks a meta step reads on this pool (alignments; validation losses),
+        # every task having validation data here.
+        k, k_val = tasks_per_meta_step(adapt_cfg.policy.adapt, int(n), int(n),
+                                       meta_interval_examples(adapt_cfg, world))
+        a["tasks_per_meta_step"] = [k, int(n) if k_val is None else k_val]
     return {"model": cfg.model.preset, "policy": cfg.policy.name, "total_examples": total_examples,
             "repeats": repeats, "budget_tokens": cfg.budget.tokens, "num_workers": cfg.runtime.num_workers,
             "global_batch_examples": batch,

@@ -51,18 +51,15 @@ def _meta_and_mixer_costs(cfg: RunConfig, pool, tokenizer, init_dir: str, warmup
 
     from raymix.mixer import Mixer
     from raymix.policies import PoolInfo
-    from raymix.policies.adapt.signal import MetaSignals
+    from raymix.policies.adapt.signal import MetaSignals, meta_interval_examples
 
     model = AutoModelForCausalLM.from_pretrained(init_dir, dtype=torch.float32)
     model.train()
-    from raymix.config import effective_grad_accum
-
     # The interval of a run with the configured batch and workers, so that a
     # large pool's sample is cut as in that run (policy.adapt.signal_share).
-    world = max(1, cfg.runtime.num_workers)
-    meta_interval = cfg.train.micro_batch_size * effective_grad_accum(cfg, world) * world * cfg.policy.adapt.every_steps
     meta = MetaSignals(model, cfg.policy.adapt, pool, 0, 1, cfg.seed, tokenizer.pad_token_id,
-                       torch.device("cpu"), False, interval_examples=meta_interval)
+                       torch.device("cpu"), False,
+                       interval_examples=meta_interval_examples(cfg, cfg.runtime.num_workers))
     meta_times, signals = timed(lambda: meta.compute(lookahead_lr=cfg.train.lr), warmup, repeats)
 
     # A budget of one epoch of the pool, so that one interval's report leaves

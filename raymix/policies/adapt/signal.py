@@ -104,6 +104,31 @@ def signal_cut(cfg: AdaptConfig, interval_examples: Optional[int]) -> Optional[i
     return max(MIN_TASKS_PER_STEP, int(cfg.signal_share * interval_examples // per_task))
 
 
+def meta_interval_examples(run, world: int) -> int:
+    """Examples trained on between two meta steps of a run (``RunConfig``)
+    on ``world`` workers: ``every_steps`` global batches."""
+    world = max(1, world)
+    return run.train.micro_batch_size * effective_grad_accum(run, world) * world * run.policy.adapt.every_steps
+
+
+def tasks_per_meta_step(cfg: AdaptConfig, tasks: int, val_tasks: int, interval_examples: Optional[int],
+                        val_bound: Optional[int] = VAL_TASKS_PER_STEP) -> tuple[int, Optional[int]]:
+    """The tasks a meta step reads on a pool of ``tasks`` tasks, ``val_tasks``
+    of them with validation data: (tasks whose alignment it refreshes, tasks
+    whose validation loss it reads; None: every one with validation data).
+    Every task on a pool of at most ``tasks_per_step`` (``val_bound`` for
+    the validation losses); else samples of those sizes, cut to
+    :func:`signal_cut` of the interval."""
+    train = tasks if cfg.tasks_per_step is None else min(tasks, cfg.tasks_per_step)
+    val = (None if cfg.tasks_per_step is None or val_bound is None or val_tasks <= val_bound
+           else int(val_bound))
+    cut = signal_cut(cfg, interval_examples)
+    if cut is not None:
+        train = min(train, cut) if train < tasks else train
+        val = min(val, cut) if val is not None else None
+    return train, val
+
+
 def val_sample(val_ids: np.ndarray, estimate: np.ndarray, k: int, seed: int, step: int
                ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` tasks (of ``val_ids``) whose validation losses a meta step
@@ -166,21 +191,14 @@ class MetaSignals:
         self.rng = np.random.default_rng([seed, 99])  # same on every rank: same sampled tasks
         self.steps = 0
         self.val_ids = np.array([i for i, s in enumerate(self.val) if s is not None], dtype=np.int64)
-        # None: every task with validation data at every step (exact J and g_val).
-        self.val_tasks = (None if cfg.tasks_per_step is None or val_tasks is None
-                          or len(self.val_ids) <= val_tasks else int(val_tasks))
-        # Tasks whose alignment a step refreshes: every task on a pool of at
-        # most tasks_per_step, else a sample of tasks_per_step.
-        self.train_tasks = self.T if cfg.tasks_per_step is None else min(self.T, cfg.tasks_per_step)
-        # On a large pool both samples are cut to the interval's size
-        # (policy.adapt.signal_share): the signal then costs a bounded share
-        # of the training however small the batch and however many the tasks.
-        cut = signal_cut(cfg, interval_examples)
-        if cut is not None:
-            if self.train_tasks < self.T:
-                self.train_tasks = min(self.train_tasks, cut)
-            if self.val_tasks is not None:
-                self.val_tasks = min(self.val_tasks, cut)
+        # Tasks whose alignment a step refreshes, and whose validation loss
+        # it reads (None: every task with validation data at every step:
+        # exact J and g_val). On a large pool both are samples, cut to the
+        # interval's size (policy.adapt.signal_share): the signal then costs
+        # a bounded share of the training however small the batch and
+        # however many the tasks.
+        self.train_tasks, self.val_tasks = tasks_per_meta_step(cfg, self.T, len(self.val_ids), interval_examples,
+                                                               val_tasks)
         self.val_estimate = np.full(self.T, np.nan)  # last observed validation loss per task
         self.val_smoothed = np.full(self.T, np.nan)  # its moving average (policy.adapt.val_ema)
         # l_i: completion tokens per training example, for the token-share Jacobian.
@@ -436,11 +454,9 @@ class AdaptSignal(NoSignal):
     def __init__(self, ctx: SignalContext):
         self.cfg = ctx.run.policy.adapt
         self.tasks = ctx.pool.tasks
-        # Examples trained on between two meta steps, over all workers.
-        interval = (ctx.run.train.micro_batch_size * effective_grad_accum(ctx.run, ctx.world) * ctx.world
-                    * self.cfg.every_steps)
         self.meta = MetaSignals(ctx.model, self.cfg, ctx.pool, ctx.rank, ctx.world, ctx.run.seed, ctx.pad_id,
-                                ctx.device, ctx.distributed, interval_examples=interval)
+                                ctx.device, ctx.distributed,
+                                interval_examples=meta_interval_examples(ctx.run, ctx.world))
 
         self.meta_spent = 0  # tokens read for signals, over all ranks (the same on every rank)
 
