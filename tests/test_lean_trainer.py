@@ -100,10 +100,11 @@ def test_a_run_on_a_local_ray_leaves_no_coordinator_and_starts_no_watcher(tmp_pa
     AutoscalingCoordinator actor, which would outlive the run, was never
     created. In a child process: init_ray starts its own Ray."""
     import json
+    import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in __import__("os").environ.items()
+    env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", "RAYMIX_LOCAL_RAY", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}
     out = subprocess.run([sys.executable, "-c", FIT_ON_RAYMIX_RAY, str(tmp_path)], capture_output=True, text=True,
                          env=env, timeout=300)
