@@ -1,7 +1,8 @@
 """Per-task example streams over the tokenised shards, the sampler that
 draws training examples from the mixture, and batch collation.
 
-A :class:`TaskStream` reads its task's Parquet files a chunk at a time
+A :class:`TaskStream` reads its task's Parquet files (:class:`TaskShards`: a
+large task's own, or a group's that small tasks share) a chunk at a time
 (memory stays bounded by ``chunk_rows`` per task), shuffles within the
 chunk, and starts a new seeded pass over the files when it runs out (a
 repeat, capped by the mixer). Signals that read their own examples on every
@@ -22,14 +23,91 @@ those of a single process.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Iterator, Optional
 
 import numpy as np
 
 COLUMNS = ["input_ids", "prompt_len", "status"]
 """The columns a stream reads."""
+
+SHARED_COLUMNS = COLUMNS + ["id", "task_idx"]
+"""The columns kept of a file that several tasks share (:func:`shared_file`)."""
+
+SHARED_FILES_CACHED = 32
+"""Files shared by small tasks, decoded once per process and kept (least
+recently used first out): every stream of one of their tasks, and every
+policy's, reads its rows from the same decoded table. A shared file holds
+about ``raymix.data.SHARED_GROUP_ROWS`` rows of small tasks."""
+
+
+@dataclass(frozen=True)
+class TaskShards:
+    """Where one task's rows of a split are: Parquet ``files``, and the task
+    index to keep of their rows when other tasks share them (None: every row
+    is the task's)."""
+
+    files: tuple[str, ...]
+    task_idx: Optional[int] = None
+
+    @classmethod
+    def directory(cls, path: str) -> TaskShards:
+        """A directory that holds one task's files."""
+        return cls(tuple(sorted(glob.glob(os.path.join(path, "*.parquet")))), None)
+
+
+@dataclass(frozen=True)
+class SharedFile:
+    """A file that small tasks share, read once: its table
+    (:data:`SHARED_COLUMNS`), every row decoded (flat token ids, their
+    offsets, prompt lengths, kept or dropped) and each task's row indices."""
+
+    table: object
+    values: np.ndarray
+    offsets: np.ndarray
+    prompt_len: np.ndarray
+    kept: np.ndarray
+    rows: dict
+
+    def task_rows(self, task_idx: int) -> np.ndarray:
+        """A task's row indices, in file order (maybe none)."""
+        return self.rows.get(task_idx, np.zeros(0, dtype=np.int64))
+
+    def decoded(self, task_idx: int) -> tuple[int, tuple[list[np.ndarray], np.ndarray]]:
+        """A task's row count (dropped rows included) and its kept rows as :func:`_decode` gives them."""
+        rows = self.task_rows(task_idx)
+        keep = rows[self.kept[rows]]
+        return len(rows), ([self.values[self.offsets[j] : self.offsets[j + 1]] for j in keep], self.prompt_len[keep])
+
+
+@functools.lru_cache(maxsize=SHARED_FILES_CACHED)
+def _shared_file(path: str, mtime_ns: int, size: int) -> SharedFile:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=SHARED_COLUMNS).combine_chunks()
+    col = table.column("input_ids").chunk(0) if table.num_rows else None
+    owner = table.column("task_idx").to_numpy()
+    order = np.argsort(owner, kind="stable")  # each task's rows in file order
+    tasks, starts = np.unique(owner[order], return_index=True)
+    bounds = list(starts) + [len(order)]
+    return SharedFile(
+        table,
+        col.values.to_numpy().astype(np.int64) if col is not None else np.zeros(0, dtype=np.int64),
+        col.offsets.to_numpy() if col is not None else np.zeros(1, dtype=np.int64),
+        table.column("prompt_len").to_numpy(),
+        np.asarray(table.column("status").to_pylist()) != "dropped",
+        {int(t): order[bounds[j] : bounds[j + 1]] for j, t in enumerate(tasks)})
+
+
+def shared_file(path: str) -> SharedFile:
+    """A shared file, read and decoded once per process (cached by path,
+    modification time and size; :data:`SHARED_FILES_CACHED` of them)."""
+    st = os.stat(path)
+    return _shared_file(path, st.st_mtime_ns, st.st_size)
+
 
 PRELOAD_BYTES = 1 << 20
 """A task whose train files hold at most this many bytes on disk in all is
@@ -57,21 +135,30 @@ def _decode(batch) -> tuple[list[np.ndarray], np.ndarray]:
 
 
 def preload_small(streams: list[TaskStream], max_bytes: int = PRELOAD_BYTES) -> int:
-    """Decode, in one dataset scan, the files of every stream whose files sum
-    to at most ``max_bytes`` bytes, and give each stream what fits in its
-    bound (see :data:`PRELOAD_BYTES`); the files read. The draws are those of
-    streams that read their files themselves: a kept file is the same chunk
-    their first pass would have decoded and kept."""
+    """Decode, before the first draw, the files of every stream that has not
+    started and whose files sum to at most ``max_bytes`` bytes: each file
+    that small tasks share once (:func:`shared_file`), the others in one
+    dataset scan; give each stream what fits in its bound (see
+    :data:`PRELOAD_BYTES`); the files read. The draws are those of streams
+    that read their files themselves: a kept file is the same chunk their
+    first pass would have decoded and kept."""
     import pyarrow as pa
     import pyarrow.dataset as pads
 
     owner: dict[str, tuple[TaskStream, int]] = {}
+    shared: set[str] = set()
     for s in streams:
-        if s.epoch == 0 and s.served == 0 and not s._kept:
-            if sum(os.path.getsize(f) for f in s.files) <= max_bytes:
-                owner.update({f: (s, fi) for fi, f in enumerate(s.files)})
+        if s.epoch != 0 or s.served != 0 or s._kept:
+            continue
+        if s.task_idx is not None:  # a small task's rows in shared files
+            for fi, f in enumerate(s.files):
+                s.keep(fi, *shared_file(f).decoded(s.task_idx))
+            shared.update(s.files)
+        elif sum(os.path.getsize(f) for f in s.files) <= max_bytes:
+            owner.update({f: (s, fi) for fi, f in enumerate(s.files)})
+    read = len(shared)
     if not owner:
-        return 0
+        return read
     parts: dict[str, list] = {}
     try:
         # scan_batches tags each batch with its file (its fragment); one
@@ -82,7 +169,7 @@ def preload_small(streams: list[TaskStream], max_bytes: int = PRELOAD_BYTES) -> 
         # Files one scan cannot read together (schemas that differ between
         # tasks): each stream reads its own at its first draw, as it would
         # without this; a file that is unreadable fails there, naming it.
-        return 0
+        return read
     for path, batches in parts.items():
         if path not in owner:
             continue
@@ -92,14 +179,18 @@ def preload_small(streams: list[TaskStream], max_bytes: int = PRELOAD_BYTES) -> 
         s, fi = owner[path]
         if s.fits(table.num_rows):
             s.keep(fi, table.num_rows, _decode(table.to_batches()[0]))
-    return len(parts)
+    return read + len(parts)
 
 
 class TaskStream:
-    def __init__(self, shard_dir: str, seed: int, rank: int = 0, world: int = 1, chunk_rows: int = 8192):
-        self.files = sorted(glob.glob(os.path.join(shard_dir, "*.parquet")))
+    def __init__(self, shards: TaskShards | str, seed: int, rank: int = 0, world: int = 1, chunk_rows: int = 8192):
+        """``shards``: the task's files (:meth:`raymix.data.PreparedPool.shards`),
+        or a directory that holds them alone."""
+        source = TaskShards.directory(shards) if isinstance(shards, str) else shards
+        self.files, self.task_idx = list(source.files), source.task_idx
         if not self.files:
-            raise FileNotFoundError(f"no shards in {shard_dir}")
+            where = shards if isinstance(shards, str) else f"the shards of task index {source.task_idx}"
+            raise FileNotFoundError(f"no shards in {where}")
         self.seed, self.rank, self.world, self.chunk_rows = seed, rank, world, chunk_rows
         self.epoch = 0
         self.served = 0  # examples served in this epoch (for resume)
@@ -119,6 +210,13 @@ class TaskStream:
         for fi in rng.permutation(len(self.files)):
             if fi in self._kept:
                 yield self._kept[fi]
+                continue
+            if self.task_idx is not None:
+                # A small task in a shared file: its rows, from the file
+                # decoded once for every task that shares it.
+                rows, decoded = shared_file(self.files[fi]).decoded(self.task_idx)
+                self.keep(fi, rows, decoded)
+                yield decoded
                 continue
             pf = pq.ParquetFile(self.files[fi])
             first, chunks = None, 0  # the first chunk only: a large file's others are not held
@@ -196,10 +294,10 @@ class MixtureSampler:
     (the generator and every stream's position) is the same on every rank
     and does not depend on ``world``."""
 
-    def __init__(self, shard_dirs: list[str], seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, shards: list[TaskShards | str], seed: int, rank: int = 0, world: int = 1):
         # The seeds of the single-process sampler this replaced: with one
         # worker the draws and the example order are unchanged.
-        self.streams = [TaskStream(d, seed=seed * 100003 + i) for i, d in enumerate(shard_dirs)]
+        self.streams = [TaskStream(d, seed=seed * 100003 + i) for i, d in enumerate(shards)]
         preload_small(self.streams)
         self.rng = np.random.default_rng([seed, 0, 7])
         self.rank, self.world = rank, world
@@ -251,13 +349,24 @@ def collate(examples: list[tuple[np.ndarray, int]], pad_id: int, pad_to_multiple
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def read_split(shard_dir: str, columns: list[str]) -> dict[str, list]:
-    """All rows of one task's split (validation and test sets are small)."""
+def read_split(shards: TaskShards | str, columns: list[str]) -> dict[str, list]:
+    """All rows of one task's split (validation and test sets are small),
+    ordered by id, dropped rows left out. ``shards`` as for :class:`TaskStream`."""
+    import pyarrow as pa
     import pyarrow.dataset as pads
 
-    if not os.path.isdir(shard_dir):
+    source = TaskShards.directory(shards) if isinstance(shards, str) else shards
+    if not source.files:
         return {c: [] for c in columns}
-    table = pads.dataset(shard_dir, format="parquet").to_table(columns=columns + ["status", "id"])
+    wanted = list(dict.fromkeys(columns + ["status", "id"]))
+    if source.task_idx is None:
+        table = pads.dataset(list(source.files), format="parquet").to_table(columns=wanted)
+    elif set(columns) <= set(SHARED_COLUMNS):
+        parts = [shared_file(f) for f in source.files]
+        table = pa.concat_tables([p.table.take(p.task_rows(source.task_idx)).select(wanted) for p in parts])
+    else:
+        table = pads.dataset(list(source.files), format="parquet").to_table(
+            columns=wanted, filter=pads.field("task_idx") == source.task_idx)
     table = table.sort_by("id")
     keep = [s != "dropped" for s in table.column("status").to_pylist()]
     return {c: [v for v, k in zip(table.column(c).to_pylist(), keep) if k] for c in columns}

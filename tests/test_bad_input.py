@@ -109,7 +109,7 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path: Path) 
     tok_dir = _word_tokenizer(tmp_path, {"eos_token": "</s>", "pad_token": "<pad>"})
     tokenize = Tokenize(tok_dir, "plain", max_seq_len=24)
     long_prompt = " ".join(f"w{i % 50}" for i in range(60)) + " w7"
-    batch = {"task_idx": np.array([0, 0, 0]), "split": np.array(["train"] * 3), "id": np.array(["a", "b", "c"]),
+    batch = {"task_idx": np.array([0, 0, 0]), "shard": np.array([0, 0, 0]), "split": np.array(["train"] * 3), "id": np.array(["a", "b", "c"]),
              "prompt": np.array(["w1 w2", long_prompt, "w1"]),
              "completion": np.array(["w3", "w4", " ".join(["w5"] * 40)]),
              "references": [["w3"], ["w4"], ["w5"]]}

@@ -42,7 +42,7 @@ def _per_task_losses(model, pool, split: str, pad_id: int, batch_size: int) -> d
 
     out = {}
     for task in pool.tasks:
-        rows = read_split(pool.shard_dir(split, task), ["input_ids", "prompt_len"])
+        rows = read_split(pool.shards(split, task), ["input_ids", "prompt_len"])
         ex = [(np.asarray(i, dtype=np.int64), int(p)) for i, p in zip(rows["input_ids"], rows["prompt_len"])]
         total = count = 0.0
         for s in range(0, len(ex), batch_size):
@@ -102,22 +102,32 @@ def test_one_scan_of_a_split_equals_per_task_reads(tmp_path, monkeypatch) -> Non
 
     rng = np.random.default_rng(0)
     tasks = tuple(f"t{i}" for i in range(12))
-    for i in range(len(tasks)):
-        for part in range(2):  # two files per task, ids interleaved between them
-            n = int(rng.integers(0, 4))
-            d = tmp_path / "split=val" / f"task_idx={i}"
-            d.mkdir(parents=True, exist_ok=True)
-            ids = [f"{i}-{int(x):03d}" for x in rng.permutation(100)[:n]]
-            pq.write_table(pa.table({
-                "input_ids": [list(rng.integers(1, 50, size=int(rng.integers(3, 9)))) for _ in ids],
-                "prompt_len": [2] * n, "status": [str(s) for s in rng.choice(["ok", "dropped"], size=n)],
-                "id": ids}, schema=pa.schema([("input_ids", pa.list_(pa.int64())), ("prompt_len", pa.int64()),
-                                              ("status", pa.string()), ("id", pa.string())])),
-                d / f"part{part}.parquet")
-    pool = PreparedPool(str(tmp_path), tasks, {}, True, 0.0)
+    # The cache's layout: tasks 0-5 share the files of group 0, the others
+    # have a group each.
+    groups = [list(range(6))] + [[i] for i in range(6, 12)]
+    schema = pa.schema([("input_ids", pa.list_(pa.int64())), ("prompt_len", pa.int64()), ("status", pa.string()),
+                        ("id", pa.string()), ("task_idx", pa.int32())])
+    for k, group in enumerate(groups):
+        d = tmp_path / "split=val" / f"shard={k}"
+        d.mkdir(parents=True)
+        for part in range(2):  # two files per group, ids interleaved between them
+            rows: dict[str, list] = {c: [] for c in schema.names}
+            for i in group:
+                n = int(rng.integers(0, 4))
+                ids = [f"{i}-{int(x):03d}" for x in rng.permutation(100)[:n]]
+                rows["input_ids"] += [list(rng.integers(1, 50, size=int(rng.integers(3, 9)))) for _ in ids]
+                rows["prompt_len"] += [2] * n
+                rows["status"] += [str(s) for s in rng.choice(["ok", "dropped"], size=n)]
+                rows["id"] += ids
+                rows["task_idx"] += [i] * n
+            order = rng.permutation(len(rows["id"]))  # tasks' rows mixed within a shared file
+            pq.write_table(pa.table({c: [v[j] for j in order] for c, v in rows.items()}, schema=schema),
+                           d / f"part{part}.parquet")
+    pool = PreparedPool(str(tmp_path), tasks, {"shards": {"val": groups}}, True, 0.0)
+    assert pool.shards("val", "t0").task_idx == 0 and pool.shards("val", "t7").task_idx is None
     owner, rows = pool.read_split_rows("val", ["input_ids", "prompt_len"])
     for i, t in enumerate(tasks):
-        alone = read_split(pool.shard_dir("val", t), ["input_ids", "prompt_len"])
+        alone = read_split(pool.shards("val", t), ["input_ids", "prompt_len"])
         mine = np.flatnonzero(owner == i)
         assert [rows["input_ids"][j] for j in mine] == alone["input_ids"]
     assert list(owner) == sorted(owner) and len(set(owner.tolist())) > 1

@@ -286,7 +286,7 @@ def _consumed_prefix_tokens(env: dict, summary: dict) -> dict[str, int]:
         # Small tasks wrap (a new pass in another order): read on until the
         # stream stands where the run's did.
         target = summary["data_positions"][task]
-        stream = TaskStream(pool.shard_dir("train", task), seed=summary["seed"] * 100003 + i)
+        stream = TaskStream(pool.shards("train", task), seed=summary["seed"] * 100003 + i)
         out[task] = 0
         while stream.state_dict() != target:
             out[task] += len(stream.next()[0])

@@ -79,16 +79,18 @@ def _shards(root, tasks: int, rows: int):
 
     rng = np.random.default_rng(0)
     names = tuple(f"t{i}" for i in range(tasks))
-    stats: dict = {"train": {}, "val": {}, "test": {}}
+    stats: dict = {"train": {}, "val": {}, "test": {},
+                   "shards": {"train": [[i] for i in range(tasks)], "val": [[i] for i in range(tasks)]}}
     for split in ("train", "val"):
         for i, t in enumerate(names):
-            d = root / f"split={split}" / f"task_idx={i}"
+            d = root / f"split={split}" / f"shard={i}"
             d.mkdir(parents=True)
             ids = [rng.integers(3, 50, size=int(rng.integers(8, 16))).tolist() for _ in range(rows)]
             pq.write_table(pa.table({"id": [f"{t}-{j}" for j in range(rows)],
                                      "input_ids": pa.array(ids, type=pa.list_(pa.int32())),
                                      "prompt_len": pa.array([4] * rows, type=pa.int32()),
-                                     "status": ["ok"] * rows}), d / "part-0.parquet")
+                                     "status": ["ok"] * rows, "task_idx": pa.array([i] * rows, type=pa.int32())}),
+                           d / "part-0.parquet")
             stats[split][t] = {"examples": rows, "tokens": sum(map(len, ids))}
     for t in names:
         stats["test"][t] = {"examples": 0, "tokens": 0}

@@ -23,7 +23,7 @@ def plain_loop(cfg: RunConfig, pool, init_dir: str, pad_id: int, tokens: int) ->
     torch.set_num_threads(cfg.runtime.torch_threads)
     data = []
     for task in pool.tasks:
-        rows = read_split(pool.shard_dir("train", task), ["input_ids", "prompt_len"])
+        rows = read_split(pool.shards("train", task), ["input_ids", "prompt_len"])
         data.append([(np.asarray(i, dtype=np.int64), int(p)) for i, p in zip(rows["input_ids"], rows["prompt_len"])])
     model = AutoModelForCausalLM.from_pretrained(init_dir, dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=cfg.train.betas)

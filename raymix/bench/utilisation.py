@@ -43,7 +43,7 @@ def layout_utilisation(model, pool, pad_id: int, cfg: RunConfig, steps: int) -> 
         "packed, CUDA widths (x8)": StepBatches(model, pad_id, True, cfg.train.pack_length, cfg.data.max_seq_len,
                                                 log=quiet, multiple=8),
     }
-    sampler = MixtureSampler([pool.shard_dir("train", t) for t in pool.tasks], cfg.seed)
+    sampler = MixtureSampler([pool.shards("train", t) for t in pool.tasks], cfg.seed)
     weights = np.full(len(pool.tasks), 1.0 / len(pool.tasks))
     real, computed = 0, dict.fromkeys(layouts, 0)
     for _ in range(steps):

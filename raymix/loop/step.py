@@ -74,7 +74,7 @@ class TrainStep:
         self.mbs, self.accum = cfg.train.micro_batch_size, effective_grad_accum(cfg, world=w.world)
         pool = w.loop.pool
         self.T = len(pool.tasks)
-        self.sampler = MixtureSampler([pool.shard_dir("train", t) for t in pool.tasks], cfg.seed, w.rank, w.world)
+        self.sampler = MixtureSampler([pool.shards("train", t) for t in pool.tasks], cfg.seed, w.rank, w.world)
         self.batches = StepBatches(w.raw_model, w.pad_id, cfg.train.packing, cfg.train.pack_length,
                                    cfg.data.max_seq_len, log=print if w.rank == 0 else lambda _: None)
         self.counted = np.zeros(2)  # over all ranks since this worker started: real tokens, computed positions

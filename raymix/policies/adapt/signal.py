@@ -179,9 +179,9 @@ class MetaSignals:
         self.sketched = cfg.sketch_above is not None and self.dim > cfg.sketch_above
         self.sketch: Optional[CountSketch] = None  # redrawn at every meta step when sketched
         # Separate stream seeds: meta batches are not the training batches.
-        self.val = [TaskStream(pool.shard_dir("val", t), seed * 7919 + 1 + i, rank, world) if
+        self.val = [TaskStream(pool.shards("val", t), seed * 7919 + 1 + i, rank, world) if
                     pool.stats["val"][t]["examples"] else None for i, t in enumerate(self.tasks)]
-        self.train = [TaskStream(pool.shard_dir("train", t), seed * 7919 + 50021 + i, rank, world)
+        self.train = [TaskStream(pool.shards("train", t), seed * 7919 + 50021 + i, rank, world)
                       for i, t in enumerate(self.tasks)]
         # Small tasks' files read together now, not one file open per task
         # at its first meta step (at 1,000 tasks, about a sixth of the first

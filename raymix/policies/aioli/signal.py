@@ -47,7 +47,7 @@ class AioliSignal(NoSignal):
         for i, t in enumerate(self.tasks):
             if not n or not ctx.pool.stats["val"][t]["examples"]:
                 continue
-            stream = TaskStream(ctx.pool.shard_dir("val", t), ctx.run.seed * 7919 + 90001 + i, ctx.rank, ctx.world)
+            stream = TaskStream(ctx.pool.shards("val", t), ctx.run.seed * 7919 + 90001 + i, ctx.rank, ctx.world)
             for _ in range(n):
                 examples.append(stream.next())
                 owner.append(i)

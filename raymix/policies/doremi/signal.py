@@ -74,7 +74,7 @@ class DoremiSignal(NoSignal):
         self.reference = reference if reference is not None else load_reference(self.cfg.reference_model,
                                                                                  ctx.model, ctx.device)
         seed = ctx.run.seed
-        self.streams = [TaskStream(ctx.pool.shard_dir("train", t), seed * 7919 + 70001 + i, ctx.rank, ctx.world)
+        self.streams = [TaskStream(ctx.pool.shards("train", t), seed * 7919 + 70001 + i, ctx.rank, ctx.world)
                         for i, t in enumerate(self.tasks)]
         self.last: dict = {}
 

@@ -72,7 +72,7 @@ class GradexStep:
         out, tokens = [], np.zeros(self.T)
         for i in ids:
             # Own stream seeds: these examples are not the training batches.
-            stream = TaskStream(self.pool.shard_dir(split, self.tasks[i]), seed + i)
+            stream = TaskStream(self.pool.shards(split, self.tasks[i]), seed + i)
             ex = [stream.next() for _ in range(per_task)]
             for a in range(0, len(ex), BATCH):
                 batch = collate(ex[a : a + BATCH], self.pad_id)

@@ -56,13 +56,13 @@ def score_tasks(cfg: RunConfig, model_dir: str, pool, pad_id: int, ref_tasks: li
     task_batches = []
     for j, task in enumerate(tasks):
         # A seed of its own per run seed and round: not the training streams' order.
-        stream = TaskStream(pool.shard_dir("train", task), seed=7919 * (cfg.seed + 1) + r)
+        stream = TaskStream(pool.shards("train", task), seed=7919 * (cfg.seed + 1) + r)
         batches = _batches([stream.next() for _ in range(icfg.examples_per_task)], pad_id, bs)
         read[j] += sum(int(b["attention_mask"].sum()) for b in batches)
         task_batches.append(batches)
     ref_batches, ref_read = [], np.zeros(len(tasks), dtype=np.int64)
     for task in ref_tasks:
-        rows = read_split(pool.shard_dir("val", task), ["input_ids", "prompt_len"])
+        rows = read_split(pool.shards("val", task), ["input_ids", "prompt_len"])
         ex = [(np.asarray(i, dtype=np.int64), int(p))
               for i, p in list(zip(rows["input_ids"], rows["prompt_len"]))[: icfg.reference_examples_per_task]]
         for b in _batches(ex, pad_id, bs):

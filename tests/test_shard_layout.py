@@ -1,0 +1,83 @@
+"""The shard cache's layout: small tasks share files (a ``task_idx`` column
+tells their rows apart), large ones have their own, and every reader (the
+training streams, per-task reads, one scan of a split) finds exactly a
+task's rows whichever it is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_groups_keep_large_tasks_alone_and_gather_small_ones(monkeypatch) -> None:
+    from raymix import data
+
+    monkeypatch.setattr(data, "SMALL_TASK_ROWS", 10)
+    monkeypatch.setattr(data, "SHARED_GROUP_ROWS", 12)
+    # Hand-walked: 2 and 6 reach SMALL_TASK_ROWS; 0, 3 and 4 fill a group
+    # (3 + 5 + 4 = 12); 5 and 7 are what is left; 1 has no rows.
+    assert data.shard_groups([3, 0, 20, 5, 4, 9, 10, 1]) == [[2], [0, 3, 4], [6], [5, 7]]
+    assert data.shard_groups([]) == [] and data.shard_groups([0, 0]) == []
+
+
+@pytest.mark.ray
+def test_every_reader_finds_exactly_each_tasks_rows(tmp_path_factory, monkeypatch) -> None:
+    from conftest import prepare_pool
+
+    from raymix import data
+    from raymix.streams import MixtureSampler, TaskStream, read_split
+
+    # Thresholds scaled down so that a pool small enough for a test has both
+    # kinds of task (patched in this process, where the groups are made).
+    monkeypatch.setattr(data, "SMALL_TASK_ROWS", 20)
+    monkeypatch.setattr(data, "SHARED_GROUP_ROWS", 40)
+    src = tmp_path_factory.mktemp("src") / "tasks.jsonl"
+    sizes = [60, 60] + [4 + (k % 5) * 3 for k in range(28)]  # two large tasks, 28 small ones
+    lines = []
+    for k, n in enumerate(sizes):
+        for i in range(n):
+            split = "val" if i % 10 == 1 else "test" if i % 10 == 2 else "train"
+            lines.append(json.dumps({"task": f"t{k:02d}", "id": f"{k}-{i}", "split": split,
+                                     "prompt": f"task {k} item {i}:", "completion": f"{k * i % 97}"}))
+    src.write_text("\n".join(lines) + "\n")
+    pool, _, _ = prepare_pool(tmp_path_factory, [f"data.sources=[{{kind: jsonl, path: {src}}}]",
+                                                 "model.vocab_size=512", "runtime.num_cpus=2"])
+    root = Path(pool.root)
+    groups = pool.stats["shards"]
+    assert [[0], [1]] == groups["train"][:2] and all(len(g) > 1 for g in groups["train"][2:])
+    for split, gs in groups.items():
+        assert sorted(p.name for p in (root / f"split={split}").iterdir()) == sorted(f"shard={k}" for k in range(len(gs)))
+        assert sorted(i for g in gs for i in g) == [i for i, t in enumerate(pool.tasks)
+                                                    if pool.stats[split][t]["examples"]]
+    files = {split: sum(1 for _ in (root / f"split={split}").rglob("*.parquet")) for split in groups}
+    assert files["train"] < len(pool.tasks) and files["val"] < len(pool.tasks)
+
+    for split in ("train", "val", "test"):
+        owner, rows = pool.read_split_rows(split, ["input_ids", "id"])
+        for i, t in enumerate(pool.tasks):
+            mine = np.flatnonzero(owner == i)
+            alone = read_split(pool.shards(split, t), ["input_ids", "id"])
+            assert alone["id"] == [rows["id"][j] for j in mine]
+            assert all(x.startswith(f"{int(t[1:])}-") for x in alone["id"])  # the task's own rows
+            assert len(alone["id"]) == pool.stats[split][t]["examples"]
+            if split == "train":
+                # One pass of the task's stream is its rows, each once.
+                stream = TaskStream(pool.shards(split, t), seed=3)
+                drawn = sorted(tuple(stream.next()[0].tolist()) for _ in range(len(alone["id"])))
+                assert drawn == sorted(tuple(x) for x in alone["input_ids"]) and stream.epoch == 0
+    # The sampler's preloaded streams draw what streams reading their own files draw.
+    shards = [pool.shards("train", t) for t in pool.tasks]
+    weights = np.full(len(pool.tasks), 1 / len(pool.tasks))
+    a, b = MixtureSampler(shards, seed=5), MixtureSampler(shards, seed=5)
+    for s in b.streams:
+        s._kept.clear()
+        s._kept_rows = 0
+    for _ in range(20):
+        da, db = a.draw(weights, 2, 4), b.draw(weights, 2, 4)
+        assert all(np.array_equal(x[0], y[0]) and all(np.array_equal(p[0], q[0]) for p, q in zip(x[1], y[1]))
+                   for x, y in zip(da, db))
