@@ -276,6 +276,16 @@ def shard_groups(rows: Sequence[int]) -> list[list[int]]:
     return groups
 
 
+def assign_shards(recs: Sequence[TaskRecord], index: dict[str, int]) -> tuple[dict[str, list[list[int]]], list[int]]:
+    """Each split's shard groups (:func:`shard_groups`) and each record's group."""
+    rows = {split: np.zeros(len(index), dtype=np.int64) for split in ("train", "val", "test")}
+    for r in recs:
+        rows[r.split][index[r.task]] += 1
+    groups = {split: shard_groups(n.tolist()) for split, n in rows.items()}
+    group_of = {(split, i): k for split, gs in groups.items() for k, g in enumerate(gs) for i in g}
+    return groups, [group_of[(r.split, index[r.task])] for r in recs]
+
+
 @dataclass(frozen=True)
 class PreparedPool:
     """Where the shards are and what they hold."""
@@ -414,15 +424,11 @@ def prepare_shards(
     recs = records()
     tasks = tuple(dict.fromkeys(r.task for r in recs))
     index = {t: i for i, t in enumerate(tasks)}
-    rows = {split: np.zeros(len(tasks), dtype=np.int64) for split in ("train", "val", "test")}
-    for r in recs:
-        rows[r.split][index[r.task]] += 1
-    groups = {split: shard_groups(n.tolist()) for split, n in rows.items()}
-    group_of = {(split, i): k for split, gs in groups.items() for k, g in enumerate(gs) for i in g}
+    groups, shard = assign_shards(recs, index)
     df = pd.DataFrame(
         {
             "task_idx": [index[r.task] for r in recs],
-            "shard": [group_of[(r.split, index[r.task])] for r in recs],
+            "shard": shard,
             "split": [r.split for r in recs],
             "id": [r.id for r in recs],
             "prompt": [r.prompt for r in recs],

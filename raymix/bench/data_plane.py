@@ -36,20 +36,21 @@ def plain_tokenise(records: list, tokenizer_dir: str, data_cfg, dest: Path, batc
     """The yardstick of ``data_plane``: the records tokenised in this one
     process by the same callable the Ray Data actors run (``raymix.data.
     Tokenize``: same tokenizer, template, truncation; batches of the same
-    size), then written as Parquet partitioned by split and task like the
-    shards."""
+    size), then written as Parquet partitioned by split and shard group like
+    the shards."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from raymix.data import Tokenize
+    from raymix.data import Tokenize, assign_shards
 
     t0 = time.perf_counter()
     tasks = tuple(dict.fromkeys(r.task for r in records))
     index = {t: i for i, t in enumerate(tasks)}
     refs = np.empty(len(records), dtype=object)
     refs[:] = [list(r.references) for r in records]
-    cols = {"task_idx": np.array([index[r.task] for r in records]), "split": np.array([r.split for r in records]),
+    cols = {"task_idx": np.array([index[r.task] for r in records]), "shard": np.array(assign_shards(records, index)[1]),
+            "split": np.array([r.split for r in records]),
             "id": np.array([r.id for r in records]), "prompt": np.array([r.prompt for r in records], dtype=object),
             "completion": np.array([r.completion for r in records], dtype=object), "references": refs}
     tokenize = Tokenize(tokenizer_dir, data_cfg.template, data_cfg.max_seq_len)
@@ -57,7 +58,7 @@ def plain_tokenise(records: list, tokenizer_dir: str, data_cfg, dest: Path, batc
     tables = [tokenize({k: v[i:i + batch_size] for k, v in cols.items()}) for i in range(0, len(records), batch_size)]
     table = pa.concat_tables(tables)
     t2 = time.perf_counter()
-    pads.write_dataset(table, str(dest), format="parquet", partitioning=["split", "task_idx"],
+    pads.write_dataset(table, str(dest), format="parquet", partitioning=["split", "shard"],
                        partitioning_flavor="hive", existing_data_behavior="delete_matching")
     t3 = time.perf_counter()
     kept = table.filter(pc.not_equal(table["status"], "dropped"))
@@ -68,7 +69,7 @@ def plain_tokenise(records: list, tokenizer_dir: str, data_cfg, dest: Path, batc
 def bench_data_plane(cfg: RunConfig, out: Path, repeats: int, warmup: int = 1) -> dict:
     """Throughput of the pool preparation: ``raymix.data.prepare_shards``
     (Ray Data ``map_batches`` over tokenizer actors, Parquet shards per split
-    and task, token statistics) on the run's pool, from a fresh empty cache
+    and shard group, token statistics) on the run's pool, from a fresh empty cache
     directory at each repeat (the cold path), against :func:`plain_tokenise`
     on the same records in this process; and the cache hit (a second
     ``prepare_shards`` call on the same cache: checks every file's size and
