@@ -171,6 +171,11 @@ def bench_task_runs(cfg: RunConfig, out: Path, repeats: int = 1,
         base = rows[n]["loop_seconds"]
         a["loop_vs_policy"] = a["loop_seconds"] / max(1e-9, base)
         a["loop_without_meta_vs_policy"] = a["loop_without_meta_seconds"] / max(1e-9, base)
+        # Each round's ADAPT run against the same round's run of the
+        # configured policy (minutes apart): a slow spell of the machine,
+        # which moves one median and not the other, mostly cancels in the pair.
+        a["loop_vs_policy_by_round"] = [x["loop_seconds"] / max(1e-9, y["loop_seconds"])
+                                        for x, y in zip(rs, runs[n])]
         # Tokens read for ADAPT's signals: its meta tokens net of the
         # configured policy's (both read the same curve evaluations).
         a["signal_tokens"] = a["meta_tokens"] - rows[n]["meta_tokens"]
@@ -261,4 +266,11 @@ def markdown(r: dict) -> list[str]:
                          f"{steps} | {read} | {share} | {a['loop_vs_policy']:.2f} | "
                          f"{a['loop_without_meta_vs_policy']:.2f} | {kl} | {a['wall_seconds']:.1f} | "
                          f"{a['metric_keys']:,} |")
+        for n, a in sorted(r["adapt"].items(), key=lambda kv: int(kv[0])):
+            if len(a.get("loop_vs_policy_by_round", [])) > 1:
+                pairs = a["loop_vs_policy_by_round"]
+                lines += ["", f"At {n} tasks, the loop ratio of each round's pair of runs (ADAPT against the same "
+                          f"round's {r.get('policy', 'uniform')} run): "
+                          + ", ".join(f"{v:.2f}" for v in pairs)
+                          + f"; median {sorted(pairs)[(len(pairs) - 1) // 2]:.2f}."]
     return lines
