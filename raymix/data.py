@@ -35,15 +35,9 @@ import numpy as np
 
 from raymix.config import DataConfig, SourceConfig
 from raymix.errors import RaymixError
+from raymix.shard_cache import CACHE_KEY_VERSION, cache_problem, discard, write_manifest
 from raymix.streams import TaskShards
 from raymix.tasks.records import TaskRecord, assign_splits, group_by_task
-
-SHARD_FORMAT_VERSION = 4
-"""The shard cache's layout and metadata, recorded in each cache entry's
-``manifest.json``; an entry with another (or no) version is rebuilt.
-3: the manifest (format version, size and SHA-256 of every file) exists.
-4: shard groups (``split=<s>/shard=<k>``, small tasks sharing files, a
-``task_idx`` column in every file) instead of a directory per task."""
 
 SMALL_TASK_ROWS = 1024
 """A task with fewer rows than this in a split shares that split's files
@@ -58,12 +52,6 @@ a split (0.23 s, against 5 ms for the same rows in one file) at each worker's
 start and each evaluation. Grouped, a split's file count follows its rows,
 not its tasks; a reader of one small task decodes its group's file (4,096
 short rows: a few milliseconds, and cached: ``raymix.streams``)."""
-_CACHE_KEY_VERSION = 2
-"""Part of the cache key. The layout version that was here before the
-manifest (2), kept so that entries written then are found, and rebuilt in
-place with a message, rather than left behind on disk. Future format
-changes bump SHARD_FORMAT_VERSION only."""
-MANIFEST = "manifest.json"
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -401,7 +389,7 @@ def prepare_shards(
     key = hashlib.sha256(
         json.dumps(
             [
-                _CACHE_KEY_VERSION,
+                CACHE_KEY_VERSION,
                 pool_fp,
                 tokenizer_fingerprint,
                 cfg.template,
@@ -419,7 +407,7 @@ def prepare_shards(
         # The cache is derived data: rebuilt from the sources, which are
         # untouched, rather than read into a crash mid-run.
         print(f"[raymix] pool cache {root}: {problem}; rebuilding it", file=sys.stderr, flush=True)
-        _discard(root)
+        discard(root)
 
     recs = records()
     tasks = tuple(dict.fromkeys(r.task for r in recs))
@@ -495,7 +483,7 @@ def prepare_shards(
     stats["tasks"] = list(tasks)
     stats["shards"] = groups
     (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
-    _write_manifest(tmp)
+    write_manifest(tmp)
     # Rename last: a crash before this line leaves only a .tmp directory,
     # never a cache entry without its stats.
     try:
@@ -503,68 +491,6 @@ def prepare_shards(
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
     return PreparedPool(str(root), tasks, stats, False, time.perf_counter() - t0)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _cache_files(root: Path) -> list[str]:
-    """The entry's files but the manifest; hidden ones (a network
-    filesystem's, such as .nfs*) are neither recorded nor read as shards."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                  if p.is_file() and p.name != MANIFEST and not p.name.startswith("."))
-
-
-def _write_manifest(root: Path) -> None:
-    """``manifest.json``: the format version and every file's size and SHA-256."""
-    files = {rel: {"size": (root / rel).stat().st_size, "sha256": _sha256(root / rel)} for rel in _cache_files(root)}
-    (root / MANIFEST).write_text(json.dumps({"format": SHARD_FORMAT_VERSION, "files": files}, indent=1))
-
-
-def cache_problem(root: str | Path) -> str | None:
-    """Why the shard cache entry ``root`` cannot be used (None if it can):
-    written by an older raymix (format version), or a file missing, added,
-    truncated or altered since it was written (size and SHA-256)."""
-    root = Path(root)
-    try:
-        manifest = json.loads((root / MANIFEST).read_text())
-    except FileNotFoundError:
-        return f"written by an older raymix (no {MANIFEST}, format < {SHARD_FORMAT_VERSION})"
-    except (OSError, ValueError) as e:
-        return f"{MANIFEST} unreadable ({e.__class__.__name__})"
-    fmt = manifest.get("format") if isinstance(manifest, dict) else None
-    if fmt != SHARD_FORMAT_VERSION:
-        return f"format version {fmt} in {MANIFEST}, this raymix writes {SHARD_FORMAT_VERSION}"
-    files = manifest.get("files") or {}
-    present = set(_cache_files(root))
-    for rel in sorted(files):
-        if rel not in present:
-            return f"file {rel} is missing"
-        size = (root / rel).stat().st_size
-        if size != files[rel]["size"]:
-            return f"file {rel} has {size} bytes, {files[rel]['size']} were written (truncated or damaged)"
-        if _sha256(root / rel) != files[rel]["sha256"]:
-            return f"file {rel} changed since it was written (SHA-256 mismatch)"
-    extra = sorted(present - set(files))
-    if extra:
-        return f"file {extra[0]} was not written with the cache"
-    return None
-
-
-def _discard(root: Path) -> None:
-    """Move a bad cache entry aside (atomically: a reader sees it or not at
-    all), then delete it. Another process may have done so already."""
-    aside = root.parent / f".{root.name}.bad.{os.getpid()}.{time.time_ns()}"
-    try:
-        root.rename(aside)
-    except OSError:
-        return
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def pool_summary(pool: PreparedPool) -> dict:

@@ -318,7 +318,7 @@ def test_cache_of_an_older_format_is_rebuilt_with_a_message(ray_local, tmp_path:
     or with another format version is rebuilt in place, saying why."""
     import json
 
-    from raymix.data import MANIFEST, SHARD_FORMAT_VERSION
+    from raymix.shard_cache import MANIFEST, SHARD_FORMAT_VERSION
 
     cfg = _cached_pool(tmp_path)
     _, _, pool, _ = prepare_model_and_data(cfg, tmp_path / "out")
