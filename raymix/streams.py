@@ -189,7 +189,8 @@ class TaskStream:
         source = TaskShards.directory(shards) if isinstance(shards, str) else shards
         self.files, self.task_idx = list(source.files), source.task_idx
         if not self.files:
-            where = shards if isinstance(shards, str) else f"the shards of task index {source.task_idx}"
+            where = (shards if isinstance(shards, str) else "the files given (does the task have rows in this split? "
+                     "PreparedPool.shards names none for a task without)")
             raise FileNotFoundError(f"no shards in {where}")
         self.seed, self.rank, self.world, self.chunk_rows = seed, rank, world, chunk_rows
         self.epoch = 0
