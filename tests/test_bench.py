@@ -214,8 +214,12 @@ def test_task_runs_counts_the_examples_each_evaluation_reads(tmp_path: Path, mon
     assert r["policy"] == "uniform" and list(r["adapt"]) == ["8"] and a["meta_seconds"] > 0
     assert a["loop_vs_policy"] == pytest.approx(a["loop_seconds"] / r["runs"]["8"]["loop_seconds"])
     assert a["loop_without_meta_vs_policy"] < a["loop_vs_policy"]
+    assert len(a["loop_vs_policy_by_round"]) == 2
+    # One tokenizer, so one model, at every task count (and for ADAPT's runs).
+    sizes = {json.loads(c.read_text())["vocab_size"] for c in out.glob("task_runs/T*/r*/run/init_model/config.json")}
+    assert sizes == {r["shared_tokenizer_vocab"]}
     md = (out / "bench.md").read_text()
-    assert "per example" in md and "ADAPT against uniform" in md
+    assert "per example" in md and "ADAPT against uniform" in md and "one tokenizer of" in md
 
 
 @pytest.mark.ray

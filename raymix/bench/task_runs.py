@@ -64,6 +64,27 @@ def evaluated_examples(cfg: RunConfig, run_dir: Path, curve_evaluations: int) ->
             "final_eval_examples": sum(val) + sum(test) + prompts, "curve_examples": curve}
 
 
+def shared_tokenizer(cfg: RunConfig, out: Path, task_counts: Sequence[int], total_examples: int) -> str:
+    """One tokenizer for every task count's runs (trained as a run trains
+    its own, on all the counts' pools together), so that every count trains
+    the same model. The task index is part of each prompt, so a tokenizer
+    trained on one pool alone grows with the task count (666 tokens at 20
+    tasks, 1,594 at 1,000, at the default vocabulary cap), and with it the
+    embedding and the output layer: the loop then compares models of
+    different sizes, not task counts."""
+    from raymix.driver.setup import tokenizer_corpus
+    from raymix.models import train_tokenizer
+    from raymix.tasks.jsonl import load_jsonl
+
+    texts = []
+    for n in task_counts:
+        src = write_synthetic_tasks(out / "tokenizer-sources" / f"T{n}", n, max(4, total_examples // n), cfg.seed)
+        texts.append(list(tokenizer_corpus(load_jsonl(str(src)))))
+    _, path = train_tokenizer(lambda: (t for ts in texts for t in ts), cfg.model.vocab_size, out / "tokenizer-cache",
+                              f"task_runs:{list(task_counts)}:{total_examples}:{cfg.seed}")
+    return path
+
+
 def one_run(cfg: RunConfig, out: Path, tasks: int, total_examples: int) -> dict:
     """One task count's whole run, from an empty shard cache."""
     import shutil
@@ -141,7 +162,9 @@ def bench_task_runs(cfg: RunConfig, out: Path, repeats: int = 1,
     by round, so a slow spell of the machine touches every count alike);
     the figures are medians over repeats. Ratios are against the smallest
     task count; goals (issue "thousands of tasks"): wall <= 1.2x, loop <=
-    1.1x, evaluation <= 1.5x, distinct metric keys equal. At each count of
+    1.1x, evaluation <= 1.5x, distinct metric keys equal. Every count uses
+    one tokenizer (:func:`shared_tokenizer`) unless the configuration names
+    one, so every run trains the same model. At each count of
     ``adapt_tasks`` the same runs are repeated with ``policy.name=adapt``:
     its loop against the configured policy's, in all and without the
     seconds of its meta steps (goal: <= 1.10x)."""
@@ -150,6 +173,12 @@ def bench_task_runs(cfg: RunConfig, out: Path, repeats: int = 1,
         # Equal tokens at every task count, enough for the loop to be timed
         # (the default fraction of these small pools trains a fraction of a second).
         cfg = replace(cfg, budget=replace(cfg.budget, tokens=DEFAULT_BUDGET_TOKENS))
+    vocab = None
+    if not (cfg.model.pretrained or cfg.model.tokenizer):
+        cfg = replace(cfg, model=replace(cfg.model, tokenizer=shared_tokenizer(cfg, out, task_counts, total_examples)))
+        from raymix.models import load_tokenizer
+
+        vocab = len(load_tokenizer(cfg.model.tokenizer))
     adapt_cfg = replace(cfg, policy=replace(cfg.policy, name="adapt")) if cfg.policy.name != "adapt" else None
     runs: dict[str, list[dict]] = {str(n): [] for n in task_counts}
     adapt_runs: dict[str, list[dict]] = {str(n): [] for n in adapt_tasks if adapt_cfg is not None}
@@ -192,6 +221,7 @@ def bench_task_runs(cfg: RunConfig, out: Path, repeats: int = 1,
                                        meta_interval_examples(adapt_cfg, world))
         a["tasks_per_meta_step"] = [k, int(n) if k_val is None else k_val]
     return {"model": cfg.model.preset, "policy": cfg.policy.name, "total_examples": total_examples,
+            "shared_tokenizer_vocab": vocab,
             "repeats": repeats, "budget_tokens": cfg.budget.tokens, "num_workers": cfg.runtime.num_workers,
             "global_batch_examples": batch,
             "per_task_metrics_max_tasks": cfg.tracking.per_task_metrics_max_tasks, "ray": ray_info(cfg),
@@ -207,8 +237,11 @@ def markdown(r: dict) -> list[str]:
         + (f"{r['global_batch_examples']:,} examples per step, " if "global_batch_examples" in r else "")
         + f"budget {r['budget_tokens']:,} tokens, model "
         f"`{r['model']}`) on the same {r['total_examples']:,} short examples cut into more tasks; shards prepared "
-        f"from an empty cache; one metric per task up to {r['per_task_metrics_max_tasks']} tasks. Ratios against "
-        f"{lo} tasks.\n",
+        f"from an empty cache; one metric per task up to {r['per_task_metrics_max_tasks']} tasks"
+        + (f"; one tokenizer of {r['shared_tokenizer_vocab']:,} tokens for every count, trained on all the pools "
+           "together, so that every run trains the same model (a tokenizer trained on each pool alone grows with "
+           "the task count, which names its task in each prompt)" if r.get("shared_tokenizer_vocab") else "")
+        + f". Ratios against {lo} tasks.\n",
         "| tasks | wall s | prepare s | loop s (tokens/s) | curve s (examples, ms/example) | final eval s "
         "(loss pass: examples, ms/example; generation: prompts, ms/prompt) | MLflow keys / rows | store MB | "
         "wall / loop / final eval ratio |",
