@@ -54,9 +54,11 @@ class TaskShards:
     task_idx: Optional[int] = None
 
     @classmethod
-    def directory(cls, path: str) -> TaskShards:
-        """A directory that holds one task's files."""
-        return cls(tuple(sorted(glob.glob(os.path.join(path, "*.parquet")))), None)
+    def of(cls, shards: TaskShards | str) -> TaskShards:
+        """``shards`` itself, or the files of a directory that holds one task's files alone."""
+        if isinstance(shards, str):
+            return cls(tuple(sorted(glob.glob(os.path.join(shards, "*.parquet")))), None)
+        return shards
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,7 @@ class TaskStream:
     def __init__(self, shards: TaskShards | str, seed: int, rank: int = 0, world: int = 1, chunk_rows: int = 8192):
         """``shards``: the task's files (:meth:`raymix.data.PreparedPool.shards`),
         or a directory that holds them alone."""
-        source = TaskShards.directory(shards) if isinstance(shards, str) else shards
+        source = TaskShards.of(shards)
         self.files, self.task_idx = list(source.files), source.task_idx
         if not self.files:
             where = (shards if isinstance(shards, str) else "the files given (does the task have rows in this split? "
@@ -356,7 +358,7 @@ def read_split(shards: TaskShards | str, columns: list[str]) -> dict[str, list]:
     import pyarrow as pa
     import pyarrow.dataset as pads
 
-    source = TaskShards.directory(shards) if isinstance(shards, str) else shards
+    source = TaskShards.of(shards)
     if not source.files:
         return {c: [] for c in columns}
     wanted = list(dict.fromkeys(columns + ["status", "id"]))
