@@ -1,13 +1,14 @@
 """raymix's runs start Ray Train without the actors that cannot serve them:
 its DatasetManager (raymix gives its trainer no ``datasets``) and, where
 Ray's State API does not answer (a local Ray without its dashboard, as raymix
-starts one), its PlacementGroupCleaner, which polls that API."""
+starts one), its PlacementGroupCleaner, which polls that API; and without
+torch in the driver and the run's controller (``TorchProcessGroupConfig``)."""
 
 from __future__ import annotations
 
 import pytest
 
-from raymix.driver.single import lean_trainer_class, state_api_answers
+from raymix.driver.trainer import lean_trainer_class, state_api_answers
 
 
 def _callbacks(trainer_class, datasets=None):
@@ -24,7 +25,7 @@ def test_a_local_run_starts_neither_dataset_manager_nor_placement_group_cleaner(
     from ray.train.torch import TorchTrainer
 
     lean = lean_trainer_class()
-    assert lean is not TorchTrainer and issubclass(lean, TorchTrainer)
+    assert lean is not TorchTrainer
     assert not state_api_answers()  # ray_local starts Ray without its dashboard, as raymix does
     ray_own = _callbacks(TorchTrainer)
     assert {"DatasetsCallback", "PlacementGroupCleanerCallback"} <= set(ray_own)
@@ -36,9 +37,9 @@ def test_a_local_run_starts_neither_dataset_manager_nor_placement_group_cleaner(
 
 @pytest.mark.ray
 def test_the_cleaner_stays_where_the_state_api_answers(ray_local, monkeypatch) -> None:
-    import raymix.driver.single as single
+    import raymix.driver.trainer as trainer
 
-    monkeypatch.setattr(single, "state_api_answers", lambda: True)
+    monkeypatch.setattr(trainer, "state_api_answers", lambda: True)
     assert "PlacementGroupCleanerCallback" in _callbacks(lean_trainer_class())
 
 
@@ -81,24 +82,47 @@ import json, os, sys
 import ray, ray.train
 from raymix.config import load_config
 from raymix.driver.setup import LOCAL_RAY_ENV, init_ray
-from raymix.driver.single import lean_trainer_class
+from raymix.driver.trainer import lean_trainer_class
+
+OUT = sys.argv[1]  # captured by value with train_fn (the workers' sys.argv is Ray's)
+
+def train_fn():
+    # On each worker: the process group Ray's torch backend would have set
+    # up, and whether the run's controller maps torch's library (Linux /proc).
+    import glob
+    import torch.distributed as dist
+
+    maps = []
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            if open(cmdline, "rb").read().startswith(b"ray::TrainController"):
+                maps.append(open(cmdline[:-len("cmdline")] + "maps").read())
+        except OSError:  # a process that ended meanwhile
+            pass
+    rank = ray.train.get_context().get_world_rank()
+    with open(os.path.join(OUT, f"probe-{rank}.json"), "w") as f:
+        json.dump({"backend": dist.get_backend(), "world": dist.get_world_size(),
+                   "rank_env": os.environ.get("RANK"), "controllers": len(maps),
+                   "controller_torch": any("libtorch" in m for m in maps)}, f)
 
 init_ray(load_config(overrides=["runtime.num_cpus=2", "runtime.object_store_memory=100000000"]))
 env = {k: os.environ.get(k) for k in (LOCAL_RAY_ENV, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}
-lean_trainer_class()(lambda: None, scaling_config=ray.train.ScalingConfig(
-    num_workers=1, resources_per_worker={"CPU": 1}),
+lean_trainer_class()(train_fn, scaling_config=ray.train.ScalingConfig(
+    num_workers=2, resources_per_worker={"CPU": 1}),
     run_config=ray.train.RunConfig(storage_path=sys.argv[1])).fit()
 names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True))
-print(json.dumps({"env": env, "named": names}))
+print(json.dumps({"env": env, "named": names, "driver_torch": "torch" in sys.modules}))
 """
 
 
 @pytest.mark.ray
 def test_a_run_on_a_local_ray_leaves_no_coordinator_and_starts_no_watcher(tmp_path) -> None:
     """A whole fit on a Ray that init_ray started: the environment says so
-    (and turns the preemption watcher off), and the detached
+    (and turns the preemption watcher off), the detached
     AutoscalingCoordinator actor, which would outlive the run, was never
-    created. In a child process: init_ray starts its own Ray."""
+    created, and torch's process group is up on the workers while the
+    driver and the controller never imported torch. In a child process:
+    init_ray starts its own Ray."""
     import json
     import os
     import subprocess
@@ -112,3 +136,9 @@ def test_a_run_on_a_local_ray_leaves_no_coordinator_and_starts_no_watcher(tmp_pa
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got["env"] == {"RAYMIX_LOCAL_RAY": "1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     assert "AutoscalingCoordinator" not in got["named"], got["named"]
+    # Two workers joined a gloo process group, as TorchTrainer's would have,
+    # and neither the driver nor the controller loaded torch to start them.
+    probes = [json.loads((tmp_path / f"probe-{r}.json").read_text()) for r in (0, 1)]
+    assert probes == [{"backend": "gloo", "world": 2, "rank_env": str(r), "controllers": 1,
+                       "controller_torch": False} for r in (0, 1)], probes
+    assert got["driver_torch"] is False

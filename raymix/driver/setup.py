@@ -35,7 +35,7 @@ def init_ray(cfg: RunConfig) -> None:
     # cluster instead): one machine, no autoscaler, no node that a cloud can
     # drain. Set before it starts, so that its every process inherits them:
     # RAYMIX_LOCAL_RAY tells raymix's trainer so (see
-    # raymix.driver.single.lean_trainer_class), and Ray Train's preemption
+    # raymix.driver.trainer.lean_trainer_class), and Ray Train's preemption
     # watcher, an actor (about 200 MB) polling for node drains that cannot
     # happen here, is off unless the user set it.
     env = {LOCAL_RAY_ENV: "1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get(

@@ -20,7 +20,6 @@ from typing import Any, Optional
 
 from raymix.config import RunConfig, effective_grad_accum, identity_hash
 from raymix.driver.setup import (
-    LOCAL_RAY_ENV,
     budget_tokens,
     check_worker_resources,
     init_ray,
@@ -219,95 +218,10 @@ def _train_in_process(cfg: RunConfig, loop_config: LoopConfig):
     return _InProcessResult(metrics, checkpoint), fit_started, fit_ended
 
 
-def state_api_answers() -> bool:
-    """Whether Ray's State API answers on the cluster this process is
-    connected to: it is served by the dashboard, which a local Ray that
-    raymix starts leaves off (see ``init_ray``); a cluster's head runs it."""
-    import ray
-    from ray.util.state import list_nodes
-
-    try:
-        list_nodes(address=ray.get_runtime_context().gcs_address, limit=1, timeout=5)
-    except Exception:  # ServerUnavailable, a connection error: no State API here
-        return False
-    return True
-
-
-def lean_trainer_class():
-    """Ray Train's ``TorchTrainer`` without the Ray Train actors that cannot
-    serve a raymix run. Ray Train 2.60 starts, for every run:
-
-    - a ``DatasetManager`` actor, also for a trainer given no ``datasets``,
-      as raymix's are (their workers read the shards through their own
-      per-task streams; see the README's limits);
-    - a ``PlacementGroupCleaner`` actor, which asks the State API every
-      second whether the run's controller is alive, to remove the worker
-      group's placement group should it die uncleanly. Where the State API
-      does not answer (a local Ray without its dashboard, as raymix starts
-      one) every ask fails: it logs a warning each second and can never
-      clean up.
-
-    On a local Ray that raymix started (``init_ray``: one machine, no
-    autoscaler), also:
-
-    - the ``AutoscalingCoordinator`` actor (Ray Data's, a detached actor
-      that outlives the run), which the fixed scaling policy starts to pass
-      the worker group's resource requests to a cluster autoscaler: there is
-      none to pass them to. The policy is replaced by one that sends none;
-    - the ``PreemptionWatcher`` actor, turned off by ``init_ray`` through
-      Ray Train's own switch (``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER``).
-
-    Each is one more Python process (about 200 MB RSS) and its imports
-    while the worker group starts. Ray's API has no switch for the first
-    three: the subclass leaves out the callbacks that start them, through
-    ``_create_default_callbacks``, and swaps the scaling policy given to
-    ``_initialize_and_run_controller``, private methods of the pinned Ray
-    (2.60.0); each is kept where it can serve (datasets given, a State API
-    that answers, a Ray that raymix did not start), and without those
-    methods this is Ray's own trainer."""
-    from ray.train.torch import TorchTrainer
-
-    try:
-        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-        from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
-    except ImportError:  # another Ray Train: nothing known to leave out
-        return TorchTrainer
-    if not all(hasattr(TorchTrainer, m) for m in ("_create_default_callbacks", "_initialize_and_run_controller")):
-        return TorchTrainer
-
-    class LocalFixedScalingPolicy(FixedScalingPolicy):
-        """The fixed policy without resource requests to a cluster autoscaler."""
-
-        def after_controller_start(self, train_run_context):
-            self._requester_id = f"train-{train_run_context.run_id}"
-
-        def _maybe_send_resource_request(self):
-            pass
-
-        def _send_resource_request(self):
-            pass
-
-    class LeanTorchTrainer(TorchTrainer):
-        def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            drop: tuple = () if self.datasets else (DatasetsCallback,)
-            if not state_api_answers():
-                drop += (PlacementGroupCleanerCallback,)
-            return [c for c in callbacks if not isinstance(c, drop)]
-
-        def _initialize_and_run_controller(self, **kwargs):
-            policy = kwargs.get("scaling_policy")
-            if os.environ.get(LOCAL_RAY_ENV) == "1" and type(policy) is FixedScalingPolicy:
-                kwargs["scaling_policy"] = LocalFixedScalingPolicy(policy.scaling_config)
-            return super()._initialize_and_run_controller(**kwargs)
-
-    return LeanTorchTrainer
-
-
 def _train_on_workers(cfg: RunConfig, out: Path, tracker, loop_config: LoopConfig):
     import ray.train
 
+    from raymix.driver.trainer import lean_trainer_class
     from raymix.loop import train_loop
 
     TorchTrainer = lean_trainer_class()  # noqa: N806 (a class)
