@@ -25,6 +25,7 @@ from raymix.driver.setup import (
     init_ray,
     open_tracker,
     prepare_model_and_data,
+    prepare_out_of_process,
     prepare_output,
     resolve_suite,
 )
@@ -59,7 +60,10 @@ def run_single(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         init_ray(cfg)
         check_worker_resources(cfg)
         phases["ray_init"] = time.perf_counter() - t
-        tokenizer, tok_dir, pool, init_dir = prepare_model_and_data(cfg, out, phases)
+        if cfg.runtime.num_workers:  # trained elsewhere: torch and the records stay out of this process
+            tok_dir, pool, init_dir = prepare_out_of_process(cfg, out, phases)
+        else:
+            _, tok_dir, pool, init_dir = prepare_model_and_data(cfg, out, phases)
         stats = pool_summary(pool)
         budget = budget_tokens(cfg, pool.pool_tokens)
         tracker.log_json(pool.stats, "pool_stats.json", out)
