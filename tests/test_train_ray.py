@@ -312,3 +312,33 @@ def test_fsdp_run_matches_ddp_two_workers(ray_local, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(fsdp["model_dir"])
+
+
+@pytest.mark.timeout(300)
+def test_preparation_out_of_process_reads_relative_paths_and_raises_the_input_error(ray_local, tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    """A run on Ray Train workers prepares in a one-off Ray worker process
+    (``prepare_out_of_process``): relative paths in the config are the
+    user's (the worker starts elsewhere), what it returns is what the
+    workers load, and bad input raises the same RaymixError, naming the
+    file, as preparing here does; not Ray's wrapper."""
+    from raymix.bench.task_scaling import write_synthetic_tasks
+    from raymix.driver.setup import prepare_out_of_process
+
+    monkeypatch.chdir(tmp_path)
+    write_synthetic_tasks(tmp_path / "src", 3, 20)
+    base = [o for o in SMALL if not o.startswith("data.sources")]
+    cfg = load_config(None, base + ["data.sources=[{kind: jsonl, path: src}]"])
+    phases: dict = {}
+    tok_dir, pool, init_dir = prepare_out_of_process(cfg, tmp_path / "run", phases)
+    assert pool.tasks == ("t0000", "t0001", "t0002") and not pool.cache_hit
+    assert (Path(tok_dir) / "tokenizer.json").exists() and (Path(init_dir) / "config.json").exists()
+    assert {"tokenizer", "shards", "model_init"} <= set(phases)
+    assert pool.train_examples().tolist() == [16, 16, 16]  # 20 examples a task: 80% train
+
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tasks.jsonl").write_text('{"task": "a", "id": "1"\n')  # read there, not here
+    bad = load_config(None, base + ["data.sources=[{kind: jsonl, path: bad}]"])
+    with pytest.raises(RaymixError, match=r"bad/tasks.jsonl:1: malformed JSON \(line 1, column 24\)") as e:
+        prepare_out_of_process(bad, tmp_path / "badrun", {})
+    assert type(e.value) is RaymixError  # the cause, not Ray's RayTaskError wrapper

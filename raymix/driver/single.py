@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -60,7 +61,11 @@ def run_single(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         init_ray(cfg)
         check_worker_resources(cfg)
         phases["ray_init"] = time.perf_counter() - t
-        if cfg.runtime.num_workers:  # trained elsewhere: torch and the records stay out of this process
+        # Trained in Ray Train workers: the records, transformers and torch
+        # stay out of this process, unless it holds torch already (a Tune
+        # trial's reused process after an lm-eval): then moving out saves no
+        # memory and costs a process start and its imports.
+        if cfg.runtime.num_workers and "torch" not in sys.modules:
             tok_dir, pool, init_dir = prepare_out_of_process(cfg, out, phases)
         else:
             _, tok_dir, pool, init_dir = prepare_model_and_data(cfg, out, phases)
