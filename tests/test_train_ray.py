@@ -333,7 +333,7 @@ def test_preparation_out_of_process_reads_relative_paths_and_raises_the_input_er
     tok_dir, pool, init_dir = prepare_out_of_process(cfg, tmp_path / "run", phases)
     assert pool.tasks == ("t0000", "t0001", "t0002") and not pool.cache_hit
     assert (Path(tok_dir) / "tokenizer.json").exists() and (Path(init_dir) / "config.json").exists()
-    assert {"tokenizer", "shards", "model_init"} <= set(phases)
+    assert {"tokenizer", "shards", "model_init", "prepare_process"} <= set(phases)
     assert pool.train_examples().tolist() == [16, 16, 16]  # 20 examples a task: 80% train
 
     (tmp_path / "bad").mkdir()

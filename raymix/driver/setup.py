@@ -186,8 +186,9 @@ def _prepare_remote(cfg: RunConfig, output_dir: Path, cwd: str):
     driver's working directory (relative paths in the config are the user's)."""
     os.chdir(cwd)
     phases: dict[str, float] = {}
+    t = time.perf_counter()
     _, tok_dir, pool, init_dir = prepare_model_and_data(cfg, output_dir, phases)
-    return tok_dir, pool, init_dir, phases
+    return tok_dir, pool, init_dir, phases, time.perf_counter() - t
 
 
 def prepare_out_of_process(cfg: RunConfig, output_dir: Path, phases: dict) -> tuple[str, Any, str]:
@@ -198,23 +199,28 @@ def prepare_out_of_process(cfg: RunConfig, output_dir: Path, phases: dict) -> tu
     300 MB less while the workers train (``python -m raymix.bench memory``);
     the workers load both from the directories returned. Returns the
     tokenizer's directory, the prepared pool and the initial model's
-    directory, and adds the preparation's phases to ``phases``. An error is
-    raised as it was raised there (a :class:`RaymixError` naming the bad
-    file or field)."""
+    directory, and adds the preparation's phases to ``phases``, with
+    ``prepare_process``: the seconds the process adds (its start and the
+    transfers). An error is raised as it was raised there (a
+    :class:`RaymixError` naming the bad file or field)."""
     import ray
     from ray.exceptions import RayTaskError
 
     # num_cpus=0, as the driver it stands for: Ray Data's tokenizer actors
     # take the CPUs; no retry, as a failure here is the input's.
     task = ray.remote(num_cpus=0, max_calls=1, max_retries=0)(_prepare_remote)
+    t = time.perf_counter()
     try:
-        tok_dir, pool, init_dir, got = ray.get(task.remote(cfg, output_dir, os.getcwd()))
+        tok_dir, pool, init_dir, got, inside = ray.get(task.remote(cfg, output_dir, os.getcwd()))
     except RayTaskError as e:
         cause = getattr(e, "cause", None)
         if isinstance(cause, BaseException):
             raise cause from None
         raise
     phases.update(got)
+    # The process's start and the transfers: what preparing elsewhere adds
+    # (counted with the preparation in reports).
+    phases["prepare_process"] = max(0.0, time.perf_counter() - t - inside)
     return tok_dir, pool, init_dir
 
 
