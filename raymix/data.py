@@ -426,13 +426,15 @@ def prepare_shards(
     )
     tmp = root.parent / f".{key}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    chunk = max(2000, -(-len(df) // 64))
-    ds = ray.data.from_pandas([df.iloc[i : i + chunk] for i in range(0, len(df), chunk)])
     # Tokenizer actors take 0.9 CPU and writes 0.1, so that N free CPUs hold N
     # actors and the writes still get scheduled (actors holding every whole
-    # CPU would starve the write tasks, and the pipeline would hang).
+    # CPU would starve the write tasks, and the pipeline would hang). Read
+    # before the dataset exists: read after from_pandas, 2 free CPUs counted
+    # as 1 here, and the pool tokenised on one actor.
     free = ray.available_resources().get("CPU", 1)
     concurrency = max(1, min(concurrency, int((free - 0.1) // 0.9)))
+    chunk = max(2000, -(-len(df) // 64))
+    ds = ray.data.from_pandas([df.iloc[i : i + chunk] for i in range(0, len(df), chunk)])
     ds = ds.map_batches(
         Tokenize,
         fn_constructor_kwargs={

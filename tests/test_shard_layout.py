@@ -45,8 +45,25 @@ def test_every_reader_finds_exactly_each_tasks_rows(tmp_path_factory, monkeypatc
             lines.append(json.dumps({"task": f"t{k:02d}", "id": f"{k}-{i}", "split": split,
                                      "prompt": f"task {k} item {i}:", "completion": f"{k * i % 97}"}))
     src.write_text("\n".join(lines) + "\n")
+    # How many tokenizer actors Ray Data was given: on 2 free CPUs, 2; and
+    # the free CPUs were read before the dataset existed (read after it, on
+    # the default pool of 560,800 rows they counted 1: one actor).
+    import ray
+    import ray.data
+
+    events: list = []
+    map_batches, from_pandas, available = ray.data.Dataset.map_batches, ray.data.from_pandas, ray.available_resources
+
+    def counted(self, fn, *args, **kwargs):
+        events.append(("actors", kwargs.get("concurrency")))
+        return map_batches(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(ray.data.Dataset, "map_batches", counted)
+    monkeypatch.setattr(ray.data, "from_pandas", lambda *a, **k: events.append("dataset") or from_pandas(*a, **k))
+    monkeypatch.setattr(ray, "available_resources", lambda: events.append("free") or available())
     pool, _, _ = prepare_pool(tmp_path_factory, [f"data.sources=[{{kind: jsonl, path: {src}}}]",
                                                  "model.vocab_size=512", "runtime.num_cpus=2"])
+    assert events[:3] == ["free", "dataset", ("actors", 2)], events  # later reads: Ray Data's own
     root = Path(pool.root)
     groups = pool.stats["shards"]
     assert [[0], [1]] == groups["train"][:2] and all(len(g) > 1 for g in groups["train"][2:])
