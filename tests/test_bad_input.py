@@ -125,6 +125,22 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path: Path) 
     assert "w7" in text.split()[-4:]
 
 
+def test_tokenize_ids_are_the_tokenizers_own(tmp_path: Path) -> None:
+    """Tokenize reads a fast tokenizer's Rust batch encoder directly: the ids
+    equal ``tok(texts)["input_ids"]`` (no special tokens added), for a
+    byte-level BPE trained here on text with non-ASCII characters, runs of
+    spaces and newlines, and the special tokens' own strings inside it."""
+    from raymix.data import Tokenize
+    from raymix.models import BOS, EOS, PAD, train_tokenizer
+
+    texts = ["Translate: caf\u00e9 -> cafe", "  two  spaces\nand a newline\n\n", f"x {EOS} y {PAD}{BOS}",
+             "\u4e2d\u6587 and \U0001f600 emoji", "Answer: 42", " leading space", ""]
+    tok, path = train_tokenizer(lambda: texts * 20, 300, tmp_path / "cache", "ids-test")
+    tokenize = Tokenize(path, "plain", max_seq_len=64)
+    assert tokenize.tok.is_fast
+    assert tokenize._ids(texts) == tok(texts, add_special_tokens=False)["input_ids"]
+
+
 def test_unreachable_mlflow_server_fails_before_training(tmp_path: Path) -> None:
     from raymix.driver import run
 
