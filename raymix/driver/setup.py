@@ -205,10 +205,14 @@ def prepare_out_of_process(cfg: RunConfig, output_dir: Path, phases: dict) -> tu
     :class:`RaymixError` naming the bad file or field)."""
     import ray
     from ray.exceptions import RayTaskError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     # num_cpus=0, as the driver it stands for: Ray Data's tokenizer actors
-    # take the CPUs; no retry, as a failure here is the input's.
-    task = ray.remote(num_cpus=0, max_calls=1, max_retries=0)(_prepare_remote)
+    # take the CPUs; no retry, as a failure here is the input's. On the
+    # driver's node: on a cluster, the files it reads and writes are where
+    # the driver would have read and written them.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    task = ray.remote(num_cpus=0, max_calls=1, max_retries=0, scheduling_strategy=here)(_prepare_remote)
     t = time.perf_counter()
     try:
         tok_dir, pool, init_dir, got, inside = ray.get(task.remote(cfg, output_dir, os.getcwd()))

@@ -21,6 +21,7 @@ Two things differ from ``ray.train.torch.TorchTrainer``:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any, Optional
 
@@ -92,13 +93,19 @@ class TorchProcessGroupBackend(Backend):
     def on_shutdown(self, worker_group, backend_config):
         import ray
         from ray.exceptions import GetTimeoutError
+        from ray.train.constants import (
+            DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
+            TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
+        )
 
         futures = worker_group.execute_async(_torch_config_call, "_shutdown_torch",
                                              destroy_process_group=len(worker_group) > 1)
-        try:  # Ray's own bound (TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S, 30 s by default)
-            ray.get(futures, timeout=float(os.environ.get("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", 30)))
+        timeout = float(os.environ.get(TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
+                                       DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S))
+        try:  # Ray's own bound, as its torch backend waits
+            ray.get(futures, timeout=timeout)
         except GetTimeoutError:
-            pass
+            logging.getLogger(__name__).warning("torch's process group shutdown timed out after %s s", timeout)
 
     def on_training_start(self, worker_group, backend_config):
         from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
