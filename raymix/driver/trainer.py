@@ -67,7 +67,6 @@ class TorchProcessGroupBackend(Backend):
 
     def on_start(self, worker_group, backend_config: TorchProcessGroupConfig):
         from ray.train._internal.utils import get_address_and_port
-        from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
 
         backend = backend_config.backend or (
             "nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo")
@@ -80,9 +79,10 @@ class TorchProcessGroupBackend(Backend):
         else:
             raise ValueError(f"TorchProcessGroupConfig.init_method must be 'env' or 'tcp', "
                              f"got {backend_config.init_method!r}")
-        if not isinstance(worker_group, V1WorkerGroup):
-            # LOCAL_RANK, RANK, WORLD_SIZE, ... before the process group, as Ray's backend does.
-            worker_group.execute(_torch_config_call, "_set_torch_distributed_env_vars")
+        # LOCAL_RANK, RANK, WORLD_SIZE, ... before the process group, as Ray's
+        # backend does for Ray Train V2's worker group (the only one this
+        # config is given to: see lean_trainer_class).
+        worker_group.execute(_torch_config_call, "_set_torch_distributed_env_vars")
         import ray
 
         ray.get([worker_group.execute_single_async(
@@ -106,12 +106,6 @@ class TorchProcessGroupBackend(Backend):
             ray.get(futures, timeout=timeout)
         except GetTimeoutError:
             logging.getLogger(__name__).warning("torch's process group shutdown timed out after %s s", timeout)
-
-    def on_training_start(self, worker_group, backend_config):
-        from ray.train._internal.worker_group import WorkerGroup as V1WorkerGroup
-
-        if isinstance(worker_group, V1WorkerGroup):
-            worker_group.execute(_torch_config_call, "_set_torch_distributed_env_vars")
 
 
 @dataclasses.dataclass
