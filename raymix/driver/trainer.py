@@ -66,6 +66,8 @@ class TorchProcessGroupBackend(Backend):
     share_cuda_visible_devices: bool = True  # as Ray's torch backend: NCCL needs the node's GPUs visible
 
     def on_start(self, worker_group, backend_config: TorchProcessGroupConfig):
+        # build_address: [host]:port for IPv6, as Ray's backend writes it.
+        from ray._common.network_utils import build_address
         from ray.train._internal.utils import get_address_and_port
 
         backend = backend_config.backend or (
@@ -75,7 +77,7 @@ class TorchProcessGroupBackend(Backend):
             worker_group.execute(_set_master, addr, port)
             url = "env://"
         elif backend_config.init_method == "tcp":
-            url = f"tcp://{addr}:{port}"
+            url = f"tcp://{build_address(addr, port)}"
         else:
             raise ValueError(f"TorchProcessGroupConfig.init_method must be 'env' or 'tcp', "
                              f"got {backend_config.init_method!r}")
