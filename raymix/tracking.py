@@ -153,11 +153,9 @@ class RunTracker:
 
     def __init__(self, cfg: RunConfig, output_dir: Path, parent_run_id: Optional[str] = None,
                  resume_run_id: Optional[str] = None, resume_uri: Optional[str] = None):
-        from mlflow.tracking import MlflowClient
-
         self.uri = resume_uri or resolve_tracking_uri(cfg, output_dir)
         check_reachable(self.uri)
-        self.client = MlflowClient(self.uri)
+        self._client = None
         if resume_run_id:
             # The same run continues: marked RUNNING again, params already logged.
             try:
@@ -193,6 +191,30 @@ class RunTracker:
         self.run_id = run.info.run_id
         self.experiment_id = exp_id
         self.log_params(flatten(cfg))
+
+    @classmethod
+    def attached(cls, uri: str, run_id: str, experiment_id: str) -> RunTracker:
+        """A run opened by another process (see
+        ``raymix.driver.setup.prepare_out_of_process``). MLflow is imported at
+        its first call, not here: a driver whose workers train holds no
+        MLflow client while they do (about 100 MB, ``python -m raymix.bench
+        memory``)."""
+        tracker = cls.__new__(cls)
+        tracker.uri, tracker.run_id, tracker.experiment_id, tracker._client = uri, run_id, experiment_id, None
+        return tracker
+
+    def ids(self) -> dict[str, str]:
+        """What :meth:`attached` needs to continue this run elsewhere."""
+        return {"uri": self.uri, "run_id": self.run_id, "experiment_id": self.experiment_id}
+
+    @property
+    def client(self):
+        """The MLflow client, made at the first use."""
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(self.uri)
+        return self._client
 
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param

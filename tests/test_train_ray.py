@@ -330,7 +330,8 @@ def test_preparation_out_of_process_reads_relative_paths_and_raises_the_input_er
     base = [o for o in SMALL if not o.startswith("data.sources")]
     cfg = load_config(None, base + ["data.sources=[{kind: jsonl, path: src}]"])
     phases: dict = {}
-    tok_dir, pool, init_dir = prepare_out_of_process(cfg, tmp_path / "run", phases)
+    tok_dir, pool, init_dir, tracker = prepare_out_of_process(cfg, tmp_path / "run", phases)
+    assert tracker is None  # no MLflow run asked for
     assert pool.tasks == ("t0000", "t0001", "t0002") and not pool.cache_hit
     assert (Path(tok_dir) / "tokenizer.json").exists() and (Path(init_dir) / "config.json").exists()
     assert {"tokenizer", "shards", "model_init", "prepare_process"} <= set(phases)
@@ -342,3 +343,73 @@ def test_preparation_out_of_process_reads_relative_paths_and_raises_the_input_er
     with pytest.raises(RaymixError, match=r"bad/tasks.jsonl:1: malformed JSON \(line 1, column 24\)") as e:
         prepare_out_of_process(bad, tmp_path / "badrun", {})
     assert type(e.value) is RaymixError  # the cause, not Ray's RayTaskError wrapper
+
+
+RUN_WITHOUT_MLFLOW_IN_DRIVER = r"""
+import json, sys
+from pathlib import Path
+from raymix.config import load_config
+from raymix.driver import single
+from raymix.errors import RaymixError
+
+out, small = Path(sys.argv[1]), json.loads(sys.argv[2])
+seen = {}
+train_on_workers = single._train_on_workers
+
+def spy(*args, **kwargs):
+    seen["mlflow_at_fit"] = "mlflow" in sys.modules
+    seen["torch_at_fit"] = "torch" in sys.modules
+    return train_on_workers(*args, **kwargs)
+
+single._train_on_workers = spy
+(out / "bad").mkdir(parents=True)
+(out / "bad" / "tasks.jsonl").write_text('{"task": "a", "id": "1"\n')
+summary = single.run_single(load_config(None, small), out / "good")  # first: the failed one ends its run here
+seen["mlflow_run_id"] = summary["mlflow_run_id"]
+try:
+    single.run_single(load_config(None, small + ["data.sources=[{kind: jsonl, path: %s}]" % (out / "bad")]),
+                      out / "failed")
+except RaymixError as e:
+    seen["error"] = str(e)
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_driver_of_workers_holds_no_mlflow_while_they_train(tmp_path: Path) -> None:
+    """A run on Ray Train workers opens its MLflow run, logs its config and
+    pool and prepares in one other process: the driver has imported neither
+    MLflow nor torch when the workers start, and the run is complete
+    (FINISHED, config, pool statistics and metrics, the summary). A
+    preparation that fails leaves the run it opened FAILED with the error,
+    found through run.json. In a child process: pytest's holds both."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYMIX_LOCAL_RAY")}
+    small = [o for o in SMALL if o != "runtime.num_workers=2"] + ["runtime.num_workers=1", "train.sync_every=4"]
+    proc = subprocess.run([sys.executable, "-c", RUN_WITHOUT_MLFLOW_IN_DRIVER, str(tmp_path), json.dumps(small)],
+                          capture_output=True, text=True, env=env, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["mlflow_at_fit"] is False and seen["torch_at_fit"] is False
+    assert "bad/tasks.jsonl:1: malformed JSON" in seen["error"]
+
+    good = MlflowClient(f"sqlite:///{tmp_path / 'good' / 'mlflow.db'}").get_run(seen["mlflow_run_id"])
+    assert good.info.status == "FINISHED"
+    assert good.data.params["policy.name"] == "uniform"
+    assert good.data.metrics["pool/num_tasks"] == 23 and good.data.metrics["budget/tokens"] > 0
+    assert "train/loss" in good.data.metrics  # the rank-0 worker's
+    client = MlflowClient(f"sqlite:///{tmp_path / 'good' / 'mlflow.db'}")
+    names = {a.path for a in client.list_artifacts(good.info.run_id)}
+    assert {"config.yaml", "pool_stats.json", "summary.json"} <= names
+
+    failed_record = json.loads((tmp_path / "failed" / "run.json").read_text())
+    client = MlflowClient(failed_record["mlflow_tracking_uri"])
+    failed = client.get_run(failed_record["mlflow_run_id"])
+    assert failed.info.status == "FAILED"
+    assert "malformed JSON" in failed.data.tags["raymix.error"]
+    assert not (tmp_path / "failed" / "summary.json").exists()

@@ -181,31 +181,49 @@ def prepare_model_and_data(cfg: RunConfig, output_dir: Path, phases: Optional[di
     return tokenizer, str(tok_dir), pool, init_dir
 
 
-def _prepare_remote(cfg: RunConfig, output_dir: Path, cwd: str):
+def _prepare_remote(cfg: RunConfig, output_dir: Path, cwd: str, tracking: Optional[tuple]):
     """:func:`prepare_model_and_data` in a Ray worker process, from the
-    driver's working directory (relative paths in the config are the user's)."""
+    driver's working directory (relative paths in the config are the user's);
+    with ``tracking`` (the parent run's id and the saved run record), the
+    run's MLflow run is opened first and the pool logged to it, as
+    :func:`start_tracking` and :func:`log_pool` do in the driver."""
     os.chdir(cwd)
     phases: dict[str, float] = {}
     t = time.perf_counter()
+    tracker = start_tracking(cfg, output_dir, *tracking, phases) if tracking is not None else None
     _, tok_dir, pool, init_dir = prepare_model_and_data(cfg, output_dir, phases)
-    return tok_dir, pool, init_dir, phases, time.perf_counter() - t
+    if tracker is not None:
+        log_pool(tracker, cfg, pool, output_dir, tracking[1])
+    return tok_dir, pool, init_dir, phases, time.perf_counter() - t, tracker.ids() if tracker else None
 
 
-def prepare_out_of_process(cfg: RunConfig, output_dir: Path, phases: dict) -> tuple[str, Any, str]:
+def prepare_out_of_process(cfg: RunConfig, output_dir: Path, phases: dict, tracking: Optional[tuple] = None
+                           ) -> tuple[str, Any, str, Any]:
     """:func:`prepare_model_and_data` for a run whose training happens in Ray
     Train workers: in a one-off Ray worker process (``max_calls=1``: it exits
     when done). The driver then never loads the records, transformers or
     torch (the tokenizer and the initial model need them), and holds about
     300 MB less while the workers train (``python -m raymix.bench memory``);
-    the workers load both from the directories returned. Returns the
-    tokenizer's directory, the prepared pool and the initial model's
-    directory, and adds the preparation's phases to ``phases``, with
-    ``prepare_process``: the seconds the process adds (its start and the
-    transfers). An error is raised as it was raised there (a
+    the workers load both from the directories returned.
+
+    With ``tracking`` (``(parent_run_id, saved)``, as :func:`open_tracker`
+    takes them), that process also opens the run's MLflow run and logs the
+    pool to it, so that the driver imports no MLflow before its workers have
+    finished (about 100 MB more while they train); the tracker returned is
+    attached to that run (:meth:`raymix.tracking.RunTracker.attached`),
+    otherwise None. The driver ends the run, failed or not (see
+    :func:`opened_tracker` for a failure before it knows the run).
+
+    Returns the tokenizer's directory, the prepared pool, the initial model's
+    directory and the tracker, and adds the preparation's phases to
+    ``phases``, with ``prepare_process``: the seconds the process adds (its
+    start and the transfers). An error is raised as it was raised there (a
     :class:`RaymixError` naming the bad file or field)."""
     import ray
     from ray.exceptions import RayTaskError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from raymix.tracking import RunTracker
 
     # num_cpus=0, as the driver it stands for: Ray Data's tokenizer actors
     # take the CPUs; no retry, as a failure here is the input's. On the
@@ -215,7 +233,7 @@ def prepare_out_of_process(cfg: RunConfig, output_dir: Path, phases: dict) -> tu
     task = ray.remote(num_cpus=0, max_calls=1, max_retries=0, scheduling_strategy=here)(_prepare_remote)
     t = time.perf_counter()
     try:
-        tok_dir, pool, init_dir, got, inside = ray.get(task.remote(cfg, output_dir, os.getcwd()))
+        tok_dir, pool, init_dir, got, inside, ids = ray.get(task.remote(cfg, output_dir, os.getcwd(), tracking))
     except RayTaskError as e:
         cause = getattr(e, "cause", None)
         if isinstance(cause, BaseException):
@@ -225,7 +243,7 @@ def prepare_out_of_process(cfg: RunConfig, output_dir: Path, phases: dict) -> tu
     # The process's start and the transfers: what preparing elsewhere adds
     # (counted with the preparation in reports).
     phases["prepare_process"] = max(0.0, time.perf_counter() - t - inside)
-    return tok_dir, pool, init_dir
+    return tok_dir, pool, init_dir, RunTracker.attached(**ids) if ids else None
 
 
 def resolve_suite(cfg: RunConfig) -> Optional[str]:
@@ -372,6 +390,56 @@ def open_tracker(cfg: RunConfig, out: Path, parent_run_id: Optional[str], saved:
         "mlflow_experiment_id": tracker.experiment_id, "identity": identity_hash(cfg),
         "started": time.time()}, indent=1))
     return tracker
+
+
+def start_tracking(cfg: RunConfig, out: Path, parent_run_id: Optional[str], saved: Optional[dict],
+                   phases: dict):
+    """:func:`open_tracker`, and the run's config.yaml logged to a new run;
+    its seconds are the ``tracking_setup`` phase."""
+    t = time.perf_counter()
+    tracker = open_tracker(cfg, out, parent_run_id, saved)
+    if not saved:
+        tracker.log_artifact(out / "config.yaml")
+    phases["tracking_setup"] = time.perf_counter() - t
+    return tracker
+
+
+def opened_tracker(cfg: RunConfig, out: Path, saved: Optional[dict]):
+    """The MLflow run this invocation opened, when it was opened in another
+    process that failed before returning it (see
+    :func:`prepare_out_of_process`): the saved run it continues, or the new
+    one recorded in OUTPUT/run.json (a new run's folder has none before, see
+    :func:`prepare_output`); None when there is none to end."""
+    from raymix.tracking import RunTracker
+
+    if saved:
+        return RunTracker.attached(cfg.tracking.tracking_uri or saved["mlflow_tracking_uri"],
+                                   saved["mlflow_run_id"], saved.get("mlflow_experiment_id", ""))
+    try:
+        rec = json.loads((out / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return RunTracker.attached(rec["mlflow_tracking_uri"], rec["mlflow_run_id"], rec["mlflow_experiment_id"])
+
+
+def log_pool(tracker, cfg: RunConfig, pool, out: Path, saved: Optional[dict]) -> None:
+    """The prepared pool in the run: pool_stats.json, and the pool's and the
+    budget's figures as metrics at step 0 (once per run: a resumed run logged
+    them when it started, and MLflow would show a second value)."""
+    from raymix.data import pool_summary
+    from raymix.metrics_view import TaskMetricsView, per_task
+
+    tracker.log_json(pool.stats, "pool_stats.json", out)
+    if saved and "pool/tokens" in tracker.client.get_run(tracker.run_id).data.metrics:
+        return
+    stats = pool_summary(pool)
+    tokens = stats["tokens_per_task"]
+    tracker.log_metrics(TaskMetricsView(pool.tasks, cfg.tracking.per_task_metrics_max_tasks)(
+        {"pool/tokens": stats["pool_tokens"], "pool/num_tasks": stats["num_tasks"],
+         "pool/truncated": stats["truncated"], "pool/dropped": stats["dropped"],
+         "pool/prepare_seconds": pool.seconds, "pool/cache_hit": float(pool.cache_hit),
+         "budget/tokens": budget_tokens(cfg, pool.pool_tokens),
+         "pool/tokens/{task}": per_task([tokens[t] for t in pool.tasks], "count")}, 0))
 
 
 @dataclass

@@ -24,11 +24,13 @@ from raymix.driver.setup import (
     budget_tokens,
     check_worker_resources,
     init_ray,
-    open_tracker,
+    log_pool,
+    opened_tracker,
     prepare_model_and_data,
     prepare_out_of_process,
     prepare_output,
     resolve_suite,
+    start_tracking,
 )
 from raymix.errors import RaymixError
 from raymix.loop.contract import LoopConfig, LoopResult
@@ -42,46 +44,37 @@ def run_single(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
     driver, a failed attempt): the same MLflow run, Ray Train restoring the
     latest checkpoint in the run's storage."""
     from raymix.data import pool_summary
-    from raymix.metrics_view import TaskMetricsView, per_task
     from raymix.policies import PoolInfo
     from raymix.tracking import plot_mixture
 
     out, saved = prepare_output(cfg, output_dir, resume, "it from its last checkpoint")
     t0 = time.perf_counter()
     suite = resolve_suite(cfg)
-    tracker = open_tracker(cfg, out, parent_run_id, saved)
+    # Trained in Ray Train workers: the records, transformers, torch and the
+    # MLflow run's opening stay out of this process, unless it holds torch
+    # already (a Tune trial's reused process after an lm-eval): then moving
+    # out saves no memory and costs a process start and its imports.
+    remote = bool(cfg.runtime.num_workers) and "torch" not in sys.modules
     if saved:
-        print(f"[raymix] resuming MLflow run {tracker.run_id} from the latest checkpoint in {out}", flush=True)
+        print(f"[raymix] resuming MLflow run {saved['mlflow_run_id']} from the latest checkpoint in {out}",
+              flush=True)
+    tracker = None
     status, error = "FAILED", None
     try:
-        if not saved:
-            tracker.log_artifact(out / "config.yaml")
-        phases: dict[str, float] = {"tracking_setup": time.perf_counter() - t0}
+        phases: dict[str, float] = {}
+        if not remote:
+            tracker = start_tracking(cfg, out, parent_run_id, saved, phases)
         t = time.perf_counter()
         init_ray(cfg)
         check_worker_resources(cfg)
         phases["ray_init"] = time.perf_counter() - t
-        # Trained in Ray Train workers: the records, transformers and torch
-        # stay out of this process, unless it holds torch already (a Tune
-        # trial's reused process after an lm-eval): then moving out saves no
-        # memory and costs a process start and its imports.
-        if cfg.runtime.num_workers and "torch" not in sys.modules:
-            tok_dir, pool, init_dir = prepare_out_of_process(cfg, out, phases)
+        if remote:
+            tok_dir, pool, init_dir, tracker = prepare_out_of_process(cfg, out, phases, (parent_run_id, saved))
         else:
             _, tok_dir, pool, init_dir = prepare_model_and_data(cfg, out, phases)
+            log_pool(tracker, cfg, pool, out, saved)
         stats = pool_summary(pool)
         budget = budget_tokens(cfg, pool.pool_tokens)
-        tracker.log_json(pool.stats, "pool_stats.json", out)
-        # Once per run: a resumed run logged them when it started (MLflow
-        # would show a second value at step 0).
-        if not saved or "pool/tokens" not in tracker.client.get_run(tracker.run_id).data.metrics:
-            tokens = stats["tokens_per_task"]
-            tracker.log_metrics(TaskMetricsView(pool.tasks, cfg.tracking.per_task_metrics_max_tasks)(
-                {"pool/tokens": stats["pool_tokens"], "pool/num_tasks": stats["num_tasks"],
-                 "pool/truncated": stats["truncated"], "pool/dropped": stats["dropped"],
-                 "pool/prepare_seconds": pool.seconds, "pool/cache_hit": float(pool.cache_hit),
-                 "budget/tokens": budget,
-                 "pool/tokens/{task}": per_task([tokens[t] for t in pool.tasks], "count")}, 0))
         print(f"[raymix] pool: {stats['num_tasks']} tasks, N={stats['pool_tokens']} tokens "
               f"(prepared in {pool.seconds:.1f}s, cache {'hit' if pool.cache_hit else 'miss'}; "
               f"over data.max_seq_len={cfg.data.max_seq_len}: {stats['truncated']} truncated, "
@@ -120,7 +113,10 @@ def run_single(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         error = f"{type(e).__name__}: {e}"
         raise
     finally:
-        tracker.end(status, error)
+        if tracker is None and remote:  # opened in the preparation's process, which failed
+            tracker = opened_tracker(cfg, out, saved)
+        if tracker is not None:
+            tracker.end(status, error)
 
 
 def _train(cfg, out, tracker, pool, tok_dir, init_dir, budget, pool_info) -> tuple[dict, LoopResult]:
