@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -183,15 +183,55 @@ def pool_fingerprint(cfg: DataConfig) -> str:
 # Tokenisation (runs inside Ray Data actors)
 
 
+def tokenize_args(tokenizer_name: str, template: str, max_seq_len: int) -> dict:
+    """The keyword arguments of :class:`Tokenize` for a pool: with
+    ``encoder`` (the Rust tokenizer serialised, with its bos and eos ids)
+    where a fast tokenizer renders the examples without a chat template,
+    which is then all that tokenising them needs. Loads the tokenizer here,
+    once."""
+    from raymix.models import load_tokenizer, uses_chat_template
+
+    tok = load_tokenizer(tokenizer_name)
+    args = {"tokenizer_name": tokenizer_name, "template": template, "max_seq_len": max_seq_len}
+    if getattr(tok, "is_fast", False) and not uses_chat_template(tok, template):
+        args["encoder"] = {"json": tok.backend_tokenizer.to_str(), "bos": tok.bos_token_id, "eos": tok.eos_token_id}
+    return args
+
+
 class Tokenize:
-    """Ray Data callable class: one tokenizer per actor, reused over batches."""
+    """Ray Data callable class: one tokenizer per actor, reused over batches.
 
-    def __init__(self, tokenizer_name: str, template: str, max_seq_len: int):
-        from raymix.models import load_tokenizer, uses_chat_template
+    ``encoder`` (from :func:`tokenize_args`): the fast tokenizer's Rust
+    encoder, rebuilt from its serialisation with the ``tokenizers`` library
+    alone. Why not always transformers' tokenizer: loading it imports
+    transformers and torch, 1.8 s of each actor's start on 2 cores for
+    nothing that a pool without a chat template uses (the ids are the same
+    encoder's; ``python -m raymix.bench data_plane``). A chat template is
+    rendered by transformers' ``apply_chat_template``, so then (and for a
+    slow tokenizer) each actor loads the tokenizer by ``tokenizer_name``."""
 
-        self.tok = load_tokenizer(tokenizer_name)
-        self.chat = uses_chat_template(self.tok, template)
+    def __init__(self, tokenizer_name: str, template: str, max_seq_len: int, encoder: Optional[dict] = None):
         self.max_len = max_seq_len
+        if encoder is not None:
+            from tokenizers import Tokenizer
+
+            self.tok, self.chat = None, False
+            self.backend = Tokenizer.from_str(encoder["json"])
+            bos, self.eos = encoder["bos"], encoder["eos"]
+        else:
+            from raymix.models import load_tokenizer, uses_chat_template
+
+            self.tok = load_tokenizer(tokenizer_name)
+            self.chat = uses_chat_template(self.tok, template)
+            fast = getattr(self.tok, "is_fast", False)
+            self.backend = self.tok.backend_tokenizer if fast else None
+            bos, self.eos = self.tok.bos_token_id, self.tok.eos_token_id
+        self.bos = [bos] if (bos is not None and not self.chat) else []
+        if self.backend is not None:
+            # What transformers' call sets for add_special_tokens=False and
+            # no padding or truncation asked for.
+            self.backend.no_truncation()
+            self.backend.no_padding()
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, no special tokens added: a fast
@@ -200,20 +240,17 @@ class Tokenize:
         around it (half of that call's time; a batch of the default pool
         tokenises in 0.78x the time, ``python -m raymix.bench data_plane``);
         a slow tokenizer through its own call."""
-        backend = getattr(self.tok, "backend_tokenizer", None) if getattr(self.tok, "is_fast", False) else None
-        if backend is None:
+        if self.backend is None:
             return self.tok(texts, add_special_tokens=False)["input_ids"]
-        return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
     def __call__(self, batch: dict[str, np.ndarray]):
         from raymix.models import render_completion, render_prompt
 
-        tok = self.tok
-        prompts = [render_prompt(tok, p, self.chat) for p in batch["prompt"]]
+        prompts = [render_prompt(self.tok, p, self.chat) for p in batch["prompt"]]
         comps = [render_completion(c, self.chat) for c in batch["completion"]]
         p_ids, c_ids = self._ids(prompts), self._ids(comps)
-        bos = [tok.bos_token_id] if (tok.bos_token_id is not None and not self.chat) else []
-        eos = [tok.eos_token_id]
+        bos, eos = self.bos, [self.eos]
         ids, plen, status = [], [], []
         for p, c in zip(p_ids, c_ids):
             p = bos + p
@@ -392,7 +429,7 @@ def prepare_shards(
     ``records`` is only called on a cache miss; ``pool_fp`` (from
     :func:`pool_fingerprint`) identifies the records without loading them.
     """
-    import pandas as pd
+    import pyarrow as pa
     import pyarrow.dataset as pads
     import ray
 
@@ -424,17 +461,22 @@ def prepare_shards(
     tasks = tuple(dict.fromkeys(r.task for r in recs))
     index = {t: i for i, t in enumerate(tasks)}
     groups, shard = assign_shards(recs, index)
-    df = pd.DataFrame(
+    # An Arrow table, not a pandas frame: Ray Data's blocks are Arrow, so
+    # from_arrow slices it without a copy, where from_pandas converted every
+    # block again in a task (with the frame's own build, about 2 s of the
+    # embedded default's 560,800 rows; python -m raymix.bench data_plane).
+    frame = pa.table(
         {
-            "task_idx": [index[r.task] for r in recs],
-            "shard": shard,
-            "split": [r.split for r in recs],
-            "id": [r.id for r in recs],
-            "prompt": [r.prompt for r in recs],
-            "completion": [r.completion for r in recs],
-            "references": [list(r.references) for r in recs],
+            "task_idx": pa.array([index[r.task] for r in recs], type=pa.int32()),
+            "shard": pa.array(shard, type=pa.int32()),
+            "split": pa.array([r.split for r in recs], type=pa.string()),
+            "id": pa.array([r.id for r in recs], type=pa.string()),
+            "prompt": pa.array([r.prompt for r in recs], type=pa.string()),
+            "completion": pa.array([r.completion for r in recs], type=pa.string()),
+            "references": pa.array([list(r.references) for r in recs], type=pa.list_(pa.string())),
         }
     )
+    tokenize = tokenize_args(tokenizer_name, cfg.template, cfg.max_seq_len)
     tmp = root.parent / f".{key}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     # Tokenizer actors take 0.9 CPU and writes 0.1, so that N free CPUs hold N
@@ -444,15 +486,11 @@ def prepare_shards(
     # as 1 here, and the pool tokenised on one actor.
     free = ray.available_resources().get("CPU", 1)
     concurrency = max(1, min(concurrency, int((free - 0.1) // 0.9)))
-    chunk = max(2000, -(-len(df) // 64))
-    ds = ray.data.from_pandas([df.iloc[i : i + chunk] for i in range(0, len(df), chunk)])
+    chunk = max(2000, -(-len(frame) // 64))
+    ds = ray.data.from_arrow([frame.slice(i, chunk) for i in range(0, len(frame), chunk)])
     ds = ds.map_batches(
         Tokenize,
-        fn_constructor_kwargs={
-            "tokenizer_name": tokenizer_name,
-            "template": cfg.template,
-            "max_seq_len": cfg.max_seq_len,
-        },
+        fn_constructor_kwargs=tokenize,
         batch_size=1024,
         batch_format="numpy",
         concurrency=concurrency,

@@ -141,6 +141,38 @@ def test_tokenize_ids_are_the_tokenizers_own(tmp_path: Path) -> None:
     assert tokenize._ids(texts) == tok(texts, add_special_tokens=False)["input_ids"]
 
 
+def test_tokenize_without_transformers_gives_the_same_rows(tmp_path: Path) -> None:
+    """Where no chat template applies, tokenize_args hands the actors the
+    fast tokenizer's Rust encoder (serialised) with its bos and eos ids:
+    every column of every row equals what Tokenize gives with transformers'
+    tokenizer loaded, truncated and dropped rows included. With a chat
+    template the actors load the tokenizer (it renders the prompts)."""
+    import numpy as np
+
+    from raymix.data import Tokenize, tokenize_args
+    from raymix.models import BOS, EOS, PAD, train_tokenizer
+
+    texts = ["Translate: caf\u00e9 -> cafe", "  two  spaces\nand a newline\n\n", f"x {EOS} y {PAD}{BOS}",
+             "\u4e2d\u6587 and \U0001f600 emoji", "Answer: 42", " leading space", ""]
+    _, path = train_tokenizer(lambda: texts * 20, 300, tmp_path / "cache", "rows-test")
+    args = tokenize_args(path, "plain", 24)
+    assert set(args["encoder"]) == {"json", "bos", "eos"} and args["encoder"]["eos"] is not None
+    light, full = Tokenize(**args), Tokenize(path, "plain", 24)
+    assert light.tok is None and full.tok is not None
+    n = len(texts)
+    batch = {"task_idx": np.arange(n), "shard": np.zeros(n, dtype=int), "split": np.array(["train"] * n),
+             "id": np.array([str(i) for i in range(n)]), "prompt": np.array(texts, dtype=object),
+             "completion": np.array(texts[::-1][:-1] + [" ".join(["Answer: 42"] * 12)], dtype=object),
+             "references": [["r"]] * n}
+    got, want = light(batch).to_pydict(), full(batch).to_pydict()
+    assert got == want
+    assert {"ok", "dropped"} <= set(got["status"])
+
+    chat = _word_tokenizer(tmp_path / "chat", {"eos_token": "</s>", "pad_token": "<pad>",
+                                                "chat_template": "{{ messages[0]['content'] }}"})
+    assert "encoder" not in tokenize_args(chat, "auto", 24)
+
+
 def test_unreachable_mlflow_server_fails_before_training(tmp_path: Path) -> None:
     from raymix.driver import run
 

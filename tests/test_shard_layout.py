@@ -52,14 +52,14 @@ def test_every_reader_finds_exactly_each_tasks_rows(tmp_path_factory, monkeypatc
     import ray.data
 
     events: list = []
-    map_batches, from_pandas, available = ray.data.Dataset.map_batches, ray.data.from_pandas, ray.available_resources
+    map_batches, from_arrow, available = ray.data.Dataset.map_batches, ray.data.from_arrow, ray.available_resources
 
     def counted(self, fn, *args, **kwargs):
         events.append(("actors", kwargs.get("concurrency")))
         return map_batches(self, fn, *args, **kwargs)
 
     monkeypatch.setattr(ray.data.Dataset, "map_batches", counted)
-    monkeypatch.setattr(ray.data, "from_pandas", lambda *a, **k: events.append("dataset") or from_pandas(*a, **k))
+    monkeypatch.setattr(ray.data, "from_arrow", lambda *a, **k: events.append("dataset") or from_arrow(*a, **k))
     monkeypatch.setattr(ray, "available_resources", lambda: events.append("free") or available())
     pool, _, _ = prepare_pool(tmp_path_factory, [f"data.sources=[{{kind: jsonl, path: {src}}}]",
                                                  "model.vocab_size=512", "runtime.num_cpus=2"])

@@ -35,14 +35,14 @@ def _tokenizer_for(cfg: RunConfig, records: list, out: Path) -> tuple[str, str]:
 def plain_tokenise(records: list, tokenizer_dir: str, data_cfg, dest: Path, batch_size: int = 1024) -> dict:
     """The yardstick of ``data_plane``: the records tokenised in this one
     process by the same callable the Ray Data actors run (``raymix.data.
-    Tokenize``: same tokenizer, template, truncation; batches of the same
-    size), then written as Parquet partitioned by split and shard group like
+    Tokenize`` with the same arguments: tokenizer, template, truncation;
+    batches of the same size), then written as Parquet partitioned by split and shard group like
     the shards."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from raymix.data import Tokenize, assign_shards
+    from raymix.data import Tokenize, assign_shards, tokenize_args
 
     t0 = time.perf_counter()
     tasks = tuple(dict.fromkeys(r.task for r in records))
@@ -53,7 +53,7 @@ def plain_tokenise(records: list, tokenizer_dir: str, data_cfg, dest: Path, batc
             "split": np.array([r.split for r in records]),
             "id": np.array([r.id for r in records]), "prompt": np.array([r.prompt for r in records], dtype=object),
             "completion": np.array([r.completion for r in records], dtype=object), "references": refs}
-    tokenize = Tokenize(tokenizer_dir, data_cfg.template, data_cfg.max_seq_len)
+    tokenize = Tokenize(**tokenize_args(tokenizer_dir, data_cfg.template, data_cfg.max_seq_len))
     t1 = time.perf_counter()
     tables = [tokenize({k: v[i:i + batch_size] for k, v in cols.items()}) for i in range(0, len(records), batch_size)]
     table = pa.concat_tables(tables)
