@@ -238,7 +238,7 @@ class MetaSignals:
     def _along(self, groups: list, g_val):
         """Per group of examples (a task's), the derivative of their summed
         completion-token NLL along g_val on the parameter subset:
-        <g_val, grad sum_e nll_e>, by forward-mode AD (``torch.func.jvp``)
+        <g_val, grad sum_e nll_e>, by forward-mode AD (torch's dual tensors)
         over all groups' examples at once, in batches of similar lengths.
 
         Why forward mode: the alignments need g_val's inner product with each
@@ -276,16 +276,29 @@ class MetaSignals:
         return out
 
     def _along_forward(self, examples: list, g_val):
-        """Per example, <g_val, grad nll_e> by ``torch.func.jvp`` (see :meth:`_along`)."""
+        """Per example, <g_val, grad nll_e> by forward-mode AD (see :meth:`_along`).
+
+        With torch's core forward AD (``torch.autograd.forward_ad``: the
+        subset's parameters made dual tensors, tangent g_val), not
+        ``torch.func.jvp``: under ``jvp`` every operation of the forward,
+        the layers before the subset included, goes through functorch's
+        interpreter, where core forward AD only adds work to operations on
+        dual tensors. The same derivatives (agreeing to 1e-6 relative); on a
+        1,000-task pool's meta step (llama-micro, one CPU thread, a rank's
+        share of 2) this pass took 9.8 to 10.8 ms against 12.1 to 13.7 ms,
+        and the whole step 22.5 to 24.3 ms against 25.4 to 27.5 ms (three
+        runs each). No backward graph is kept (``no_grad``: forward
+        derivatives do not need one)."""
         import torch
-        from torch.func import functional_call, jvp
+        import torch.autograd.forward_ad as fwAD
+        from torch.func import functional_call
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        model, names = self.model, self.param_names
+        model = self.model
 
         class Substituted:  # the model with the subset's tensors given, called as token_nll calls a model
-            def __init__(self, tensors):
-                self.tensors = dict(zip(names, tensors))
+            def __init__(self, tensors: dict):
+                self.tensors = tensors
 
             def get_output_embeddings(self):
                 return model.get_output_embeddings()
@@ -293,13 +306,16 @@ class MetaSignals:
             def __call__(self, **kwargs):
                 return functional_call(model, self.tensors, (), kwargs)
 
-        tangents = tuple(self._direction(g_val))
-        primals = tuple(p.detach() for p in self.params)
         out = torch.zeros(len(examples), dtype=torch.float64)
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH), fwAD.dual_level(), torch.no_grad():
+            duals = Substituted({name: fwAD.make_dual(p.detach(), t) for name, p, t in
+                                 zip(self.param_names, self.params, self._direction(g_val))})
             for idx, batch in self._passes(examples):
-                _, d = jvp(lambda *ts, b=batch: token_nll(Substituted(ts), b, self.device)[0], primals, tangents)
-                out[torch.from_numpy(idx)] = d.detach().double().cpu()
+                nll, _ = token_nll(duals, batch, self.device)
+                tangent = fwAD.unpack_dual(nll).tangent
+                if tangent is None:  # no path from the subset to the loss: the derivative is 0
+                    tangent = torch.zeros_like(nll)
+                out[torch.from_numpy(idx)] = tangent.detach().double().cpu()
         return out
 
     def _passes(self, examples: list):
