@@ -368,6 +368,13 @@ class MetaSignals:
                 for _ in range(self._share(cfg.val_examples_per_task)):
                     examples.append(stream.next())
                     owner.append(int(i))
+            # The tasks whose alignment this step refreshes, and their
+            # training examples, drawn now (their own generator and streams:
+            # the same draws as after the validation pass) so that their
+            # completion-token counts share the validation sums' all-reduce.
+            sampled = np.sort(self.rng.choice(T, size=self.train_tasks, replace=False))
+            n_mine = self._share(cfg.examples_per_task)
+            groups = [[self.train[i].next() for _ in range(n_mine)] for i in sampled]
             # In passes (see _passes); each pass's graph (on the parameter
             # subset only) is kept for the one backward below, once q is
             # known. nll, cnt and owner follow the passes' order.
@@ -384,7 +391,13 @@ class MetaSignals:
                 owner_t = torch.tensor(owner, dtype=torch.long)
                 sums[0].index_add_(0, owner_t, nll.detach().double().cpu())
                 sums[1].index_add_(0, owner_t, cnt.double().cpu())
-            self._all_reduce(sums)
+            # Completion tokens per sampled task as collate labels them (its
+            # rule, not a copy of it), all-reduced with the sums: one
+            # collective, not two.
+            counts = torch.tensor([float((collate(g, self.pad_id)["labels"][:, 1:] != -100).sum()) if g else 0.0
+                                   for g in groups], dtype=torch.float64)
+            both = self._all_reduce(torch.cat([sums.reshape(-1), counts]))
+            sums, counts = both[:2 * T].reshape(2, T), both[2 * T:]
             with np.errstate(invalid="ignore", divide="ignore"):
                 val_loss = (sums[0] / sums[1]).numpy()
             observed = np.isfinite(val_loss)
@@ -419,20 +432,14 @@ class MetaSignals:
             # loss is the mean over all ranks' completion tokens (counts
             # all-reduced first), so it is the same statistic on any number
             # of workers, and only T scalars leave the rank.
-            sampled = np.sort(self.rng.choice(T, size=self.train_tasks, replace=False))
             alignment = np.full(T, np.nan)
-            n_mine = self._share(cfg.examples_per_task)
-            groups = [[self.train[i].next() for _ in range(n_mine)] for i in sampled]
-            # Completion tokens per task as collate labels them (its rule, not a copy of it).
-            counts = self._all_reduce(torch.tensor(
-                [float((collate(g, self.pad_id)["labels"][:, 1:] != -100).sum()) if g else 0.0 for g in groups],
-                dtype=torch.float64))
             for i, g in zip(sampled, groups):
                 meta_tokens[i] += sum(len(ids) for ids, _ in g)
             dots = self._along(groups, g_val) / counts.clamp(min=1.0)
-            alignment[sampled] = self._all_reduce(dots).numpy()
-            tokens = torch.from_numpy(meta_tokens)
-            self._all_reduce(tokens)
+            # The alignments and the step's tokens in one all-reduce.
+            both = self._all_reduce(torch.cat([dots, torch.from_numpy(meta_tokens)]))
+            alignment[sampled] = both[:len(sampled)].numpy()
+            tokens = both[len(sampled):]
         self.steps += 1
         return {"val_loss": val_loss.tolist(), "val_smoothed": self.val_smoothed.tolist(),
                 "alignment": alignment.tolist(),
