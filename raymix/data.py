@@ -183,6 +183,28 @@ def pool_fingerprint(cfg: DataConfig) -> str:
 # Tokenisation (runs inside Ray Data actors)
 
 
+TOKENIZER_THREADS = 2
+"""Threads of each tokenizer actor's Rust encoder (``RAYON_NUM_THREADS``),
+and the CPUs it is given. A fast tokenizer encodes a batch on several
+threads, so actors with one CPU each oversubscribe the cores: on 2 CPUs, two
+actors (all cores each, by default) prepared a 60,000-row pool of 1,000
+tasks in 10 to 12 s where one took 4 to 5 s, and the embedded default's
+560,800 rows in the same 17.5 s (``python -m raymix.bench data_plane``)."""
+
+
+def tokenizer_actors(free_cpus: float, concurrency: int) -> tuple[int, float]:
+    """How many tokenizer actors ``prepare_shards`` runs on ``free_cpus``
+    free CPUs (at most ``concurrency``), and the CPUs each reserves: one
+    actor per :data:`TOKENIZER_THREADS` CPUs, at least one, each reserving
+    0.9 CPU. The reservation is Ray's accounting, not the threads' use: the
+    rest goes to the Parquet writes, 0.1 each, which run best many at a
+    time (on 2 CPUs, one actor reserving 0.9 left room for 11 writes and
+    prepared the 1,000-task pool in 4 to 5 s; reserving 1.9, one write at a
+    time, 11 to 12.5 s). Never a whole CPU: actors holding every CPU would
+    starve the writes, and the pipeline would hang."""
+    return max(1, min(concurrency, int(free_cpus // TOKENIZER_THREADS))), 0.9
+
+
 def tokenize_args(tokenizer_name: str, template: str, max_seq_len: int) -> dict:
     """The keyword arguments of :class:`Tokenize` for a pool: with
     ``encoder`` (the Rust tokenizer serialised, with its bos and eos ids)
@@ -210,7 +232,13 @@ class Tokenize:
     rendered by transformers' ``apply_chat_template``, so then (and for a
     slow tokenizer) each actor loads the tokenizer by ``tokenizer_name``."""
 
-    def __init__(self, tokenizer_name: str, template: str, max_seq_len: int, encoder: Optional[dict] = None):
+    def __init__(self, tokenizer_name: str, template: str, max_seq_len: int, encoder: Optional[dict] = None,
+                 threads: Optional[int] = None):
+        """``threads``: the Rust encoder's threads in this process, set
+        before its first batch (an actor of ``prepare_shards``; see
+        :data:`TOKENIZER_THREADS`); unless the environment sets them."""
+        if threads is not None:
+            os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
         self.max_len = max_seq_len
         if encoder is not None:
             from tokenizers import Tokenizer
@@ -479,22 +507,17 @@ def prepare_shards(
     tokenize = tokenize_args(tokenizer_name, cfg.template, cfg.max_seq_len)
     tmp = root.parent / f".{key}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    # Tokenizer actors take 0.9 CPU and writes 0.1, so that N free CPUs hold N
-    # actors and the writes still get scheduled (actors holding every whole
-    # CPU would starve the write tasks, and the pipeline would hang). Read
-    # before the dataset exists: read after from_pandas, 2 free CPUs counted
-    # as 1 here, and the pool tokenised on one actor.
-    free = ray.available_resources().get("CPU", 1)
-    concurrency = max(1, min(concurrency, int((free - 0.1) // 0.9)))
+    # Read before the dataset exists: read after it, 2 free CPUs counted as 1.
+    actors, actor_cpus = tokenizer_actors(ray.available_resources().get("CPU", 1), concurrency)
     chunk = max(2000, -(-len(frame) // 64))
     ds = ray.data.from_arrow([frame.slice(i, chunk) for i in range(0, len(frame), chunk)])
     ds = ds.map_batches(
         Tokenize,
-        fn_constructor_kwargs=tokenize,
+        fn_constructor_kwargs={**tokenize, "threads": TOKENIZER_THREADS},
         batch_size=1024,
         batch_format="numpy",
-        concurrency=concurrency,
-        num_cpus=0.9,
+        concurrency=actors,
+        num_cpus=actor_cpus,
     )
     ds.write_parquet(str(tmp), partition_cols=["split", "shard"], ray_remote_args={"num_cpus": 0.1})
 

@@ -45,9 +45,9 @@ def test_every_reader_finds_exactly_each_tasks_rows(tmp_path_factory, monkeypatc
             lines.append(json.dumps({"task": f"t{k:02d}", "id": f"{k}-{i}", "split": split,
                                      "prompt": f"task {k} item {i}:", "completion": f"{k * i % 97}"}))
     src.write_text("\n".join(lines) + "\n")
-    # How many tokenizer actors Ray Data was given: on 2 free CPUs, 2; and
-    # the free CPUs were read before the dataset existed (read after it, on
-    # the default pool of 560,800 rows they counted 1: one actor).
+    # The tokenizer actors Ray Data was given: on 2 free CPUs one, with two
+    # encoder threads (see raymix.data.TOKENIZER_THREADS); and the free CPUs
+    # were read before the dataset existed (read after it, they counted 1).
     import ray
     import ray.data
 
@@ -55,7 +55,8 @@ def test_every_reader_finds_exactly_each_tasks_rows(tmp_path_factory, monkeypatc
     map_batches, from_arrow, available = ray.data.Dataset.map_batches, ray.data.from_arrow, ray.available_resources
 
     def counted(self, fn, *args, **kwargs):
-        events.append(("actors", kwargs.get("concurrency")))
+        events.append(("actors", kwargs.get("concurrency"), kwargs.get("num_cpus"),
+                       kwargs["fn_constructor_kwargs"].get("threads")))
         return map_batches(self, fn, *args, **kwargs)
 
     monkeypatch.setattr(ray.data.Dataset, "map_batches", counted)
@@ -63,7 +64,7 @@ def test_every_reader_finds_exactly_each_tasks_rows(tmp_path_factory, monkeypatc
     monkeypatch.setattr(ray, "available_resources", lambda: events.append("free") or available())
     pool, _, _ = prepare_pool(tmp_path_factory, [f"data.sources=[{{kind: jsonl, path: {src}}}]",
                                                  "model.vocab_size=512", "runtime.num_cpus=2"])
-    assert events[:3] == ["free", "dataset", ("actors", 2)], events  # later reads: Ray Data's own
+    assert events[:3] == ["free", "dataset", ("actors", 1, 0.9, 2)], events  # later reads: Ray Data's own
     root = Path(pool.root)
     groups = pool.stats["shards"]
     assert [[0], [1]] == groups["train"][:2] and all(len(g) > 1 for g in groups["train"][2:])
@@ -98,3 +99,20 @@ def test_every_reader_finds_exactly_each_tasks_rows(tmp_path_factory, monkeypatc
         da, db = a.draw(weights, 2, 4), b.draw(weights, 2, 4)
         assert all(np.array_equal(x[0], y[0]) and all(np.array_equal(p[0], q[0]) for p, q in zip(x[1], y[1]))
                    for x, y in zip(da, db))
+
+
+def test_tokenizer_actors_give_each_encoder_its_threads() -> None:
+    """One actor per TOKENIZER_THREADS free CPUs (at least one, at most the
+    concurrency asked), each reserving 0.9 CPU, so that the writes' tenths
+    fit beside them."""
+    from raymix.data import TOKENIZER_THREADS, tokenizer_actors
+
+    assert TOKENIZER_THREADS == 2
+    assert tokenizer_actors(1, 4) == (1, 0.9)
+    assert tokenizer_actors(2, 4) == (1, 0.9)
+    assert tokenizer_actors(3, 4) == (1, 0.9)
+    assert tokenizer_actors(16, 4) == (4, 0.9)
+    assert tokenizer_actors(16, 100) == (8, 0.9)
+    for free in (1, 2, 3, 7, 16, 64):
+        actors, each = tokenizer_actors(free, 100)
+        assert actors * each + 0.1 <= free

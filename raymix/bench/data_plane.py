@@ -88,7 +88,7 @@ def bench_data_plane(cfg: RunConfig, out: Path, repeats: int, warmup: int = 1) -
 
     import ray
 
-    from raymix.data import load_pool, pool_fingerprint, prepare_shards
+    from raymix.data import load_pool, pool_fingerprint, prepare_shards, tokenizer_actors
     from raymix.driver.setup import init_ray
 
     cfg = ray_settings(cfg)
@@ -99,7 +99,7 @@ def bench_data_plane(cfg: RunConfig, out: Path, repeats: int, warmup: int = 1) -
     tok_dir, tok_fp = _tokenizer_for(cfg, records, out)
     fingerprint = pool_fingerprint(cfg.data)
     free = ray.available_resources().get("CPU", 1)
-    actors = max(1, min(cfg.runtime.data_concurrency, int((free - 0.1) // 0.9)))
+    actors, _ = tokenizer_actors(free, cfg.runtime.data_concurrency)
     scratch = out / "scratch"
 
     def ray_path(recs: list, fp: str, tag: str) -> tuple[dict, dict]:
