@@ -800,8 +800,9 @@ class RuntimeConfig:
     torch_threads: int = 1
     """Intra-op threads per worker."""
     data_concurrency: int = 4
-    """At most this many tokenisation actors in Ray Data (capped by free CPUs,
-    one CPU left for writing shards)."""
+    """At most this many tokenisation actors in Ray Data (capped at one per
+    ``raymix.data.TOKENIZER_THREADS`` free CPUs: each actor's Rust encoder
+    runs on that many threads)."""
     max_failures: int = 0
     """Training-worker failures (a killed process, a lost node) Ray Train
     recovers from by restarting the workers from the last checkpoint; -1 for
