@@ -801,7 +801,7 @@ class RuntimeConfig:
     """Intra-op threads per worker."""
     data_concurrency: int = 4
     """At most this many tokenisation actors in Ray Data (capped at one per
-    ``raymix.data.TOKENIZER_THREADS`` free CPUs: each actor's Rust encoder
+    ``raymix.tokenizing.TOKENIZER_THREADS`` free CPUs: each actor's Rust encoder
     runs on that many threads)."""
     max_failures: int = 0
     """Training-worker failures (a killed process, a lost node) Ray Train

@@ -104,7 +104,7 @@ def test_overlong_examples_are_truncated_or_dropped_and_counted(tmp_path: Path) 
     there); an answer that cannot fit drops the example; both are counted."""
     import numpy as np
 
-    from raymix.data import Tokenize
+    from raymix.tokenizing import Tokenize
 
     tok_dir = _word_tokenizer(tmp_path, {"eos_token": "</s>", "pad_token": "<pad>"})
     tokenize = Tokenize(tok_dir, "plain", max_seq_len=24)
@@ -130,8 +130,8 @@ def test_tokenize_ids_are_the_tokenizers_own(tmp_path: Path) -> None:
     equal ``tok(texts)["input_ids"]`` (no special tokens added), for a
     byte-level BPE trained here on text with non-ASCII characters, runs of
     spaces and newlines, and the special tokens' own strings inside it."""
-    from raymix.data import Tokenize
     from raymix.models import BOS, EOS, PAD, train_tokenizer
+    from raymix.tokenizing import Tokenize
 
     texts = ["Translate: caf\u00e9 -> cafe", "  two  spaces\nand a newline\n\n", f"x {EOS} y {PAD}{BOS}",
              "\u4e2d\u6587 and \U0001f600 emoji", "Answer: 42", " leading space", ""]
@@ -149,8 +149,8 @@ def test_tokenize_without_transformers_gives_the_same_rows(tmp_path: Path) -> No
     template the actors load the tokenizer (it renders the prompts)."""
     import numpy as np
 
-    from raymix.data import Tokenize, tokenize_args
     from raymix.models import BOS, EOS, PAD, train_tokenizer
+    from raymix.tokenizing import Tokenize, tokenize_args
 
     texts = ["Translate: caf\u00e9 -> cafe", "  two  spaces\nand a newline\n\n", f"x {EOS} y {PAD}{BOS}",
              "\u4e2d\u6587 and \U0001f600 emoji", "Answer: 42", " leading space", ""]

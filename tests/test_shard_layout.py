@@ -46,7 +46,7 @@ def test_every_reader_finds_exactly_each_tasks_rows(tmp_path_factory, monkeypatc
                                      "prompt": f"task {k} item {i}:", "completion": f"{k * i % 97}"}))
     src.write_text("\n".join(lines) + "\n")
     # The tokenizer actors Ray Data was given: on 2 free CPUs one, with two
-    # encoder threads (see raymix.data.TOKENIZER_THREADS); and the free CPUs
+    # encoder threads (see raymix.tokenizing.TOKENIZER_THREADS); and the free CPUs
     # were read before the dataset existed (read after it, they counted 1).
     import ray
     import ray.data
@@ -105,7 +105,7 @@ def test_tokenizer_actors_give_each_encoder_its_threads() -> None:
     """One actor per TOKENIZER_THREADS free CPUs (at least one, at most the
     concurrency asked), each reserving 0.9 CPU, so that the writes' tenths
     fit beside them."""
-    from raymix.data import TOKENIZER_THREADS, tokenizer_actors
+    from raymix.tokenizing import TOKENIZER_THREADS, tokenizer_actors
 
     assert TOKENIZER_THREADS == 2
     assert tokenizer_actors(1, 4) == (1, 0.9)

@@ -327,7 +327,8 @@ def test_preparation_out_of_process_reads_relative_paths_and_raises_the_input_er
 
     monkeypatch.chdir(tmp_path)
     write_synthetic_tasks(tmp_path / "src", 3, 20)
-    base = [o for o in SMALL if not o.startswith("data.sources")]
+    # A cache of its own: the shared one (RAYMIX_CACHE) may hold this pool from an earlier run.
+    base = [o for o in SMALL if not o.startswith("data.sources")] + [f"data.cache_dir={tmp_path / 'cache'}"]
     cfg = load_config(None, base + ["data.sources=[{kind: jsonl, path: src}]"])
     phases: dict = {}
     tok_dir, pool, init_dir, tracker = prepare_out_of_process(cfg, tmp_path / "run", phases)

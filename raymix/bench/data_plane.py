@@ -34,7 +34,7 @@ def _tokenizer_for(cfg: RunConfig, records: list, out: Path) -> tuple[str, str]:
 
 def plain_tokenise(records: list, tokenizer_dir: str, data_cfg, dest: Path, batch_size: int = 1024) -> dict:
     """The yardstick of ``data_plane``: the records tokenised in this one
-    process by the same callable the Ray Data actors run (``raymix.data.
+    process by the same callable the Ray Data actors run (``raymix.tokenizing.
     Tokenize`` with the same arguments: tokenizer, template, truncation;
     batches of the same size), then written as Parquet partitioned by split and shard group like
     the shards."""
@@ -42,7 +42,8 @@ def plain_tokenise(records: list, tokenizer_dir: str, data_cfg, dest: Path, batc
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from raymix.data import Tokenize, assign_shards, tokenize_args
+    from raymix.data import assign_shards
+    from raymix.tokenizing import Tokenize, tokenize_args
 
     t0 = time.perf_counter()
     tasks = tuple(dict.fromkeys(r.task for r in records))
@@ -88,8 +89,9 @@ def bench_data_plane(cfg: RunConfig, out: Path, repeats: int, warmup: int = 1) -
 
     import ray
 
-    from raymix.data import load_pool, pool_fingerprint, prepare_shards, tokenizer_actors
+    from raymix.data import load_pool, pool_fingerprint, prepare_shards
     from raymix.driver.setup import init_ray
+    from raymix.tokenizing import tokenizer_actors
 
     cfg = ray_settings(cfg)
     init_ray(cfg)

@@ -206,19 +206,15 @@ def prepare_out_of_process(cfg: RunConfig, output_dir: Path, phases: dict, track
     300 MB less while the workers train (``python -m raymix.bench memory``);
     the workers load both from the directories returned.
 
-    With ``tracking`` (``(parent_run_id, saved)``, as :func:`open_tracker`
-    takes them), that process also opens the run's MLflow run and logs the
-    pool to it, so that the driver imports no MLflow before its workers have
-    finished (about 100 MB more while they train); the tracker returned is
-    attached to that run (:meth:`raymix.tracking.RunTracker.attached`),
-    otherwise None. The driver ends the run, failed or not (see
-    :func:`opened_tracker` for a failure before it knows the run).
-
-    Returns the tokenizer's directory, the prepared pool, the initial model's
-    directory and the tracker, and adds the preparation's phases to
-    ``phases``, with ``prepare_process``: the seconds the process adds (its
-    start and the transfers). An error is raised as it was raised there (a
-    :class:`RaymixError` naming the bad file or field)."""
+    With ``tracking`` (``(parent_run_id, saved)``), that process also opens
+    the MLflow run and logs the pool to it: the driver then imports no MLflow
+    while its workers train (about 100 MB); the tracker returned is attached
+    to that run (else None), and the driver ends it (:func:`opened_tracker`
+    after a failure). Returns the tokenizer's directory, the pool, the
+    initial model's directory and the tracker; adds the phases to ``phases``,
+    with ``prepare_process``: the seconds the process adds. An error is
+    raised as it was raised there (a :class:`RaymixError` naming the bad
+    file or field)."""
     import ray
     from ray.exceptions import RayTaskError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -392,10 +388,8 @@ def open_tracker(cfg: RunConfig, out: Path, parent_run_id: Optional[str], saved:
     return tracker
 
 
-def start_tracking(cfg: RunConfig, out: Path, parent_run_id: Optional[str], saved: Optional[dict],
-                   phases: dict):
-    """:func:`open_tracker`, and the run's config.yaml logged to a new run;
-    its seconds are the ``tracking_setup`` phase."""
+def start_tracking(cfg: RunConfig, out: Path, parent_run_id: Optional[str], saved: Optional[dict], phases: dict):
+    """:func:`open_tracker`, and a new run's config.yaml logged (phase ``tracking_setup``)."""
     t = time.perf_counter()
     tracker = open_tracker(cfg, out, parent_run_id, saved)
     if not saved:
@@ -405,11 +399,9 @@ def start_tracking(cfg: RunConfig, out: Path, parent_run_id: Optional[str], save
 
 
 def opened_tracker(cfg: RunConfig, out: Path, saved: Optional[dict]):
-    """The MLflow run this invocation opened, when it was opened in another
-    process that failed before returning it (see
-    :func:`prepare_out_of_process`): the saved run it continues, or the new
-    one recorded in OUTPUT/run.json (a new run's folder has none before, see
-    :func:`prepare_output`); None when there is none to end."""
+    """The MLflow run opened by a preparation process that failed before
+    returning it: the saved run continued, or the new one in OUTPUT/run.json
+    (a new run's folder has none before it); None if there is none."""
     from raymix.tracking import RunTracker
 
     if saved:
@@ -423,9 +415,8 @@ def opened_tracker(cfg: RunConfig, out: Path, saved: Optional[dict]):
 
 
 def log_pool(tracker, cfg: RunConfig, pool, out: Path, saved: Optional[dict]) -> None:
-    """The prepared pool in the run: pool_stats.json, and the pool's and the
-    budget's figures as metrics at step 0 (once per run: a resumed run logged
-    them when it started, and MLflow would show a second value)."""
+    """pool_stats.json, and the pool's and budget's figures at step 0 (once:
+    a resumed run logged them when it started)."""
     from raymix.data import pool_summary
     from raymix.metrics_view import TaskMetricsView, per_task
 

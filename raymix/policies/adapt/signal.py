@@ -278,17 +278,13 @@ class MetaSignals:
     def _along_forward(self, examples: list, g_val):
         """Per example, <g_val, grad nll_e> by forward-mode AD (see :meth:`_along`).
 
-        With torch's core forward AD (``torch.autograd.forward_ad``: the
-        subset's parameters made dual tensors, tangent g_val), not
-        ``torch.func.jvp``: under ``jvp`` every operation of the forward,
-        the layers before the subset included, goes through functorch's
-        interpreter, where core forward AD only adds work to operations on
-        dual tensors. The same derivatives (agreeing to 1e-6 relative); on a
-        1,000-task pool's meta step (llama-micro, one CPU thread, a rank's
-        share of 2) this pass took 9.8 to 10.8 ms against 12.1 to 13.7 ms,
-        and the whole step 22.5 to 24.3 ms against 25.4 to 27.5 ms (three
-        runs each). No backward graph is kept (``no_grad``: forward
-        derivatives do not need one)."""
+        With torch's core forward AD (the subset's parameters made dual
+        tensors), not ``torch.func.jvp``, under which every operation of the
+        forward, the layers before the subset included, goes through
+        functorch's interpreter. The same derivatives (to 1e-6 relative); on
+        a 1,000-task pool's meta step (llama-micro, one thread, a rank's
+        share of 2) the pass took 9.8-10.8 ms against 12.1-13.7 ms, the step
+        22.5-24.3 ms against 25.4-27.5 ms (three runs each)."""
         import torch
         import torch.autograd.forward_ad as fwAD
         from torch.func import functional_call
