@@ -14,7 +14,7 @@ import numpy as np
 
 TOKENIZER_THREADS = 2
 """Threads of each tokenizer actor's Rust encoder (``RAYON_NUM_THREADS``),
-and the CPUs it is given. A fast tokenizer encodes a batch on several
+and the free CPUs counted per actor (:func:`tokenizer_actors`). A fast tokenizer encodes a batch on several
 threads, so actors with one CPU each oversubscribe the cores: on 2 CPUs, two
 actors (all cores each, by default) prepared a 60,000-row pool of 1,000
 tasks in 10 to 12 s where one took 4 to 5 s, and the embedded default's
