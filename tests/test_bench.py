@@ -183,7 +183,7 @@ def test_task_runs_counts_the_examples_each_evaluation_reads(tmp_path: Path, mon
     out = tmp_path / "bench"
     try:
         rc = main(["task_runs", "--run-tasks", "4,8", "--adapt-tasks", "8", "--repeats", "2", "--examples", "80",
-                   "--output", str(out), *RAY,
+                   "--warmup", "1", "--output", str(out), *RAY,
                    "--set", "runtime.num_workers=0", "--set", "budget.tokens=600", "--set", "model.vocab_size=512",
                    "--set", "eval.max_test_examples=3", "--set", "eval.curve_points=2",
                    # bounds in all that bind: one prompt and one curve example per task
@@ -215,11 +215,16 @@ def test_task_runs_counts_the_examples_each_evaluation_reads(tmp_path: Path, mon
     assert a["loop_vs_policy"] == pytest.approx(a["loop_seconds"] / r["runs"]["8"]["loop_seconds"])
     assert a["loop_without_meta_vs_policy"] < a["loop_vs_policy"]
     assert len(a["loop_vs_policy_by_round"]) == 2
+    # One untimed run first; every other round in the reverse order, so no
+    # count always runs last in its round.
+    assert r["warmup_runs"] == 1 and (out / "task_runs" / "warmup" / "r0" / "run" / "summary.json").is_file()
+    assert r["run_order"] == ["T4", "T8", "T8-adapt", "T8-adapt", "T8", "T4"]
     # One tokenizer, so one model, at every task count (and for ADAPT's runs).
     sizes = {json.loads(c.read_text())["vocab_size"] for c in out.glob("task_runs/T*/r*/run/init_model/config.json")}
     assert sizes == {r["shared_tokenizer_vocab"]}
     md = (out / "bench.md").read_text()
     assert "per example" in md and "ADAPT against uniform" in md and "one tokenizer of" in md
+    assert "every other round in the reverse order, after 1 untimed run(s) at 4 tasks)" in md
 
 
 @pytest.mark.ray

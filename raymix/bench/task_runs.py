@@ -153,7 +153,7 @@ def median_row(runs: list[dict]) -> dict:
 
 def bench_task_runs(cfg: RunConfig, out: Path, repeats: int = 1,
                     task_counts: Sequence[int] = (20, 100, 1000, 5000), total_examples: int = 60000,
-                    adapt_tasks: Sequence[int] = (1000,)) -> dict:
+                    adapt_tasks: Sequence[int] = (1000,), warmup: int = 1) -> dict:
     """Whole runs at each task count on ``total_examples`` examples of
     :func:`write_synthetic_tasks` (80/10/10 splits), under the configuration's
     budget (``budget.tokens``, else 300,000 tokens) and runtime (``eval.suite`` off: lm-eval does not depend on the
@@ -182,11 +182,20 @@ def bench_task_runs(cfg: RunConfig, out: Path, repeats: int = 1,
     adapt_cfg = replace(cfg, policy=replace(cfg.policy, name="adapt")) if cfg.policy.name != "adapt" else None
     runs: dict[str, list[dict]] = {str(n): [] for n in task_counts}
     adapt_runs: dict[str, list[dict]] = {str(n): [] for n in adapt_tasks if adapt_cfg is not None}
+    for i in range(warmup):
+        # Untimed: the first run of a process pays for what later runs find
+        # warm (imports, the page cache; 30% more wall in one measurement).
+        one_run(cfg, out / "warmup" / f"r{i}", min(task_counts), total_examples)
+    jobs = [(runs, cfg, str(n), f"T{n}") for n in task_counts] + [
+        (adapt_runs, adapt_cfg, key, f"T{key}-adapt") for key in adapt_runs]
+    order = []
     for i in range(repeats):
-        for n in task_counts:
-            runs[str(n)].append(one_run(cfg, out / f"T{n}" / f"r{i}", n, total_examples))
-        for key in adapt_runs:
-            adapt_runs[key].append(one_run(adapt_cfg, out / f"T{key}-adapt" / f"r{i}", int(key), total_examples))
+        # Every other round runs in the reverse order: a run's position in
+        # its round moved its loop by up to 0.9 s in 10 s, so counts that
+        # always ran later looked slower than they are.
+        for into, c, key, name in (jobs if i % 2 == 0 else jobs[::-1]):
+            into[key].append(one_run(c, out / name / f"r{i}", int(key), total_examples))
+            order.append(name)
     rows = {n: median_row(rs) for n, rs in runs.items()}
     lo = rows[str(min(task_counts))]
     for r in rows.values():
@@ -225,7 +234,8 @@ def bench_task_runs(cfg: RunConfig, out: Path, repeats: int = 1,
             "repeats": repeats, "budget_tokens": cfg.budget.tokens, "num_workers": cfg.runtime.num_workers,
             "global_batch_examples": batch,
             "per_task_metrics_max_tasks": cfg.tracking.per_task_metrics_max_tasks, "ray": ray_info(cfg),
-            "task_counts": list(task_counts), "runs": rows, "adapt": adapt}
+            "task_counts": list(task_counts), "runs": rows, "adapt": adapt, "warmup_runs": warmup,
+            "run_order": order}
 
 
 def markdown(r: dict) -> list[str]:
@@ -278,8 +288,10 @@ def markdown(r: dict) -> list[str]:
         lines += ["", "Rows without the parts of the final evaluation were measured before it was timed in parts "
                   "(and before its bounds in all)."]
     if r.get("repeats", 1) > 1:
-        lines += ["", f"Figures are medians of {r['repeats']} runs per task count (runs interleaved across counts); "
-                  "loop seconds of every run: " + "; ".join(
+        order = ("every other round in the reverse order, " if "run_order" in r else "")
+        warm = (f"after {r['warmup_runs']} untimed run(s) at {lo} tasks, " if r.get("warmup_runs") else "")
+        lines += ["", f"Figures are medians of {r['repeats']} runs per task count (runs interleaved across counts, "
+                  f"{order}{warm}".rstrip(", ") + "); loop seconds of every run: " + "; ".join(
                       f"{n}: " + ", ".join(f"{v:.1f}" for v in r["runs"][str(n)].get("loop_seconds_all", []))
                       for n in r["task_counts"]) + "."]
     if r.get("adapt"):
