@@ -95,7 +95,11 @@ def train_fn():
     maps = []
     for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
         try:
-            if open(cmdline, "rb").read().startswith(b"ray::TrainController"):
+            # This run's controller: a child of this worker's raylet (a
+            # controller left by another Ray on the machine is not).
+            stat = open(cmdline[:-len("cmdline")] + "stat").read()
+            if (open(cmdline, "rb").read().startswith(b"ray::TrainController")
+                    and int(stat[stat.rindex(")") + 2:].split()[1]) == os.getppid()):
                 maps.append(open(cmdline[:-len("cmdline")] + "maps").read())
         except OSError:  # a process that ended meanwhile
             pass
