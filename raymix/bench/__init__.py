@@ -169,8 +169,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed repeats per measurement (default per benchmark: "
                              + ", ".join(f"{k} {v}" for k, v in DEFAULT_REPEATS.items()) + ")")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls (task_scaling, data_plane; task_runs: whole runs "
-                        "at the smallest task count)")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed warm-up calls (task_scaling, data_plane; task_runs: whole runs "
+                             "at the smallest task count)")
     parser.add_argument("--tasks", default="20,100,400,1000",
                         help="task_scaling: comma-separated task counts (the smallest is the yardstick)")
     parser.add_argument("--policies", default=None,
