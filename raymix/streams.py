@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -78,11 +79,11 @@ class SharedFile:
         """A task's row indices, in file order (maybe none)."""
         return self.rows.get(task_idx, np.zeros(0, dtype=np.int64))
 
-    def decoded(self, task_idx: int) -> tuple[int, tuple[list[np.ndarray], np.ndarray]]:
+    def decoded(self, task_idx: int) -> tuple[int, Decoded]:
         """A task's row count (dropped rows included) and its kept rows as :func:`_decode` gives them."""
         rows = self.task_rows(task_idx)
         keep = rows[self.kept[rows]]
-        return len(rows), ([self.values[self.offsets[j] : self.offsets[j + 1]] for j in keep], self.prompt_len[keep])
+        return len(rows), (TokenRows(self.values, self.offsets[keep], self.offsets[keep + 1]), self.prompt_len[keep])
 
 
 @functools.lru_cache(maxsize=SHARED_FILES_CACHED)
@@ -100,7 +101,7 @@ def _shared_file(path: str, mtime_ns: int, size: int) -> SharedFile:
         col.values.to_numpy().astype(np.int64) if col is not None else np.zeros(0, dtype=np.int64),
         col.offsets.to_numpy() if col is not None else np.zeros(1, dtype=np.int64),
         table.column("prompt_len").to_numpy(),
-        np.asarray(table.column("status").to_pylist()) != "dropped",
+        _kept_mask(table.column("status")),
         {int(t): order[bounds[j] : bounds[j + 1]] for j, t in enumerate(tasks)})
 
 
@@ -124,16 +125,77 @@ are streamed as before. 1 MiB: far above a small task's file (tens of KB),
 so the scan reads small tasks only."""
 
 
-def _decode(batch) -> tuple[list[np.ndarray], np.ndarray]:
+class _FirstChunk:
+    """A file's first chunk, decoded, and the file's row count: shared by
+    every stream of the process that starts the file while one holds it."""
+
+    __slots__ = ("ids", "plen", "rows", "file_rows", "__weakref__")
+
+    def __init__(self, ids: TokenRows, plen: np.ndarray, rows: int, file_rows: int):
+        self.ids, self.plen, self.rows, self.file_rows = ids, plen, rows, file_rows
+
+    def __iter__(self):  # unpacks as the (ids, prompt lengths) of a decoded chunk
+        return iter((self.ids, self.plen))
+
+
+_FIRST_CHUNKS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+"""(path, mtime, size, chunk_rows) -> the :class:`_FirstChunk` a stream
+holds now. A signal's streams read the same files as the training sampler's
+(ADAPT's training examples per task), each in its own order: a stream that
+starts a file whose first chunk another holds reads those rows without a
+decode. On the embedded default, where ADAPT's first meta step decodes a
+chunk per large task, 2 of its 11 large tasks were shared this way (the
+others' training streams had started another file of the task first).
+Weak references: a chunk that no stream holds is not kept, so memory stays
+bounded by ``chunk_rows`` per stream, and streams that share one hold it
+once."""
+
+
+def _first_chunk_key(path: str, chunk_rows: int) -> tuple:
+    st = os.stat(path)
+    return path, st.st_mtime_ns, st.st_size, chunk_rows
+
+
+class TokenRows:
+    """A chunk's examples as token ids (int64), each sliced from one flat
+    array when it is read. The list of 8,192 slices this replaces cost about
+    1.6 ms per chunk to build, and the status column as Python strings
+    another 0.9 ms: together about two thirds of a chunk's decode, paid at
+    every stream's first draw of a file (a signal's streams included: ADAPT's
+    first meta step on the embedded default decodes a chunk per large task)."""
+
+    __slots__ = ("values", "starts", "ends")
+
+    def __init__(self, values: np.ndarray, starts: np.ndarray, ends: np.ndarray):
+        self.values, self.starts, self.ends = values, starts, ends
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, j) -> np.ndarray:
+        return self.values[self.starts[j] : self.ends[j]]
+
+
+Decoded = tuple[TokenRows, np.ndarray]
+"""A decoded chunk: its kept rows' token ids and prompt lengths."""
+
+
+def _kept_mask(status) -> np.ndarray:
+    """Rows whose status is not "dropped" (a null status is kept), from an Arrow column."""
+    import pyarrow.compute as pc
+
+    return pc.fill_null(pc.not_equal(status, "dropped"), True).to_numpy(zero_copy_only=False).astype(bool)
+
+
+def _decode(batch) -> tuple[TokenRows, np.ndarray]:
     """A record batch's kept rows: token ids (int64) and prompt lengths."""
-    keep = np.asarray(batch.column("status").to_pylist()) != "dropped"
+    keep = np.flatnonzero(_kept_mask(batch.column("status")))
     col = batch.column("input_ids")
-    # Slice the flat values by the list offsets: no per-token Python objects.
+    # The flat values and the list offsets: no per-token Python objects.
     offsets = col.offsets.to_numpy()
     values = col.values.to_numpy().astype(np.int64)
-    ids = [values[offsets[j] : offsets[j + 1]] for j in np.flatnonzero(keep)]
     plen = np.asarray(batch.column("prompt_len").to_numpy())[keep]
-    return ids, plen
+    return TokenRows(values, offsets[keep], offsets[keep + 1]), plen
 
 
 def preload_small(streams: list[TaskStream], max_bytes: int = PRELOAD_BYTES) -> int:
@@ -202,11 +264,11 @@ class TaskStream:
         # re-reading its file at every pass cost a file open and a decode per
         # pass (with thousands of small tasks, a large share of the loop).
         # The memory bound per task stays ``chunk_rows`` rows.
-        self._kept: dict[int, tuple[list[np.ndarray], np.ndarray]] = {}
+        self._kept: dict[int, Decoded | _FirstChunk] = {}
         self._kept_rows = 0
         self._iter = self._examples()
 
-    def _chunks(self, epoch: int) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+    def _chunks(self, epoch: int) -> Iterator[Decoded]:
         import pyarrow.parquet as pq
 
         rng = np.random.default_rng([self.seed, epoch])
@@ -221,20 +283,42 @@ class TaskStream:
                 self.keep(fi, rows, decoded)
                 yield decoded
                 continue
-            pf = pq.ParquetFile(self.files[fi])
-            first, chunks = None, 0  # the first chunk only: a large file's others are not held
-            for batch in pf.iter_batches(batch_size=self.chunk_rows, columns=COLUMNS):
-                ids, plen = _decode(batch)
-                first, chunks = first or (ids, plen), chunks + 1
-                yield ids, plen
-            if chunks == 1:  # the whole file came as this one chunk
-                self.keep(fi, pf.metadata.num_rows, first)
+            key = _first_chunk_key(self.files[fi], self.chunk_rows)
+            # Held by this frame while the stream reads the chunk (and by
+            # ``_kept`` when it is the whole file), so that another stream
+            # starting the file meanwhile shares it.
+            head = _FIRST_CHUNKS.get(key)
+            batches = None
+            if head is None:
+                # use_threads=False: read on this thread. With Arrow's pool,
+                # each chunk of 8,192 rows at ADAPT's first meta step took
+                # 10-67 ms on both workers of a 2-core run (hand-offs between
+                # threads that wait for a core); on this thread 3-4 ms on one
+                # worker and 3-68 ms on the other in the same run, against
+                # 6 ms (read and decode) in a process alone.
+                pf = pq.ParquetFile(self.files[fi])
+                batches = pf.iter_batches(batch_size=self.chunk_rows, columns=COLUMNS, use_threads=False)
+                batch = next(batches, None)
+                if batch is None:
+                    continue
+                head = _FirstChunk(*_decode(batch), batch.num_rows, pf.metadata.num_rows)
+                _FIRST_CHUNKS[key] = head
+            yield head
+            if head.rows == head.file_rows:  # the whole file came as this one chunk (kept: still shared)
+                self.keep(fi, head.file_rows, head)
+                continue
+            if batches is None:  # the first chunk came shared: read on after it
+                batches = pq.ParquetFile(self.files[fi]).iter_batches(batch_size=self.chunk_rows, columns=COLUMNS, use_threads=False)
+                next(batches)
+            head = None  # a large file's other chunks are not held
+            for batch in batches:
+                yield _decode(batch)
 
     def fits(self, rows: int) -> bool:
         """Whether ``rows`` more rows stay within the ``chunk_rows`` bound of kept files."""
         return rows <= self.chunk_rows - self._kept_rows
 
-    def keep(self, fi: int, rows: int, decoded: tuple[list[np.ndarray], np.ndarray]) -> bool:
+    def keep(self, fi: int, rows: int, decoded: Decoded) -> bool:
         """Hold file ``fi``'s decoded rows (``rows`` of them, dropped ones
         included) for later passes, if they fit in the bound; whether they did."""
         if fi in self._kept or not self.fits(rows):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+import raymix.streams as streams_module
 from raymix.streams import MixtureSampler, TaskStream, collate, preload_small, read_split
 
 SCHEMA = pa.schema(
@@ -341,6 +343,8 @@ def test_small_files_are_decoded_once_and_give_the_same_draws(shards, monkeypatc
     kept = TaskStream(str(d), seed=3, chunk_rows=64)
     draws = take(kept, 4 * len(keep))
     assert len(opened) == 3 and kept.state_dict() == {"epoch": 3, "served": len(keep)}  # four passes
+    del kept
+    gc.collect()  # its chunks are no longer shared (see test_streams_share_a_file_s_first_chunk)
     reread = TaskStream(str(d), seed=3, chunk_rows=64)
     reread._kept_rows = reread.chunk_rows  # no room to keep anything: every pass reads its files
     opened.clear()
@@ -350,6 +354,36 @@ def test_small_files_are_decoded_once_and_give_the_same_draws(shards, monkeypatc
     bounded = TaskStream(str(d), seed=3, chunk_rows=15)
     take(bounded, 2 * len(keep))
     assert bounded._kept_rows <= 15
+
+
+def test_streams_share_a_file_s_first_chunk(shards, monkeypatch) -> None:
+    """A stream that starts a file while another holds its first chunk
+    (a signal's stream beside the training sampler's) decodes nothing: it
+    reads the same rows in its own order, so its draws are those of a
+    stream alone; once no stream holds the chunk, it is read again."""
+    d, keep = shards
+    alone = take(TaskStream(str(d), seed=5, chunk_rows=64), 2 * len(keep))
+    gc.collect()
+    decoded: list[int] = []
+    real = streams_module._decode
+    monkeypatch.setattr(streams_module, "_decode", lambda batch: decoded.append(batch.num_rows) or real(batch))
+    first = TaskStream(str(d), seed=3, chunk_rows=64)
+    take(first, 1)
+    assert len(decoded) == 1  # the first file's chunk
+    second = TaskStream(str(d), seed=5, chunk_rows=64)
+    assert take(second, 2 * len(keep)) == alone
+    assert len(decoded) == 3  # the two files the first stream had not read; the one it holds was shared
+    # Files of several chunks: the first chunk shared while held, the others read by each stream.
+    a, b = TaskStream(str(d), seed=3, chunk_rows=4), TaskStream(str(d), seed=3, chunk_rows=4)
+    first_draw = take(a, 1)
+    decoded.clear()
+    assert take(b, 1) == first_draw and decoded == []
+    assert take(a, 8) == take(b, 8) and len(decoded) >= 4  # each stream reads on after the first chunk
+    del first, second, a, b
+    gc.collect()
+    decoded.clear()
+    take(TaskStream(str(d), seed=3, chunk_rows=64), 1)
+    assert len(decoded) == 1
 
 
 def test_sampler_reads_small_tasks_in_one_scan_with_the_same_draws(tmp_path: Path, monkeypatch) -> None:
