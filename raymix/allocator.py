@@ -1,29 +1,33 @@
-"""glibc malloc thresholds for the training process.
+"""glibc malloc settings for training on CPU.
 
-By default glibc maps a large allocation apart and unmaps it when it is
-freed (above a threshold it adapts, up to 32 MiB), and returns the heap's
-free top to the system above another. A pass that frees and reallocates
-the same large buffers (ADAPT's meta passes of 64 examples: 32 MiB of
-logits for ``llama-micro`` at 64 tokens) then faults them back in page by
-page every time. With both thresholds fixed high (mmap at 256 MiB, trim at
-1 GiB; ``mallopt``), a no-grad forward of 64 x 64 tokens on a thread, as Ray
-Train runs the training function, took 33.8 ms with 615 minor page faults
-against 43.8 ms with 8,193 (``llama-micro``, one thread).
+By default glibc returns freed memory to the system (``munmap`` above a
+dynamic threshold of at most 32 MiB, a trim of the heap's top above another),
+and gives each thread that allocates its own arena of 64 MiB heaps. A
+training step frees and reallocates the same activation buffers at every
+step, so each step faulted its buffers back in page by page: with
+``llama-micro`` on one thread, in a thread as Ray Train runs the training
+function, a training step of 16 x 64 tokens took 37-38 ms with about 3,000
+minor page faults, and a no-grad forward of 64 x 64 tokens (ADAPT's meta
+passes; its logits are 32 MiB) 44 ms with 8,193. With the three settings
+below (thresholds fixed, freed memory kept, one arena), 32-34 ms and 31-34
+ms, with no page faults. The two thresholds without the single arena
+still faulted about 3,000 times per training step (the training thread's
+own arena); the single arena alone, all 8,193 of the forward; the trim
+threshold alone 7 times as many as the defaults (60 ms a step).
 
-Set in the training process only, when its loop starts
-(:func:`tune_this_process`), not in the environment of every Ray process:
-with the thresholds and one malloc arena (``MALLOC_ARENA_MAX=1``, which a
-training step of 16 x 64 tokens on a thread needs to stop faulting at all:
-37-38 ms to 32-34 ms in the same measurement) in all of a local Ray's
-processes, shard preparation took 11.7-12.0 s against 9.2-9.4 s at 20
-tasks (7.2-8.2 s against 5.8-6.8 s at 1,000) and the training loop was
-unchanged within its spread (``task_runs``, two runs of each, alternated).
+The cost: memory a process freed stays mapped up to the trim threshold, so
+its resident size follows its peak, not its current use. Allocations above
+the mmap threshold (256 MiB: larger models' activations) are mapped and
+returned as before.
 
-The cost: memory the training process freed stays mapped up to the trim
-threshold, so its resident size follows its peak rather than its current
-use. Allocations above 256 MiB (larger models' activations) are mapped and
-returned as before. A user's own ``MALLOC_*`` or ``glibc.malloc`` tunable
-wins: nothing is changed where one is set.
+The settings must be in a process's environment when it starts (the arena
+count is read then): :func:`ray_env` gives them to a local Ray instance
+that raymix starts, whose every process inherits them; :func:`tune_this_process`
+sets the two thresholds in a running process (the driver, whose training
+runs on its main thread with ``runtime.num_workers=0``). A user's own
+``MALLOC_*`` setting wins: nothing is changed where one is set, since the
+three only help together. A cluster's processes are left as they are (GPU
+training allocates its activations on the GPU).
 """
 
 from __future__ import annotations
@@ -34,19 +38,30 @@ import platform
 
 MMAP_THRESHOLD = 256 << 20
 TRIM_THRESHOLD = 1 << 30
+ENV = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD),
+       "MALLOC_ARENA_MAX": "1"}
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
 
-def user_set() -> bool:
-    """Whether the environment sets glibc's malloc itself."""
+def _user_set() -> bool:
     return any(k.startswith("MALLOC_") for k in os.environ) or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "")
 
 
+def _is_glibc() -> bool:
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def ray_env() -> dict[str, str]:
+    """The environment for a local Ray instance's processes (empty where the
+    user set glibc's malloc, or the C library is not glibc)."""
+    return {} if _user_set() or not _is_glibc() else dict(ENV)
+
+
 def tune_this_process() -> bool:
-    """Fix both thresholds in this process (see the module docstring);
-    whether they were set (not on another C library, nor where the user
-    set malloc's own)."""
-    if user_set() or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    """Set the two thresholds in this process (see the module docstring);
+    whether they were set."""
+    if _user_set() or not _is_glibc():
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -17,16 +17,18 @@ glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0
 
 
 @glibc
-def test_the_user_s_own_malloc_setting_wins(monkeypatch) -> None:
+def test_ray_env_gives_all_three_settings_or_none(monkeypatch) -> None:
     for k in [k for k in os.environ if k.startswith("MALLOC_")]:
         monkeypatch.delenv(k)
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    assert not allocator.user_set()
+    assert allocator.ray_env() == allocator.ENV
+    # A user's own setting wins, and the others are not added beside it: a
+    # trim threshold alone (dynamic mmap threshold off) faults far more.
     monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    assert allocator.user_set() and allocator.tune_this_process() is False
+    assert allocator.ray_env() == {} and allocator.tune_this_process() is False
     monkeypatch.delenv("MALLOC_ARENA_MAX")
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=0")
-    assert allocator.user_set() and allocator.tune_this_process() is False
+    assert allocator.ray_env() == {}
 
 
 CHILD = r"""

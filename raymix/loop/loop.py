@@ -17,7 +17,6 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from raymix import allocator
 from raymix.loop.checkpoint import Checkpointer
 from raymix.loop.contract import LoopConfig
 from raymix.loop.exchange import MixerExchange
@@ -38,7 +37,6 @@ def train_loop(config: dict | LoopConfig, session=None, mixer=None) -> None:
     entered_at = time.time()  # wall clock: compared with the driver's, to time worker start-up
     loop = LoopConfig.from_train_loop_config(config)
     cfg, budget, session = loop.run, loop.budget_tokens, session or RayTrainSession()
-    allocator.tune_this_process()  # freed activation buffers kept for the next pass (see raymix.allocator)
     w = Worker.build(loop, session)
     step = TrainStep(w)  # builds the optimizer
     client, lost = _mixer_client(loop, mixer) if w.rank == 0 else (None, None)
