@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from raymix import allocator
 from raymix.config import RunConfig, identity_hash, load_config, to_yaml
 from raymix.errors import RaymixError
 
@@ -39,12 +38,8 @@ def init_ray(cfg: RunConfig) -> None:
     # raymix.driver.trainer.lean_trainer_class), and Ray Train's preemption
     # watcher, an actor (about 200 MB) polling for node drains that cannot
     # happen here, is off unless the user set it.
-    # raymix.allocator: glibc's malloc keeps freed buffers in every process
-    # of the instance (a training step no longer faults its activations
-    # back in), and in this one, whose loop trains with num_workers=0.
     env = {LOCAL_RAY_ENV: "1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": os.environ.get(
-        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"), **allocator.ray_env()}
-    allocator.tune_this_process()
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")}
     before = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
