@@ -92,7 +92,7 @@ def train_fn():
     import glob
     import torch.distributed as dist
 
-    maps = []
+    maps, pids = [], []
     for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
         try:
             # This run's controller: a child of this worker's raylet (a
@@ -101,13 +101,14 @@ def train_fn():
             if (open(cmdline, "rb").read().startswith(b"ray::TrainController")
                     and int(stat[stat.rindex(")") + 2:].split()[1]) == os.getppid()):
                 maps.append(open(cmdline[:-len("cmdline")] + "maps").read())
+                pids.append(int(cmdline.split("/")[2]))
         except OSError:  # a process that ended meanwhile
             pass
     rank = ray.train.get_context().get_world_rank()
     with open(os.path.join(OUT, f"probe-{rank}.json"), "w") as f:
         json.dump({"backend": dist.get_backend(), "world": dist.get_world_size(),
                    "rank_env": os.environ.get("RANK"), "controllers": len(maps),
-                   "controller_torch": any("libtorch" in m for m in maps)}, f)
+                   "controller_torch": any("libtorch" in m for m in maps), "controller_pids": pids}, f)
 
 init_ray(load_config(overrides=["runtime.num_cpus=2", "runtime.object_store_memory=100000000"]))
 env = {k: os.environ.get(k) for k in (LOCAL_RAY_ENV, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")}
@@ -115,7 +116,15 @@ lean_trainer_class()(train_fn, scaling_config=ray.train.ScalingConfig(
     num_workers=2, resources_per_worker={"CPU": 1}),
     run_config=ray.train.RunConfig(storage_path=sys.argv[1])).fit()
 names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True))
-print(json.dumps({"env": env, "named": names, "driver_torch": "torch" in sys.modules}))
+# The run's controller ends with its run, before this driver (or its Ray) does.
+import time
+controller = json.load(open(os.path.join(OUT, "probe-0.json")))["controller_pids"]
+deadline = time.monotonic() + 20
+while controller and time.monotonic() < deadline and os.path.exists(f"/proc/{controller[0]}"):
+    time.sleep(0.2)
+alive = bool(controller) and os.path.exists(f"/proc/{controller[0]}")
+print(json.dumps({"env": env, "named": names, "driver_torch": "torch" in sys.modules,
+                  "controller_alive_after_fit": alive}))
 """
 
 
@@ -124,9 +133,9 @@ def test_a_run_on_a_local_ray_leaves_no_coordinator_and_starts_no_watcher(tmp_pa
     """A whole fit on a Ray that init_ray started: the environment says so
     (and turns the preemption watcher off), the detached
     AutoscalingCoordinator actor, which would outlive the run, was never
-    created, and torch's process group is up on the workers while the
-    driver and the controller never imported torch. In a child process:
-    init_ray starts its own Ray."""
+    created, torch's process group is up on the workers while the driver
+    and the controller never imported torch, and the controller has ended
+    when fit returns. In a child process: init_ray starts its own Ray."""
     import json
     import os
     import subprocess
@@ -143,6 +152,11 @@ def test_a_run_on_a_local_ray_leaves_no_coordinator_and_starts_no_watcher(tmp_pa
     # Two workers joined a gloo process group, as TorchTrainer's would have,
     # and neither the driver nor the controller loaded torch to start them.
     probes = [json.loads((tmp_path / f"probe-{r}.json").read_text()) for r in (0, 1)]
+    for p in probes:
+        assert len(p.pop("controller_pids")) == 1
     assert probes == [{"backend": "gloo", "world": 2, "rank_env": str(r), "controllers": 1,
                        "controller_torch": False} for r in (0, 1)], probes
     assert got["driver_torch"] is False
+    # Ray Train's SIGINT handler kept the controller's handle after fit: it
+    # lived on, and outlived the local Ray when that shut down first.
+    assert got["controller_alive_after_fit"] is False

@@ -23,6 +23,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
+import threading
 from typing import Any, Optional
 
 from ray.train.backend import Backend, BackendConfig
@@ -237,6 +239,19 @@ def lean_trainer_class():
             policy = kwargs.get("scaling_policy")
             if os.environ.get(LOCAL_RAY_ENV) == "1" and type(policy) is FixedScalingPolicy:
                 kwargs["scaling_policy"] = LocalFixedScalingPolicy(policy.scaling_config)
-            return super()._initialize_and_run_controller(**kwargs)
+            # Ray Train registers a SIGINT handler that holds the run's
+            # controller, and leaves it registered after the run: the
+            # controller (an actor of about 220 MB) then lives on until the
+            # next run replaces the handler or the driver exits, and one
+            # still alive when a local Ray shut down outlived it, orphaned.
+            # The handler before the run, put back after it, drops the last
+            # handle to the controller, and Ray ends it with its run.
+            main = threading.current_thread() is threading.main_thread()
+            previous = signal.getsignal(signal.SIGINT) if main else None
+            try:
+                return super()._initialize_and_run_controller(**kwargs)
+            finally:
+                if previous is not None:
+                    signal.signal(signal.SIGINT, previous)
 
     return LeanTorchTrainer
