@@ -125,37 +125,6 @@ are streamed as before. 1 MiB: far above a small task's file (tens of KB),
 so the scan reads small tasks only."""
 
 
-class _FirstChunk:
-    """A file's first chunk, decoded, and the file's row count: shared by
-    every stream of the process that starts the file while one holds it."""
-
-    __slots__ = ("ids", "plen", "rows", "file_rows", "__weakref__")
-
-    def __init__(self, ids: TokenRows, plen: np.ndarray, rows: int, file_rows: int):
-        self.ids, self.plen, self.rows, self.file_rows = ids, plen, rows, file_rows
-
-    def __iter__(self):  # unpacks as the (ids, prompt lengths) of a decoded chunk
-        return iter((self.ids, self.plen))
-
-
-_FIRST_CHUNKS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-"""(path, mtime, size, chunk_rows) -> the :class:`_FirstChunk` a stream
-holds now. A signal's streams read the same files as the training sampler's
-(ADAPT's training examples per task), each in its own order: a stream that
-starts a file whose first chunk another holds reads those rows without a
-decode. On the embedded default, where ADAPT's first meta step decodes a
-chunk per large task, 2 of its 11 large tasks were shared this way (the
-others' training streams had started another file of the task first).
-Weak references: a chunk that no stream holds is not kept, so memory stays
-bounded by ``chunk_rows`` per stream, and streams that share one hold it
-once."""
-
-
-def _first_chunk_key(path: str, chunk_rows: int) -> tuple:
-    st = os.stat(path)
-    return path, st.st_mtime_ns, st.st_size, chunk_rows
-
-
 class TokenRows:
     """A chunk's examples as token ids (int64), each sliced from one flat
     array when it is read. The list of 8,192 slices this replaces cost about
@@ -187,7 +156,38 @@ def _kept_mask(status) -> np.ndarray:
     return pc.fill_null(pc.not_equal(status, "dropped"), True).to_numpy(zero_copy_only=False).astype(bool)
 
 
-def _decode(batch) -> tuple[TokenRows, np.ndarray]:
+class _FirstChunk:
+    """A file's first chunk, decoded, and the file's row count: shared by
+    every stream of the process that starts the file while one holds it."""
+
+    __slots__ = ("ids", "plen", "rows", "file_rows", "__weakref__")
+
+    def __init__(self, ids: TokenRows, plen: np.ndarray, rows: int, file_rows: int):
+        self.ids, self.plen, self.rows, self.file_rows = ids, plen, rows, file_rows
+
+    def __iter__(self):  # unpacks as the (ids, prompt lengths) of a decoded chunk
+        return iter((self.ids, self.plen))
+
+
+_FIRST_CHUNKS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+"""(path, mtime, size, chunk_rows) -> the :class:`_FirstChunk` a stream
+holds now. A signal's streams read the same files as the training sampler's
+(ADAPT's training examples per task), each in its own order: a stream that
+starts a file whose first chunk another holds reads those rows without a
+decode. On the embedded default, where ADAPT's first meta step decodes a
+chunk per large task, 2 of its 11 large tasks were shared this way (the
+others' training streams had started another file of the task first).
+Weak references: a chunk that no stream holds is not kept, so memory stays
+bounded by ``chunk_rows`` per stream, and streams that share one hold it
+once."""
+
+
+def _first_chunk_key(path: str, chunk_rows: int) -> tuple:
+    st = os.stat(path)
+    return path, st.st_mtime_ns, st.st_size, chunk_rows
+
+
+def _decode(batch) -> Decoded:
     """A record batch's kept rows: token ids (int64) and prompt lengths."""
     keep = np.flatnonzero(_kept_mask(batch.column("status")))
     col = batch.column("input_ids")
@@ -297,7 +297,7 @@ class TaskStream:
                 # worker and 3-68 ms on the other in the same run, against
                 # 6 ms (read and decode) in a process alone.
                 pf = pq.ParquetFile(self.files[fi])
-                batches = pf.iter_batches(batch_size=self.chunk_rows, columns=COLUMNS, use_threads=False)
+                batches = self._batches(pf)
                 batch = next(batches, None)
                 if batch is None:
                     continue
@@ -308,11 +308,15 @@ class TaskStream:
                 self.keep(fi, head.file_rows, head)
                 continue
             if batches is None:  # the first chunk came shared: read on after it
-                batches = pq.ParquetFile(self.files[fi]).iter_batches(batch_size=self.chunk_rows, columns=COLUMNS, use_threads=False)
+                batches = self._batches(pq.ParquetFile(self.files[fi]))
                 next(batches)
             head = None  # a large file's other chunks are not held
             for batch in batches:
                 yield _decode(batch)
+
+    def _batches(self, pf):
+        """A Parquet file's rows in chunks of ``chunk_rows``, read on this thread (see :meth:`_chunks`)."""
+        return pf.iter_batches(batch_size=self.chunk_rows, columns=COLUMNS, use_threads=False)
 
     def fits(self, rows: int) -> bool:
         """Whether ``rows`` more rows stay within the ``chunk_rows`` bound of kept files."""
