@@ -801,8 +801,8 @@ class RuntimeConfig:
     """Intra-op threads per worker."""
     data_concurrency: int = 4
     """At most this many tokenisation actors in Ray Data (capped at one per
-    ``raymix.tokenizing.TOKENIZER_THREADS`` free CPUs: each actor's Rust encoder
-    runs on that many threads)."""
+    ``raymix.tokenizing.TOKENIZER_THREADS`` free CPUs: each actor runs that
+    many calls at once, each encoding on its own thread)."""
     max_failures: int = 0
     """Training-worker failures (a killed process, a lost node) Ray Train
     recovers from by restarting the workers from the last checkpoint; -1 for

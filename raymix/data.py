@@ -382,12 +382,22 @@ def prepare_shards(
     ds = ray.data.from_arrow([frame.slice(i, chunk) for i in range(0, len(frame), chunk)])
     ds = ds.map_batches(
         Tokenize,
-        fn_constructor_kwargs={**tokenize, "threads": TOKENIZER_THREADS},
+        fn_constructor_kwargs={**tokenize, "threads": 1},
         batch_size=1024,
         batch_format="numpy",
-        concurrency=actors,
+        # Calls at once per actor, each encoding on its own thread (see
+        # TOKENIZER_THREADS); the UDF itself, not only Ray's batching, runs
+        # concurrently (enable_true_multi_threading): Tokenize only reads
+        # its state after __init__.
+        compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=TOKENIZER_THREADS,
+                                           enable_true_multi_threading=True),
         num_cpus=actor_cpus,
     )
+    # Blocks in input order: the calls run concurrently, and the Parquet
+    # files (named by write task, which the streams read in name order)
+    # would otherwise hold the rows in an order that changes between builds
+    # of the same cache, and with it what a seed draws.
+    ds.context.execution_options.preserve_order = True
     ds.write_parquet(str(tmp), partition_cols=["split", "shard"], ray_remote_args={"num_cpus": 0.1})
 
     table = pads.dataset(str(tmp), format="parquet", partitioning="hive").to_table(

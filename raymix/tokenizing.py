@@ -13,18 +13,27 @@ from typing import Optional
 import numpy as np
 
 TOKENIZER_THREADS = 2
-"""Threads of each tokenizer actor's Rust encoder (``RAYON_NUM_THREADS``),
-and the free CPUs counted per actor (:func:`tokenizer_actors`). A fast tokenizer encodes a batch on several
-threads, so actors with one CPU each oversubscribe the cores: on 2 CPUs, two
-actors (all cores each, by default) prepared a 60,000-row pool of 1,000
-tasks in 10 to 12 s where one took 4 to 5 s, and the embedded default's
-560,800 rows in the same 17.5 s (``python -m raymix.bench data_plane``)."""
+"""Calls of :class:`Tokenize` each tokenizer actor runs at once (Ray Data's
+``max_concurrent_calls_per_actor``), each encoding its batch on its own
+thread, and the free CPUs counted per actor (:func:`tokenizer_actors`).
+A call's Python (rendering, truncation, the Arrow table) holds the GIL; its
+Rust encoding does not, so two calls overlap one's Python with the other's
+encoding. Before, one call at a time encoded on the Rust encoder's two
+threads, which then idled through the Python. On 2 CPUs, in 4 alternated
+runs of 2 each, the embedded default's 560,800 rows took 14.5 to 15.6 s
+with two calls against 17.1 to 19.0 s with one; a 60,000-row pool of
+1,000 tasks, whose time is mostly its many small Parquet writes, 3.5 to
+5.7 s against 3.1 to 5.1 s (medians 4.4 and 3.4: the second call takes
+CPU from the writes). Two actors with one thread each did as well on the
+first (14.2 to 15.8 s) but took the second to 6.3 to 7.0 s (a second
+actor's start, and its writes); two actors of two threads each
+oversubscribed the cores (11 to 12 s there)."""
 
 
 def tokenizer_actors(free_cpus: float, concurrency: int) -> tuple[int, float]:
     """How many tokenizer actors ``prepare_shards`` runs on ``free_cpus``
     free CPUs (at most ``concurrency``), and the CPUs each reserves: one
-    actor per :data:`TOKENIZER_THREADS` CPUs, at least one, each reserving
+    actor (of :data:`TOKENIZER_THREADS` calls at once) per that many CPUs, at least one, each reserving
     0.9 CPU. The reservation is Ray's accounting, not the threads' use: the
     rest goes to the Parquet writes, 0.1 each, which run best many at a
     time (on 2 CPUs, one actor reserving 0.9 left room for 11 writes and
@@ -63,10 +72,17 @@ class Tokenize:
 
     def __init__(self, tokenizer_name: str, template: str, max_seq_len: int, encoder: Optional[dict] = None,
                  threads: Optional[int] = None):
-        """``threads``: the Rust encoder's threads in this process, set
-        before its first batch (an actor of ``prepare_shards``; see
-        :data:`TOKENIZER_THREADS`); unless the environment sets them."""
-        if threads is not None:
+        """``threads``: the Rust encoder's threads per call in this
+        process, set before its first batch, unless the environment sets
+        them: 1 encodes on the calling thread (``TOKENIZERS_PARALLELISM=false``),
+        as ``prepare_shards``'s actors do, which run several calls at once
+        (:data:`TOKENIZER_THREADS`); the encoder releases the GIL, so the
+        calls' encodings overlap. ``None``: the encoder's default, all
+        cores, which suits one call at a time (the ``data_plane``
+        benchmark's one-process yardstick)."""
+        if threads == 1:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        elif threads is not None:
             os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
         self.max_len = max_seq_len
         if encoder is not None:

@@ -45,9 +45,10 @@ def test_every_reader_finds_exactly_each_tasks_rows(tmp_path_factory, monkeypatc
             lines.append(json.dumps({"task": f"t{k:02d}", "id": f"{k}-{i}", "split": split,
                                      "prompt": f"task {k} item {i}:", "completion": f"{k * i % 97}"}))
     src.write_text("\n".join(lines) + "\n")
-    # The tokenizer actors Ray Data was given: on 2 free CPUs one, with two
-    # encoder threads (see raymix.tokenizing.TOKENIZER_THREADS); and the free CPUs
-    # were read before the dataset existed (read after it, they counted 1).
+    # The tokenizer actors Ray Data was given: on 2 free CPUs one, running
+    # two calls at once, each encoding on its own thread (see
+    # raymix.tokenizing.TOKENIZER_THREADS), its blocks kept in order; and the
+    # free CPUs were read before the dataset existed (read after it, they counted 1).
     import ray
     import ray.data
 
@@ -55,16 +56,29 @@ def test_every_reader_finds_exactly_each_tasks_rows(tmp_path_factory, monkeypatc
     map_batches, from_arrow, available = ray.data.Dataset.map_batches, ray.data.from_arrow, ray.available_resources
 
     def counted(self, fn, *args, **kwargs):
-        events.append(("actors", kwargs.get("concurrency"), kwargs.get("num_cpus"),
+        c = kwargs["compute"]
+        events.append(("actors", c.min_size, c.max_size, c.max_concurrent_calls_per_actor,
+                       c.enable_true_multi_threading, kwargs.get("num_cpus"),
                        kwargs["fn_constructor_kwargs"].get("threads")))
         return map_batches(self, fn, *args, **kwargs)
 
     monkeypatch.setattr(ray.data.Dataset, "map_batches", counted)
+    write_parquet = ray.data.Dataset.write_parquet
+
+    def written(self, *args, **kwargs):
+        # Concurrent calls finish out of order; the files (read in name order,
+        # named by write task) must hold the blocks in input order, or two
+        # builds of one cache would give a seed different draws.
+        events.append(("ordered", self.context.execution_options.preserve_order))
+        return write_parquet(self, *args, **kwargs)
+
+    monkeypatch.setattr(ray.data.Dataset, "write_parquet", written)
     monkeypatch.setattr(ray.data, "from_arrow", lambda *a, **k: events.append("dataset") or from_arrow(*a, **k))
     monkeypatch.setattr(ray, "available_resources", lambda: events.append("free") or available())
     pool, _, _ = prepare_pool(tmp_path_factory, [f"data.sources=[{{kind: jsonl, path: {src}}}]",
                                                  "model.vocab_size=512", "runtime.num_cpus=2"])
-    assert events[:3] == ["free", "dataset", ("actors", 1, 0.9, 2)], events  # later reads: Ray Data's own
+    assert events[:3] == ["free", "dataset", ("actors", 1, 1, 2, True, 0.9, 1)], events  # later reads: Ray Data's own
+    assert ("ordered", True) in events, events
     root = Path(pool.root)
     groups = pool.stats["shards"]
     assert [[0], [1]] == groups["train"][:2] and all(len(g) > 1 for g in groups["train"][2:])
@@ -116,3 +130,38 @@ def test_tokenizer_actors_give_each_encoder_its_threads() -> None:
     for free in (1, 2, 3, 7, 16, 64):
         actors, each = tokenizer_actors(free, 100)
         assert actors * each + 0.1 <= free
+
+
+def test_tokenize_calls_at_once_give_the_rows_of_calls_in_turn(tmp_path: Path) -> None:
+    """``prepare_shards``'s actors run TOKENIZER_THREADS calls of Tokenize at
+    once on one instance (each encoding on its own thread): the rows must be
+    those of the same calls made one after another, through the Rust encoder
+    alone and through transformers' tokenizer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from raymix.models import train_tokenizer
+    from raymix.tokenizing import TOKENIZER_THREADS, Tokenize, tokenize_args
+
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+
+    def text(i: int, n: int) -> str:
+        return " ".join(words[(i * k) % 6] for k in range(n))
+
+    texts = [text(i, 1 + i % 37) for i in range(3000)]
+    _, tok_dir = train_tokenizer(lambda: texts, 300, tmp_path, "concurrent-calls")
+    n = 200
+    batches = [{"task_idx": np.arange(n) % 3, "shard": np.zeros(n, dtype=int), "split": np.array(["train"] * n),
+                "id": np.array([f"{b}-{i}" for i in range(n)]),
+                "prompt": np.array(texts[b * n:(b + 1) * n], dtype=object),
+                "completion": np.array([text(i, 1 + (i * 7) % 41) for i in range(b * n, (b + 1) * n)], dtype=object),
+                "references": np.array([["x"]] * n + [None], dtype=object)[:n]}
+               for b in range(15)]
+    args = tokenize_args(tok_dir, "plain", 40)
+    assert "encoder" in args
+    for kwargs in (args, {k: v for k, v in args.items() if k != "encoder"}):  # Rust encoder; transformers'
+        tok = Tokenize(**kwargs, threads=1)
+        in_turn = [tok(b) for b in batches]
+        with ThreadPoolExecutor(TOKENIZER_THREADS) as pool:
+            at_once = list(pool.map(tok, batches))
+        assert all(a.equals(b) for a, b in zip(at_once, in_turn))
+        assert {s for t in in_turn for s in t["status"].to_pylist()} == {"ok", "truncated", "dropped"}
