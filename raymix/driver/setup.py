@@ -197,11 +197,25 @@ def _prepare_remote(cfg: RunConfig, output_dir: Path, cwd: str, tracking: Option
     return tok_dir, pool, init_dir, phases, time.perf_counter() - t, tracker.ids() if tracker else None
 
 
+class _Preparer:
+    """The one-off process of :func:`prepare_out_of_process`: a Ray actor,
+    killed once it has answered. Why not a task with ``max_calls=1``: such a
+    worker exits only once nothing it owns is referenced, and a cold cache's
+    Ray Data run leaves one of its objects referenced (by Ray Data's
+    detached actors), so the worker lived on through training as
+    ``ray::IDLE``, holding 1,027 MB RSS (the embedded default with 2
+    workers; ``Worker exits ... reached max_calls=1``, then ``still managing
+    1 objects`` in its log)."""
+
+    def run(self, *args):
+        return _prepare_remote(*args)
+
+
 def prepare_out_of_process(cfg: RunConfig, output_dir: Path, phases: dict, tracking: Optional[tuple] = None
                            ) -> tuple[str, Any, str, Any]:
     """:func:`prepare_model_and_data` for a run whose training happens in Ray
-    Train workers: in a one-off Ray worker process (``max_calls=1``: it exits
-    when done). The driver then never loads the records, transformers or
+    Train workers: in a one-off Ray worker process (:class:`_Preparer`,
+    ended when done). The driver then never loads the records, transformers or
     torch (the tokenizer and the initial model need them), and holds about
     300 MB less while the workers train (``python -m raymix.bench memory``);
     the workers load both from the directories returned.
@@ -226,15 +240,17 @@ def prepare_out_of_process(cfg: RunConfig, output_dir: Path, phases: dict, track
     # driver's node: on a cluster, the files it reads and writes are where
     # the driver would have read and written them.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    task = ray.remote(num_cpus=0, max_calls=1, max_retries=0, scheduling_strategy=here)(_prepare_remote)
+    preparer = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0, scheduling_strategy=here)(_Preparer).remote()
     t = time.perf_counter()
     try:
-        tok_dir, pool, init_dir, got, inside, ids = ray.get(task.remote(cfg, output_dir, os.getcwd(), tracking))
+        tok_dir, pool, init_dir, got, inside, ids = ray.get(preparer.run.remote(cfg, output_dir, os.getcwd(), tracking))
     except RayTaskError as e:
         cause = getattr(e, "cause", None)
         if isinstance(cause, BaseException):
             raise cause from None
         raise
+    finally:
+        ray.kill(preparer, no_restart=True)
     phases.update(got)
     # The process's start and the transfers: what preparing elsewhere adds
     # (counted with the preparation in reports).
