@@ -181,64 +181,49 @@ def prepare_model_and_data(cfg: RunConfig, output_dir: Path, phases: Optional[di
     return tokenizer, str(tok_dir), pool, init_dir
 
 
-def _prepare_remote(cfg: RunConfig, output_dir: Path, cwd: str, tracking: Optional[tuple]):
-    """:func:`prepare_model_and_data` in a Ray worker process, from the
-    driver's working directory (relative paths in the config are the user's);
-    with ``tracking`` (the parent run's id and the saved run record), the
-    run's MLflow run is opened first and the pool logged to it, as
-    :func:`start_tracking` and :func:`log_pool` do in the driver."""
-    os.chdir(cwd)
-    phases: dict[str, float] = {}
-    t = time.perf_counter()
-    tracker = start_tracking(cfg, output_dir, *tracking, phases) if tracking is not None else None
-    _, tok_dir, pool, init_dir = prepare_model_and_data(cfg, output_dir, phases)
-    if tracker is not None:
-        log_pool(tracker, cfg, pool, output_dir, tracking[1])
-    return tok_dir, pool, init_dir, phases, time.perf_counter() - t, tracker.ids() if tracker else None
-
-
 class _Preparer:
-    """The one-off process of :func:`prepare_out_of_process`: a Ray actor,
-    killed once it has answered. Why not a task with ``max_calls=1``: such a
-    worker exits only once nothing it owns is referenced, and a cold cache's
-    Ray Data run leaves one of its objects referenced (by Ray Data's
-    detached actors), so the worker lived on through training as
-    ``ray::IDLE``, holding 1,027 MB RSS (the embedded default with 2
-    workers; ``Worker exits ... reached max_calls=1``, then ``still managing
-    1 objects`` in its log)."""
+    """The one-off process of :func:`prepare_out_of_process`: an actor,
+    killed once it answers (as a ``max_calls=1`` task it outlived a cold
+    cache's Ray Data run, owning an object still referenced: 1 GB idle
+    through training; README, "Limits")."""
 
-    def run(self, *args):
-        return _prepare_remote(*args)
+    def run(self, cfg: RunConfig, output_dir: Path, cwd: str, tracking: Optional[tuple]):
+        """:func:`prepare_model_and_data` from the driver's working directory
+        (relative paths are the user's); with ``tracking`` (the parent run's
+        id and the saved run record), the run's MLflow run opened first and
+        the pool logged to it, as :func:`start_tracking` and :func:`log_pool` do."""
+        os.chdir(cwd)
+        phases: dict[str, float] = {}
+        t = time.perf_counter()
+        tracker = start_tracking(cfg, output_dir, *tracking, phases) if tracking is not None else None
+        _, tok_dir, pool, init_dir = prepare_model_and_data(cfg, output_dir, phases)
+        if tracker is not None:
+            log_pool(tracker, cfg, pool, output_dir, tracking[1])
+        return tok_dir, pool, init_dir, phases, time.perf_counter() - t, tracker.ids() if tracker else None
 
 
 def prepare_out_of_process(cfg: RunConfig, output_dir: Path, phases: dict, tracking: Optional[tuple] = None
                            ) -> tuple[str, Any, str, Any]:
-    """:func:`prepare_model_and_data` for a run whose training happens in Ray
-    Train workers: in a one-off Ray worker process (:class:`_Preparer`,
-    ended when done). The driver then never loads the records, transformers or
-    torch (the tokenizer and the initial model need them), and holds about
-    300 MB less while the workers train (``python -m raymix.bench memory``);
-    the workers load both from the directories returned.
+    """:func:`prepare_model_and_data` for a run whose training happens in Ray Train workers: in a one-off Ray
+    worker process (:class:`_Preparer`). The driver then never loads the records, transformers or torch (the
+    tokenizer and the initial model need them), and holds about 300 MB less while the workers train (``python -m
+    raymix.bench memory``); the workers load both from the directories returned.
 
-    With ``tracking`` (``(parent_run_id, saved)``), that process also opens
-    the MLflow run and logs the pool to it: the driver then imports no MLflow
-    while its workers train (about 100 MB); the tracker returned is attached
-    to that run (else None), and the driver ends it (:func:`opened_tracker`
-    after a failure). Returns the tokenizer's directory, the pool, the
-    initial model's directory and the tracker; adds the phases to ``phases``,
-    with ``prepare_process``: the seconds the process adds. An error is
-    raised as it was raised there (a :class:`RaymixError` naming the bad
-    file or field)."""
+    With ``tracking`` (``(parent_run_id, saved)``), that process also opens the MLflow run and logs the pool to
+    it: the driver then imports no MLflow while its workers train (about 100 MB); the tracker returned is
+    attached to that run (else None), and the driver ends it (:func:`opened_tracker` after a failure). Returns
+    the tokenizer's directory, the pool, the initial model's directory and the tracker; adds the phases to
+    ``phases``, with ``prepare_process``: the seconds the process adds. An error is raised as it was raised
+    there (a :class:`RaymixError` naming the bad file or field)."""
     import ray
     from ray.exceptions import RayTaskError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from raymix.tracking import RunTracker
 
-    # num_cpus=0, as the driver it stands for: Ray Data's tokenizer actors
-    # take the CPUs; no retry, as a failure here is the input's. On the
-    # driver's node: on a cluster, the files it reads and writes are where
-    # the driver would have read and written them.
+    # num_cpus=0, as the driver it stands for (Ray Data's actors take the
+    # CPUs); no retry: a failure here is the input's. On the driver's node,
+    # where the driver would have read and written its files.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     preparer = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0, scheduling_strategy=here)(_Preparer).remote()
     t = time.perf_counter()
@@ -252,8 +237,7 @@ def prepare_out_of_process(cfg: RunConfig, output_dir: Path, phases: dict, track
     finally:
         ray.kill(preparer, no_restart=True)
     phases.update(got)
-    # The process's start and the transfers: what preparing elsewhere adds
-    # (counted with the preparation in reports).
+    # The process's start and the transfers (counted with the preparation in reports).
     phases["prepare_process"] = max(0.0, time.perf_counter() - t - inside)
     return tok_dir, pool, init_dir, RunTracker.attached(**ids) if ids else None
 
