@@ -33,8 +33,8 @@ oversubscribed the cores (11 to 12 s there)."""
 def tokenizer_actors(free_cpus: float, concurrency: int) -> tuple[int, float]:
     """How many tokenizer actors ``prepare_shards`` runs on ``free_cpus``
     free CPUs (at most ``concurrency``), and the CPUs each reserves: one
-    actor (of :data:`TOKENIZER_THREADS` calls at once) per that many CPUs, at least one, each reserving
-    0.9 CPU. The reservation is Ray's accounting, not the threads' use: the
+    actor (of :data:`TOKENIZER_THREADS` calls at once) per that many CPUs,
+    at least one, each reserving 0.9 CPU. The reservation is Ray's accounting, not the threads' use: the
     rest goes to the Parquet writes, 0.1 each, which run best many at a
     time (on 2 CPUs, one actor reserving 0.9 left room for 11 writes and
     prepared the 1,000-task pool in 4 to 5 s; reserving 1.9, one write at a

@@ -132,7 +132,7 @@ def test_tokenizer_actors_give_each_encoder_its_threads() -> None:
         assert actors * each + 0.1 <= free
 
 
-def test_tokenize_calls_at_once_give_the_rows_of_calls_in_turn(tmp_path: Path) -> None:
+def test_tokenize_calls_at_once_give_the_rows_of_calls_in_turn(tmp_path: Path, monkeypatch) -> None:
     """``prepare_shards``'s actors run TOKENIZER_THREADS calls of Tokenize at
     once on one instance (each encoding on its own thread): the rows must be
     those of the same calls made one after another, through the Rust encoder
@@ -150,14 +150,18 @@ def test_tokenize_calls_at_once_give_the_rows_of_calls_in_turn(tmp_path: Path) -
     texts = [text(i, 1 + i % 37) for i in range(3000)]
     _, tok_dir = train_tokenizer(lambda: texts, 300, tmp_path, "concurrent-calls")
     n = 200
+    refs = np.empty(n, dtype=object)  # a column of lists, as Ray Data hands over list<string>
+    refs[:] = [["x"] for _ in range(n)]
     batches = [{"task_idx": np.arange(n) % 3, "shard": np.zeros(n, dtype=int), "split": np.array(["train"] * n),
                 "id": np.array([f"{b}-{i}" for i in range(n)]),
                 "prompt": np.array(texts[b * n:(b + 1) * n], dtype=object),
                 "completion": np.array([text(i, 1 + (i * 7) % 41) for i in range(b * n, (b + 1) * n)], dtype=object),
-                "references": np.array([["x"]] * n + [None], dtype=object)[:n]}
+                "references": refs}
                for b in range(15)]
     args = tokenize_args(tok_dir, "plain", 40)
     assert "encoder" in args
+    # What threads=1 sets, set here so that it ends with this test, not this process.
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     for kwargs in (args, {k: v for k, v in args.items() if k != "encoder"}):  # Rust encoder; transformers'
         tok = Tokenize(**kwargs, threads=1)
         in_turn = [tok(b) for b in batches]
