@@ -78,6 +78,59 @@ def gradients_only_on(model, params):
         model.train(was_training)
 
 
+def outermost_modules(model: nn.Module, params) -> list[nn.Module]:
+    """The largest modules all of whose parameters are in ``params`` (for
+    ``last_block``: the last layer and the final norm), parents before none
+    of their children."""
+    chosen = {id(p) for p in params}
+    kept: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():  # parents come before their children
+        if any(k == "" or name.startswith(k + ".") for k, _ in kept):
+            continue
+        own = list(module.parameters())
+        if own and all(id(p) in chosen for p in own):
+            kept.append((name, module))
+    return [m for _, m in kept]
+
+
+@contextlib.contextmanager
+def zero_tangents_into(modules: Sequence[nn.Module]):
+    """Within the block (inside a ``torch.autograd.forward_ad.dual_level``):
+    every floating-point tensor that enters one of ``modules`` without a
+    tangent is given an explicit zero tangent.
+
+    Why: when an operation meets a dual tensor and a plain one (the
+    previous layer's output times a dual norm scale, rotary cos/sin times a
+    dual query, a residual add), torch's forward AD stands in an efficient
+    zero tensor for the missing tangent, and on CPU such operations run
+    through Python reference implementations: 150-300 us each against
+    about 14 us with two dual tensors (a [8, 40, 64] product, torch 2.13).
+    A zero tangent adds exact zeros, so derivatives are unchanged. In
+    ADAPT's forward-mode pass (llama-micro, one thread, a rank's share of
+    2; medians of 12 calls alternated with and without) it took the pass from
+    11.2 to 9.2 ms on a 1,000-task pool (one pass of 48 examples) and from
+    45.7 to 42.8 ms on the embedded default (92 examples); three operations
+    per layer still meet a Python scalar or an inner constant there."""
+    import torch.autograd.forward_ad as fwAD
+
+    def dual(x):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and fwAD.unpack_dual(x).tangent is None:
+            return fwAD.make_dual(x, torch.zeros_like(x))
+        if isinstance(x, (tuple, list)):
+            return type(x)(dual(v) for v in x)
+        return x
+
+    def hook(_module, args, kwargs):
+        return tuple(dual(a) for a in args), {k: dual(v) for k, v in kwargs.items()}
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 ExampleFn = Callable[[nn.Module, Any], Union[torch.Tensor, "tuple[torch.Tensor, torch.Tensor]"]]
 
 

@@ -4,6 +4,8 @@ unbiased estimate of g_val = sum_j q_j grad L_j."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -269,3 +271,53 @@ def test_meta_signals_equal_exact_inner_products(tmp_path, monkeypatch) -> None:
     assert np.all(np.abs(got - exact) <= 6 * bound), (got, exact, bound)
     meta.compute(0.01)
     assert not torch.equal(first_hash, meta.sketch.bucket)  # redrawn at every meta step
+
+
+def test_zero_tangents_reach_the_subsets_inputs_and_change_no_derivative() -> None:
+    """The forward-mode pass gives the inputs of the subset's outermost
+    modules (the last layer, the final norm) explicit zero tangents, so that
+    no operation mixes a dual and a plain tensor (torch's slow zero-tensor
+    path on CPU). Without the hook those inputs have no tangent; with it
+    they carry zeros, and the logits' tangent is the same to 1e-12 relative
+    (float64; adding exact zeros changes no value, only the order in which
+    torch's kernels may sum)."""
+    import torch
+    import torch.autograd.forward_ad as fwAD
+    from torch.func import functional_call
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raymix.gradients import outermost_modules, select_params, zero_tangents_into
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                         num_key_value_heads=2, intermediate_size=32,
+                                         max_position_embeddings=64)).double()
+    params = select_params(model, "last_block")
+    assert outermost_modules(model, params) == [model.model.layers[1], model.model.norm]
+    assert outermost_modules(model, list(model.parameters())) == [model]
+    names = {id(p): n for n, p in model.named_parameters()}
+    ids = torch.randint(0, 50, (3, 7))
+    seen = {}
+
+    def capture(_module, args, kwargs):
+        seen["hidden"] = fwAD.unpack_dual(args[0]).tangent
+        seen["cos"] = fwAD.unpack_dual(kwargs["position_embeddings"][0]).tangent
+
+    def tangent(hooked: bool):
+        with sdpa_kernel(SDPBackend.MATH), fwAD.dual_level(), torch.no_grad():
+            ctx = zero_tangents_into(outermost_modules(model, params)) if hooked else contextlib.nullcontext()
+            with ctx:
+                handle = model.model.layers[1].register_forward_pre_hook(capture, with_kwargs=True)
+                try:
+                    duals = {names[id(p)]: fwAD.make_dual(p.detach(), torch.ones_like(p)) for p in params}
+                    logits = functional_call(model, duals, (), {"input_ids": ids}).logits
+                finally:
+                    handle.remove()
+            return fwAD.unpack_dual(logits).tangent.clone()
+
+    plain = tangent(False)
+    assert seen["hidden"] is None and seen["cos"] is None
+    hooked = tangent(True)
+    assert seen["hidden"] is not None and not seen["hidden"].any() and not seen["cos"].any()
+    assert torch.allclose(hooked, plain, rtol=1e-12, atol=0), (hooked - plain).abs().max()

@@ -41,7 +41,7 @@ from typing import Optional
 import numpy as np
 
 from raymix.config import AdaptConfig, effective_grad_accum
-from raymix.gradients import gradients_only_on, select_params
+from raymix.gradients import gradients_only_on, outermost_modules, select_params, zero_tangents_into
 from raymix.loss import token_nll
 from raymix.metrics_view import per_task
 from raymix.policies.adapt.policy import entropy, kl_uniform, smooth_max, standardise
@@ -303,7 +303,8 @@ class MetaSignals:
                 return functional_call(model, self.tensors, (), kwargs)
 
         out = torch.zeros(len(examples), dtype=torch.float64)
-        with sdpa_kernel(SDPBackend.MATH), fwAD.dual_level(), torch.no_grad():
+        with sdpa_kernel(SDPBackend.MATH), fwAD.dual_level(), torch.no_grad(), \
+                zero_tangents_into(outermost_modules(model, self.params)):
             duals = Substituted({name: fwAD.make_dual(p.detach(), t) for name, p, t in
                                  zip(self.param_names, self.params, self._direction(g_val))})
             for idx, batch in self._passes(examples):
