@@ -264,3 +264,4 @@ def test_utilisation_counts_layouts_and_merge_keeps_an_earlier_section(tmp_path:
     assert merged["commits"]["utilisation"] == "abc1234" and merged["commits"]["data_plane"] == merged["commit"]
     md = (tmp_path / "bench.md").read_text()
     assert "## utilisation" in md and "## data_plane" in md and "measured on commit `abc1234`" in md
+    assert json.loads((tmp_path / "bench.json").read_text()) == merged  # beside the report, for a later --merge

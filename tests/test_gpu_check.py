@@ -102,7 +102,8 @@ def _gpu_result() -> dict:
             "parameters": 596_049_920, "model_flops_per_token": 4.28e9, "row_length": 2048, "micro_batch_size": 871,
             "mean_example_tokens": 18.2, "budget_tokens": 635_375, "repeats": 1, "workers": 1,
             "runs": {"ddp-uniform": run, "ddp-adapt": dict(run, policy="adapt", meta_time_share=0.13)},
-            "adapt_overhead": 0.198}
+            "adapt_overhead": 0.198,
+            "device_note": "/opt/venv/bin/python /srv/x.py --temp-dir=/tmp/ray sqlite:////tmp/a-b/mlflow.db runs/gpu-check"}
 
 
 def test_a_copied_tree_names_its_commit_and_a_gpu_machines_json_renders(tmp_path: Path, monkeypatch) -> None:
@@ -123,6 +124,11 @@ def test_a_copied_tree_names_its_commit_and_a_gpu_machines_json_renders(tmp_path
     md = report.read_text()
     assert md == (tmp_path / "device" / "bench.md").read_text() == (tmp_path / "here" / "bench.md").read_text()
     assert "commit `abc1234`" in md and "| ddp-adapt | 32,000 | 13.9% | 51.0 |" in md and "+19.8%" in md
+    # The figures beside the report, for a later --merge; as in every
+    # bench.json, absolute paths keep their names only (the device's
+    # folders are no part of a published report), relative ones are kept.
+    assert json.loads(report.with_suffix(".json").read_text()) == written
+    assert written["gpu"]["device_note"] == "python x.py --temp-dir=ray sqlite:///mlflow.db runs/gpu-check"
     (tmp_path / "bad.json").write_text('{"gpu": {}}')
     assert main(["--render", str(tmp_path / "bad.json"), "--output", str(tmp_path / "x")]) == 2
 

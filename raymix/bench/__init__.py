@@ -9,7 +9,12 @@ Every benchmark repeats its measurement (``--repeats``, default per
 benchmark), reports the median and the spread (min, max), and writes its
 figures to DIR/bench.json and a table to DIR/bench.md. With no NAME, all
 but ``gpu`` run. ``--merge`` keeps an earlier run's other benchmarks in both,
-each section naming the commit it was measured on.
+each section naming the commit it was measured on. ``--report FILE.md``
+also writes the table there and the figures beside it as ``FILE.json``
+(``reports/bench.json`` for ``reports/bench.md``), which a later run can
+``--merge``. Every bench.json names files by their names alone: the
+directories of absolute paths (a process's command line, say) are left out,
+so that a published one carries nothing of the machine it ran on.
 
 ``throughput``: training tokens/s of the raymix path (Ray Train workers fed
 by per-task streams over the Ray Data shards, with the mixer actor) with 1 and
@@ -75,6 +80,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -120,6 +126,37 @@ def _markdown(results: dict, commit: str, carried: Optional[dict] = None) -> str
     return "\n".join(lines) + "\n"
 
 
+_ABSOLUTE_DIRS = re.compile(r"(?<![\w.~-])/(?:[^\s/\"',;:=()]+/)+")
+
+
+def public(obj):
+    """``obj`` (a bench.json's content) with the directories of every
+    absolute path in its strings left out: ``/a/b/python x.py`` becomes
+    ``python x.py``, ``--temp-dir=/tmp/ray`` ``--temp-dir=ray``; relative
+    paths are kept."""
+    if isinstance(obj, str):
+        return _ABSOLUTE_DIRS.sub("", obj)
+    if isinstance(obj, dict):
+        return {k: public(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [public(v) for v in obj]
+    return obj
+
+
+def _write(out: Path, bench: dict, md: str, report: Optional[str]) -> None:
+    """DIR/bench.json and DIR/bench.md; with ``report``, the table there
+    and the figures beside it (same name, ``.json``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(public(bench), indent=1)
+    (out / "bench.json").write_text(text)
+    (out / "bench.md").write_text(md)
+    if report:
+        Path(report).parent.mkdir(parents=True, exist_ok=True)
+        Path(report).write_text(md)
+        if Path(report).suffix != ".json":
+            Path(report).with_suffix(".json").write_text(text)
+
+
 def _read_bench_json(path: str, flag: str) -> Optional[dict]:
     """An earlier run's bench.json (for ``--merge`` or ``--render``), or None
     after saying on stderr why it cannot be one."""
@@ -148,11 +185,7 @@ def _render(path: str, out: Path, report: Optional[str]) -> int:
     commits = prior.get("commits", {})
     carried = {n: commits[n] for n in results if commits.get(n, prior["commit"]) != prior["commit"]}
     md = _markdown(results, prior["commit"], carried)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.md").write_text(md)
-    if report:
-        Path(report).parent.mkdir(parents=True, exist_ok=True)
-        Path(report).write_text(md)
+    _write(out, prior, md, report)
     print(md)
     return 0
 
@@ -185,7 +218,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="task_runs: examples in every pool, cut into that many tasks")
     parser.add_argument("--space", default=None,
                         help="sweeps: the tune space to run (default: tune_spaces/quickstart.yaml)")
-    parser.add_argument("--report", default=None, help="also write the Markdown table here (e.g. reports/bench.md)")
+    parser.add_argument("--report", default=None, help="also write the Markdown table here (e.g. reports/bench.md), "
+                        "and the figures beside it (reports/bench.json)")
     parser.add_argument("--merge", default=None,
                         help="a bench.json of an earlier run whose benchmarks not run now are kept, each with "
                              "the commit it was measured on")
@@ -276,14 +310,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in args.names:
         repeats = args.repeats or DEFAULT_REPEATS[name]
         results[name] = BENCHMARKS[name](cfg, out / name, repeats, **extra.get(name, {}))
-        # Written after every benchmark: a later one failing keeps these figures.
-        (out / "bench.json").write_text(json.dumps({"commit": commit, "commits": {
-            **carried, **{n: commit for n in results if n not in carried}}, **results}, indent=1))
+        # Written after every benchmark: a later one failing keeps these
+        # figures (the report, once all have run).
         md = _markdown(results, commit, carried)
-        (out / "bench.md").write_text(md)
-    if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(md)
+        bench = {"commit": commit, "commits": {**carried, **{n: commit for n in results if n not in carried}},
+                 **results}
+        _write(out, bench, md, args.report if name == args.names[-1] else None)
     print(md)
     return 0
 
