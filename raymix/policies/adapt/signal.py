@@ -170,6 +170,7 @@ class MetaSignals:
         self.params = select_params(raw_model, cfg.params)
         by_id = {id(p): n for n, p in raw_model.named_parameters()}
         self.param_names = [by_id[id(p)] for p in self.params]
+        self.subset_modules = outermost_modules(raw_model, self.params)  # given zero tangents (_along_forward)
         self.forward_mode = True  # False once a model's forward turned out to have no forward-mode derivative
         # torch imports its forward-mode decompositions at the first dual
         # tensor (0.57 s here): done now, in the worker's setup, rather than
@@ -304,7 +305,7 @@ class MetaSignals:
 
         out = torch.zeros(len(examples), dtype=torch.float64)
         with sdpa_kernel(SDPBackend.MATH), fwAD.dual_level(), torch.no_grad(), \
-                zero_tangents_into(outermost_modules(model, self.params)):
+                zero_tangents_into(self.subset_modules):
             duals = Substituted({name: fwAD.make_dual(p.detach(), t) for name, p, t in
                                  zip(self.param_names, self.params, self._direction(g_val))})
             for idx, batch in self._passes(examples):
