@@ -116,6 +116,8 @@ def zero_tangents_into(modules: Sequence[nn.Module]):
     def dual(x):
         if isinstance(x, torch.Tensor) and x.is_floating_point() and fwAD.unpack_dual(x).tangent is None:
             return fwAD.make_dual(x, torch.zeros_like(x))
+        if isinstance(x, tuple) and hasattr(x, "_fields"):  # a named tuple takes its fields as arguments
+            return type(x)(*(dual(v) for v in x))
         if isinstance(x, (tuple, list)):
             return type(x)(dual(v) for v in x)
         return x

@@ -321,3 +321,30 @@ def test_zero_tangents_reach_the_subsets_inputs_and_change_no_derivative() -> No
     hooked = tangent(True)
     assert seen["hidden"] is not None and not seen["hidden"].any() and not seen["cos"].any()
     assert torch.allclose(hooked, plain, rtol=1e-12, atol=0), (hooked - plain).abs().max()
+
+
+def test_zero_tangents_keep_the_containers_a_module_is_given() -> None:
+    """Tuples (named ones too), lists and non-tensors reach the module as they
+    were given, their floating-point tensors with zero tangents."""
+    from collections import namedtuple
+
+    import torch
+    import torch.autograd.forward_ad as fwAD
+
+    from raymix.gradients import zero_tangents_into
+
+    Pair = namedtuple("Pair", "cos sin")
+    got = {}
+
+    class Probe(torch.nn.Module):
+        def forward(self, x, pair, rest, steps):
+            got.update(x=x, pair=pair, rest=rest, steps=steps)
+            return x
+
+    probe = Probe()
+    with fwAD.dual_level(), zero_tangents_into([probe]):
+        probe(torch.ones(2), pair=Pair(torch.ones(2), torch.ones(2)), rest=[torch.ones(1), 3], steps=torch.arange(2))
+        # Inside the dual level: tangents end with it.
+        assert all(fwAD.unpack_dual(t).tangent is not None for t in (got["x"], *got["pair"], got["rest"][0]))
+        assert fwAD.unpack_dual(got["steps"]).tangent is None  # integers carry no tangent
+    assert type(got["pair"]) is Pair and isinstance(got["rest"], list) and got["rest"][1] == 3
