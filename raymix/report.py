@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 from raymix.errors import RaymixError
 from raymix.policies import POLICIES, resolve
+from raymix.report_mixture import add_mixture_movement, section as mixture_section
 from raymix.report_runs import artifact_json, by, load_runs, signal_cost
 
 METRICS = [
@@ -334,6 +335,8 @@ def write_report(tracking_uri: str, experiment: str, out: str | Path, space_file
                                if "eval/aggregate" in df else [])),
         "",
     ]
+    df = add_mixture_movement(client, df)
+    lines += mixture_section(df, _table)
     df = add_update_costs(client, df)
     learned = df[~df["policy_name"].isin(_static_policies())]
     if len(learned):

@@ -178,3 +178,33 @@ def test_signal_cost_of_multi_round_policies() -> None:
     cost = signal_cost(ideal, {}.get)
     assert (cost["updates"], cost["seconds"], cost["meta_tokens"]) == (1, 4.0, 50)
     assert signal_cost({"meta_steps": 3, "meta_seconds": 0.3, "meta_tokens": 9}, {}.get)["updates"] == 3
+
+
+def test_mixture_movement_kl_and_tokens_on_the_hardest_tasks() -> None:
+    """Token-averaged KL from uniform, and the tokens a run gives uniform's
+    hardest quarter of tasks over uniform's; by hand on three tasks."""
+    from raymix.report_mixture import add_mixture_movement, hardest_tasks, mean_kl_uniform
+
+    client, df = _client_and_runs()
+    # "l" trained 500 tokens at uniform, then 500 at (0.6, 0.3, 0.1).
+    p = np.array([0.6, 0.3, 0.1])
+    kl = float(np.log(3) + (p * np.log(p)).sum())
+    assert mean_kl_uniform(client.artifacts["l"]["mixture_schedule.json"], 1000) == pytest.approx(kl / 2, rel=1e-12)
+    assert mean_kl_uniform(client.artifacts["u"]["mixture_schedule.json"], 1000) == pytest.approx(0.0, abs=1e-15)
+    assert np.isnan(mean_kl_uniform([], 1000))
+    # Under uniform, "c" has the highest test loss: the hardest quarter of 3 tasks is ["c"].
+    assert hardest_tasks([{"a": 1.0, "b": 2.0, "c": 3.0}, {"a": 1.5, "b": 2.5, "c": 2.9}]) == ["c"]
+    assert hardest_tasks([{t: float(i) for i, t in enumerate("abcdefgh")}]) == ["h", "g"]
+    df["policy_name"] = df["policy"]
+    for t, loss in zip("abc", (1.0, 2.0, 3.0)):
+        df[f"test_loss/{t}"] = loss
+    client.artifacts["l"]["ledger.json"] = {"a": {"train_tokens": 200}, "b": {"train_tokens": 300},
+                                            "c": {"train_tokens": 750}}
+    out = add_mixture_movement(client, df).set_index("run_id")
+    assert out.loc["u", "hardest_tokens_vs_uniform"] == pytest.approx(1.0)
+    assert out.loc["l", "hardest_tokens_vs_uniform"] == pytest.approx(750 / 500)
+    assert out.loc["l", "hardest_tasks"] == "c"
+    assert out.loc["l", "kl_uniform_mean"] == pytest.approx(kl / 2, rel=1e-12)
+    # Without a uniform run at that budget there is nothing to compare with.
+    alone = add_mixture_movement(client, df[df["policy"] != "uniform"])
+    assert alone["hardest_tokens_vs_uniform"].isna().all()
