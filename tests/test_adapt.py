@@ -333,13 +333,15 @@ def test_meta_share_enters_adapts_identity_only_when_set() -> None:
 def test_signal_share_enters_adapts_identity_only_off_its_default() -> None:
     """At its default, policy.adapt.signal_share leaves ADAPT's identity as it
     was recorded before the field existed (d061155101a6aa77, the hash of the
-    defaults at cd38a2a), so sweeps resume; set otherwise, it counts."""
+    defaults at cd38a2a, when every_steps was 20), so sweeps resume; set
+    otherwise, it counts."""
     from raymix.config import identity_hash, load_config
 
-    base = load_config(overrides=["policy.name=adapt"])
+    base = load_config(overrides=["policy.name=adapt", "policy.adapt.every_steps=20"])
     assert identity_hash(base) == "d061155101a6aa77"
     for other in ("null", "0.3"):
-        assert identity_hash(base) != identity_hash(load_config(overrides=["policy.name=adapt",
-                                                                           f"policy.adapt.signal_share={other}"]))
+        other_cfg = load_config(overrides=["policy.name=adapt", "policy.adapt.every_steps=20",
+                                           f"policy.adapt.signal_share={other}"])
+        assert identity_hash(base) != identity_hash(other_cfg)
     with pytest.raises(Exception, match="policy.adapt.signal_share must be > 0"):
         load_config(overrides=["policy.name=adapt", "policy.adapt.signal_share=0"])

@@ -96,7 +96,7 @@ def test_config_validation_names_the_field(override, message):
 def test_identity_hashes_of_other_policies_do_not_change():
     # The hashes before policy.gradex existed (computed on main at 239d2bb).
     assert identity_hash(RunConfig()) == "cfd04137b5601627"
-    assert identity_hash(load_config(None, ["policy.name=adapt"])) == "d061155101a6aa77"  # new ADAPT defaults (issue 13)
+    assert identity_hash(load_config(None, ["policy.name=adapt"])) == "6f03347c92724770"  # ADAPT's defaults, every_steps 80 (issue 13)
     assert identity_hash(load_config(None, ["policy.gradex.num_subsets=9"])) == "cfd04137b5601627"
     g = identity_hash(load_config(None, ["policy.name=gradex"]))
     assert g != identity_hash(load_config(None, ["policy.name=gradex", "policy.gradex.num_subsets=9"]))

@@ -102,7 +102,7 @@ def test_identity_of_existing_policies_is_unchanged() -> None:
     # Hashes of the commit before policy.ideal existed.
     assert identity_hash(RunConfig()) == "cfd04137b5601627"
     assert identity_hash(load_config(None, ["policy.name=proportional"])) == "b594ce98d5f12b9c"
-    assert identity_hash(load_config(None, ["policy.name=adapt"])) == "d061155101a6aa77"  # new ADAPT defaults (issue 13)
+    assert identity_hash(load_config(None, ["policy.name=adapt"])) == "6f03347c92724770"  # ADAPT's defaults, every_steps 80 (issue 13)
     # policy.ideal only counts for policy ideal.
     assert identity_hash(load_config(None, ["policy.ideal.m=0.3"])) == identity_hash(RunConfig())
     ideal = identity_hash(load_config(None, ["policy.name=ideal"]))
