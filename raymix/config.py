@@ -1044,6 +1044,18 @@ def to_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def _merged(old: dict, new: dict, cls: Any) -> dict:
+    """``new`` over ``old``, nested config sections merged key by key."""
+    out = dict(old)
+    hints = typing.get_type_hints(cls)
+    for k, v in new.items():
+        hint = hints.get(k)
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and dataclasses.is_dataclass(hint):
+            v = _merged(out[k], v, hint)
+        out[k] = v
+    return out
+
+
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -1054,10 +1066,15 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
             prefix = ".".join(keys[:i])
             where = f"{prefix}.{k}" if prefix else k
             raise RaymixError(f"--set {dotted}: unknown config key {where!r}{_suggest(k, valid)}")
+        hint = typing.get_type_hints(cls)[k] if dataclasses.is_dataclass(cls) else None
         if i == len(keys) - 1:
+            # A mapping for a config section merges into what earlier overrides
+            # set there (a space's base ``policy.adapt.every_steps: 5`` survives
+            # its grid's ``policy: {name: adapt}``); any other value replaces.
+            if isinstance(value, dict) and dataclasses.is_dataclass(hint) and isinstance(node.get(k), dict):
+                value = _merged(node[k], value, hint)
             node[k] = value
             return
-        hint = typing.get_type_hints(cls)[k] if dataclasses.is_dataclass(cls) else None
         cls = hint if hint is not None and dataclasses.is_dataclass(hint) else None
         nxt = node.get(k)
         if not isinstance(nxt, dict):

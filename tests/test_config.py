@@ -597,3 +597,27 @@ def test_every_policy_option_names_its_policy() -> None:
     fields = {f.name for f in dataclasses.fields(PolicyConfig)} - {"name"}
     assert set(POLICY_OPTIONS) == fields
     assert set(POLICY_OPTIONS.values()) <= set(POLICIES)
+
+
+def test_a_mapping_override_merges_into_the_section_earlier_overrides_set() -> None:
+    """A space's base ``policy.adapt.every_steps: 5`` survives its grid's
+    ``policy: {name: adapt}`` (it was dropped before: the mapping replaced the
+    whole section); later keys win, and a value that is not a section's
+    mapping still replaces."""
+    cfg = load_config(None, ["policy.adapt.every_steps=5", "policy.adapt.warmup_steps=5",
+                             "policy={name: adapt, adapt: {entropy: 0.5}}"])
+    assert (cfg.policy.name, cfg.policy.adapt.every_steps, cfg.policy.adapt.warmup_steps,
+            cfg.policy.adapt.entropy) == ("adapt", 5, 5, 0.5)
+    assert load_config(None, ["policy={name: adapt, adapt: {every_steps: 7}}",
+                              "policy.adapt={every_steps: 9}"]).policy.adapt.every_steps == 9
+    assert load_config(None, ["policy.temperature=3.0", "policy={name: temperature, temperature: 2.0}"]
+                       ).policy.temperature == 2.0
+
+
+def test_adapt_ni_space_keeps_its_base_adapt_cadence() -> None:
+    from raymix.sweep import load_space
+
+    space = load_space(Path(__file__).resolve().parents[1] / "tune_spaces" / "adapt_ni.yaml")
+    adapt = [c.policy.adapt for c in space.configs() if c.policy.name == "adapt"]
+    assert adapt and all((a.every_steps, a.warmup_steps, a.tasks_per_step) == (5, 5, None) for a in adapt)
+    assert {a.entropy for a in adapt} == {1.0, 0.5}
