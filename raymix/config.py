@@ -175,7 +175,7 @@ class AdaptConfig:
     examples (552 on the embedded default), so at 20 the meta steps cost 1.38x
     uniform's wall time per training token (``raymix.bench meta_overhead``);
     that part falls as 1/K, and K = 80 was set from it for the 1.10x target
-    (measured 1.04x). README, ADAPT: the test losses at both cadences."""
+    (measured 1.04x and 1.06x). README, ADAPT: the test losses at both cadences."""
     meta_share: Optional[float] = None
     """A cap on the meta step's cost as a share of the training tokens: a
     meta update due every K steps is put off while the tokens read for
