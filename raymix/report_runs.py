@@ -140,6 +140,31 @@ def _own_options(name: str, params: dict) -> dict:
     return out
 
 
+BLOCK_SPELLED_OUT = 3
+"""An option block (``policy.weights``: one field per task) with more
+varying fields than this is labelled by the fields off the row's most
+common value and ``others=`` that value, so that a static mixture over 23
+tasks reads as the tasks it favours, not 23 numbers."""
+
+
+def _option_parts(varying: list[str], own: dict) -> list[str]:
+    """``field=value`` for each varying option; a block with more than
+    ``BLOCK_SPELLED_OUT`` varying fields as ``block={a=.., others=v}``."""
+    blocks: dict[str, list[str]] = {}
+    for k in varying:
+        blocks.setdefault(k.split(".")[1] if k.count(".") > 1 else k, []).append(k)
+    parts = []
+    for block, keys in blocks.items():
+        if len(keys) <= BLOCK_SPELLED_OUT:
+            parts += [f"{k[len('policy.'):]}={own.get(k)}" for k in keys]
+            continue
+        values = [own.get(k) for k in keys]
+        common = max(set(values), key=lambda v: (values.count(v), str(v)))
+        off = [f"{k[len('policy.') + len(block) + 1:]}={own.get(k)}" for k in keys if own.get(k) != common]
+        parts.append(f"{block}={{" + ", ".join(off + [f"others={common}"]) + "}")
+    return parts
+
+
 def _label_variants(rows: list[dict]) -> None:
     """Runs of one policy with different settings of its own options
     (temperature t=2 and t=5) are different rows of the tables: ``policy``
@@ -155,8 +180,7 @@ def _label_variants(rows: list[dict]) -> None:
         varying = [k for k in keys if len({row["_own"].get(k) for row in group}) > 1]
         for row in group:
             if varying:
-                row["policy"] = f"{name} (" + ", ".join(
-                    f"{k[len('policy.'):]}={row['_own'].get(k)}" for k in varying) + ")"
+                row["policy"] = f"{name} (" + ", ".join(_option_parts(varying, row["_own"])) + ")"
     for row in rows:
         del row["_policy_params"], row["_own"]
 

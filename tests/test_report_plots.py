@@ -208,3 +208,27 @@ def test_mixture_movement_kl_and_tokens_on_the_hardest_tasks() -> None:
     # Without a uniform run at that budget there is nothing to compare with.
     alone = add_mixture_movement(client, df[df["policy"] != "uniform"])
     assert alone["hardest_tokens_vs_uniform"].isna().all()
+
+
+def test_a_mixture_over_many_tasks_is_labelled_by_the_tasks_it_favours() -> None:
+    """Static mixtures whose weights all differ between rows: each row names
+    the tasks off its own most common weight and that weight as ``others``,
+    instead of one ``weights.task=...`` per task."""
+    from raymix.report_runs import _label_variants
+
+    def row(weights):
+        return {"policy": "static", "_policy_params": {"policy.weights": json.dumps(weights)}}
+
+    tasks = ["a", "b", "c", "d", "e"]
+    rows = [row({t: (0.6 if t == "a" else 0.1) for t in tasks}),
+            row({t: (0.4 if t in "ab" else 0.0667) for t in tasks}),
+            row({t: 0.2 for t in tasks})]
+    _label_variants(rows)
+    assert [r["policy"] for r in rows] == ["static (weights={a=0.6, others=0.1})",
+                                           "static (weights={a=0.4, b=0.4, others=0.0667})",
+                                           "static (weights={others=0.2})"]
+    # few varying fields stay spelled out
+    rows = [row({"a": 0.5, "b": 0.5}), row({"a": 0.9, "b": 0.1})]
+    _label_variants(rows)
+    assert [r["policy"] for r in rows] == ["static (weights.a=0.5, weights.b=0.5)",
+                                           "static (weights.a=0.9, weights.b=0.1)"]
