@@ -158,6 +158,9 @@ def _option_parts(varying: list[str], own: dict) -> list[str]:
         if len(keys) <= BLOCK_SPELLED_OUT:
             parts += [f"{k[len('policy.'):]}={own.get(k)}" for k in keys]
             continue
+        # the whole block, fields equal across rows included, so that
+        # ``others`` is true of every field the label does not name
+        keys = sorted(k for k in own if k.startswith(f"policy.{block}."))
         values = [own.get(k) for k in keys]
         common = max(set(values), key=lambda v: (values.count(v), str(v)))
         off = [f"{k[len('policy.') + len(block) + 1:]}={own.get(k)}" for k in keys if own.get(k) != common]

@@ -227,6 +227,13 @@ def test_a_mixture_over_many_tasks_is_labelled_by_the_tasks_it_favours() -> None
     assert [r["policy"] for r in rows] == ["static (weights={a=0.6, others=0.1})",
                                            "static (weights={a=0.4, b=0.4, others=0.0667})",
                                            "static (weights={others=0.2})"]
+    # a field equal in every row but off the row's common value is named too:
+    # ``others`` must be true of every field left out
+    rows = [row({**{t: (0.6 if t == "a" else 0.1) for t in tasks}, "f": 0.05}),
+            row({**{t: 0.2 for t in tasks}, "f": 0.05})]
+    _label_variants(rows)
+    assert [r["policy"] for r in rows] == ["static (weights={a=0.6, f=0.05, others=0.1})",
+                                           "static (weights={f=0.05, others=0.2})"]
     # few varying fields stay spelled out
     rows = [row({"a": 0.5, "b": 0.5}), row({"a": 0.9, "b": 0.1})]
     _label_variants(rows)
