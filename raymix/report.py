@@ -22,7 +22,8 @@ from typing import Optional, Sequence
 
 from raymix.errors import RaymixError
 from raymix.policies import POLICIES, resolve
-from raymix.report_mixture import add_mixture_movement, section as mixture_section
+from raymix.report_mixture import add_mixture_movement
+from raymix.report_mixture import section as mixture_section
 from raymix.report_runs import artifact_json, by, load_runs, signal_cost
 
 METRICS = [

@@ -82,7 +82,7 @@ def add_mixture_movement(client, df):
         if not hard:
             continue
 
-        def on_hard(idx) -> float:
+        def on_hard(idx, hard=hard) -> float:
             return float(sum(ledgers[idx].get(t, {}).get("train_tokens", 0) for t in hard))
 
         base = np.mean([on_hard(i) for i in uniform.index])
