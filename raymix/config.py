@@ -690,6 +690,20 @@ class TrainConfig:
     """Tokens per packed row (at least ``data.max_seq_len``); default:
     ``data.max_seq_len``. Longer rows mean fewer of them (less slack at the
     end of each) but a larger attention matrix per row."""
+    attention: Literal["sdpa", "flex"] = "sdpa"
+    """Attention in the training step's forward and backward. ``sdpa``:
+    PyTorch's ``scaled_dot_product_attention`` (packed rows get a 4D
+    block-diagonal mask: every position of a row is computed). ``flex``:
+    torch's flex attention (Hugging Face's ``flex_attention``), whose block
+    mask skips the blocks of a packed row that no example spans; CUDA only
+    (torch has no flex attention backward on CPU). Evaluation and the
+    policies' signals use the model's own attention either way
+    (:mod:`raymix.kernels`)."""
+    compile: bool = False
+    """``torch.compile`` each decoder layer's forward for the training step:
+    fuses the element-wise work of the norms, rotary embeddings and SwiGLU.
+    The first steps pay the compilation (seconds on CPU, up to a minute per
+    new shape on GPU); evaluation and the signals run the layers uncompiled."""
     checkpoint_tokens: Optional[int] = None
     """Train tokens between checkpoints (model, optimizer, RNG states, data
     positions, mixer state and ledger); default: ``checkpoint_fraction`` of
@@ -923,6 +937,9 @@ class RunConfig:
         if self.train.pack_length is not None and self.train.pack_length < self.data.max_seq_len:
             raise RaymixError(f"train.pack_length ({self.train.pack_length}) must be at least data.max_seq_len "
                               f"({self.data.max_seq_len}), the longest example, or null")
+        if self.train.attention == "flex" and not self.runtime.use_gpu:
+            raise RaymixError("train.attention=flex needs runtime.use_gpu=true: torch's flex attention has no "
+                              "backward on CPU (use train.attention=sdpa there)")
         if self.runtime.parallelism == "fsdp" and not POLICIES[self.policy.name].fsdp:
             # A signal that runs a different number of forwards on each worker
             # (ADAPT's meta step, with autograd.grad on a parameter subset) or
@@ -1186,10 +1203,11 @@ def identity_hash(cfg: RunConfig) -> str:
             # --resume identities) stay as they were.
             tree["policy"].pop(block, None)
     for key in ("checkpoint_tokens", "checkpoint_fraction", "checkpoints_to_keep", "gradient_checkpointing",
-                "packing", "pack_length"):
-        # When to checkpoint, whether to recompute, and how the step's examples
-        # are laid out (padded or packed) do not change the result: the same
-        # examples and loss, up to floating-point order (as runtime.parallelism).
+                "packing", "pack_length", "attention", "compile"):
+        # When to checkpoint, whether to recompute, how the step's examples
+        # are laid out (padded or packed) and which kernels compute them do
+        # not change the result: the same examples and loss, up to
+        # floating-point order (as runtime.parallelism).
         tree["train"].pop(key, None)
     for key in ("curve_max_examples", "max_exact_match_prompts"):
         # Added later. At their defaults they bind only above 128 and 32

@@ -64,8 +64,11 @@ def completion_token_nll(model, batch, device):
     attn = batch["attention_mask"]  # 2D padding mask, 4D packed mask, or None (positions only)
     extra = {} if batch.get("position_ids") is None else {"position_ids": batch["position_ids"].to(device)}
     with _output_layer_sees(model, rows, cols):
+        # use_cache=False: no key/value cache to fill, and Hugging Face reads
+        # packed rows' sequence starts from position_ids (the flash and flex
+        # layouts) only when no cache is given.
         logits = model(input_ids=input_ids, attention_mask=None if attn is None else attn.to(device),
-                       **extra).logits
+                       use_cache=False, **extra).logits
     if tuple(logits.shape[:2]) != (1, len(rows)):
         raise RuntimeError(f"{type(getattr(model, 'module', model)).__name__}'s forward reshapes the output "
                            f"layer's result ({tuple(logits.shape)}): raymix cannot score completion tokens alone")

@@ -16,9 +16,10 @@ pair up) and a micro-batch holds about the real tokens of a padded one.
 
 Within a row, example k's tokens carry ``example_of = k`` and ``position_ids``
 0..len-1; the model sees a block-diagonal causal mask (a 4D boolean mask for
-SDPA, an additive one for eager attention) or, under flash attention, the
-restarting ``position_ids`` alone (its varlen path reads sequence starts from
-them). Each example's first token is never a label (as in a padded row, where
+SDPA, an additive one for eager attention) or, under flash and flex
+attention, the restarting ``position_ids`` alone (flash attention's varlen
+path reads sequence starts from them; for flex attention Hugging Face builds
+a block mask from them, which skips the blocks no example spans). Each example's first token is never a label (as in a padded row, where
 the shift drops it), so no example is scored on its predecessor's last token.
 :func:`raymix.loss.token_nll` returns the per-example sums and counts either
 way, in the order the examples were drawn.
@@ -43,7 +44,8 @@ import numpy as np
 # hybrids such as Gemma 2/3, whose local layers need their own masks; models
 # with learned or ALiBi positions) train padded.
 PACKING_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3", "mistral", "olmo", "olmo2", "phi3", "gemma"})
-_MASK_FORMATS = {"sdpa": "bool", "eager": "additive", "flash_attention_2": None, "flash_attention_3": None}
+_MASK_FORMATS = {"sdpa": "bool", "eager": "additive", "flash_attention_2": None, "flash_attention_3": None,
+                 "flex_attention": None}
 PAD_TO_MULTIPLE = 8  # as collate pads
 
 
@@ -57,13 +59,14 @@ def row_multiple(device_type: str) -> int:
     return PAD_TO_MULTIPLE if device_type == "cuda" else 1
 
 
-def packing_unsupported(model, pack_length: int) -> Optional[str]:
-    """Why ``model`` cannot train on packed rows (None: it can)."""
+def packing_unsupported(model, pack_length: int, attention: Optional[str] = None) -> Optional[str]:
+    """Why ``model`` cannot train on packed rows (None: it can) with the
+    ``attention`` implementation (default: the model's own)."""
     config = getattr(model, "module", model).config
     mtype = getattr(config, "model_type", None)
     if mtype not in PACKING_MODEL_TYPES:
         return f"model type {mtype!r} is not one packing is known to be exact for ({', '.join(sorted(PACKING_MODEL_TYPES))})"
-    impl = getattr(config, "_attn_implementation", None) or "eager"
+    impl = attention or getattr(config, "_attn_implementation", None) or "eager"
     if impl not in _MASK_FORMATS:
         return f"attention implementation {impl!r} (packing supports {', '.join(_MASK_FORMATS)})"
     window = getattr(config, "sliding_window", None)
@@ -179,18 +182,21 @@ class StepBatches:
     tokens against computed positions (the utilisation)."""
 
     def __init__(self, model, pad_id: int, packing: bool, pack_length: Optional[int], max_seq_len: int,
-                 log=print, multiple: Optional[int] = None):
+                 log=print, multiple: Optional[int] = None, attention: Optional[str] = None):
+        """``attention``: the implementation the batches are computed with
+        (:class:`raymix.kernels.StepKernels`); default: the model's own."""
         self.pad_id = pad_id
         # Packed widths round to row_multiple(the model's device) unless given.
         self.multiple = multiple or row_multiple(next(model.parameters()).device.type)
         self.pack_length = pack_length or max_seq_len
-        reason = packing_unsupported(model, self.pack_length) if packing else "train.packing is false"
+        config = getattr(model, "module", model).config
+        attention = attention or getattr(config, "_attn_implementation", None) or "eager"
+        reason = packing_unsupported(model, self.pack_length, attention) if packing else "train.packing is false"
         self.packed = reason is None
         self.mode = "packed" if self.packed else f"padded ({reason})"
         if packing and not self.packed:
             log(f"[raymix] training on padded batches: {reason}")
-        config = getattr(model, "module", model).config
-        self.mask_format = _MASK_FORMATS.get(getattr(config, "_attn_implementation", None) or "eager")
+        self.mask_format = _MASK_FORMATS.get(attention)
 
     def __call__(self, draws: list[tuple[np.ndarray, list]]) -> list[tuple[np.ndarray, dict]]:
         """``draws``: per micro-batch as drawn, (task indices, examples).

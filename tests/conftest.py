@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+# torch.compile's C++ kernels (train.compile on CPU) are cached with a
+# precompiled header that does not record ATEN_CPU_CAPABILITY: a cache
+# filled under one setting breaks the compile under another ('at::vec' has
+# not been declared). One cache per setting, as the suite is run under
+# several (default, avx2) to check its tolerances.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"raymix-tests-inductor-{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"))
 
 
 @pytest.fixture(scope="module")

@@ -225,3 +225,51 @@ def test_fsdp_step_and_state_match_unsharded(tmp_path) -> None:
     # processes, kernels, shards and inputs, so bit-identical.
     for k, v in got["after"].items():
         torch.testing.assert_close(got["after_again"][k], v, atol=0, rtol=0)
+
+
+def _compiled_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from raymix.fsdp import shard_model
+    from raymix.kernels import StepKernels
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        grads: dict = {}
+        for name, compile in (("eager", False), ("compiled", True)):
+            model = shard_model(_tiny_llama(), torch.device("cpu"))
+            kernels = StepKernels(model, compile=compile)
+            opt = torch.optim.AdamW(model.parameters(), lr=LR)
+            grads[name] = {}
+            with kernels():
+                _step(model, opt, rank, world, [rank], sharded=True, grads=grads[name])
+        from torch._dynamo.utils import counters
+
+        grads["graphs"] = counters["stats"]["unique_graphs"]  # the compiled step did compile
+        if rank == 0:
+            torch.save(grads, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(300)
+def test_compiled_layers_under_fsdp_take_the_eager_step(tmp_path) -> None:
+    """``train.compile`` under FSDP2: each sharded decoder layer's forward
+    compiled, its all-gather and reduce-scatter hooks outside the graph; the
+    step's gradients are the eager sharded step's up to the rounding of
+    another reduction order (DELTA_G, the module docstring)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "rank0.pt")
+    mp.spawn(_compiled_worker, args=(2, port, out), nprocs=2)
+    got = torch.load(out, weights_only=False)
+    assert got["graphs"] >= 1 and got["eager"].keys() == got["compiled"].keys() and got["eager"]
+    for n, g in got["eager"].items():
+        _close(got["compiled"][n], g, torch.tensor(_delta_g(g)), f"grad {n}")

@@ -54,6 +54,7 @@ class TrainStep:
     def __init__(self, w):
         import torch
 
+        from raymix.kernels import StepKernels
         from raymix.packing import StepBatches
         from raymix.streams import MixtureSampler
 
@@ -75,8 +76,14 @@ class TrainStep:
         pool = w.loop.pool
         self.T = len(pool.tasks)
         self.sampler = MixtureSampler([pool.shards("train", t) for t in pool.tasks], cfg.seed, w.rank, w.world)
+        self.kernels = StepKernels(w.raw_model, cfg.train.attention, cfg.train.compile, w.device.type)
+        # Compiled on CUDA: every packed row at the full pack length, one
+        # shape for the compiled graphs (no recompilation per row width; the
+        # fullest row of a step is within a few tokens of it at GPU sizes).
+        full = (cfg.train.pack_length or cfg.data.max_seq_len) if cfg.train.compile and self.use_amp else None
         self.batches = StepBatches(w.raw_model, w.pad_id, cfg.train.packing, cfg.train.pack_length,
-                                   cfg.data.max_seq_len, log=print if w.rank == 0 else lambda _: None)
+                                   cfg.data.max_seq_len, log=print if w.rank == 0 else lambda _: None,
+                                   multiple=full, attention=self.kernels.mask_attention)
         self.counted = np.zeros(2)  # over all ranks since this worker started: real tokens, computed positions
 
     @property
@@ -98,7 +105,8 @@ class TrainStep:
         n_completion = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in micro)
         step_stats = np.zeros((3, self.T + 1))  # tokens, loss sum, loss count per task; then positions computed
         for k, (idx, batch) in enumerate(micro):
-            with self._sync(k), torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            with self._sync(k), self.kernels(), \
+                    torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
                 nll, cnt = token_nll(model, batch, w.device)
                 loss = nll.sum() / max(1, n_completion)
                 loss.backward()
