@@ -4,17 +4,20 @@ for the GPU check's MFU (``python -m raymix.bench gpu``, reports/gpu_check.md).
 A Qwen3-0.6B-shaped model (random weights, SDPA, bf16 autocast, fused AdamW)
 trains on 8 rows of 2,048 random tokens per step; variants: raymix's packed
 layout (a 4D boolean block-diagonal mask over 18-token examples, the GPU
-check's mean example) or plain causal rows; bf16 or float32 (raymix's) master
-weights; the output layer and loss at every position or at a third of them
-(raymix applies them at completion positions only). It prints the measured
+check's mean example; or, under flex attention, the restarting positions
+alone) or plain causal rows; bf16 or float32 (raymix's) master weights; the
+output layer and loss at every position or at a third of them (raymix
+applies them at completion positions only); eager or compiled decoder layers
+(raymix's ``train.compile``). It prints the measured
 bf16 matrix-product rate, tokens/s and MFU (the GPU check's FLOPs per token
 against 989 TFLOP/s) per variant, and a ``torch.profiler`` table of the first
 variant's GPU time by operator; JSON goes to the path given.
 
     python scripts/gpu_model_ceiling.py ceiling.json
 
-Without CUDA it runs a tiny Qwen3 on CPU in seconds (``tests/test_gpu_check.py``
-runs it so it cannot rot); those figures say nothing about a GPU.
+Without CUDA it runs a tiny Qwen3 on CPU in seconds, flex variants skipped
+(``tests/test_gpu_check.py`` runs it so it cannot rot); those figures say
+nothing about a GPU.
 """
 
 from __future__ import annotations
@@ -58,15 +61,19 @@ def matmul_rate(n: int) -> float:
     return 10 * 2 * n**3 / (time.perf_counter() - t)
 
 
-def variant(cfg, ids, flops_token: float, weights=torch.bfloat16, inputs=None, loss_share=1.0, profile=False):
+def variant(cfg, ids, flops_token: float, weights=torch.bfloat16, inputs=None, loss_share=1.0, profile=False,
+            attention="sdpa", compile=False):
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=weights).to(DEV)
+    model = Qwen3ForCausalLM._from_config(cfg, attn_implementation=attention, dtype=weights).to(DEV)
+    if compile:  # as raymix's train.compile: each decoder layer's forward (raymix/kernels.py)
+        for layer in model.model.layers:
+            layer.forward = torch.compile(layer.forward)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=CUDA)
     scored = torch.arange(0, ROWS * SEQ, int(round(1 / loss_share)), device=DEV)
 
     def step():
         with torch.autocast(DEV, dtype=torch.bfloat16):
-            hidden = model.model(input_ids=ids, **(inputs or {})).last_hidden_state
+            hidden = model.model(input_ids=ids, use_cache=False, **(inputs or {})).last_hidden_state
             logits = model.lm_head(hidden.reshape(ROWS * SEQ, -1)[scored])
         loss = torch.nn.functional.cross_entropy(logits.float(), ids.view(-1)[scored])
         loss.backward()
@@ -114,15 +121,30 @@ def main(path: str) -> dict:
               "rows": ROWS, "row_length": SEQ, "example_tokens": EXAMPLE, "model_flops_per_token": flops_token,
               "peak_bf16_flops": PEAK, "matmul_bf16_flops": matmul_rate(8192 if CUDA else 256), "variants": {}}
     print(json.dumps({k: v for k, v in result.items() if k != "variants"}), flush=True)
+    # flex attention: positions alone; Hugging Face builds the block mask from them.
+    positions = {"position_ids": packed["position_ids"]}
+    third = 1 / 3
     plan = [("packed, bf16 weights, loss everywhere", dict(inputs=packed, profile=True)),
             ("packed, float32 weights, loss everywhere", dict(inputs=packed, weights=torch.float32)),
-            ("packed, bf16 weights, loss at a third", dict(inputs=packed, loss_share=1 / 3)),
-            ("causal, bf16 weights, loss at a third", dict(loss_share=1 / 3))]
+            ("packed, bf16 weights, loss at a third", dict(inputs=packed, loss_share=third)),
+            ("causal, bf16 weights, loss at a third", dict(loss_share=third)),
+            ("packed, compiled layers, bf16 weights, loss at a third",
+             dict(inputs=packed, loss_share=third, compile=True)),
+            ("packed flex, bf16 weights, loss at a third",
+             dict(inputs=positions, loss_share=third, attention="flex_attention")),
+            ("packed flex, compiled layers, bf16 weights, loss at a third",
+             dict(inputs=positions, loss_share=third, attention="flex_attention", compile=True, profile=True)),
+            ("packed flex, compiled layers, float32 weights, loss at a third",
+             dict(inputs=positions, loss_share=third, attention="flex_attention", compile=True,
+                  weights=torch.float32))]
     for name, kw in plan:
-        try:
-            result["variants"][name] = variant(cfg, ids, flops_token, **kw)
-        except Exception:  # one variant failing (memory, a kernel) keeps the others' figures
-            result["variants"][name] = {"error": traceback.format_exc()[-800:]}
+        if kw.get("attention") == "flex_attention" and not CUDA:
+            result["variants"][name] = {"skipped": "torch's flex attention has no backward on CPU"}
+        else:
+            try:
+                result["variants"][name] = variant(cfg, ids, flops_token, **kw)
+            except Exception:  # one variant failing (memory, a kernel) keeps the others' figures
+                result["variants"][name] = {"error": traceback.format_exc()[-800:]}
         print(json.dumps({name: result["variants"][name]}), flush=True)
         Path(path).write_text(json.dumps(result, indent=1))
     return result

@@ -95,10 +95,31 @@ def write_model(directory: Path, tokenizer_dir: str, shape: dict, seed: int) -> 
     return config
 
 
-def cases(in_process: bool) -> list[tuple[str, str]]:
-    """(parallelism, policy) pairs: FSDP shards over Ray Train workers, and
-    ADAPT's meta step needs the full model, so it runs under DDP only."""
-    return [("ddp", "uniform"), ("ddp", "adapt")] + ([] if in_process else [("fsdp", "uniform")])
+PLAIN = {"name": "sdpa", "attention": "sdpa", "compile": False}
+
+
+def fast_kernels(cuda: bool) -> dict:
+    """The training step's fast kernels (:mod:`raymix.kernels`): flex
+    attention and compiled decoder layers on CUDA; compiled layers alone on
+    CPU (torch has no flex attention backward there)."""
+    if cuda:
+        return {"name": "flex+compile", "attention": "flex", "compile": True}
+    return {"name": "compile", "attention": "sdpa", "compile": True}
+
+
+def cases(in_process: bool, cuda: bool = False) -> list[tuple[str, str, dict]]:
+    """(parallelism, policy, kernels): uniform with the model's own kernels
+    (the yardstick, ``ddp-uniform``), then uniform and ADAPT under DDP and
+    uniform under FSDP with the fast ones. FSDP shards over Ray Train
+    workers, and ADAPT's meta step needs the full model, so it runs under
+    DDP only."""
+    fast = fast_kernels(cuda)
+    return ([("ddp", "uniform", PLAIN), ("ddp", "uniform", fast), ("ddp", "adapt", fast)]
+            + ([] if in_process else [("fsdp", "uniform", fast)]))
+
+
+def case_name(parallelism: str, policy: str, kernels: dict) -> str:
+    return f"{parallelism}-{policy}" + ("" if kernels is PLAIN else f" ({kernels['name']})")
 
 
 def bench_gpu(cfg: RunConfig, out: Path, repeats: int) -> dict:
@@ -128,9 +149,10 @@ def bench_gpu(cfg: RunConfig, out: Path, repeats: int) -> dict:
     budget = int(sizes["steps"] * step_tokens)
     flops_token = model_flops_per_token(config, seq)
     runs: dict = {}
-    for parallelism, policy in cases(in_process):
-        name = f"{parallelism}-{policy}"
+    for parallelism, policy, kernels in cases(in_process, cuda):
+        name = case_name(parallelism, policy, kernels)
         overrides = [
+            f"train.attention={kernels['attention']}", f"train.compile={str(kernels['compile']).lower()}",
             f"model.pretrained={out / ('qwen3-0.6b' if cuda else 'qwen3-tiny')}", f"train.pack_length={seq}",
             f"train.micro_batch_size={mbs}", "train.grad_accum=1", "train.packing=true",
             f"budget.tokens={budget}", f"policy.name={policy}", f"runtime.parallelism={parallelism}",
@@ -144,29 +166,51 @@ def bench_gpu(cfg: RunConfig, out: Path, repeats: int) -> dict:
             overrides += [f"policy.adapt.every_steps={every}", f"policy.adapt.warmup_steps={every}"]
         c = _with(cfg, overrides)
         rows = []
-        for r in range(repeats):
-            s = run(c, out / f"{name}-{r}")
-            steady = steady_tokens_per_second(s)
-            tps = steady if steady is not None else s["tokens_per_second"]
-            rows.append({"tokens_per_second": tps, "loop_tokens_per_second": s["tokens_per_second"],
-                         "train_tokens": s["train_tokens"], "steps": s["steps"],
-                         "train_loop_seconds": s["train_loop_seconds"], "utilisation": s["utilisation"],
-                         "batch_layout": s["batch_layout"], "meta_time_share": s["meta_time_share"],
-                         "peak_memory_gib": s["peak_device_memory_bytes"] / 2**30,
-                         "mfu": tps * flops_token / peak if peak else None})
+        folder = f"{parallelism}-{policy}" + ("" if kernels is PLAIN else f"-{kernels['name'].replace('+', '-')}")
+        try:
+            for r in range(repeats):
+                rows.append(_measure(run(c, out / f"{folder}-{r}"), flops_token, peak))
+        except Exception as e:  # noqa: BLE001 - one case failing (memory, a kernel) keeps the others' figures
+            import traceback
+
+            traceback.print_exc()
+            runs[name] = {"parallelism": parallelism, "policy": policy, "kernels": kernels["name"],
+                          "error": f"{type(e).__name__}: {str(e)[:400]}"}
+            continue
         med = statistics.median(x["tokens_per_second"] for x in rows)
-        runs[name] = {"parallelism": parallelism, "policy": policy, "runs": rows,
+        runs[name] = {"parallelism": parallelism, "policy": policy, "kernels": kernels["name"], "runs": rows,
                       "tokens_per_second": med, "mfu": med * flops_token / peak if peak else None,
                       "peak_memory_gib": max(x["peak_memory_gib"] for x in rows),
                       "utilisation": statistics.median(x["utilisation"] for x in rows),
                       "meta_time_share": statistics.median(x["meta_time_share"] for x in rows)}
-    uniform, adapt = runs["ddp-uniform"]["tokens_per_second"], runs["ddp-adapt"]["tokens_per_second"]
+    fast = fast_kernels(cuda)
+    uniform, adapt = _rate(runs, "ddp", "uniform", fast), _rate(runs, "ddp", "adapt", fast)
+    plain = _rate(runs, "ddp", "uniform", PLAIN)
+    overhead = uniform / adapt - 1.0 if uniform and adapt else None
+    speedup = uniform / plain if uniform and plain else None
     return {"device": device_name, "cuda": cuda, "peak_bf16_flops": peak,
             "model": "Qwen3-0.6B shape, random weights" if cuda else "tiny Qwen3 (CPU stand-in)",
             "parameters": count_parameters(config), "model_flops_per_token": flops_token, "row_length": seq,
             "micro_batch_size": mbs, "mean_example_tokens": mean_len, "budget_tokens": budget,
             "repeats": repeats, "workers": 0 if in_process else 1, "runs": runs,
-            "adapt_overhead": uniform / max(1e-9, adapt) - 1.0}
+            "adapt_overhead": overhead, "fast_kernels": fast["name"], "fast_kernels_speedup": speedup}
+
+
+def _rate(runs: dict, parallelism: str, policy: str, kernels: dict) -> Optional[float]:
+    """A case's tokens/s; None where it failed."""
+    return runs.get(case_name(parallelism, policy, kernels), {}).get("tokens_per_second")
+
+
+def _measure(s: dict, flops_token: float, peak: Optional[float]) -> dict:
+    """One run's figures from its summary."""
+    steady = steady_tokens_per_second(s)
+    tps = steady if steady is not None else s["tokens_per_second"]
+    return {"tokens_per_second": tps, "loop_tokens_per_second": s["tokens_per_second"],
+            "train_tokens": s["train_tokens"], "steps": s["steps"],
+            "train_loop_seconds": s["train_loop_seconds"], "utilisation": s["utilisation"],
+            "batch_layout": s["batch_layout"], "meta_time_share": s["meta_time_share"],
+            "peak_memory_gib": s["peak_device_memory_bytes"] / 2**30,
+            "mfu": tps * flops_token / peak if peak else None}
 
 
 def steady_tokens_per_second(summary: dict) -> Optional[float]:
@@ -209,15 +253,26 @@ def markdown(r: dict) -> list[str]:
         f"(mean {r['mean_example_tokens']:.0f} tokens), {r['budget_tokens']:,} training tokens per run, "
         f"{max(1, r['workers'])} worker{'' if r['workers'] == 0 else ' (Ray Train)'}, {r['repeats']} repeat(s). "
         f"Model FLOPs per token {r['model_flops_per_token'] / 1e9:.2f} GFLOP (6N + 12 x layers x hidden x row).\n",
-        "tokens/s: median of the logged intervals after the first (the whole loop's figure in bench.json).\n",
+        "tokens/s: median of the logged intervals after the first (the whole loop's figure in bench.json). "
+        "Kernels (train.attention, train.compile): sdpa is the model's own attention with a block-diagonal mask, "
+        "eager; flex is torch's flex attention, compile torch.compile of each decoder layer "
+        "(raymix/kernels.py).\n",
         "| run | tokens/s | MFU | peak memory (GiB) | utilisation | meta time share |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, v in r["runs"].items():
+        if "error" in v:
+            lines.append(f"| {name} | failed: {v['error'][:200].replace('|', '/')} | | | | |")
+            continue
         mfu = f"{v['mfu']:.1%}" if v["mfu"] is not None else "n/a"
         lines.append(f"| {name} | {v['tokens_per_second']:,.0f} | {mfu} | {v['peak_memory_gib']:.1f} | "
                      f"{v['utilisation']:.3f} | {v['meta_time_share']:.2f} |")
-    lines.append(f"\nADAPT's overhead against uniform (DDP, tokens/s): {r['adapt_overhead']:+.1%}.")
+    lines.append("")
+    if r.get("fast_kernels_speedup") is not None:
+        lines.append(f"{r['fast_kernels']} against sdpa (DDP, uniform, tokens/s): {r['fast_kernels_speedup']:.2f}x.")
+    if r.get("adapt_overhead") is not None:
+        kernels = f", {r['fast_kernels']}" if r.get("fast_kernels") else ""
+        lines.append(f"ADAPT's overhead against uniform (DDP{kernels}, tokens/s): {r['adapt_overhead']:+.1%}.")
     if not r["cuda"]:
         lines.append("\nNo CUDA device: a tiny CPU stand-in ran; these figures say nothing about a GPU.")
     return lines
