@@ -64,9 +64,11 @@ def completion_token_nll(model, batch, device):
     attn = batch["attention_mask"]  # 2D padding mask, 4D packed mask, or None (positions only)
     extra = {} if batch.get("position_ids") is None else {"position_ids": batch["position_ids"].to(device)}
     with _output_layer_sees(model, rows, cols):
-        # use_cache=False: no key/value cache to fill, and Hugging Face reads
-        # packed rows' sequence starts from position_ids (the flash and flex
-        # layouts) only when no cache is given.
+        # use_cache=False: no key/value cache to fill, and Hugging Face's
+        # mask builders (flex attention's block mask among them) read packed
+        # rows' sequence starts from position_ids only when no cache is
+        # given: with one, a row laid out for flex attention (positions, no
+        # 4D mask) attended across its examples.
         logits = model(input_ids=input_ids, attention_mask=None if attn is None else attn.to(device),
                        use_cache=False, **extra).logits
     if tuple(logits.shape[:2]) != (1, len(rows)):

@@ -19,8 +19,9 @@ Within a row, example k's tokens carry ``example_of = k`` and ``position_ids``
 SDPA, an additive one for eager attention) or, under flash and flex
 attention, the restarting ``position_ids`` alone (flash attention's varlen
 path reads sequence starts from them; for flex attention Hugging Face builds
-a block mask from them, which skips the blocks no example spans). Each example's first token is never a label (as in a padded row, where
-the shift drops it), so no example is scored on its predecessor's last token.
+a block mask from them, which skips the blocks no example spans). Each
+example's first token is never a label (as in a padded row, where the shift
+drops it), so no example is scored on its predecessor's last token.
 :func:`raymix.loss.token_nll` returns the per-example sums and counts either
 way, in the order the examples were drawn.
 
