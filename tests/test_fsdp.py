@@ -151,16 +151,22 @@ def _close(got, want, tol, what):
                            f"{float(err.reshape(-1)[worst]):.3g} against tolerance {float(tol.reshape(-1)[worst]):.3g}")
 
 
-@pytest.mark.timeout(300)
-def test_fsdp_step_and_state_match_unsharded(tmp_path) -> None:
+def _on_two_ranks(worker, tmp_path):
+    """Runs ``worker(rank, 2, port, out)`` in two processes (gloo on a free
+    local port) and returns what rank 0 saved to ``out``."""
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(2, port, out), nprocs=2)
-    got = torch.load(out, weights_only=False)
+    mp.spawn(worker, args=(2, port, out), nprocs=2)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.timeout(300)
+def test_fsdp_step_and_state_match_unsharded(tmp_path) -> None:
+    got = _on_two_ranks(_worker, tmp_path)
 
     ref = _tiny_llama()
     init = {k: v.clone() for k, v in ref.state_dict().items()}
@@ -262,14 +268,7 @@ def test_compiled_layers_under_fsdp_take_the_eager_step(tmp_path) -> None:
     compiled, its all-gather and reduce-scatter hooks outside the graph; the
     step's gradients are the eager sharded step's up to the rounding of
     another reduction order (DELTA_G, the module docstring)."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = str(tmp_path / "rank0.pt")
-    mp.spawn(_compiled_worker, args=(2, port, out), nprocs=2)
-    got = torch.load(out, weights_only=False)
+    got = _on_two_ranks(_compiled_worker, tmp_path)
     assert got["graphs"] >= 1 and got["eager"].keys() == got["compiled"].keys() and got["eager"]
     for n, g in got["eager"].items():
         _close(got["compiled"][n], g, torch.tensor(_delta_g(g)), f"grad {n}")
