@@ -15,9 +15,9 @@ variant's GPU time by operator; JSON goes to the path given.
 
     python scripts/gpu_model_ceiling.py ceiling.json
 
-Without CUDA it runs a tiny Qwen3 on CPU in seconds, flex variants skipped
-(``tests/test_gpu_check.py`` runs it so it cannot rot); those figures say
-nothing about a GPU.
+Without CUDA it runs a tiny Qwen3 on CPU in seconds, in float32, flex
+variants skipped (``tests/test_gpu_check.py`` runs it so it cannot rot);
+those figures say nothing about a GPU.
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ def matmul_rate(n: int) -> float:
 def variant(cfg, ids, flops_token: float, weights=torch.bfloat16, inputs=None, loss_share=1.0, profile=False,
             attention="sdpa", compile=False):
     torch.manual_seed(0)
+    # On CPU float32 throughout: bf16 matrix products there need AVX-512
+    # kernels that ATEN_CPU_CAPABILITY=default or =avx2 turns off, and the
+    # CPU run only keeps the script from rotting.
+    weights = weights if CUDA else torch.float32
     model = Qwen3ForCausalLM._from_config(cfg, attn_implementation=attention, dtype=weights).to(DEV)
     if compile:  # as raymix's train.compile: each decoder layer's forward (raymix/kernels.py)
         for layer in model.model.layers:
@@ -72,7 +76,7 @@ def variant(cfg, ids, flops_token: float, weights=torch.bfloat16, inputs=None, l
     scored = torch.arange(0, ROWS * SEQ, int(round(1 / loss_share)), device=DEV)
 
     def step():
-        with torch.autocast(DEV, dtype=torch.bfloat16):
+        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=CUDA):
             hidden = model.model(input_ids=ids, use_cache=False, **(inputs or {})).last_hidden_state
             logits = model.lm_head(hidden.reshape(ROWS * SEQ, -1)[scored])
         loss = torch.nn.functional.cross_entropy(logits.float(), ids.view(-1)[scored])
