@@ -26,8 +26,9 @@ def shard_model(model, device):
     import torch
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    units = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in units]
+    from raymix.kernels import decoder_layers
+
+    layers = decoder_layers(model)
     if not layers:
         raise RuntimeError(f"runtime.parallelism=fsdp: {type(model).__name__} names no decoder layer class "
                            "(_no_split_modules) to shard by")

@@ -38,7 +38,8 @@ ATTENTION = {"sdpa": "sdpa", "flex": "flex_attention"}
 
 def decoder_layers(model) -> list:
     """The model's decoder layers: the classes it names in
-    ``_no_split_modules`` (the unit FSDP shards by, :mod:`raymix.fsdp`)."""
+    ``_no_split_modules`` (the same unit Hugging Face uses for device maps;
+    what :mod:`raymix.fsdp` shards by and ``train.compile`` compiles)."""
     units = set(getattr(model, "_no_split_modules", None) or [])
     # By the class and its bases: FSDP2 makes a sharded layer an instance of
     # a subclass (FSDPQwen3DecoderLayer).
