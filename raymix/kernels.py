@@ -32,8 +32,8 @@ from typing import Optional
 
 from raymix.errors import RaymixError
 
-# train.attention -> Hugging Face's attn_implementation
-ATTENTION = {"sdpa": "sdpa", "flex": "flex_attention"}
+# train.attention -> Hugging Face's attn_implementation (sdpa: the model's own)
+ATTENTION = {"flex": "flex_attention"}
 
 
 def decoder_layers(model) -> list:
@@ -68,7 +68,7 @@ class StepKernels:
             raise RaymixError(f"train.attention={attention} {reason}")
         self.config = model.config
         self.plain_attention = getattr(self.config, "_attn_implementation", None) or "eager"
-        self.attention = ATTENTION[attention] if attention != "sdpa" else self.plain_attention
+        self.attention = ATTENTION.get(attention, self.plain_attention)
         self.compiled: list[tuple[object, object]] = []
         if compile:
             import torch

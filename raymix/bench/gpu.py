@@ -21,6 +21,7 @@ only, so the FLOPs it runs are fewer than the model FLOPs counted here.
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -166,7 +167,7 @@ def bench_gpu(cfg: RunConfig, out: Path, repeats: int) -> dict:
             overrides += [f"policy.adapt.every_steps={every}", f"policy.adapt.warmup_steps={every}"]
         c = _with(cfg, overrides)
         rows = []
-        folder = f"{parallelism}-{policy}" + ("" if kernels is PLAIN else f"-{kernels['name'].replace('+', '-')}")
+        folder = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")  # ddp-uniform, ddp-adapt-flex-compile
         try:
             for r in range(repeats):
                 rows.append(_measure(run(c, out / f"{folder}-{r}"), flops_token, peak))
