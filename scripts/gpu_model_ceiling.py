@@ -9,8 +9,10 @@ alone) or plain causal rows; bf16 or float32 (raymix's) master weights; the
 output layer and loss at every position or at a third of them (raymix
 applies them at completion positions only); eager or compiled decoder layers
 (raymix's ``train.compile``). It prints the measured
-bf16 matrix-product rate, tokens/s and MFU (the GPU check's FLOPs per token
-against 989 TFLOP/s) per variant, and a ``torch.profiler`` table of the first
+bf16 matrix-product rate, tokens/s and MFU per variant (the model FLOPs each
+variant's step needs, counted as the GPU check counts them: raymix/flops.py;
+and the usual estimate, 6 N + 12 x layers x heads x head size x row, as
+``mfu_palm``; both against 989 TFLOP/s), and a ``torch.profiler`` table of the first
 variant's GPU time by operator; JSON goes to the path given.
 
     python scripts/gpu_model_ceiling.py ceiling.json
@@ -33,14 +35,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
-from raymix.bench.gpu import PEAK_BF16, QWEN3_0_6B, QWEN3_TINY, model_flops_per_token  # noqa: E402
+from raymix.bench.gpu import QWEN3_0_6B, QWEN3_TINY  # noqa: E402
+from raymix.flops import ModelFlops, causal_pairs, peak_bf16_flops  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 SHAPE = QWEN3_0_6B if CUDA else dict(QWEN3_TINY, vocab_size=500)
 ROWS, SEQ, WARM, STEPS = (8, 2048, 3, 6) if CUDA else (2, 256, 1, 2)
 EXAMPLE = 18  # tokens: the GPU check's mean example on its synthetic pool
-PEAK = dict(PEAK_BF16)["H200"]
+PEAK = peak_bf16_flops("H200")
 
 
 def sync() -> None:
@@ -61,7 +64,7 @@ def matmul_rate(n: int) -> float:
     return 10 * 2 * n**3 / (time.perf_counter() - t)
 
 
-def variant(cfg, ids, flops_token: float, weights=torch.bfloat16, inputs=None, loss_share=1.0, profile=False,
+def variant(cfg, ids, flops: ModelFlops, weights=torch.bfloat16, inputs=None, loss_share=1.0, profile=False,
             attention="sdpa", compile=False):
     torch.manual_seed(0)
     # On CPU float32 throughout: bf16 matrix products there need AVX-512
@@ -93,7 +96,13 @@ def variant(cfg, ids, flops_token: float, weights=torch.bfloat16, inputs=None, l
     sync()
     seconds = (time.perf_counter() - t) / STEPS
     tps = ROWS * SEQ / seconds
-    out = {"step_seconds": seconds, "tokens_per_second": tps, "mfu": tps * flops_token / PEAK,
+    # The step's model FLOPs: every token, the output layer at the scored
+    # positions, attention within the 18-token examples (packed) or across the row (causal).
+    example = EXAMPLE if inputs else SEQ
+    pairs = ROWS * causal_pairs([example] * (SEQ // example) + ([SEQ % example] if SEQ % example else []))
+    needed = flops.required(ROWS * SEQ, len(scored), pairs)
+    out = {"step_seconds": seconds, "tokens_per_second": tps, "model_flops_per_token": needed / (ROWS * SEQ),
+           "mfu": needed / seconds / PEAK, "mfu_palm": tps * flops.palm_per_token(SEQ) / PEAK,
            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0}
     if profile:
         from torch.profiler import ProfilerActivity
@@ -114,7 +123,7 @@ def variant(cfg, ids, flops_token: float, weights=torch.bfloat16, inputs=None, l
 
 def main(path: str) -> dict:
     cfg = Qwen3Config(**SHAPE)
-    flops_token = model_flops_per_token(cfg, SEQ)
+    flops = ModelFlops.from_config(cfg)
     ids = torch.randint(0, cfg.vocab_size, (ROWS, SEQ), device=DEV)
     pos = torch.arange(SEQ, device=DEV)
     segment = pos // EXAMPLE
@@ -122,7 +131,7 @@ def main(path: str) -> dict:
     packed = {"attention_mask": mask[None, None].expand(ROWS, 1, SEQ, SEQ),
               "position_ids": (pos % EXAMPLE)[None].expand(ROWS, SEQ)}
     result = {"device": torch.cuda.get_device_name(0) if CUDA else "CPU", "torch": torch.__version__,
-              "rows": ROWS, "row_length": SEQ, "example_tokens": EXAMPLE, "model_flops_per_token": flops_token,
+              "rows": ROWS, "row_length": SEQ, "example_tokens": EXAMPLE, "palm_flops_per_token": flops.palm_per_token(SEQ),
               "peak_bf16_flops": PEAK, "matmul_bf16_flops": matmul_rate(8192 if CUDA else 256), "variants": {}}
     print(json.dumps({k: v for k, v in result.items() if k != "variants"}), flush=True)
     # flex attention: positions alone; Hugging Face builds the block mask from them.
@@ -146,7 +155,7 @@ def main(path: str) -> dict:
             result["variants"][name] = {"skipped": "torch's flex attention has no backward on CPU"}
         else:
             try:
-                result["variants"][name] = variant(cfg, ids, flops_token, **kw)
+                result["variants"][name] = variant(cfg, ids, flops, **kw)
             except Exception:  # one variant failing (memory, a kernel) keeps the others' figures
                 result["variants"][name] = {"error": traceback.format_exc()[-800:]}
         print(json.dumps({name: result["variants"][name]}), flush=True)

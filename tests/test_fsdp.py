@@ -105,8 +105,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         _step(again, again_opt, rank, world, [rank], sharded=True)
         after, after_again = full_model_state(model), full_model_state(again)
         if rank == 0:
+            from raymix.flops import ModelFlops
+
             torch.save({"norm": norm, "grads": grads, "state": state, "optim": optim, "after": after,
-                        "after_again": after_again}, out)
+                        "after_again": after_again, "flops": ModelFlops.of(model)}, out)
     finally:
         dist.destroy_process_group()
 
@@ -169,6 +171,10 @@ def test_fsdp_step_and_state_match_unsharded(tmp_path) -> None:
     got = _on_two_ranks(_worker, tmp_path)
 
     ref = _tiny_llama()
+    from raymix.flops import ModelFlops
+
+    # The model FLOPs count whole parameters (DTensor shapes are global) and the tied embedding once.
+    assert got["flops"] == ModelFlops.of(ref)
     init = {k: v.clone() for k, v in ref.state_dict().items()}
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR)
     ref_grads: dict = {}

@@ -11,14 +11,8 @@ from pathlib import Path
 import pytest
 
 from raymix.bench import main
-from raymix.bench.gpu import (
-    QWEN3_0_6B,
-    QWEN3_TINY,
-    count_parameters,
-    markdown,
-    model_flops_per_token,
-    peak_bf16_flops,
-)
+from raymix.bench.gpu import QWEN3_0_6B, QWEN3_TINY, markdown
+from raymix.flops import ModelFlops, peak_bf16_flops
 
 RAY = ["--set", "runtime.num_cpus=2", "--set", "runtime.object_store_memory=200000000",
        "--set", "runtime.data_concurrency=1"]
@@ -30,17 +24,22 @@ def test_parameter_count_matches_the_built_model(shape: dict) -> None:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(**dict({"vocab_size": 512}, **shape))
-    with torch.device("meta"):  # shapes only, no memory
-        model = Qwen3ForCausalLM(config)
-    assert count_parameters(config) == sum(p.numel() for p in model.parameters())
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config)
+    flops = ModelFlops.from_config(config)  # built on the meta device
+    assert flops == ModelFlops.of(model)
+    assert flops.parameters == sum(p.numel() for p in model.parameters())
+    assert flops.output == config.vocab_size * config.hidden_size and flops.body == flops.parameters - flops.output
 
 
 def test_qwen3_0_6b_flops_and_peaks() -> None:
     from transformers import Qwen3Config
 
-    config = Qwen3Config(**QWEN3_0_6B)
-    assert count_parameters(config) == 596_049_920  # Qwen3-0.6B: 0.6B with the tied embedding, 0.44B without
-    assert model_flops_per_token(config, 2048) == 6 * 596_049_920 + 12 * 28 * 1024 * 2048
+    flops = ModelFlops.from_config(Qwen3Config(**QWEN3_0_6B))
+    assert flops.parameters == 596_049_920  # Qwen3-0.6B: 0.6B with the tied embedding, 0.44B without
+    assert flops.output == 151_936 * 1024 and flops.body == 596_049_920 - 151_936 * 1024
+    assert flops.attention_width == 16 * 128 == 2048  # wider than hidden (1024) in this shape
+    assert flops.palm_per_token(2048) == 6 * 596_049_920 + 12 * 28 * 2048 * 2048
     assert peak_bf16_flops("NVIDIA H200") == 989e12 and peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12 and peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert peak_bf16_flops("NVIDIA L4") == 121e12 and peak_bf16_flops("Tesla T4") is None
@@ -82,6 +81,9 @@ def test_cpu_stand_in_writes_its_figures(tmp_path: Path, monkeypatch) -> None:
         row = v["runs"][0]
         assert row["batch_layout"] == "packed" and row["steps"] >= 2, name
         assert v["tokens_per_second"] > 0 and 0.5 < v["utilisation"] <= 1 and v["mfu"] is None
+        # The model FLOPs each run needed: fewer than the usual estimate
+        # (the output layer at completion positions, attention within examples).
+        assert 0 < v["model_flops_per_token"] < r["palm_flops_per_token"] and row["loop_mfu"] is None
         assert v["peak_memory_gib"] == 0  # no CUDA
     assert r["runs"]["ddp-adapt (compile)"]["meta_time_share"] > 0
     assert r["runs"]["ddp-uniform"]["meta_time_share"] == 0 and r["runs"]["ddp-uniform"]["kernels"] == "sdpa"
@@ -94,6 +96,8 @@ def test_cpu_stand_in_writes_its_figures(tmp_path: Path, monkeypatch) -> None:
     assert summary["peak_device_memory_bytes"] == 0 and summary["batch_layout"] == "packed"
     metrics = MlflowClient(summary["mlflow_tracking_uri"]).get_run(summary["mlflow_run_id"]).data.metrics
     assert metrics["utilisation"] == pytest.approx(summary["utilisation"])
+    assert metrics["model_flops_per_token"] == pytest.approx(summary["model_flops_per_token"])
+    assert summary["mfu"] is None and "mfu" not in metrics  # no GPU peak on CPU
     md = (out / "bench.md").read_text()
     assert "| ddp-adapt (compile) |" in md and "ADAPT's overhead" in md and "CPU stand-in" in md
     assert "compile against sdpa" in md
@@ -155,4 +159,59 @@ def test_model_ceiling_script_runs_its_cpu_path(tmp_path: Path) -> None:
         if "flex" in name:  # no flex attention backward on CPU
             assert v == {"skipped": "torch's flex attention has no backward on CPU"}
             continue
-        assert v["tokens_per_second"] > 0 and v["mfu"] > 0
+        assert v["tokens_per_second"] > 0 and 0 < v["mfu"] < v["mfu_palm"]
+
+
+def test_counted_flops_render_beside_the_usual_estimate(tmp_path: Path) -> None:
+    """A result with per-run model FLOPs shows them, their MFU and the usual
+    (PaLM) estimate's MFU side by side; a failed case keeps the table's columns."""
+    r = _gpu_result()
+    del r["model_flops_per_token"]
+    r["palm_flops_per_token"] = 4.99e9
+    r["runs"]["ddp-uniform"].update(model_flops_per_token=2.95e9, mfu=0.0955, mfu_palm=0.1615)
+    r["runs"]["ddp-adapt"] = {"parallelism": "ddp", "policy": "adapt", "error": "OutOfMemoryError: CUDA | out"}
+    md = "\n".join(markdown(r))
+    assert "| ddp-uniform | 32,000 | 2.95 | 9.6% | 16.2% | 51.0 | 0.998 | 0.00 |" in md
+    assert "4.99 GFLOP per token" in md
+    failed = next(line for line in md.splitlines() if line.startswith("| ddp-adapt"))
+    assert failed.count("|") == md.splitlines()[[i for i, x in enumerate(md.splitlines()) if x.startswith("| run")][0]].count("|")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_recount_gives_an_earlier_results_runs_their_model_flops(tmp_path: Path, monkeypatch) -> None:
+    """scripts/gpu_check_recount.py: the check's pool prepared again, its
+    uniform draws counted, and a GPU result's tokens/s turned into MFU; a
+    result from another pool (micro-batch, budget) is refused by name."""
+    import subprocess
+    import sys
+
+    import ray
+
+    from raymix.bench.gpu import GPU_SIZES, check_pool
+    from raymix.config import load_config
+
+    monkeypatch.setenv("RAYMIX_CACHE", str(tmp_path / "cache"))
+    sets = [*RAY[1::2], "data.sources=[{kind: synthetic, scale: 0.02}]", "model.vocab_size=512"]
+    try:
+        _, _, _, mbs, budget = check_pool(load_config(None, sets), tmp_path / "pool", dict(GPU_SIZES))
+    finally:
+        ray.shutdown()
+    r = _gpu_result()
+    r.update(micro_batch_size=mbs, budget_tokens=budget)
+    (tmp_path / "bench.json").write_text(json.dumps({"gpu": r}))
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, str(root / "scripts" / "gpu_check_recount.py"), str(tmp_path / "bench.json"),
+           "--work", str(tmp_path / "work"), *[a for x in sets for a in ("--set", x)]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert out["tokens"] >= budget and 0 < out["completion_share"] < 1 and out["attention_pairs_per_token"] >= 1
+    assert out["model_flops_per_token"] < out["palm_flops_per_token"]
+    run = out["runs"]["ddp-uniform"]
+    assert run["mfu"] == pytest.approx(32000.0 * out["model_flops_per_token"] / 989e12, rel=1e-12)
+    assert out["runs"]["ddp-adapt"]["counts"].endswith("(an approximation: the run's mixture moved)")
+    r.update(micro_batch_size=mbs + 1)
+    (tmp_path / "bench.json").write_text(json.dumps({"gpu": r}))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
+    assert proc.returncode != 0 and "pass the check's own --set" in proc.stderr

@@ -56,7 +56,7 @@ class RecordingSession:
             raise KeyboardInterrupt("stopped after the first checkpoint")
 
 
-def _run(prepared, tmp: Path, overrides=(), mixer_state=None, stop=False, mixer=None):
+def _run(prepared, tmp: Path, overrides=(), mixer_state=None, stop=False, mixer=None, **loop_fields):
     from raymix.loop import LoopConfig, LoopResult, train_loop
     from raymix.mixer import LocalMixerClient, Mixer
     from raymix.policies import PoolInfo
@@ -67,7 +67,7 @@ def _run(prepared, tmp: Path, overrides=(), mixer_state=None, stop=False, mixer=
     info = PoolInfo(pool.tasks, pool.train_tokens(), pool.train_examples(), budget)
     mixer = mixer or LocalMixerClient(Mixer(cfg.policy, info, cfg.budget.max_epochs))
     loop = LoopConfig(run=cfg, pool=pool, budget_tokens=budget, tokenizer_dir=tok_dir, init_model_dir=init_dir,
-                      output_dir=str(tmp), local_checkpoint_dir=str(tmp / "checkpoints"))
+                      output_dir=str(tmp), local_checkpoint_dir=str(tmp / "checkpoints"), **loop_fields)
     session = RecordingSession(str(tmp / "checkpoints"), stop_after_checkpoint=stop)
     try:
         train_loop(loop, session, mixer=mixer)
@@ -318,9 +318,46 @@ def test_packing_keeps_the_examples_and_counts_fewer_positions(prepared, tmp_pat
     assert ({t: r["train_tokens"] for t, r in packed.mixer["ledger"].items()}
             == {t: r["train_tokens"] for t, r in padded.mixer["ledger"].items()})
     assert 0 < padded.utilisation < packed.utilisation <= 1
+    # The model FLOPs the examples needed do not depend on their layout
+    # (exact: sums of integer counts), and lie between the body alone at
+    # every token and the whole model plus attention over full-length examples.
+    from transformers import AutoModelForCausalLM
+
+    from raymix.flops import ModelFlops
+
+    flops = ModelFlops.of(AutoModelForCausalLM.from_pretrained(prepared[2]))
+    assert packed.model_flops_per_token == padded.model_flops_per_token
+    longest = load_config(None, SMALL).data.max_seq_len
+    assert (6 * flops.body < packed.model_flops_per_token
+            < 6 * flops.parameters + 12 * flops.layers * flops.attention_width * (longest + 1) / 2)
+    assert packed.mfu is None  # CPU: no peak to compare with
     # The first curve point (before any step) is the same model: identical.
     assert packed.curve[0]["worst_val_loss"] == padded.curve[0]["worst_val_loss"]
 
+
+
+def test_mfu_is_the_model_flops_rate_over_a_known_peak(prepared, tmp_path: Path, monkeypatch) -> None:
+    """Where the device's peak is known (a listed GPU; here a stand-in peak
+    for the CPU), the result's MFU is tokens/s x model FLOPs per token over
+    the peak x workers."""
+    import raymix.flops
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setattr(raymix.flops, "device_peak_flops", lambda device: 1e12)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("mfu")).info.run_id
+    result, _, _ = _run(prepared, tmp_path, mlflow_tracking_uri=uri, mlflow_run_id=run_id)
+    assert result.mfu == pytest.approx(result.tokens_per_second * result.model_flops_per_token / 1e12, rel=1e-12)
+    assert result.world == 1 and 0 < result.mfu
+    # And per logging interval, as train/mfu beside train/tokens_per_second.
+    rate = {m.step: m.value for m in client.get_metric_history(run_id, "train/tokens_per_second")}
+    mfu = {m.step: m.value for m in client.get_metric_history(run_id, "train/mfu")}
+    assert mfu and mfu.keys() == rate.keys()
+    last = max(mfu)
+    # The last interval ends at the budget, where the per-token count is the result's.
+    assert mfu[last] == pytest.approx(rate[last] * result.model_flops_per_token / 1e12, rel=1e-12)
 
 
 def test_compiled_layers_train_as_the_eager_ones(prepared, tmp_path: Path) -> None:

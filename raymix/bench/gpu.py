@@ -13,10 +13,13 @@ tokens, a few steps), so the code path stays tested where no GPU is
 ``runtime.num_workers=0`` the runs are in-process and FSDP (which shards over
 Ray Train workers) is left out.
 
-Model FLOPs per token: 6 N (N: every parameter, the tied embedding once) plus
-the attention term 12 x layers x hidden x row length, the usual estimate
-(PaLM, appendix B). raymix applies the output layer at completion positions
-only, so the FLOPs it runs are fewer than the model FLOPs counted here.
+MFU counts the training FLOPs the model needs (:mod:`raymix.flops`: 6 x the
+parameters applied at every position per token, 6 x the output layer per
+completion token, 12 x layers x heads x head size per causal query-key pair
+within an example), each run's own counts from its ``summary.json``; the
+usual estimate (PaLM, appendix B: 6 N + 12 x layers x heads x head size x
+row length per token), which also counts the output layer at prompt
+positions and attention across the whole row, is reported beside it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from raymix.config import RunConfig, load_config
+from raymix.flops import ModelFlops, peak_bf16_flops
 
 # Qwen3-0.6B's config.json (hub id Qwen/Qwen3-0.6B), hard-coded: no hub here.
 QWEN3_0_6B = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
@@ -37,38 +41,8 @@ QWEN3_0_6B = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16
 QWEN3_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=16, intermediate_size=192, tie_word_embeddings=True, max_position_embeddings=1024)
 
-# Dense bf16 peak FLOP/s by the device name's model (vendor data sheets;
-# H100/H200 SXM figures: a PCIe H100 is 756e12). First match wins.
-PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
-             ("L4", 121e12))
-
 GPU_SIZES = {"seq": 2048, "rows_per_micro": 8, "steps": 40, "max_seq_len": 128, "adapt_every": 5, "log_every": 5}
 CPU_SIZES = {"seq": 256, "rows_per_micro": 2, "steps": 4, "max_seq_len": 128, "adapt_every": 2, "log_every": 1}
-
-
-def peak_bf16_flops(device_name: str) -> Optional[float]:
-    for key, flops in PEAK_BF16:
-        if key in device_name:
-            return flops
-    return None
-
-
-def model_flops_per_token(config, seq: int) -> float:
-    """6 N + 12 L H s (see the module's docstring)."""
-    return 6 * count_parameters(config) + 12 * config.num_hidden_layers * config.hidden_size * seq
-
-
-def count_parameters(config) -> int:
-    """Parameters of a Qwen3 causal LM from its config (no weights built):
-    embedding (tied with the output layer when the config says so), per
-    layer the attention projections, q/k norms, MLP and two norms, and the final norm."""
-    h, L, v = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    d, heads, kv, inter = config.head_dim, config.num_attention_heads, config.num_key_value_heads, config.intermediate_size
-    attention = h * heads * d + 2 * h * kv * d + heads * d * h + 2 * d  # q, k, v, o; q_norm, k_norm
-    mlp = 3 * h * inter
-    per_layer = attention + mlp + 2 * h
-    embed = v * h * (1 if config.tie_word_embeddings else 2)
-    return embed + L * per_layer + h
 
 
 def write_model(directory: Path, tokenizer_dir: str, shape: dict, seed: int) -> object:
@@ -129,26 +103,17 @@ def bench_gpu(cfg: RunConfig, out: Path, repeats: int) -> dict:
     import torch
 
     from raymix.driver import run
-    from raymix.driver.setup import init_ray, prepare_model_and_data
 
     cuda = torch.cuda.is_available()
     sizes, shape = (GPU_SIZES, QWEN3_0_6B) if cuda else (CPU_SIZES, QWEN3_TINY)
     in_process = cfg.runtime.num_workers == 0
     device_name = torch.cuda.get_device_name(0) if cuda else "CPU"
     peak = peak_bf16_flops(device_name) if cuda else None
-    # The pool and its locally trained tokenizer, prepared once (a preset run's preparation).
-    base = replace(cfg, data=replace(cfg.data, max_seq_len=sizes["max_seq_len"]),
-                   model=replace(cfg.model, pretrained=None, tokenizer=None, preset="llama-micro"))
-    init_ray(base)
-    _, tok_dir, pool, _ = prepare_model_and_data(base, out / "prepare")
+    tok_dir, pool, mean_len, mbs, budget = check_pool(cfg, out, sizes)
     config = write_model(out / ("qwen3-0.6b" if cuda else "qwen3-tiny"), tok_dir, shape, cfg.seed)
-    mean_len = pool.pool_tokens / max(1, int(pool.train_examples().sum()))
     seq = sizes["seq"]
-    # Examples per micro-batch that fill about rows_per_micro packed rows.
-    mbs = max(2, int(sizes["rows_per_micro"] * seq * 0.97 / mean_len))
-    step_tokens = mbs * mean_len
-    budget = int(sizes["steps"] * step_tokens)
-    flops_token = model_flops_per_token(config, seq)
+    flops = ModelFlops.from_config(config)
+    palm_token = flops.palm_per_token(seq)
     runs: dict = {}
     for parallelism, policy, kernels in cases(in_process, cuda):
         name = case_name(parallelism, policy, kernels)
@@ -170,7 +135,7 @@ def bench_gpu(cfg: RunConfig, out: Path, repeats: int) -> dict:
         folder = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")  # ddp-uniform, ddp-adapt-flex-compile
         try:
             for r in range(repeats):
-                rows.append(_measure(run(c, out / f"{folder}-{r}"), flops_token, peak))
+                rows.append(_measure(run(c, out / f"{folder}-{r}"), palm_token, peak))
         except Exception as e:  # noqa: BLE001 - one case failing (memory, a kernel) keeps the others' figures
             import traceback
 
@@ -179,8 +144,11 @@ def bench_gpu(cfg: RunConfig, out: Path, repeats: int) -> dict:
                           "error": f"{type(e).__name__}: {str(e)[:400]}"}
             continue
         med = statistics.median(x["tokens_per_second"] for x in rows)
+        per_token = statistics.median(x["model_flops_per_token"] for x in rows)
         runs[name] = {"parallelism": parallelism, "policy": policy, "kernels": kernels["name"], "runs": rows,
-                      "tokens_per_second": med, "mfu": med * flops_token / peak if peak else None,
+                      "tokens_per_second": med, "model_flops_per_token": per_token,
+                      "mfu": med * per_token / peak if peak else None,
+                      "mfu_palm": med * palm_token / peak if peak else None,
                       "peak_memory_gib": max(x["peak_memory_gib"] for x in rows),
                       "utilisation": statistics.median(x["utilisation"] for x in rows),
                       "meta_time_share": statistics.median(x["meta_time_share"] for x in rows)}
@@ -191,10 +159,50 @@ def bench_gpu(cfg: RunConfig, out: Path, repeats: int) -> dict:
     speedup = uniform / plain if uniform and plain else None
     return {"device": device_name, "cuda": cuda, "peak_bf16_flops": peak,
             "model": "Qwen3-0.6B shape, random weights" if cuda else "tiny Qwen3 (CPU stand-in)",
-            "parameters": count_parameters(config), "model_flops_per_token": flops_token, "row_length": seq,
+            "parameters": flops.parameters, "palm_flops_per_token": palm_token, "row_length": seq,
             "micro_batch_size": mbs, "mean_example_tokens": mean_len, "budget_tokens": budget,
             "repeats": repeats, "workers": 0 if in_process else 1, "runs": runs,
             "adapt_overhead": overhead, "fast_kernels": fast["name"], "fast_kernels_speedup": speedup}
+
+
+def check_pool(cfg: RunConfig, out: Path, sizes: dict):
+    """The check's pool and its locally trained tokenizer, prepared once (a
+    preset run's preparation), and the micro-batch (examples that fill about
+    ``rows_per_micro`` packed rows) and budget (``steps`` of them) it trains
+    with: (tokenizer dir, pool, mean example tokens, micro-batch, budget)."""
+    from raymix.driver.setup import init_ray, prepare_model_and_data
+
+    base = replace(cfg, data=replace(cfg.data, max_seq_len=sizes["max_seq_len"]),
+                   model=replace(cfg.model, pretrained=None, tokenizer=None, preset="llama-micro"))
+    init_ray(base)
+    _, tok_dir, pool, _ = prepare_model_and_data(base, out / "prepare")
+    mean_len = pool.pool_tokens / max(1, int(pool.train_examples().sum()))
+    mbs = max(2, int(sizes["rows_per_micro"] * sizes["seq"] * 0.97 / mean_len))
+    return tok_dir, pool, mean_len, mbs, int(sizes["steps"] * mbs * mean_len)
+
+
+def uniform_draw_counts(pool, seed: int, micro_batch: int, budget: int) -> tuple[int, int, int]:
+    """(real tokens, completion tokens, causal query-key pairs within
+    examples) of the steps a one-worker uniform run of ``budget`` tokens
+    draws (the training step's sampler, seed and stopping rule; no model):
+    the counts behind a run's model FLOPs, for results written before runs
+    reported them."""
+    import numpy as np
+
+    from raymix.flops import causal_pairs
+    from raymix.streams import MixtureSampler
+
+    tasks = len(pool.tasks)
+    sampler = MixtureSampler([pool.shards("train", t) for t in pool.tasks], seed, 0, 1)
+    tokens = completion = pairs = 0
+    while tokens < budget:
+        ((_, examples),) = sampler.draw(np.full(tasks, 1 / tasks), 1, micro_batch)
+        lengths = np.array([len(ids) for ids, _ in examples])
+        tokens += int(lengths.sum())
+        # The first token of an example is never a label (raymix.packing, raymix.streams.collate).
+        completion += int((lengths - np.array([max(p, 1) for _, p in examples])).sum())
+        pairs += causal_pairs(lengths)
+    return tokens, completion, pairs
 
 
 def _rate(runs: dict, parallelism: str, policy: str, kernels: dict) -> Optional[float]:
@@ -202,16 +210,18 @@ def _rate(runs: dict, parallelism: str, policy: str, kernels: dict) -> Optional[
     return runs.get(case_name(parallelism, policy, kernels), {}).get("tokens_per_second")
 
 
-def _measure(s: dict, flops_token: float, peak: Optional[float]) -> dict:
+def _measure(s: dict, palm_token: float, peak: Optional[float]) -> dict:
     """One run's figures from its summary."""
     steady = steady_tokens_per_second(s)
     tps = steady if steady is not None else s["tokens_per_second"]
+    per_token = s["model_flops_per_token"]
     return {"tokens_per_second": tps, "loop_tokens_per_second": s["tokens_per_second"],
+            "model_flops_per_token": per_token, "loop_mfu": s["mfu"],
             "train_tokens": s["train_tokens"], "steps": s["steps"],
             "train_loop_seconds": s["train_loop_seconds"], "utilisation": s["utilisation"],
             "batch_layout": s["batch_layout"], "meta_time_share": s["meta_time_share"],
             "peak_memory_gib": s["peak_device_memory_bytes"] / 2**30,
-            "mfu": tps * flops_token / peak if peak else None}
+            "mfu": tps * per_token / peak if peak else None, "mfu_palm": tps * palm_token / peak if peak else None}
 
 
 def steady_tokens_per_second(summary: dict) -> Optional[float]:
@@ -245,28 +255,45 @@ def _with(cfg: RunConfig, overrides: list[str]) -> RunConfig:
 
 
 def markdown(r: dict) -> list[str]:
-    """This benchmark's section of bench.md."""
+    """This benchmark's section of bench.md (also of a bench.json written
+    before the model FLOPs were counted per run: its MFU is the usual estimate)."""
     peak = f"{r['peak_bf16_flops'] / 1e12:.0f} TFLOP/s dense bf16" if r["peak_bf16_flops"] else "unknown"
+    counted = "palm_flops_per_token" in r
+    flops_line = (
+        "MFU: the training FLOPs the model needs per second (each run's own counts, raymix/flops.py: 6 x the "
+        "parameters applied at every position per token, 6 x the output layer per completion token, "
+        "12 x layers x heads x head size per causal query-key pair within an example) over the peak; "
+        f"MFU (PaLM): the usual estimate, {r['palm_flops_per_token'] / 1e9:.2f} GFLOP per token (6N + 12 x layers "
+        "x heads x head size x row), which also counts the output layer at prompt positions and attention "
+        "across the whole row.\n"
+        if counted else
+        f"Model FLOPs per token {r['model_flops_per_token'] / 1e9:.2f} GFLOP (6N + 12 x layers x hidden x row).\n")
     lines = [
         "## gpu\n",
         f"{r['model']} ({r['parameters'] / 1e6:,.1f}M parameters) on {r['device']} (peak {peak}); "
         f"packed rows of {r['row_length']} tokens, {r['micro_batch_size']} examples per step "
         f"(mean {r['mean_example_tokens']:.0f} tokens), {r['budget_tokens']:,} training tokens per run, "
         f"{max(1, r['workers'])} worker{'' if r['workers'] == 0 else ' (Ray Train)'}, {r['repeats']} repeat(s). "
-        f"Model FLOPs per token {r['model_flops_per_token'] / 1e9:.2f} GFLOP (6N + 12 x layers x hidden x row).\n",
+        + flops_line,
         "tokens/s: median of the logged intervals after the first (the whole loop's figure in bench.json). "
         "Kernels (train.attention, train.compile): sdpa is the model's own attention with a block-diagonal mask, "
         "eager; flex is torch's flex attention, compile torch.compile of each decoder layer "
         "(raymix/kernels.py).\n",
-        "| run | tokens/s | MFU | peak memory (GiB) | utilisation | meta time share |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| run | tokens/s | GFLOP per token | MFU | MFU (PaLM) | peak memory (GiB) | utilisation | meta time share |"
+        if counted else "| run | tokens/s | MFU | peak memory (GiB) | utilisation | meta time share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|" if counted else "|---|---:|---:|---:|---:|---:|",
     ]
+
+    def pct(x: Optional[float]) -> str:
+        return f"{x:.1%}" if x is not None else "n/a"
+
     for name, v in r["runs"].items():
         if "error" in v:
-            lines.append(f"| {name} | failed: {v['error'][:200].replace('|', '/')} | | | | |")
+            lines.append(f"| {name} | failed: {v['error'][:200].replace('|', '/')} |" + " |" * (6 if counted else 4))
             continue
-        mfu = f"{v['mfu']:.1%}" if v["mfu"] is not None else "n/a"
-        lines.append(f"| {name} | {v['tokens_per_second']:,.0f} | {mfu} | {v['peak_memory_gib']:.1f} | "
+        figures = (f"{v['model_flops_per_token'] / 1e9:.2f} | {pct(v['mfu'])} | {pct(v['mfu_palm'])}" if counted
+                   else pct(v["mfu"]))
+        lines.append(f"| {name} | {v['tokens_per_second']:,.0f} | {figures} | {v['peak_memory_gib']:.1f} | "
                      f"{v['utilisation']:.3f} | {v['meta_time_share']:.2f} |")
     lines.append("")
     if r.get("fast_kernels_speedup") is not None:

@@ -324,6 +324,10 @@ def _summarise(cfg, out, tracker, result, fit_started, fit_ended, budget) -> tup
         # Real tokens per computed position (padding or packing slack), and the layout that gave it.
         "utilisation": ev.utilisation,
         "batch_layout": ev.batch_layout,
+        # Training FLOPs the model needed per real token, and their rate over
+        # the GPUs' bf16 peak (None on CPU or an unlisted GPU): raymix/flops.py.
+        "model_flops_per_token": ev.model_flops_per_token,
+        "mfu": ev.mfu,
         "peak_device_memory_bytes": ev.peak_device_memory_bytes,
         "train_loop_seconds": ev.loop_seconds,
         "eval_seconds": ev.eval_seconds,
@@ -362,8 +366,9 @@ def log_summary(tracker, summary: dict, out: Path, plot_mixture, artifacts: Opti
     metrics["test_exact_match/{task}"] = per_task([summary["test_exact_match"].get(t, nan) for t in tasks], "score")
     metrics["ledger/{task}/train_tokens"] = per_task([summary["ledger"][t]["train_tokens"] for t in tasks], "count")
     metrics["ledger/{task}/meta_tokens"] = per_task([summary["ledger"][t]["meta_tokens"] for t in tasks], "count")
-    if "utilisation" in summary:  # absent from summaries written before it existed
-        metrics["utilisation"] = summary["utilisation"]
+    for key in ("utilisation", "model_flops_per_token", "mfu"):  # absent from summaries written before them
+        if summary.get(key) is not None:
+            metrics[key] = summary[key]
     view = TaskMetricsView(tasks, max_tasks)
     tracker.log_metrics(view(metrics, summary["steps"]), step=summary["steps"])
     if not view.per_task_keys:

@@ -89,6 +89,13 @@ class LoopResult:
     utilisation: float = 0.0
     """Real (unpadded) tokens per position the model computed in training,
     over all workers (0 in a result written before it existed)."""
+    model_flops_per_token: float = 0.0
+    """Training FLOPs the model needed per real token (:mod:`raymix.flops`;
+    0 in a result written before it existed)."""
+    mfu: Optional[float] = None
+    """Model FLOPs utilisation of the training loop against the GPUs' bf16
+    peak; None on CPU, on a GPU whose peak raymix does not know, and in a
+    result written before it existed."""
     peak_device_memory_bytes: int = 0
     """Rank 0's peak allocated accelerator memory in training
     (``torch.cuda.max_memory_allocated``); 0 on CPU."""

@@ -104,8 +104,13 @@ class MetricsHook:
     ``tasks/...`` aggregates above ``tracking.per_task_metrics_max_tasks``) every
     ``train.log_every`` steps and at the end of the budget (rank 0)."""
 
-    def __init__(self, w, metrics_log):
-        self.w, self.metrics_log = w, metrics_log
+    def __init__(self, w, metrics_log, step=None):
+        """``step``: the :class:`~raymix.loop.step.TrainStep`, whose model
+        FLOPs give ``train/mfu`` on a GPU of known peak."""
+        from raymix.flops import device_peak_flops
+
+        self.w, self.metrics_log, self.step = w, metrics_log, step
+        self.peak = device_peak_flops(w.device) if step is not None else None
         self.loss = np.zeros((2, len(w.loop.pool.tasks)))
         self.tokens_start, self.time_start = 0, time.perf_counter()
 
@@ -120,13 +125,16 @@ class MetricsHook:
             return
         now = time.perf_counter()
         budget = self.w.budget
+        rate = (progress.train_tokens - self.tokens_start) / max(1e-9, now - self.time_start)
         metrics = {
             "train/loss": outcome.loss,
             "train/lr": outcome.lr,
             "train/tokens": progress.train_tokens,
-            "train/tokens_per_second": (progress.train_tokens - self.tokens_start) / max(1e-9, now - self.time_start),
+            "train/tokens_per_second": rate,
             "train/budget_progress": progress.train_tokens / budget,
         }
+        if self.peak:  # model FLOPs utilisation over the interval (raymix/flops.py), all workers
+            metrics["train/mfu"] = rate * self.step.model_flops_per_token / (self.peak * self.w.world)
         # How far the mixture is from uniform, in one number: log T - H(p).
         metrics["mixture/kl_uniform"] = kl_uniform(np.asarray(weights, dtype=np.float64))
         metrics["mixture/{task}"] = per_task(weights, "weight")

@@ -45,7 +45,7 @@ def train_loop(config: dict | LoopConfig, session=None, mixer=None) -> None:
     signal = _signal(w)
     progress = Progress()
     curve = CurveHook(w, exchange, metrics_log) if cfg.eval.curve_points > 0 else None
-    metrics = MetricsHook(w, metrics_log)
+    metrics = MetricsHook(w, metrics_log, step)
     checkpointer = Checkpointer(w, session, exchange, metrics_log,
                                 [progress, step, exchange, signal, w.task_metrics] + ([curve] if curve else []))
     if not checkpointer.restore():
@@ -106,7 +106,7 @@ def train_loop(config: dict | LoopConfig, session=None, mixer=None) -> None:
     finish(w, session, exchange, metrics_log, signal, progress, curve, checkpointer,
            {"loop_seconds": loop_seconds, "entered_at": entered_at, "setup_seconds": setup_seconds,
             "stopped_early": stopped, "data_positions": step.data_positions(), "utilisation": step.utilisation,
-            "batch_layout": step.batches.mode})
+            "model_flops_per_token": step.model_flops_per_token, "batch_layout": step.batches.mode})
 
 
 def _run_signal(signal, view: StepView, exchange: MixerExchange, metrics_log, progress: Progress,

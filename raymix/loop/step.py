@@ -54,6 +54,7 @@ class TrainStep:
     def __init__(self, w):
         import torch
 
+        from raymix.flops import ModelFlops
         from raymix.kernels import StepKernels
         from raymix.packing import StepBatches
         from raymix.streams import MixtureSampler
@@ -84,16 +85,28 @@ class TrainStep:
         self.batches = StepBatches(w.raw_model, w.pad_id, cfg.train.packing, cfg.train.pack_length,
                                    cfg.data.max_seq_len, log=print if w.rank == 0 else lambda _: None,
                                    multiple=full, attention=self.kernels.mask_attention)
-        self.counted = np.zeros(2)  # over all ranks since this worker started: real tokens, computed positions
+        # Over all ranks since this worker started: real tokens, computed
+        # positions, completion tokens, causal query-key pairs within examples.
+        self.counted = np.zeros(4)
+        self.flops = ModelFlops.of(w.raw_model)
 
     @property
     def utilisation(self) -> float:
         """Real tokens per computed position (padding and packing slack cost positions)."""
         return float(self.counted[0] / max(1.0, self.counted[1]))
 
+    @property
+    def model_flops_per_token(self) -> float:
+        """Training FLOPs the model needed per real token so far
+        (:mod:`raymix.flops`: the output layer at completion positions,
+        attention within examples); 0 before the first step."""
+        tokens, _, completion, pairs = self.counted
+        return self.flops.required(tokens, completion, pairs) / tokens if tokens else 0.0
+
     def __call__(self, weights: np.ndarray, progress: float) -> StepOutcome:
         import torch
 
+        from raymix.flops import causal_pairs
         from raymix.loss import token_nll
 
         w, model, opt = self.w, self.w.model, self.w.optimizer
@@ -103,7 +116,9 @@ class TrainStep:
         # Padded, or packed (as many micro-batches, fewer positions).
         micro = self.batches(self.sampler.draw(weights, self.accum, self.mbs))
         n_completion = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in micro)
-        step_stats = np.zeros((3, self.T + 1))  # tokens, loss sum, loss count per task; then positions computed
+        # Per task: tokens, loss sum, loss count; the last column holds the
+        # step's positions computed and causal query-key pairs within examples.
+        step_stats = np.zeros((3, self.T + 1))
         for k, (idx, batch) in enumerate(micro):
             with self._sync(k), self.kernels(), \
                     torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
@@ -112,11 +127,12 @@ class TrainStep:
                 loss.backward()
             np.add.at(step_stats[0], idx, batch["lengths"].numpy())
             step_stats[0, -1] += batch["input_ids"].numel()
+            step_stats[1, -1] += causal_pairs(batch["lengths"].numpy())
             np.add.at(step_stats[1], idx, nll.detach().float().cpu().numpy())
             np.add.at(step_stats[2], idx, cnt.cpu().numpy())
         reduced = w.all_reduce(torch.from_numpy(step_stats)).numpy()
         stats = np.ascontiguousarray(reduced[:, :-1])
-        self.counted += (stats[0].sum(), reduced[0, -1])
+        self.counted += (stats[0].sum(), reduced[0, -1], stats[2].sum(), reduced[1, -1])
         outcome = StepOutcome(stats, stats[1].sum() / max(1.0, stats[2].sum()), lr)
         if not outcome.finite:
             # Every rank sees the same reduced loss and stops here, before
