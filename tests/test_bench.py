@@ -242,12 +242,19 @@ def test_utilisation_counts_layouts_and_merge_keeps_an_earlier_section(tmp_path:
     try:
         assert main(["utilisation", "--output", str(tmp_path / "u"), *tiny]) == 0
         first = json.loads((tmp_path / "u" / "bench.json").read_text())
-        (u,) = first["utilisation"]["pools"].values()
+        pools = first["utilisation"]["pools"]
+        assert list(pools) == ["embedded default", "embedded default, GPU check sizes"]
+        u, gpu = pools.values()
         assert not first["utilisation"]["ni_sample"] and u["tasks"] == 23
         util, computed = u["utilisation"], u["computed_positions"]
         assert computed["padded"] > computed["packed, CUDA widths (x8)"] >= computed["packed, CPU widths"] >= u[
             "real_tokens"] > 0
         assert util["packed, CPU widths"] == pytest.approx(u["real_tokens"] / computed["packed, CPU widths"])
+        # The positions-only layout computes the positions of the masked one at the same widths.
+        assert computed["packed, positions only (x8)"] == computed["packed, CUDA widths (x8)"]
+        assert gpu["micro_batch_size"] == 871 and gpu["pack_length"] == 2048 and gpu["steps"] == 40
+        assert gpu["utilisation"]["packed, positions only (x8)"] > 0.95  # 18-token examples fill 2,048-token rows
+        assert set(gpu["host_ms_per_step"]) == {"draw", *computed} and min(gpu["host_ms_per_step"].values()) > 0
         # As a bench.json written before per-section commits were recorded:
         # the section falls back to the file's commit.
         first["commit"] = "abc1234"
@@ -264,4 +271,5 @@ def test_utilisation_counts_layouts_and_merge_keeps_an_earlier_section(tmp_path:
     assert merged["commits"]["utilisation"] == "abc1234" and merged["commits"]["data_plane"] == merged["commit"]
     md = (tmp_path / "bench.md").read_text()
     assert "## utilisation" in md and "## data_plane" in md and "measured on commit `abc1234`" in md
+    assert "| embedded default, GPU check sizes | 23 | 871 |" in md and "Host time per step" in md
     assert json.loads((tmp_path / "bench.json").read_text()) == merged  # beside the report, for a later --merge

@@ -84,6 +84,7 @@ def test_cpu_stand_in_writes_its_figures(tmp_path: Path, monkeypatch) -> None:
         # The model FLOPs each run needed: fewer than the usual estimate
         # (the output layer at completion positions, attention within examples).
         assert 0 < v["model_flops_per_token"] < r["palm_flops_per_token"] and row["loop_mfu"] is None
+        assert 0 < v["batch_time_share"] < 1
         assert v["peak_memory_gib"] == 0  # no CUDA
     assert r["runs"]["ddp-adapt (compile)"]["meta_time_share"] > 0
     assert r["runs"]["ddp-uniform"]["meta_time_share"] == 0 and r["runs"]["ddp-uniform"]["kernels"] == "sdpa"
@@ -168,10 +169,10 @@ def test_counted_flops_render_beside_the_usual_estimate(tmp_path: Path) -> None:
     r = _gpu_result()
     del r["model_flops_per_token"]
     r["palm_flops_per_token"] = 4.99e9
-    r["runs"]["ddp-uniform"].update(model_flops_per_token=2.95e9, mfu=0.0955, mfu_palm=0.1615)
+    r["runs"]["ddp-uniform"].update(model_flops_per_token=2.95e9, mfu=0.0955, mfu_palm=0.1615, batch_time_share=0.004)
     r["runs"]["ddp-adapt"] = {"parallelism": "ddp", "policy": "adapt", "error": "OutOfMemoryError: CUDA | out"}
     md = "\n".join(markdown(r))
-    assert "| ddp-uniform | 32,000 | 2.95 | 9.6% | 16.2% | 51.0 | 0.998 | 0.00 |" in md
+    assert "| ddp-uniform | 32,000 | 2.95 | 9.6% | 16.2% | 51.0 | 0.998 | 0.00 | 0.004 |" in md
     assert "4.99 GFLOP per token" in md
     failed = next(line for line in md.splitlines() if line.startswith("| ddp-adapt"))
     assert failed.count("|") == md.splitlines()[[i for i, x in enumerate(md.splitlines()) if x.startswith("| run")][0]].count("|")

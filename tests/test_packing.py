@@ -88,6 +88,51 @@ def test_packed_batch_layout() -> None:
     assert batch["lengths"].tolist() == [3, 2, 4]
 
 
+def _packed_one_by_one(examples, rows, pad_id: int, multiple: int) -> dict:
+    """The packed layout written example by example (what packed_batch
+    computes at once over all tokens): the reference it is checked against."""
+    fills = [sum(len(examples[i][0]) for i in row) for row in rows]
+    width = -(-max(fills) // multiple) * multiple
+    out = {k: torch.full((len(rows), width), v, dtype=torch.long)
+           for k, v in (("input_ids", pad_id), ("labels", -100), ("example_of", -1), ("position_ids", 0))}
+    k = 0
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            ids, plen = examples[i]
+            t, end = torch.from_numpy(ids), start + len(ids)
+            out["input_ids"][r, start:end] = t
+            out["labels"][r, start + max(plen, 1):end] = t[max(plen, 1):]
+            out["example_of"][r, start:end] = k
+            out["position_ids"][r, start:end] = torch.arange(len(ids))
+            start, k = end, k + 1
+        out["position_ids"][r, start:] = torch.arange(width - start)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_packed_batch_equals_its_example_by_example_reference(seed: int) -> None:
+    """Random examples (prompt lengths 0 to the whole example), rows from
+    pack_rows, widths rounded to 1 and 8: every tensor equal."""
+    rng = np.random.default_rng(seed)
+    ex = []
+    for _ in range(int(rng.integers(1, 60))):
+        n = int(rng.integers(1, 40))
+        ex.append((rng.integers(1, 500, size=n), int(rng.integers(0, n + 1))))
+    for multiple in (1, 8):
+        rows = pack_rows([len(ids) for ids, _ in ex], 64, min_rows=int(rng.integers(1, 4)), multiple=multiple)
+        batch = packed_batch(ex, rows, 0, "bool", multiple)
+        want = _packed_one_by_one(ex, rows, 0, multiple)
+        for key, value in want.items():
+            assert torch.equal(batch[key], value), (key, multiple)
+        order = [i for row in rows for i in row]
+        assert batch["lengths"].tolist() == [len(ex[i][0]) for i in order]
+        segment = want["example_of"]
+        allowed = (segment[:, :, None] == segment[:, None, :]) & torch.ones(segment.shape[1], segment.shape[1],
+                                                                            dtype=torch.bool).tril()
+        assert torch.equal(batch["attention_mask"], allowed[:, None])
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_losses_and_gradients_match_padded(kind: str, attention: str) -> None:

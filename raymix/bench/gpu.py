@@ -151,7 +151,8 @@ def bench_gpu(cfg: RunConfig, out: Path, repeats: int) -> dict:
                       "mfu_palm": med * palm_token / peak if peak else None,
                       "peak_memory_gib": max(x["peak_memory_gib"] for x in rows),
                       "utilisation": statistics.median(x["utilisation"] for x in rows),
-                      "meta_time_share": statistics.median(x["meta_time_share"] for x in rows)}
+                      "meta_time_share": statistics.median(x["meta_time_share"] for x in rows),
+                      "batch_time_share": statistics.median(x["batch_time_share"] for x in rows)}
     fast = fast_kernels(cuda)
     uniform, adapt = _rate(runs, "ddp", "uniform", fast), _rate(runs, "ddp", "adapt", fast)
     plain = _rate(runs, "ddp", "uniform", PLAIN)
@@ -220,6 +221,7 @@ def _measure(s: dict, palm_token: float, peak: Optional[float]) -> dict:
             "train_tokens": s["train_tokens"], "steps": s["steps"],
             "train_loop_seconds": s["train_loop_seconds"], "utilisation": s["utilisation"],
             "batch_layout": s["batch_layout"], "meta_time_share": s["meta_time_share"],
+            "batch_time_share": s["batch_time_share"],
             "peak_memory_gib": s["peak_device_memory_bytes"] / 2**30,
             "mfu": tps * per_token / peak if peak else None, "mfu_palm": tps * palm_token / peak if peak else None}
 
@@ -278,10 +280,12 @@ def markdown(r: dict) -> list[str]:
         "tokens/s: median of the logged intervals after the first (the whole loop's figure in bench.json). "
         "Kernels (train.attention, train.compile): sdpa is the model's own attention with a block-diagonal mask, "
         "eager; flex is torch's flex attention, compile torch.compile of each decoder layer "
-        "(raymix/kernels.py).\n",
-        "| run | tokens/s | GFLOP per token | MFU | MFU (PaLM) | peak memory (GiB) | utilisation | meta time share |"
+        "(raymix/kernels.py). batch time share: rank 0's host time drawing and laying out the examples, "
+        "of the training loop's.\n",
+        "| run | tokens/s | GFLOP per token | MFU | MFU (PaLM) | peak memory (GiB) | utilisation | meta time share "
+        "| batch time share |"
         if counted else "| run | tokens/s | MFU | peak memory (GiB) | utilisation | meta time share |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|" if counted else "|---|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" if counted else "|---|---:|---:|---:|---:|---:|",
     ]
 
     def pct(x: Optional[float]) -> str:
@@ -289,12 +293,13 @@ def markdown(r: dict) -> list[str]:
 
     for name, v in r["runs"].items():
         if "error" in v:
-            lines.append(f"| {name} | failed: {v['error'][:200].replace('|', '/')} |" + " |" * (6 if counted else 4))
+            lines.append(f"| {name} | failed: {v['error'][:200].replace('|', '/')} |" + " |" * (7 if counted else 4))
             continue
         figures = (f"{v['model_flops_per_token'] / 1e9:.2f} | {pct(v['mfu'])} | {pct(v['mfu_palm'])}" if counted
                    else pct(v["mfu"]))
+        share = f" {v['batch_time_share']:.3f} |" if counted else ""
         lines.append(f"| {name} | {v['tokens_per_second']:,.0f} | {figures} | {v['peak_memory_gib']:.1f} | "
-                     f"{v['utilisation']:.3f} | {v['meta_time_share']:.2f} |")
+                     f"{v['utilisation']:.3f} | {v['meta_time_share']:.2f} |{share}")
     lines.append("")
     if r.get("fast_kernels_speedup") is not None:
         lines.append(f"{r['fast_kernels']} against sdpa (DDP, uniform, tokens/s): {r['fast_kernels_speedup']:.2f}x.")

@@ -301,6 +301,8 @@ def _summarise(cfg, out, tracker, result, fit_started, fit_ended, budget) -> tup
         "data_positions": ev.data_positions,
         "mixer_restarts": ev.mixer_restarts,
         "meta_time_share": ev.meta_seconds / max(1e-9, ev.loop_seconds),
+        # Host time drawing and laying out the examples (rank 0), of the loop's.
+        "batch_time_share": ev.batch_seconds / max(1e-9, ev.loop_seconds),
         "overshoot_tokens": mix["train_tokens"] - budget,
         "global_batch_examples": micro,
         "global_batch_tokens": micro * cfg.data.max_seq_len,

@@ -89,6 +89,9 @@ class LoopResult:
     utilisation: float = 0.0
     """Real (unpadded) tokens per position the model computed in training,
     over all workers (0 in a result written before it existed)."""
+    batch_seconds: float = 0.0
+    """Of ``loop_seconds``, rank 0's host time drawing the steps' examples
+    and laying them out (0 in a result written before it was timed)."""
     model_flops_per_token: float = 0.0
     """Training FLOPs the model needed per real token (:mod:`raymix.flops`;
     0 in a result written before it existed)."""

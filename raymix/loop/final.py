@@ -30,7 +30,7 @@ def finish(w, session, exchange, metrics_log, signal, progress, curve, checkpoin
                "meta_seconds": progress.meta_seconds, "meta_steps": progress.meta_steps,
                "curve_seconds": curve.seconds if curve is not None else 0.0, "restores": progress.restores,
                "checkpoint_seconds": checkpointer.seconds, "utilisation": timing["utilisation"],
-               "model_flops_per_token": timing["model_flops_per_token"],
+               "model_flops_per_token": timing["model_flops_per_token"], "batch_seconds": timing["batch_seconds"],
                "peak_device_memory_bytes": _peak_device_memory(w.device)}
     peak = device_peak_flops(w.device)
     if peak:  # the whole loop's model FLOPs utilisation, all workers (raymix/flops.py)

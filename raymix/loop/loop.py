@@ -106,7 +106,8 @@ def train_loop(config: dict | LoopConfig, session=None, mixer=None) -> None:
     finish(w, session, exchange, metrics_log, signal, progress, curve, checkpointer,
            {"loop_seconds": loop_seconds, "entered_at": entered_at, "setup_seconds": setup_seconds,
             "stopped_early": stopped, "data_positions": step.data_positions(), "utilisation": step.utilisation,
-            "model_flops_per_token": step.model_flops_per_token, "batch_layout": step.batches.mode})
+            "model_flops_per_token": step.model_flops_per_token, "batch_layout": step.batches.mode,
+            "batch_seconds": step.batch_seconds})
 
 
 def _run_signal(signal, view: StepView, exchange: MixerExchange, metrics_log, progress: Progress,

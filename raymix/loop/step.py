@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +89,7 @@ class TrainStep:
         # Over all ranks since this worker started: real tokens, computed
         # positions, completion tokens, causal query-key pairs within examples.
         self.counted = np.zeros(4)
+        self.batch_seconds = 0.0  # rank 0's host time drawing and laying out examples (in the loop's time)
         self.flops = ModelFlops.of(w.raw_model)
 
     @property
@@ -114,7 +116,9 @@ class TrainStep:
         for g in opt.param_groups:
             g["lr"] = lr
         # Padded, or packed (as many micro-batches, fewer positions).
+        t = time.perf_counter()
         micro = self.batches(self.sampler.draw(weights, self.accum, self.mbs))
+        self.batch_seconds += time.perf_counter() - t
         n_completion = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in micro)
         # Per task: tokens, loss sum, loss count; the last column holds the
         # step's positions computed and causal query-key pairs within examples.
