@@ -340,9 +340,9 @@ def test_mfu_is_the_model_flops_rate_over_a_known_peak(prepared, tmp_path: Path,
     """Where the device's peak is known (a listed GPU; here a stand-in peak
     for the CPU), the result's MFU is tokens/s x model FLOPs per token over
     the peak x workers."""
-    import raymix.flops
-
     from mlflow.tracking import MlflowClient
+
+    import raymix.flops
 
     monkeypatch.setattr(raymix.flops, "device_peak_flops", lambda device: 1e12)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
