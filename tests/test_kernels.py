@@ -44,6 +44,25 @@ def test_compiled_forwards_apply_inside_the_step_only() -> None:
     assert torch.allclose(got.detach(), want.detach(), rtol=1e-5, atol=0)
 
 
+def test_layers_and_later_models_of_one_shape_share_one_compiled_graph() -> None:
+    """Each decoder layer's forward is compiled once per shape, not once per
+    layer or per model: a second model of the same shape (the next trial of
+    an in-process sweep) runs the graph already compiled, with no
+    recompilation (torch stops recompiling a function after 8 and runs it
+    eager)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(2):
+        model = small_model("qwen3", "sdpa")
+        [(_, batch)] = StepBatches(model, 0, True, None, 64)([(np.arange(15), examples())])
+        with StepKernels(model, "sdpa", compile=True, device_type="cpu")():
+            token_nll(model, batch, "cpu")[0].sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1 and counters["frames"]["ok"] == 1
+    assert not counters["recompiles"]
+
+
 def test_plain_kernels_do_nothing() -> None:
     model = small_model("llama", "sdpa")
     kernels = StepKernels(model)
