@@ -72,21 +72,24 @@ class ModelFlops:
     @classmethod
     def of(cls, model) -> ModelFlops:
         """From a Hugging Face causal LM (or one wrapped by DDP); parameters
-        are counted by their full shapes, so FSDP's shards count whole."""
+        are counted by their full shapes, so FSDP's shards count whole. A
+        model without the usual config fields (``num_attention_heads``,
+        ``num_hidden_layers``) or embedding accessors gets no attention
+        term, or its output layer counted with the rest: an undercount,
+        never an error that would stop its run."""
         model = getattr(model, "module", model)
         config = model.config
         total = sum(p.numel() for p in model.parameters())  # a tied parameter once
-        out_w = model.get_output_embeddings().weight
-        in_w = model.get_input_embeddings().weight
-        tied = in_w is out_w or bool(getattr(config, "tie_word_embeddings", False))
-        if tied and in_w is not out_w:  # tied by the config, two tensors here: counted twice above
+        out_w, in_w = _weight(model, "get_output_embeddings"), _weight(model, "get_input_embeddings")
+        tied = out_w is not None and (in_w is out_w or bool(getattr(config, "tie_word_embeddings", False)))
+        if tied and in_w is not None and in_w is not out_w:  # tied by the config, two tensors: counted twice
             total -= in_w.numel()
-        output = out_w.numel()
-        lookup = 0 if tied else in_w.numel()  # tied: the one matrix is the output layer's
-        heads = config.num_attention_heads
-        width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
-        return cls(body=total - output - lookup, output=output, parameters=total, layers=config.num_hidden_layers,
-                   attention_width=width)
+        output = out_w.numel() if out_w is not None else 0
+        lookup = 0 if tied or in_w is None else in_w.numel()  # tied: the one matrix is the output layer's
+        heads = getattr(config, "num_attention_heads", None) or 0
+        head = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // heads if heads else 0)
+        return cls(body=total - output - lookup, output=output, parameters=total,
+                   layers=getattr(config, "num_hidden_layers", None) or 0, attention_width=heads * head)
 
     @classmethod
     def from_config(cls, config) -> ModelFlops:
@@ -107,6 +110,15 @@ class ModelFlops:
     def palm_per_token(self, row_length: int) -> float:
         """The usual estimate per token: 6 N + 12 x layers x heads x head size x row length."""
         return 6 * self.parameters + 12 * self.layers * self.attention_width * row_length
+
+
+def _weight(model, accessor: str):
+    """The weight of the module ``model.<accessor>()`` returns, or None."""
+    try:
+        module = getattr(model, accessor)()
+    except (AttributeError, NotImplementedError):
+        return None
+    return getattr(module, "weight", None)
 
 
 def causal_pairs(lengths) -> int:

@@ -35,3 +35,18 @@ def test_causal_pairs_within_examples() -> None:
     assert causal_pairs([1, 2, 3]) == 1 + 3 + 6
     assert causal_pairs([]) == 0
     assert causal_pairs([2048]) == 2048 * 2049 // 2
+
+
+def test_a_model_without_the_usual_fields_is_counted_without_failing() -> None:
+    """No attention fields, no embedding accessors: the parameters are all
+    counted as applied at every position, with no attention term."""
+
+    class Bare(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = type("Config", (), {})()
+            self.proj = torch.nn.Linear(4, 3)
+
+    flops = ModelFlops.of(Bare())
+    assert flops == ModelFlops(body=15, output=0, parameters=15, layers=0, attention_width=0)
+    assert flops.required(2, 1, 3) == 6 * 15 * 2
