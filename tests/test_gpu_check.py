@@ -89,6 +89,7 @@ def test_cpu_stand_in_writes_its_figures(tmp_path: Path, monkeypatch) -> None:
     assert r["runs"]["ddp-adapt (compile)"]["meta_time_share"] > 0
     assert r["runs"]["ddp-uniform"]["meta_time_share"] == 0 and r["runs"]["ddp-uniform"]["kernels"] == "sdpa"
     assert r["fast_kernels"] == "compile" and r["fast_kernels_speedup"] > 0 and r["adapt_overhead"] is not None
+    assert r["cases"] == list(r["runs"]) and not (out / "gpu" / "partial.json").exists()  # complete: bench.json has it
     # The run's summary.json and its MLflow run carry the utilisation and the peak memory.
     from mlflow.tracking import MlflowClient
 
@@ -216,3 +217,44 @@ def test_recount_gives_an_earlier_results_runs_their_model_flops(tmp_path: Path,
     (tmp_path / "bench.json").write_text(json.dumps({"gpu": r}))
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
     assert proc.returncode != 0 and "pass the check's own --set" in proc.stderr
+
+
+def test_a_check_cut_short_leaves_the_cases_it_finished(tmp_path: Path, monkeypatch) -> None:
+    """After each case the figures so far go to ``partial.json`` (a bench.json
+    that ``--render`` reads): a device call that ends during a later case
+    (its time limit kills the process) keeps them, and the report names the
+    cases not run. Preparation, runs and measurement are stand-ins here."""
+    import raymix.bench.gpu as gpu
+    import raymix.driver
+    from raymix.config import load_config
+
+    class Killed(BaseException):  # as the time limit's signal: nothing in the check catches it
+        pass
+
+    monkeypatch.setenv("RAYMIX_COMMIT", "abc1234")
+    monkeypatch.setattr(gpu, "check_pool", lambda cfg, out, sizes: (None, None, 18.0, 10, 100))
+    monkeypatch.setattr(gpu, "write_model", lambda *a, **kw: __import__("transformers").Qwen3Config(
+        **dict(QWEN3_TINY, vocab_size=64)))
+    done: list = []
+
+    def run(cfg, out):
+        if len(done) == 2:
+            raise Killed
+        done.append(out.name)
+        return {"n": len(done)}
+
+    monkeypatch.setattr(raymix.driver, "run", run)
+    monkeypatch.setattr(gpu, "_measure", lambda s, palm, peak: {
+        "tokens_per_second": 100.0 * s["n"], "model_flops_per_token": 1e6, "peak_memory_gib": 0.0,
+        "utilisation": 0.99, "meta_time_share": 0.0, "batch_time_share": 0.01})
+    out = tmp_path / "gpu"
+    out.mkdir()
+    with pytest.raises(Killed):
+        gpu.bench_gpu(load_config(None, ["runtime.num_workers=0"]), out, 1)
+    assert done == ["ddp-uniform-0", "ddp-uniform-compile-0"]
+    partial = json.loads((out / "partial.json").read_text())
+    assert partial["commit"] == "abc1234" and list(partial["gpu"]["runs"]) == ["ddp-uniform", "ddp-uniform (compile)"]
+    assert partial["gpu"]["fast_kernels_speedup"] == 2.0 and partial["gpu"]["adapt_overhead"] is None
+    report = tmp_path / "gpu_check.md"
+    assert main(["--render", str(out / "partial.json"), "--output", str(tmp_path / "r"), "--report", str(report)]) == 0
+    assert "Not run (the check ended before them): ddp-adapt (compile)." in report.read_text()

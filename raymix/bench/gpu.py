@@ -115,6 +115,12 @@ def bench_gpu(cfg: RunConfig, out: Path, repeats: int) -> dict:
     flops = ModelFlops.from_config(config)
     palm_token = flops.palm_per_token(seq)
     runs: dict = {}
+    fixed = {"device": device_name, "cuda": cuda, "peak_bf16_flops": peak,
+             "model": "Qwen3-0.6B shape, random weights" if cuda else "tiny Qwen3 (CPU stand-in)",
+             "parameters": flops.parameters, "palm_flops_per_token": palm_token, "row_length": seq,
+             "micro_batch_size": mbs, "mean_example_tokens": mean_len, "budget_tokens": budget,
+             "repeats": repeats, "workers": 0 if in_process else 1, "runs": runs,
+             "cases": [case_name(*c) for c in cases(in_process, cuda)]}
     for parallelism, policy, kernels in cases(in_process, cuda):
         name = case_name(parallelism, policy, kernels)
         overrides = [
@@ -142,6 +148,7 @@ def bench_gpu(cfg: RunConfig, out: Path, repeats: int) -> dict:
             traceback.print_exc()
             runs[name] = {"parallelism": parallelism, "policy": policy, "kernels": kernels["name"],
                           "error": f"{type(e).__name__}: {str(e)[:400]}"}
+            _write_partial(out, _with_ratios(fixed, cuda))
             continue
         med = statistics.median(x["tokens_per_second"] for x in rows)
         per_token = statistics.median(x["model_flops_per_token"] for x in rows)
@@ -153,17 +160,38 @@ def bench_gpu(cfg: RunConfig, out: Path, repeats: int) -> dict:
                       "utilisation": statistics.median(x["utilisation"] for x in rows),
                       "meta_time_share": statistics.median(x["meta_time_share"] for x in rows),
                       "batch_time_share": statistics.median(x["batch_time_share"] for x in rows)}
+        _write_partial(out, _with_ratios(fixed, cuda))
+    result = _with_ratios(fixed, cuda)
+    (out / PARTIAL).unlink(missing_ok=True)  # complete: the bench's own bench.json holds it
+    return result
+
+
+# The check's figures so far, rewritten after each case: what a call cut
+# short by its time limit (one device call of under ten minutes) leaves.
+PARTIAL = "partial.json"
+
+
+def _with_ratios(fixed: dict, cuda: bool) -> dict:
+    """The result with the fast kernels' speed-up and ADAPT's overhead (None
+    until both of their cases have run)."""
     fast = fast_kernels(cuda)
+    runs = fixed["runs"]
     uniform, adapt = _rate(runs, "ddp", "uniform", fast), _rate(runs, "ddp", "adapt", fast)
     plain = _rate(runs, "ddp", "uniform", PLAIN)
-    overhead = uniform / adapt - 1.0 if uniform and adapt else None
-    speedup = uniform / plain if uniform and plain else None
-    return {"device": device_name, "cuda": cuda, "peak_bf16_flops": peak,
-            "model": "Qwen3-0.6B shape, random weights" if cuda else "tiny Qwen3 (CPU stand-in)",
-            "parameters": flops.parameters, "palm_flops_per_token": palm_token, "row_length": seq,
-            "micro_batch_size": mbs, "mean_example_tokens": mean_len, "budget_tokens": budget,
-            "repeats": repeats, "workers": 0 if in_process else 1, "runs": runs,
-            "adapt_overhead": overhead, "fast_kernels": fast["name"], "fast_kernels_speedup": speedup}
+    return dict(fixed, adapt_overhead=uniform / adapt - 1.0 if uniform and adapt else None, fast_kernels=fast["name"],
+                fast_kernels_speedup=uniform / plain if uniform and plain else None)
+
+
+def _write_partial(out: Path, result: dict) -> None:
+    """``out/partial.json``, a bench.json that ``--render`` reads (its commit
+    from ``RAYMIX_COMMIT``, as a device's copy of the tree names it)."""
+    import json
+    import os
+
+    commit = os.environ.get("RAYMIX_COMMIT", "").strip() or "unknown"
+    tmp = out / (PARTIAL + ".tmp")
+    tmp.write_text(json.dumps({"commit": commit, "commits": {"gpu": commit}, "gpu": result}, indent=1, default=str))
+    tmp.replace(out / PARTIAL)
 
 
 def check_pool(cfg: RunConfig, out: Path, sizes: dict):
@@ -301,6 +329,9 @@ def markdown(r: dict) -> list[str]:
         lines.append(f"| {name} | {v['tokens_per_second']:,.0f} | {figures} | {v['peak_memory_gib']:.1f} | "
                      f"{v['utilisation']:.3f} | {v['meta_time_share']:.2f} |{share}")
     lines.append("")
+    missing = [c for c in r.get("cases", []) if c not in r["runs"]]
+    if missing:
+        lines.append(f"Not run (the check ended before them): {', '.join(missing)}.")
     if r.get("fast_kernels_speedup") is not None:
         lines.append(f"{r['fast_kernels']} against sdpa (DDP, uniform, tokens/s): {r['fast_kernels_speedup']:.2f}x.")
     if r.get("adapt_overhead") is not None:
