@@ -12,7 +12,8 @@ applies them at completion positions only); eager or compiled decoder layers
 bf16 matrix-product rate, tokens/s and MFU per variant (the model FLOPs each
 variant's step needs, counted as the GPU check counts them: raymix/flops.py;
 and the usual estimate, 6 N + 12 x layers x heads x head size x row, as
-``mfu_palm``; both against 989 TFLOP/s), and a ``torch.profiler`` table of the first
+``mfu_palm``; both against the GPU's dense bf16 peak, on CPU against an
+H200's 989 TFLOP/s as a placeholder), and a ``torch.profiler`` table of the first
 variant's GPU time by operator; JSON goes to the path given.
 
     python scripts/gpu_model_ceiling.py ceiling.json
@@ -43,7 +44,9 @@ DEV = "cuda" if CUDA else "cpu"
 SHAPE = QWEN3_0_6B if CUDA else dict(QWEN3_TINY, vocab_size=500)
 ROWS, SEQ, WARM, STEPS = (8, 2048, 3, 6) if CUDA else (2, 256, 1, 2)
 EXAMPLE = 18  # tokens: the GPU check's mean example on its synthetic pool
-PEAK = peak_bf16_flops("H200")
+# The GPU's own peak (an H100 SXM's equals an H200's; a PCIe H100's is lower);
+# a GPU raymix has no figure for, and the CPU stand-in, use an H200's.
+PEAK = (CUDA and peak_bf16_flops(torch.cuda.get_device_name(0))) or peak_bf16_flops("H200")
 
 
 def sync() -> None:
