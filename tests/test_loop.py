@@ -104,6 +104,10 @@ def test_checkpoint_round_trip(prepared, tmp_path: Path) -> None:
     assert part is None and any(d and d.endswith("-periodic") for _, d in session.inner.reports)
     resumed, _, _ = _run(prepared, tmp_path / "cut", every)  # a fresh mixer, as after a driver restart
     assert resumed.restores == 1 and full.restores == 0
+    # Speed is over the tokens each loop trained and timed: after the
+    # restore, those since the checkpoint at 1,000 tokens.
+    assert full.timed_tokens == full.train_tokens and 0 < resumed.timed_tokens <= full.train_tokens - 1000
+    assert resumed.tokens_per_second == pytest.approx(resumed.timed_tokens / resumed.loop_seconds, rel=1e-12)
     assert resumed.train_tokens == full.train_tokens and resumed.steps == full.steps
     assert resumed.mixer["ledger"] == full.mixer["ledger"]
     assert resumed.val_loss == full.val_loss

@@ -89,6 +89,10 @@ class LoopResult:
     utilisation: float = 0.0
     """Real (unpadded) tokens per position the model computed in training,
     over all workers (0 in a result written before it existed)."""
+    timed_tokens: int = 0
+    """Of ``train_tokens``, those trained in ``loop_seconds`` (all of them
+    unless the run restored from a checkpoint), which ``tokens_per_second``
+    divides (0 in a result written before it existed)."""
     batch_seconds: float = 0.0
     """Of ``loop_seconds``, rank 0's host time drawing the steps' examples
     and laying them out (0 in a result written before it was timed)."""

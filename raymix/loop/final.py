@@ -26,7 +26,10 @@ def finish(w, session, exchange, metrics_log, signal, progress, curve, checkpoin
     loop_seconds = timing["loop_seconds"]
     numbers = {"train_tokens": progress.train_tokens, "steps": progress.step, "loop_seconds": loop_seconds,
                "worker_entered_at": timing["entered_at"], "worker_setup_seconds": timing["setup_seconds"],
-               "tokens_per_second": progress.train_tokens / max(1e-9, loop_seconds),
+               # Over the tokens this loop trained: after a restore, loop_seconds
+               # starts at the restore and the earlier tokens are not in it.
+               "timed_tokens": timing["timed_tokens"],
+               "tokens_per_second": timing["timed_tokens"] / max(1e-9, loop_seconds),
                "meta_seconds": progress.meta_seconds, "meta_steps": progress.meta_steps,
                "curve_seconds": curve.seconds if curve is not None else 0.0, "restores": progress.restores,
                "checkpoint_seconds": checkpointer.seconds, "utilisation": timing["utilisation"],

@@ -59,6 +59,7 @@ def train_loop(config: dict | LoopConfig, session=None, mixer=None) -> None:
     files = ProgressFile(loop.output_dir, w.rank)
 
     t_loop = time.perf_counter()
+    tokens_at_start = progress.train_tokens  # a restored run's earlier tokens are not this loop's to time
     setup_seconds = time.time() - entered_at
     w.model.train()
     if curve is not None:
@@ -107,7 +108,7 @@ def train_loop(config: dict | LoopConfig, session=None, mixer=None) -> None:
            {"loop_seconds": loop_seconds, "entered_at": entered_at, "setup_seconds": setup_seconds,
             "stopped_early": stopped, "data_positions": step.data_positions(), "utilisation": step.utilisation,
             "model_flops_per_token": step.model_flops_per_token, "batch_layout": step.batches.mode,
-            "batch_seconds": step.batch_seconds})
+            "batch_seconds": step.batch_seconds, "timed_tokens": progress.train_tokens - tokens_at_start})
 
 
 def _run_signal(signal, view: StepView, exchange: MixerExchange, metrics_log, progress: Progress,
