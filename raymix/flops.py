@@ -112,6 +112,13 @@ class ModelFlops:
         return 6 * self.parameters + 12 * self.layers * self.attention_width * row_length
 
 
+def mfu(tokens_per_second: float, flops_per_token: float, peak: Optional[float], devices: int = 1
+        ) -> Optional[float]:
+    """Model FLOPs utilisation of ``devices`` accelerators of ``peak``
+    FLOP/s each; None where the peak is unknown."""
+    return tokens_per_second * flops_per_token / (peak * devices) if peak else None
+
+
 def _weight(model, accessor: str):
     """The weight of the module ``model.<accessor>()`` returns, or None."""
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from raymix.bench.gpu import GPU_SIZES, QWEN3_0_6B, check_pool, uniform_draw_counts  # noqa: E402
 from raymix.config import load_config  # noqa: E402
-from raymix.flops import ModelFlops  # noqa: E402
+from raymix.flops import ModelFlops, mfu  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name, v in r["runs"].items():
         if "tokens_per_second" in v:
             out["runs"][name] = {"tokens_per_second": v["tokens_per_second"],
-                                 "mfu": v["tokens_per_second"] * per_token / r["peak_bf16_flops"],
-                                 "mfu_palm": v["tokens_per_second"] * out["palm_flops_per_token"]
-                                 / r["peak_bf16_flops"], "counts": "uniform draws" + (
+                                 "mfu": mfu(v["tokens_per_second"], per_token, r["peak_bf16_flops"]),
+                                 "mfu_palm": mfu(v["tokens_per_second"], out["palm_flops_per_token"],
+                                                 r["peak_bf16_flops"]), "counts": "uniform draws" + (
                                      " (an approximation: the run's mixture moved)" if v["policy"] != "uniform"
                                      else "")}
     print(json.dumps(out, indent=1))

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
 from raymix.bench.gpu import QWEN3_0_6B, QWEN3_TINY  # noqa: E402
-from raymix.flops import ModelFlops, causal_pairs, peak_bf16_flops  # noqa: E402
+from raymix.flops import ModelFlops, causal_pairs, mfu, peak_bf16_flops  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -105,7 +105,7 @@ def variant(cfg, ids, flops: ModelFlops, weights=torch.bfloat16, inputs=None, lo
     pairs = ROWS * causal_pairs([example] * (SEQ // example) + ([SEQ % example] if SEQ % example else []))
     needed = flops.required(ROWS * SEQ, len(scored), pairs)
     out = {"step_seconds": seconds, "tokens_per_second": tps, "model_flops_per_token": needed / (ROWS * SEQ),
-           "mfu": needed / seconds / PEAK, "mfu_palm": tps * flops.palm_per_token(SEQ) / PEAK,
+           "mfu": mfu(tps, needed / (ROWS * SEQ), PEAK), "mfu_palm": mfu(tps, flops.palm_per_token(SEQ), PEAK),
            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if CUDA else 0.0}
     if profile:
         from torch.profiler import ProfilerActivity

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from raymix.config import RunConfig, load_config
-from raymix.flops import ModelFlops, peak_bf16_flops
+from raymix.flops import ModelFlops, mfu, peak_bf16_flops
 
 # Qwen3-0.6B's config.json (hub id Qwen/Qwen3-0.6B), hard-coded: no hub here.
 QWEN3_0_6B = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
@@ -154,8 +154,7 @@ def bench_gpu(cfg: RunConfig, out: Path, repeats: int) -> dict:
         per_token = statistics.median(x["model_flops_per_token"] for x in rows)
         runs[name] = {"parallelism": parallelism, "policy": policy, "kernels": kernels["name"], "runs": rows,
                       "tokens_per_second": med, "model_flops_per_token": per_token,
-                      "mfu": med * per_token / peak if peak else None,
-                      "mfu_palm": med * palm_token / peak if peak else None,
+                      "mfu": mfu(med, per_token, peak), "mfu_palm": mfu(med, palm_token, peak),
                       "peak_memory_gib": max(x["peak_memory_gib"] for x in rows),
                       "utilisation": statistics.median(x["utilisation"] for x in rows),
                       "meta_time_share": statistics.median(x["meta_time_share"] for x in rows),
@@ -219,6 +218,7 @@ def uniform_draw_counts(pool, seed: int, micro_batch: int, budget: int) -> tuple
     import numpy as np
 
     from raymix.flops import causal_pairs
+    from raymix.packing import padded_batch
     from raymix.streams import MixtureSampler
 
     tasks = len(pool.tasks)
@@ -226,11 +226,10 @@ def uniform_draw_counts(pool, seed: int, micro_batch: int, budget: int) -> tuple
     tokens = completion = pairs = 0
     while tokens < budget:
         ((_, examples),) = sampler.draw(np.full(tasks, 1 / tasks), 1, micro_batch)
-        lengths = np.array([len(ids) for ids, _ in examples])
-        tokens += int(lengths.sum())
-        # The first token of an example is never a label (raymix.packing, raymix.streams.collate).
-        completion += int((lengths - np.array([max(p, 1) for _, p in examples])).sum())
-        pairs += causal_pairs(lengths)
+        batch = padded_batch(examples, 0)  # its labels: the tokens the loss scores, as in training
+        tokens += int(batch["lengths"].sum())
+        completion += int((batch["labels"][:, 1:] != -100).sum())
+        pairs += causal_pairs(batch["lengths"].numpy())
     return tokens, completion, pairs
 
 
@@ -251,7 +250,7 @@ def _measure(s: dict, palm_token: float, peak: Optional[float]) -> dict:
             "batch_layout": s["batch_layout"], "meta_time_share": s["meta_time_share"],
             "batch_time_share": s["batch_time_share"],
             "peak_memory_gib": s["peak_device_memory_bytes"] / 2**30,
-            "mfu": tps * per_token / peak if peak else None, "mfu_palm": tps * palm_token / peak if peak else None}
+            "mfu": mfu(tps, per_token, peak), "mfu_palm": mfu(tps, palm_token, peak)}
 
 
 def steady_tokens_per_second(summary: dict) -> Optional[float]:

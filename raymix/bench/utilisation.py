@@ -88,21 +88,21 @@ def bench_utilisation(cfg: RunConfig, out: Path, repeats: int = 1, steps: int = 
 
     cfg = ray_settings(cfg)
     init_ray(cfg)
-    pools = [("embedded default", cfg),
+    # (label, config, steps): a fifth of the steps at the GPU check's sizes (54 times the examples per step).
+    pools = [("embedded default", cfg, steps),
              ("embedded default, GPU check sizes",
               replace(cfg, train=replace(cfg.train, micro_batch_size=GPU_CHECK["micro_batch_size"],
-                                         pack_length=GPU_CHECK["pack_length"], grad_accum=1)))]
+                                         pack_length=GPU_CHECK["pack_length"], grad_accum=1)), max(1, steps // 5))]
     ni = os.environ.get("RAYMIX_NI_SAMPLE")
     if ni and Path(ni).is_dir():
         ni_cfg = replace(cfg, data=replace(cfg.data, sources=[SourceConfig(kind="natural_instructions", path=ni)],
                                            max_seq_len=256))
         for mbs in (4, 16):
             pools.append((f"Natural Instructions sample, micro-batch {mbs}",
-                          replace(ni_cfg, train=replace(ni_cfg.train, micro_batch_size=mbs))))
+                          replace(ni_cfg, train=replace(ni_cfg.train, micro_batch_size=mbs)), steps))
     rows = {}
-    for label, c in pools:
+    for label, c, steps_here in pools:
         tokenizer, _, pool, init_dir = prepare_model_and_data(c, out / label.split(",")[0].replace(" ", "_"))
-        steps_here = max(1, steps // 5) if c.train.micro_batch_size >= GPU_CHECK["micro_batch_size"] else steps
         model = AutoModelForCausalLM.from_pretrained(init_dir, dtype=torch.float32)
         per = layout_utilisation(model, pool, tokenizer.pad_token_id, c, steps_here)
         per.update(tasks=len(pool.tasks), micro_batch_size=c.train.micro_batch_size, steps=steps_here,

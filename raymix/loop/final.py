@@ -12,7 +12,7 @@ from raymix.loop.contract import LoopResult
 
 
 def finish(w, session, exchange, metrics_log, signal, progress, curve, checkpointer, timing: dict) -> None:
-    from raymix.flops import device_peak_flops
+    from raymix.flops import device_peak_flops, mfu
     from raymix.loop.evaluation import exact_match, losses_on_test, validation_losses
 
     cfg = w.cfg
@@ -36,8 +36,8 @@ def finish(w, session, exchange, metrics_log, signal, progress, curve, checkpoin
                "model_flops_per_token": timing["model_flops_per_token"], "batch_seconds": timing["batch_seconds"],
                "peak_device_memory_bytes": _peak_device_memory(w.device)}
     peak = device_peak_flops(w.device)
-    if peak:  # the whole loop's model FLOPs utilisation, all workers (raymix/flops.py)
-        numbers["mfu"] = numbers["tokens_per_second"] * numbers["model_flops_per_token"] / (peak * w.world)
+    if peak:  # the whole loop's model FLOPs utilisation, all workers (None on CPU: the LoopResult's default)
+        numbers["mfu"] = mfu(numbers["tokens_per_second"], numbers["model_flops_per_token"], peak, w.world)
     model = w.final_model()  # a collective under FSDP: every rank takes part
     if w.rank != 0:
         session.report(numbers, None)

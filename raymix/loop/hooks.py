@@ -134,7 +134,9 @@ class MetricsHook:
             "train/budget_progress": progress.train_tokens / budget,
         }
         if self.peak:  # model FLOPs utilisation over the interval (raymix/flops.py), all workers
-            metrics["train/mfu"] = rate * self.step.model_flops_per_token / (self.peak * self.w.world)
+            from raymix.flops import mfu
+
+            metrics["train/mfu"] = mfu(rate, self.step.model_flops_per_token, self.peak, self.w.world)
         # How far the mixture is from uniform, in one number: log T - H(p).
         metrics["mixture/kl_uniform"] = kl_uniform(np.asarray(weights, dtype=np.float64))
         metrics["mixture/{task}"] = per_task(weights, "weight")
