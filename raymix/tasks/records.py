@@ -83,6 +83,12 @@ def _rank(task: str, instance_id: str) -> str:
     return hashlib.sha1(f"{task}\x00{instance_id}".encode()).hexdigest()
 
 
+def prompt_key(prompt: str) -> str:
+    """What makes two prompts the same question: their words, whatever the
+    spacing between them."""
+    return " ".join(prompt.split())
+
+
 def assign_splits(
     records: Sequence[TaskRecord],
     val_fraction: float,
@@ -90,15 +96,29 @@ def assign_splits(
     max_val: int,
     max_test: int,
 ) -> list[TaskRecord]:
-    """Give one task's records a deterministic train/val/test split by instance id.
+    """Give one task's records a deterministic train/val/test split.
 
-    Records are ordered by a hash of their id (so the split does not depend on
-    file order), the first ``min(max_test, round(test_fraction*n))`` go to test,
-    the next ``min(max_val, round(val_fraction*n))`` to val, the rest to train.
-    At least one record always stays in train.
+    Records that ask the same prompt (:func:`prompt_key`) are one group, and
+    a group lies in one split: a test or validation question is never one
+    the model trained on. Small input spaces repeat (a times table, a lookup
+    of 40 countries, duplicated instances of a Natural Instructions task),
+    and splitting by instance id alone put copies of most of such a task's
+    test questions in its training split.
+
+    Groups are ordered by a hash of their first member's id (so the split
+    does not depend on file order, and a task without repeats splits as
+    by its ids alone); of G groups the first ``min(max_test,
+    round(test_fraction*G))`` go to test, the next ``min(max_val,
+    round(val_fraction*G))`` to val, the rest to train. A test or val group
+    keeps one record (its first, accepting every answer of its copies; the
+    copies are dropped: they may be neither trained on nor scored twice), a
+    train group all of them. At least one group always stays in train.
     """
-    n = len(records)
-    order = sorted(records, key=lambda r: _rank(r.task, r.id))
+    groups: dict[str, list[TaskRecord]] = {}
+    for r in sorted(records, key=lambda r: _rank(r.task, r.id)):
+        groups.setdefault(prompt_key(r.prompt), []).append(r)
+    order = list(groups.values())  # by the rank of each group's first member
+    n = len(order)
     n_test = min(max_test, int(round(test_fraction * n)))
     n_val = min(max_val, int(round(val_fraction * n)))
     while n_test + n_val >= n and (n_test or n_val):
@@ -107,11 +127,15 @@ def assign_splits(
         else:
             n_val -= 1
     out: list[TaskRecord] = []
-    for i, r in enumerate(order):
+    for i, group in enumerate(order):
         split = "test" if i < n_test else "val" if i < n_test + n_val else "train"
-        out.append(
-            TaskRecord(r.task, r.id, r.prompt, r.completion, split, r.references, r.choices)
-        )
+        if split == "train":
+            out.extend(TaskRecord(r.task, r.id, r.prompt, r.completion, split, r.references, r.choices)
+                       for r in group)
+        else:  # one question, scored against every answer its copies give
+            r = group[0]
+            refs = tuple(dict.fromkeys(ref for m in group for ref in m.references))
+            out.append(TaskRecord(r.task, r.id, r.prompt, r.completion, split, refs, r.choices))
     return out
 
 
