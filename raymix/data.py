@@ -156,11 +156,7 @@ def source_fingerprint(src: SourceConfig, where: str) -> str:
 
     h = hashlib.sha256(json.dumps(asdict(src), sort_keys=True).encode())
     if src.kind == "synthetic":
-        from raymix.tasks import records as records_mod
-        from raymix.tasks import synthetic
-
-        _hash_files(h, [Path(synthetic.__file__), Path(records_mod.__file__)])
-        return h.hexdigest()
+        return h.hexdigest()  # its generator is code: pool_fingerprint hashes it
     path = Path(src.path).expanduser()
     if src.kind == "hf" and not path.exists():
         return h.hexdigest()  # a hub id: name, split and revision identify it
@@ -171,12 +167,31 @@ def source_fingerprint(src: SourceConfig, where: str) -> str:
     return h.hexdigest()
 
 
+def tokenizer_files_fingerprint(directory: Path) -> str:
+    """A saved tokenizer's content: every file ``save_pretrained`` wrote
+    (vocabulary, merges, special tokens, chat template), by name and bytes."""
+    return _code_fingerprint([p for p in Path(directory).iterdir() if p.is_file()])
+
+
+def _code_fingerprint(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    _hash_files(h, paths)
+    return h.hexdigest()
+
+
 def pool_fingerprint(cfg: DataConfig) -> str:
-    """What the pool's records depend on: the sources and the split rules."""
+    """What the pool's records depend on: the sources, the split settings
+    and the code that reads and splits them (every module of
+    :mod:`raymix.tasks`: the loaders, the synthetic generator and the split
+    rule), so that a changed loader or split cannot reuse a cache of records
+    made by the old one."""
+    import raymix.tasks
+
     parts = [
         source_fingerprint(src, f"data.sources[{i}]") for i, src in enumerate(cfg.sources)
     ]
     parts.append(json.dumps([cfg.val_fraction, cfg.test_fraction, cfg.max_val, cfg.max_test]))
+    parts.append(_code_fingerprint(list(Path(raymix.tasks.__file__).parent.glob("*.py"))))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
@@ -330,13 +345,23 @@ def prepare_shards(
     import pyarrow.dataset as pads
     import ray
 
+    import inspect
+
+    import raymix.tokenizing
+    from raymix.models import render_completion, render_prompt, uses_chat_template
+
     t0 = time.perf_counter()
+    # The code that turns records into tokens is part of the key: the
+    # tokenising actor, the prompt and answer templates.
+    code = hashlib.sha256("".join(inspect.getsource(f) for f in (
+        raymix.tokenizing, render_prompt, render_completion, uses_chat_template)).encode()).hexdigest()
     key = hashlib.sha256(
         json.dumps(
             [
                 CACHE_KEY_VERSION,
                 pool_fp,
                 tokenizer_fingerprint,
+                code,
                 cfg.template,
                 cfg.max_seq_len,
             ]

@@ -95,6 +95,43 @@ def test_source_splits_are_kept(tmp_path: Path) -> None:
     assert {r.id: r.split for r in recs} == {r["id"]: r["split"] for r in rows}
 
 
+def test_a_question_lies_in_one_split(tmp_path: Path) -> None:
+    """Copies of one prompt (under other ids, other spacing) share a split:
+    no test or validation question is one the model trains on. A test or
+    val question keeps one record that accepts every answer of its copies;
+    train keeps every copy. Splitting by instance id alone put copies of
+    most test questions of a repeating task into train."""
+    rows = [{"task": "rep", "id": f"rep-{i}", "prompt": f"q{i % 30} ?" if i % 2 else f"q{i % 30}  ?",
+             "completion": f"a{i % 30}" if i < 240 else f"alt{i % 30}"} for i in range(300)]
+    f = write_jsonl(tmp_path / "data.jsonl", rows)
+    recs = load_pool(jsonl_cfg(f))
+    key = lambda r: " ".join(r.prompt.split())  # noqa: E731
+    by_split = {s: [r for r in recs if r.split == s] for s in ("train", "val", "test")}
+    # 30 distinct questions: 3 to test, 3 to val (a tenth each), 24 to train with all their copies
+    assert [len({key(r) for r in by_split[s]}) for s in ("train", "val", "test")] == [24, 3, 3]
+    assert len(by_split["test"]) == len(by_split["val"]) == 3 and len(by_split["train"]) == 240
+    held = {key(r) for r in by_split["val"] + by_split["test"]}
+    assert not held & {key(r) for r in by_split["train"]}
+    for r in by_split["val"] + by_split["test"]:
+        q = int(key(r)[1:].split()[0])
+        assert set(r.references) == {f"a{q}", f"alt{q}"}, r
+    # deterministic, whatever the file order
+    g = write_jsonl(tmp_path / "rev" / "data.jsonl", list(reversed(rows)))
+    assert {(r.id, r.split) for r in load_pool(jsonl_cfg(g))} == {(r.id, r.split) for r in recs}
+
+
+def test_the_embedded_default_tests_no_question_it_trains_on() -> None:
+    """The synthetic suite's small input spaces (times tables, lookups of 40
+    countries) repeat prompts: none of a test or val prompt is in train."""
+    recs = load_pool(DataConfig(sources=[SourceConfig(kind="synthetic", scale=0.5)]))
+    by_task: dict = {}
+    for r in recs:
+        by_task.setdefault(r.task, {}).setdefault(r.split, set()).add(" ".join(r.prompt.split()))
+    for task, splits in by_task.items():
+        assert splits.get("test") and splits.get("val"), task
+        assert not (splits["test"] | splits["val"]) & splits["train"], task
+
+
 def test_task_from_source_config_and_file_stem(tmp_path: Path) -> None:
     rows = [{"prompt": f"p{i}", "completion": f"c{i}", "id": i} for i in range(5)]
     f = write_jsonl(tmp_path / "stemname.jsonl", rows)
@@ -220,3 +257,58 @@ def test_cosine_schedule_without_warmup() -> None:
     assert s(0.5) == pytest.approx(1.0)
     assert s(1.0) == pytest.approx(0.0, abs=1e-12)
     assert s(0.25) == pytest.approx(1.0 + math.cos(math.pi * 0.25))
+
+
+# --------------------------------------------------------------------------- cache keys
+
+
+def test_the_pool_fingerprint_covers_the_code_that_reads_and_splits_records(monkeypatch) -> None:
+    """Every module of raymix.tasks (the loaders, the split rule) is part of
+    the pool's fingerprint, for file sources too: a changed split may not
+    reuse shards cut by the old one."""
+    import raymix.data
+    from raymix.data import pool_fingerprint
+
+    hashed: list[str] = []
+    real = raymix.data._hash_files
+    monkeypatch.setattr(raymix.data, "_hash_files", lambda h, paths: (hashed.extend(p.name for p in paths),
+                                                                      real(h, paths)))
+    pool_fingerprint(DataConfig(sources=[SourceConfig(kind="synthetic")]))
+    assert {"records.py", "natural_instructions.py", "synthetic.py", "jsonl.py"} <= set(hashed)
+
+
+def test_another_tokenizer_at_the_same_path_is_another_shard_cache(monkeypatch, tmp_path: Path) -> None:
+    """The shards' tokenizer key is the saved tokenizer's content, not its
+    name and size: a tokenizer retrained in place (same vocabulary size,
+    other ids) or given a chat template tokenises differently."""
+    import raymix.data
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from raymix.config import load_config
+    from raymix.driver.setup import prepare_model_and_data
+
+    def save(words: list[str], chat_template=None) -> None:
+        tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
+                                       bos_token="<s>", eos_token="</s>")
+        if chat_template:
+            fast.chat_template = chat_template
+        fast.save_pretrained(str(tmp_path / "tok"))
+
+    keys = []
+
+    def stop(records, pool_fp, tok_name, tok_fp, data, concurrency=1):
+        keys.append(tok_fp)
+        raise KeyboardInterrupt  # before any tokenising
+
+    monkeypatch.setattr(raymix.data, "prepare_shards", stop)
+    cfg = load_config(None, [f"model.tokenizer={tmp_path / 'tok'}", "data.sources=[{kind: synthetic, scale: 0.01}]"])
+    words = ["<unk>", "<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(100)]
+    for variant in (dict(words=words), dict(words=words), dict(words=words[:4] + words[4:][::-1]),
+                    dict(words=words, chat_template="{{ messages[0]['content'] }} A:")):
+        save(**variant)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_model_and_data(cfg, tmp_path / "out")
+    assert keys[0] == keys[1] and len(set(keys)) == 3, keys

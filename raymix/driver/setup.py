@@ -137,7 +137,7 @@ def tokenizer_corpus(records, limit: int = TOKENIZER_SAMPLE):
 
 def prepare_model_and_data(cfg: RunConfig, output_dir: Path, phases: Optional[dict] = None):
     """Records -> tokenizer -> shards -> initial model. Returns what workers need."""
-    from raymix.data import cache_root, load_pool, pool_fingerprint, prepare_shards
+    from raymix.data import cache_root, load_pool, pool_fingerprint, prepare_shards, tokenizer_files_fingerprint
     from raymix.models import build_model, load_tokenizer, local_or_hub, train_tokenizer
 
     phases = {} if phases is None else phases
@@ -158,7 +158,10 @@ def prepare_model_and_data(cfg: RunConfig, output_dir: Path, phases: Optional[di
         tokenizer = load_tokenizer(tok_name, "model.tokenizer" if cfg.model.tokenizer else "model.pretrained")
         tok_dir = output_dir / "tokenizer"
         tokenizer.save_pretrained(str(tok_dir))
-        tok_fp = f"{tok_name}:{len(tokenizer)}"
+        # By what it is, not what it is called: another tokenizer at the same
+        # path or hub id (a retrained vocabulary, a new chat template) makes
+        # other tokens.
+        tok_fp = "files:" + tokenizer_files_fingerprint(tok_dir)
     else:
         texts = lambda: tokenizer_corpus(records())  # noqa: E731
         tokenizer, tok_path = train_tokenizer(texts, cfg.model.vocab_size, cache_root(cfg.data),
@@ -259,9 +262,34 @@ def resolve_suite(cfg: RunConfig) -> Optional[str]:
         raise RaymixError(str(e).replace("--suite", "eval.suite")) from None
     if spec["kind"] == "harness":
         check_harness_suite(spec)
-    if spec["kind"] == "natural_instructions" and not cfg.eval.ni_dir:
-        raise RaymixError(f"eval.suite={name} needs eval.ni_dir (a directory of held-out task files)")
+    if spec["kind"] == "natural_instructions":
+        if not cfg.eval.ni_dir:
+            raise RaymixError(f"eval.suite={name} needs eval.ni_dir (a directory of held-out task files)")
+        _check_held_out(cfg, name, spec)
     return name
+
+
+def _check_held_out(cfg: RunConfig, name: str, spec: dict) -> None:
+    """A held-out suite's tasks may not be tasks the run trains on (by name:
+    a Natural Instructions task is its file's stem, in the pool as in the
+    suite); their scores would be on seen data."""
+    from raymix.tasks.natural_instructions import task_files
+
+    held_out = {p.stem for p in task_files(Path(cfg.eval.ni_dir).expanduser())}
+    if spec.get("tasks"):
+        held_out &= set(spec["tasks"])
+    for i, src in enumerate(cfg.data.sources):
+        if src.kind != "natural_instructions" or not src.path:
+            continue
+        trained = {p.stem for p in task_files(Path(src.path).expanduser())}
+        if src.tasks:
+            trained &= set(src.tasks)
+        both = sorted(held_out & trained)
+        if both:
+            raise RaymixError(
+                f"eval.suite={name}: eval.ni_dir ({cfg.eval.ni_dir}) holds {len(both)} task(s) that "
+                f"data.sources[{i}] ({src.path}) trains on: {', '.join(both[:5])}"
+                f"{', ...' if len(both) > 5 else ''}; point eval.ni_dir at tasks left out of training")
 
 
 RUN_FILE = "run.json"
