@@ -81,6 +81,13 @@ class SourceConfig:
             raise RaymixError(f"data.sources[].scale must be > 0, got {self.scale}")
         if self.positive_examples < 0:
             raise RaymixError("data.sources[].positive_examples must be >= 0")
+        if self.seed < 0:
+            raise RaymixError(f"data.sources[].seed must be >= 0, got {self.seed}")
+        if self.max_instances is not None and self.max_instances < 1:
+            raise RaymixError(f"data.sources[].max_instances must be >= 1 or null, got {self.max_instances}")
+        bad = {t: n for t, n in (self.task_sizes or {}).items() if n < 1}
+        if bad:
+            raise RaymixError(f"data.sources[].task_sizes: sizes must be >= 1, got {bad}")
 
 
 @dataclass(frozen=True)
@@ -112,6 +119,9 @@ class DataConfig:
             v = getattr(self, name)
             if not 0 <= v < 0.5:
                 raise RaymixError(f"data.{name} must be in [0, 0.5), got {v}")
+        for name in ("max_val", "max_test"):
+            if getattr(self, name) < 0:
+                raise RaymixError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if self.max_seq_len < 16:
             raise RaymixError(f"data.max_seq_len must be >= 16, got {self.max_seq_len}")
         if not self.sources:
@@ -418,6 +428,8 @@ class GradexConfig:
                 raise RaymixError(f"policy.gradex.{name} must be >= 1, got {getattr(self, name)}")
         if self.verify_subsets < 0:
             raise RaymixError(f"policy.gradex.verify_subsets must be >= 0, got {self.verify_subsets}")
+        if self.seed < 0:
+            raise RaymixError(f"policy.gradex.seed must be >= 0, got {self.seed}")
         if self.subset_size <= 0 or (self.subset_size >= 1 and float(self.subset_size) != int(self.subset_size)):
             raise RaymixError("policy.gradex.subset_size must be a share in (0, 1) or a whole number of "
                               f"tasks, got {self.subset_size}")
@@ -596,6 +608,8 @@ class AioliConfig:
             raise RaymixError(f"policy.aioli.ema must be in [0, 1) or null, got {self.ema}")
         if self.tasks_per_round is not None and self.tasks_per_round < 2:
             raise RaymixError("policy.aioli.tasks_per_round must be >= 2 or null")
+        if self.seed < 0:
+            raise RaymixError(f"policy.aioli.seed must be >= 0, got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -927,6 +941,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         from raymix.registry import POLICIES  # filled when raymix.policies is imported (raymix/__init__.py)
+
+        if self.seed < 0:  # numpy's generators take non-negative seeds only
+            raise RaymixError(f"seed must be >= 0, got {self.seed}")
 
         if self.policy.name not in POLICIES:
             raise RaymixError(

@@ -398,3 +398,21 @@ def test_local_model_paths_reach_workers_absolute(tmp_path: Path, monkeypatch) -
     assert local_or_hub("runs/model") == str(tmp_path.resolve() / "runs" / "model")
     assert local_or_hub("./runs/model/") == str(tmp_path.resolve() / "runs" / "model")
     assert local_or_hub("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"  # not here: a hub id, left as it is
+
+
+@pytest.mark.parametrize("override, field", [
+    ("seed=-1", "seed"),
+    ("data.max_test=-1", "data.max_test"),
+    ("data.max_val=-2", "data.max_val"),
+    ("data.sources=[{kind: synthetic, seed: -1}]", "data.sources[].seed"),
+    ("data.sources=[{kind: jsonl, path: x.jsonl, task_sizes: {a: -5}}]", "data.sources[].task_sizes"),
+    ("data.sources=[{kind: natural_instructions, path: d, max_instances: 0}]", "data.sources[].max_instances"),
+    ("policy.gradex.seed=-1", "policy.gradex.seed"),
+    ("policy.aioli.seed=-1", "policy.aioli.seed"),
+])
+def test_negative_counts_and_seeds_are_refused_naming_the_field(override: str, field: str) -> None:
+    """Refused when the config is read, not after tokenising (a negative
+    seed reached numpy's generator in the workers; a negative task size
+    random.sample; a negative max_test emptied every test split silently)."""
+    with pytest.raises(RaymixError, match=field.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
+        load_config(None, [override])
