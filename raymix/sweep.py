@@ -67,15 +67,19 @@ class Space:
 
     def overrides(self, extra: Sequence[str] = ()) -> list[list[str]]:
         """One ``key=value`` override list per trial, grid order. An ``extra``
-        override of a grid key fixes that axis to its value (``--set
-        budget.fraction=0.01`` runs the 1% slice of a space)."""
+        override of a grid key, or of a section holding one, fixes that axis
+        to its value (``--set budget.fraction=0.01`` runs the 1% slice of a
+        space); one inside an axis whose values are mappings (``--set
+        policy.adapt.every_steps=20`` where the axis is ``policy``) changes
+        that field in each of them. ``extra`` comes last in every trial: the
+        command line wins."""
         base = [f"{k}={_yaml_value(v)}" for k, v in self.base.items()]
         fixed = {ov.split("=", 1)[0].strip() for ov in extra}
         trials: list[list[str]] = []
         for grid in (self.grid if isinstance(self.grid, list) else [self.grid]):
-            keys = [k for k in grid if k not in fixed]
+            keys = [k for k in grid if not any(k == f or k.startswith(f + ".") for f in fixed)]
             for combo in itertools.product(*(grid[k] for k in keys)):
-                trial = base + list(extra) + [f"{k}={_yaml_value(v)}" for k, v in zip(keys, combo)]
+                trial = base + [f"{k}={_yaml_value(v)}" for k, v in zip(keys, combo)] + list(extra)
                 if trial not in trials:  # fixing an axis can make two grids' trials one
                     trials.append(trial)
         return trials

@@ -113,3 +113,18 @@ def test_grid_list_is_the_union_of_its_products(tmp_path: Path) -> None:
     p.write_text("name: u\ngrid:\n  - {seed: []}\n")
     with pytest.raises(RaymixError, match="non-empty lists"):
         load_space(p)
+
+
+def test_set_inside_a_grid_axis_of_mappings_changes_that_field_in_each() -> None:
+    """``--set policy.adapt.every_steps=20`` on a space whose ``policy`` axis
+    lists mappings runs ADAPT at 20 (the grid's value was applied after it,
+    silently); ``--set`` on a section fixes every axis inside it."""
+    from raymix.sweep import load_space
+
+    space = load_space(Path(__file__).resolve().parent.parent / "tune_spaces" / "adapt_cadence.yaml")
+    configs = space.configs(["policy.adapt.every_steps=20", "seed=0", "budget.fraction=0.01"])
+    adapt = [c.policy.adapt.every_steps for c in configs if c.policy.name == "adapt"]
+    assert adapt and set(adapt) == {20}
+    assert {c.policy.name for c in configs} == {c.policy.name for c in space.configs()}
+    uniform = space.configs(["policy={name: uniform}", "seed=0", "budget.fraction=0.01"])
+    assert len(uniform) == 1 and uniform[0].policy.name == "uniform"
