@@ -256,6 +256,33 @@ def test_unknown_suite_and_bad_input(checkpoints, tmp_path: Path, capsys) -> Non
                             mlflow_run_id="0123abcd", tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
 
 
+def test_ni_heldout_over_tasks_the_run_trains_on_is_refused(tmp_path: Path) -> None:
+    """A held-out suite whose eval.ni_dir holds a training task (by its file
+    stem, as both name it) is refused before training: its score would be on
+    seen data. Disjoint task sets pass."""
+    from raymix.config import load_config
+    from raymix.driver.setup import resolve_suite
+
+    def task_dir(name: str, tasks: tuple[str, ...]) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        for t in tasks:
+            (d / f"{t}.json").write_text(json.dumps({"Definition": ["Answer."], "Instances": [
+                {"id": f"{t}-0", "input": "x", "output": ["y"]}]}))
+        return d
+
+    train = task_dir("train", ("task001_a", "task002_b"))
+    held = task_dir("held", ("task002_b", "task003_c"))
+    other = task_dir("other", ("task003_c",))
+    src = f"data.sources=[{{kind: natural_instructions, path: {train}}}]"
+    with pytest.raises(RaymixError, match=r"eval.ni_dir .* holds 1 task\(s\) that data.sources\[0\] .* task002_b"):
+        resolve_suite(load_config(None, [src, "eval.suite=ni_heldout", f"eval.ni_dir={held}"]))
+    assert resolve_suite(load_config(None, [src, "eval.suite=ni_heldout", f"eval.ni_dir={other}"])) == "ni_heldout"
+    # the source's own task filter counts: training on task001_a alone leaves task002_b held out
+    only_a = f"data.sources=[{{kind: natural_instructions, path: {train}, tasks: [task001_a]}}]"
+    assert resolve_suite(load_config(None, [only_a, "eval.suite=ni_heldout", f"eval.ni_dir={held}"])) == "ni_heldout"
+
+
 def test_ni_heldout_renders_tasks_from_ni_files(tmp_path: Path) -> None:
     from raymix.eval import _prepare_ni
 

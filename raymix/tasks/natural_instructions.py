@@ -33,6 +33,23 @@ from raymix.errors import RaymixError
 from raymix.tasks.records import TaskRecord, read_utf8
 
 
+def task_files(root: Path) -> list[Path]:
+    """The task files at ``root``: the file itself, or a directory's
+    ``task*.json`` files sorted by name. A task's name is its file's stem."""
+    if root.is_dir():
+        files = sorted(p for p in root.glob("task*.json") if p.is_file())
+        if not files:
+            raise RaymixError(
+                f"{root}: directory holds no Natural Instructions task*.json files"
+            )
+        return files
+    if root.is_file():
+        return [root]
+    raise RaymixError(
+        f"{root}: no such file or directory (Natural Instructions tasks)"
+    )
+
+
 def load_natural_instructions(
     path: str | Path,
     positive_examples: int = 0,
@@ -56,18 +73,7 @@ def load_natural_instructions(
     if max_instances is not None and max_instances < 1:
         raise RaymixError(f"max_instances must be >= 1 or None, got {max_instances}")
     root = Path(path)
-    if root.is_dir():
-        files = sorted(p for p in root.glob("task*.json") if p.is_file())
-        if not files:
-            raise RaymixError(
-                f"{root}: directory holds no Natural Instructions task*.json files"
-            )
-    elif root.is_file():
-        files = [root]
-    else:
-        raise RaymixError(
-            f"{root}: no such file or directory (Natural Instructions tasks)"
-        )
+    files = task_files(root)
 
     if tasks is not None:
         by_name = {f.stem: f for f in files}
