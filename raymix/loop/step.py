@@ -123,9 +123,21 @@ class TrainStep:
             g["lr"] = lr
         # Padded, or packed (as many micro-batches, fewer positions).
         t = time.perf_counter()
+        drawn_from = self.sampler.state_dict()  # small: the generator's state and each task's position
         micro = self.batches(self.sampler.draw(weights, self.accum, self.mbs))
         self.batch_seconds += time.perf_counter() - t
         n_completion = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in micro)
+        # The step's gradient is that of the mean NLL over every rank's
+        # completion tokens (what the step reports, whatever the worker
+        # count): DDP and FSDP average the ranks' gradients, so a rank
+        # scales its NLL sum by the worker count over all ranks' tokens
+        # (dividing by its own count weighted a rank with few completion
+        # tokens as one with many).
+        if w.distributed:
+            total = float(w.all_reduce(torch.tensor([float(n_completion)], dtype=torch.float64))[0])
+            scale = w.world / max(1.0, total)
+        else:
+            scale = 1.0 / max(1, n_completion)
         # Per task: tokens, loss sum, loss count; the last column holds the
         # step's positions computed and causal query-key pairs within examples.
         step_stats = np.zeros((3, self.T + 1))
@@ -133,7 +145,7 @@ class TrainStep:
             with self._sync(k), self.kernels(), \
                     torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
                 nll, cnt = token_nll(model, batch, w.device)
-                loss = nll.sum() / max(1, n_completion)
+                loss = nll.sum() * scale
                 loss.backward()
             np.add.at(step_stats[0], idx, batch["lengths"].numpy())
             step_stats[0, -1] += batch["input_ids"].numel()
@@ -146,8 +158,12 @@ class TrainStep:
         outcome = StepOutcome(stats, stats[1].sum() / max(1.0, stats[2].sum()), lr)
         if not outcome.finite:
             # Every rank sees the same reduced loss and stops here, before
-            # the update: the parameters are still the last good ones.
+            # the update: the parameters are still the last good ones, and
+            # the data positions go back to before the refused step's draws
+            # (the "aborted" checkpoint is the last good state, and a resume
+            # from it trains those examples).
             opt.zero_grad(set_to_none=True)
+            self.sampler.load_state_dict(drawn_from)
             return outcome
         if w.cfg.train.grad_clip > 0:
             # Under FSDP the gradients are DTensor shards: clip_grad_norm_
