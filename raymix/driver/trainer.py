@@ -73,7 +73,7 @@ class TorchProcessGroupBackend(Backend):
         from ray.train._internal.utils import get_address_and_port
 
         backend = backend_config.backend or (
-            "nccl" if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo")
+            GPU_BACKEND if worker_group.get_resources_per_worker().get("GPU", 0) > 0 else "gloo")
         addr, port = worker_group.execute_single(0, get_address_and_port)
         if backend_config.init_method == "env":
             worker_group.execute(_set_master, addr, port)
@@ -112,11 +112,19 @@ class TorchProcessGroupBackend(Backend):
             logging.getLogger(__name__).warning("torch's process group shutdown timed out after %s s", timeout)
 
 
+# NCCL for CUDA tensors, gloo for CPU ones, in one process group: the step's
+# statistics, the mixer exchange, the policies' signal sums and the
+# checkpoint's per-rank states are small CPU tensors and objects, which an
+# NCCL-only group (Ray's default on GPU workers) refuses ("No backend type
+# associated with device type cpu"). Ray's torch backend accepts the list.
+GPU_BACKEND = "cpu:gloo,cuda:nccl"
+
+
 @dataclasses.dataclass
 class TorchProcessGroupConfig(BackendConfig):
     """``ray.train.torch.TorchConfig``'s fields, from a module without torch
-    (see the module's docstring). ``backend`` None: nccl where the workers
-    have GPUs, gloo otherwise."""
+    (see the module's docstring). ``backend`` None: :data:`GPU_BACKEND` where
+    the workers have GPUs, gloo otherwise."""
 
     backend: Optional[str] = None
     init_method: str = "env"
@@ -224,7 +232,7 @@ def lean_trainer_class():
             torch_config = torch_config or TorchProcessGroupConfig()
             if not torch_config.backend:  # as TorchTrainer decides it
                 torch_config = dataclasses.replace(
-                    torch_config, backend="nccl" if scaling_config is not None and scaling_config.use_gpu else "gloo")
+                    torch_config, backend=GPU_BACKEND if scaling_config is not None and scaling_config.use_gpu else "gloo")
             super().__init__(train_loop_per_worker, backend_config=torch_config, scaling_config=scaling_config,
                              **kwargs)
 
