@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -383,3 +384,125 @@ def test_compiled_layers_train_as_the_eager_ones(prepared, tmp_path: Path) -> No
     # extra step at lr 1e-2 changes them in the second decimal).
     for task, loss in eager.val_loss.items():
         assert compiled.val_loss[task] == pytest.approx(loss, rel=1e-5), task
+
+
+# ------------------------------------------------------- what a resumed run reports
+
+
+class Recorder:
+    """Stands in for MetricLogger: every (step, metrics) the loop logs."""
+
+    def __init__(self):
+        self.steps: dict[int, dict] = {}
+        self.client = None
+
+    def log(self, metrics, step):
+        self.steps.setdefault(step, {}).update(metrics)
+
+    def commit(self, through_step=None):
+        pass
+
+
+def _recorded(prepared, tmp, overrides, monkeypatch, stop=False):
+    import raymix.loop.loop as loop_mod
+
+    rec = Recorder()
+    monkeypatch.setattr(loop_mod, "_metric_logger", lambda loop: rec)
+    result, _, session = _run(prepared, tmp, overrides, stop=stop)
+    return result, rec, session
+
+
+def test_per_task_train_loss_after_a_resume(prepared, tmp_path: Path, monkeypatch) -> None:
+    """``loss/<task>`` at a logged step is the mean over the steps since the
+    previous log, after a restore too: MetricsHook's sums since the last log
+    are part of the checkpoint (the first log after a restore averaged only
+    the steps since the checkpoint)."""
+    every = ["train.checkpoint_tokens=1000", "train.log_every=4"]
+    full, rec_full, _ = _recorded(prepared, tmp_path / "full", every, monkeypatch)
+    _, rec_cut, session = _recorded(prepared, tmp_path / "cut", every, monkeypatch, stop=True)
+    ckpt_step = int(next(d for _, d in session.inner.reports if d and d.endswith("-periodic")).split("/")[-1][:8])
+    resumed, rec_res, _ = _recorded(prepared, tmp_path / "cut", every, monkeypatch)
+    assert resumed.val_loss == full.val_loss  # the training itself is reproduced exactly
+    assert ckpt_step % 4 != 0  # the checkpoint falls between two logs
+    first_log = min(s for s in rec_res.steps if s > ckpt_step and any(k.startswith("loss/") for k in rec_res.steps[s]))
+    got = {k: v for k, v in rec_res.steps[first_log].items() if k.startswith("loss/")}
+    want = {k: v for k, v in rec_full.steps[first_log].items() if k.startswith("loss/")}
+    assert got == pytest.approx(want, nan_ok=True), f"step {first_log} (checkpoint at step {ckpt_step})"
+
+
+class SlowSignal:
+    """A worker-side signal due at every step whose computation takes 0.5 s."""
+
+    def __init__(self, ctx):
+        self.T = len(ctx.pool.tasks)
+
+    def observe(self, view):
+        pass
+
+    def due(self, view):
+        return True
+
+    def compute(self, view):
+        time.sleep(0.5)
+        return {"meta_tokens": [0] * self.T}
+
+    def metrics(self, signals, weights, timing):
+        return {}
+
+    def stops_run(self):
+        return False
+
+    def summary(self):
+        return {}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_meta_time_share_after_a_resume(prepared, tmp_path: Path) -> None:
+    """``meta_seconds`` is restored from the checkpoint (all attempts'
+    signal time) while ``loop_seconds`` starts again at the restore: the
+    share of the loop's time in the signal is over ``timed_meta_seconds``,
+    the signal's time since the restore (it exceeded 1 after a resume)."""
+    from raymix.policies import register_policy
+    from raymix.policies.static import StaticPolicy
+    from raymix.registry import POLICIES
+
+    register_policy("review_slow", signal=SlowSignal)(lambda cfg, pool: StaticPolicy(np.ones(len(pool.tasks))))
+    try:
+        every = ["train.checkpoint_tokens=1000", "policy.name=review_slow"]
+        full, _, _ = _run(prepared, tmp_path / "full", every)
+        _run(prepared, tmp_path / "cut", every, stop=True)
+        resumed, _, _ = _run(prepared, tmp_path / "cut", every)
+    finally:
+        POLICIES.pop("review_slow")
+    assert full.timed_meta_seconds == full.meta_seconds <= full.loop_seconds
+    assert resumed.timed_meta_seconds < resumed.meta_seconds  # the earlier attempt's are not this loop's
+    assert resumed.timed_meta_seconds <= resumed.loop_seconds, (
+        f"meta time share {resumed.timed_meta_seconds / resumed.loop_seconds:.2f} > 1 after the resume "
+        f"(uninterrupted: {full.meta_seconds / full.loop_seconds:.2f})")
+
+
+def test_aborted_checkpoint_positions_match_its_steps(prepared, tmp_path: Path) -> None:
+    """The "aborted" checkpoint (non-finite loss) is the last good state: its
+    data positions are those of the steps its model trained on (the refused
+    step's draws are undone), so a resume from it trains those examples."""
+    from raymix.loop.checkpoint import latest_local_checkpoint, read_state
+
+    # A learning rate that overflows the parameters after the first update.
+    with pytest.raises(FileNotFoundError):  # the loop stopped without a final checkpoint (_run reads it)
+        _run(prepared, tmp_path, ["train.lr=1e30", "train.warmup_fraction=0", "eval.curve_points=0",
+                                  "train.checkpoint_fraction=0"])
+    d = latest_local_checkpoint(str(tmp_path / "checkpoints"))
+    assert d is not None and d.endswith("-aborted"), d
+    state = read_state(d)
+    mbs, accum = 8, 1
+    trained = state["step"] * mbs * accum  # examples the checkpoint's model was trained on
+    drawn = sum(s["served"] for s in state["data"]["streams"])  # no stream wrapped this early
+    assert all(s["epoch"] == 0 for s in state["data"]["streams"])
+    ledger = sum(state["mixer"]["ledger"]["train"])
+    assert ledger == state["train_tokens"]  # the ledger is the last good step's...
+    assert drawn == trained, f"{drawn} examples drawn by the checkpoint's positions, {trained} trained ({state['step']} steps)"

@@ -300,7 +300,9 @@ def _summarise(cfg, out, tracker, result, fit_started, fit_ended, budget) -> tup
         # Which training examples of each task were drawn, over all workers.
         "data_positions": ev.data_positions,
         "mixer_restarts": ev.mixer_restarts,
-        "meta_time_share": ev.meta_seconds / max(1e-9, ev.loop_seconds),
+        # Over this loop's time: after a restore, the signal's since then.
+        "meta_time_share": (ev.meta_seconds if ev.timed_meta_seconds is None else ev.timed_meta_seconds)
+        / max(1e-9, ev.loop_seconds),
         # Host time drawing and laying out the examples (rank 0), of the loop's.
         "batch_time_share": ev.batch_seconds / max(1e-9, ev.loop_seconds),
         "overshoot_tokens": mix["train_tokens"] - budget,

@@ -93,6 +93,9 @@ class LoopResult:
     """Of ``train_tokens``, those trained in ``loop_seconds`` (all of them
     unless the run restored from a checkpoint), which ``tokens_per_second``
     divides (0 in a result written before it existed)."""
+    timed_meta_seconds: Optional[float] = None
+    """Of ``meta_seconds`` (every attempt's), the signal's time within
+    ``loop_seconds`` (None in a result written before it existed)."""
     batch_seconds: float = 0.0
     """Of ``loop_seconds``, rank 0's host time drawing the steps' examples
     and laying them out (0 in a result written before it was timed)."""

@@ -31,6 +31,7 @@ def finish(w, session, exchange, metrics_log, signal, progress, curve, checkpoin
                "timed_tokens": timing["timed_tokens"],
                "tokens_per_second": timing["timed_tokens"] / max(1e-9, loop_seconds),
                "meta_seconds": progress.meta_seconds, "meta_steps": progress.meta_steps,
+               "timed_meta_seconds": timing["timed_meta_seconds"],
                "curve_seconds": curve.seconds if curve is not None else 0.0, "restores": progress.restores,
                "checkpoint_seconds": checkpointer.seconds, "utilisation": timing["utilisation"],
                "model_flops_per_token": timing["model_flops_per_token"], "batch_seconds": timing["batch_seconds"],

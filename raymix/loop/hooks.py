@@ -146,6 +146,17 @@ class MetricsHook:
         self.loss[:] = 0
         self.tokens_start, self.time_start = progress.train_tokens, now
 
+    # A checkpoint part: the per-task sums since the last log, so that the
+    # first ``loss/<task>`` after a restore averages the same steps as an
+    # uninterrupted run's (it averaged those since the checkpoint only).
+    def state_dict(self) -> dict:
+        return {"metrics_interval_loss": self.loss.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = state.get("metrics_interval_loss")  # absent from checkpoints written before it was saved
+        if saved is not None and np.shape(saved) == self.loss.shape:
+            self.loss[:] = saved
+
 
 class ProgressFile:
     """``OUTPUT/progress/rank<R>.json``: pid, step and tokens of each worker,

@@ -47,7 +47,8 @@ def train_loop(config: dict | LoopConfig, session=None, mixer=None) -> None:
     curve = CurveHook(w, exchange, metrics_log) if cfg.eval.curve_points > 0 else None
     metrics = MetricsHook(w, metrics_log, step)
     checkpointer = Checkpointer(w, session, exchange, metrics_log,
-                                [progress, step, exchange, signal, w.task_metrics] + ([curve] if curve else []))
+                                [progress, step, exchange, signal, w.task_metrics, metrics]
+                                + ([curve] if curve else []))
     if not checkpointer.restore():
         return  # the run had finished; its final checkpoint was reported again
     exchange.start(progress.train_tokens)
@@ -59,7 +60,8 @@ def train_loop(config: dict | LoopConfig, session=None, mixer=None) -> None:
     files = ProgressFile(loop.output_dir, w.rank)
 
     t_loop = time.perf_counter()
-    tokens_at_start = progress.train_tokens  # a restored run's earlier tokens are not this loop's to time
+    # A restored run's earlier tokens and signal time are not this loop's to time.
+    tokens_at_start, meta_at_start = progress.train_tokens, progress.meta_seconds
     setup_seconds = time.time() - entered_at
     w.model.train()
     if curve is not None:
@@ -78,7 +80,7 @@ def train_loop(config: dict | LoopConfig, session=None, mixer=None) -> None:
         view = StepView(progress.step, progress.train_tokens, budget, outcome.lr, exchange.weights, outcome.stats)
         signal.observe(view)
         if signal.due(view):
-            _run_signal(signal, view, exchange, metrics_log, progress, t_loop, w.task_metrics)
+            _run_signal(signal, view, exchange, metrics_log, progress, t_loop, meta_at_start, w.task_metrics)
             if signal.stops_run() and exchange.lost is None:
                 stopped = True
                 break
@@ -108,13 +110,16 @@ def train_loop(config: dict | LoopConfig, session=None, mixer=None) -> None:
            {"loop_seconds": loop_seconds, "entered_at": entered_at, "setup_seconds": setup_seconds,
             "stopped_early": stopped, "data_positions": step.data_positions(), "utilisation": step.utilisation,
             "model_flops_per_token": step.model_flops_per_token, "batch_layout": step.batches.mode,
-            "batch_seconds": step.batch_seconds, "timed_tokens": progress.train_tokens - tokens_at_start})
+            "batch_seconds": step.batch_seconds, "timed_tokens": progress.train_tokens - tokens_at_start,
+            "timed_meta_seconds": progress.meta_seconds - meta_at_start})
 
 
 def _run_signal(signal, view: StepView, exchange: MixerExchange, metrics_log, progress: Progress,
-                t_loop: float, task_metrics) -> None:
+                t_loop: float, meta_at_start: float, task_metrics) -> None:
     """The policy's worker-side computation, its report to the mixer (whose
-    new mixture applies at once), and its metrics."""
+    new mixture applies at once), and its metrics (``time_share``: of this
+    loop's time since ``t_loop``, the signal's since then,
+    ``meta_at_start`` being the restored checkpoint's)."""
     t = time.perf_counter()
     signals = signal.compute(view)
     progress.meta_seconds += time.perf_counter() - t
@@ -122,7 +127,8 @@ def _run_signal(signal, view: StepView, exchange: MixerExchange, metrics_log, pr
     exchange.sync(signals, view.train_tokens)
     if metrics_log is not None:
         now = time.perf_counter()
-        timing = {"step_seconds": now - t, "time_share": progress.meta_seconds / max(1e-9, now - t_loop)}
+        timing = {"step_seconds": now - t,
+                  "time_share": (progress.meta_seconds - meta_at_start) / max(1e-9, now - t_loop)}
         metrics_log.log(task_metrics(signal.metrics(signals, exchange.weights, timing), view.step), view.step)
 
 
