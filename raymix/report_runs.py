@@ -16,7 +16,9 @@ def _budget_label(params: dict) -> str:
     tokens = params.get("budget.tokens", "null")
     if tokens not in ("null", "None", None):
         return f"{int(float(tokens)):,} tok"
-    return f"{float(params.get('budget.fraction', 'nan')):.0%}"
+    # As many digits as the fraction has (up to 6 significant): 1%, 5% and
+    # 10% as before, 0.1% and 1.5% kept apart from 0% and 2%.
+    return f"{float(params.get('budget.fraction', 'nan')) * 100:g}%"
 
 
 def _budget_value(params: dict) -> float:

@@ -239,3 +239,18 @@ def test_a_mixture_over_many_tasks_is_labelled_by_the_tasks_it_favours() -> None
     _label_variants(rows)
     assert [r["policy"] for r in rows] == ["static (weights.a=0.5, weights.b=0.5)",
                                            "static (weights.a=0.9, weights.b=0.1)"]
+
+
+def test_distinct_fraction_budgets_get_distinct_labels() -> None:
+    """A fraction budget's label keeps the digits that tell it apart: 0.1%,
+    0.2% and 0.4% do not all read "0%", nor 1.5% "2%" beside 2% (runs at
+    those budgets would share a label in the tables); round budgets read as
+    they always did."""
+    from raymix.report_runs import _budget_label
+
+    def label(fraction):
+        return _budget_label({"budget.tokens": "null", "budget.fraction": str(fraction)})
+
+    assert [label(f) for f in (0.001, 0.002, 0.004, 0.015, 0.02)] == ["0.1%", "0.2%", "0.4%", "1.5%", "2%"]
+    assert [label(f) for f in (0.01, 0.05, 0.1, 0.5, 1.0, 2.0)] == ["1%", "5%", "10%", "50%", "100%", "200%"]
+    assert _budget_label({"budget.tokens": "4000", "budget.fraction": "0.01"}) == "4,000 tok"
