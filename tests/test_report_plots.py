@@ -1,5 +1,7 @@
-"""raymix.report without MLflow: effective tokens with and without meta
-tokens on the test curve, and the mixture pictures (a fake MLflow client)."""
+"""raymix.report: effective tokens with and without meta tokens on the test
+curve, and the mixture pictures (a fake MLflow client); the runs a report
+reads, its rows and what it names, over a real MLflow store of fake
+finished runs (``_store``)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,28 @@ class FakeClient:
         path = Path(tmp) / name
         path.write_text(json.dumps(self.artifacts[run_id][name]))
         return str(path)
+
+
+def _store(tmp_path: Path, runs: list[tuple[list[str], dict]]) -> str:
+    """A sqlite MLflow store under ``tmp_path`` with experiment ``e``: one
+    finished run per ``(overrides, metrics)``, its params and identity
+    logged the way ``raymix.tracking`` logs them."""
+    pytest.importorskip("mlflow")
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    from raymix.config import flatten, identity_hash, load_config
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
+    for overrides, metrics in runs:
+        cfg = load_config(None, overrides)
+        run = client.create_run(exp, tags={"raymix.identity": identity_hash(cfg)})
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten(cfg).items()],
+                         metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
+        client.set_terminated(run.info.run_id, "FINISHED")
+    return uri
 
 
 def _client_and_runs():
@@ -254,3 +278,37 @@ def test_distinct_fraction_budgets_get_distinct_labels() -> None:
     assert [label(f) for f in (0.001, 0.002, 0.004, 0.015, 0.02)] == ["0.1%", "0.2%", "0.4%", "1.5%", "2%"]
     assert [label(f) for f in (0.01, 0.05, 0.1, 0.5, 1.0, 2.0)] == ["1%", "5%", "10%", "50%", "100%", "200%"]
     assert _budget_label({"budget.tokens": "4000", "budget.fraction": "0.01"}) == "4,000 tok"
+
+
+def test_report_names_no_absolute_path_of_the_machine(tmp_path: Path, monkeypatch) -> None:
+    """report.md names the space file relative to the current directory when
+    it lies under it, else by its name only (``--space /abs/path/x.yaml``
+    was written verbatim), and a local store by its name only."""
+    from raymix.report import write_report
+
+    uri = _store(tmp_path, [([], {"worst_test_loss": 1.0, "mean_test_loss": 1.0, "worst_val_loss": 1.0,
+                                  "train_tokens": 10.0, "meta_tokens": 0.0, "budget_tokens": 10.0})])
+    space = tmp_path / "spaces" / "my_space.yaml"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the space file does not lie under it
+    text = write_report(uri, "e", tmp_path / "report", str(space)).read_text()
+    assert str(tmp_path) not in text, [ln for ln in text.splitlines() if str(tmp_path) in ln]
+    assert "space `my_space.yaml`" in text and "`sqlite:///.../mlflow.db`" in text
+    monkeypatch.chdir(tmp_path)  # it does
+    text = write_report(uri, "e", tmp_path / "report", str(space)).read_text()
+    assert str(tmp_path) not in text and "space `spaces/my_space.yaml`" in text
+
+
+def test_a_bare_path_tracking_uri_is_named_like_a_file_store() -> None:
+    """MLflow reads a bare directory (``MLFLOW_TRACKING_URI=/home/me/mlruns``)
+    as a file store: the report names it by its last part only, as it does
+    ``file:`` and ``sqlite:`` stores; a server's URI stays as it is."""
+    from raymix.report import _public_uri
+
+    assert _public_uri("/home/me/mlruns") == "file:///.../mlruns"
+    assert _public_uri("/home/me/mlruns/") == "file:///.../mlruns"
+    assert _public_uri("file:///home/me/mlruns") == "file:///.../mlruns"
+    assert _public_uri("sqlite:////home/me/mlflow.db") == "sqlite:///.../mlflow.db"
+    assert _public_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert _public_uri("databricks") == "databricks"
