@@ -4,7 +4,8 @@
 
 Reads every FINISHED trial run (tagged with an identity hash) of the
 experiment, groups them by pool (where runs span more than one), model,
-policy and budget, and writes
+policy and budget (a policy's rows told apart by any setting besides the seed
+that differs between its runs), and writes
 ``DIR/report.md`` with mean ± std over seeds of the run metrics (and of any
 ``eval/...`` metrics), plus PNG plots: metrics against budget per policy, the
 applied mixture over tokens, and tokens per task. Nothing in it is written by
@@ -170,8 +171,9 @@ def _fmt(mean: float, std: float, pattern: str, n: int) -> str:
 
 
 def _table(df, metrics, skip_empty: bool = False) -> list[str]:
-    """One row per (pool,) model, budget and policy; the pool column only
-    where the runs span more than one; ``skip_empty`` leaves out rows
+    """One row per (pool,) model, budget and policy (its variants and
+    settings labelled by ``load_runs``), ``seeds`` its distinct seeds; the
+    pool column only where the runs span more than one; ``skip_empty`` leaves out rows
     without any of the metrics (runs of a pool no suite scores)."""
     pools = "pool" in df and df["pool"].nunique() > 1
     header = ("| pool " if pools else "") + "| model | policy | budget | seeds | " + \
@@ -187,7 +189,8 @@ def _table(df, metrics, skip_empty: bool = False) -> list[str]:
                               float(vals.std(ddof=1)) if len(vals) > 1 else float("nan"), pattern, len(vals)))
         if skip_empty and all(c == "–" for c in cells):
             continue
-        lines.append((f"| {pool} " if pools else "") + f"| {model} | {policy} | {budget} | {len(g)} | "
+        seeds = g["seed"].nunique() if "seed" in g else len(g)  # load_runs keeps one run per seed
+        lines.append((f"| {pool} " if pools else "") + f"| {model} | {policy} | {budget} | {seeds} | "
                      + " | ".join(cells) + " |")
     return lines
 

@@ -2,7 +2,9 @@
 experiment (the latest run of each identity; a multi-round policy's rounds
 folded into their run), with the labels that keep them apart in the tables:
 ``pool`` (the data the run trained on), ``budget`` and ``policy`` (its
-variants told apart by the policy's own options)."""
+variants told apart by the policy's own options and by any other setting
+that changes the result: the runs of one table row differ in their seed
+only)."""
 
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def load_runs(tracking_uri: str, experiment: str):
         parent, name = r.data.tags.get("mlflow.parentRunId"), r.data.tags.get("raymix.round")
         if parent and name in ("final", "proxy") and (parent not in last_round or name == "final"):
             last_round[parent] = r
-    rows, seen = [], set()
+    rows, seen, defaults = [], set(), _defaults()
     for r in runs:
         ident = r.data.tags.get("raymix.identity")
         # A round of a multi-run policy (IDEAL, DoReMi) is part of its run's row, not a trial of its own.
@@ -65,6 +67,7 @@ def load_runs(tracking_uri: str, experiment: str):
         }
         row["_policy_params"] = {k: v for k, v in p.items() if k.startswith("policy.") and k != "policy.name"}
         row["_data_params"] = {k: v for k, v in p.items() if k.startswith("data.") and k != "data.cache_dir"}
+        row["_config_params"] = _config_params(p, defaults)
         row.update({k: v for k, v in r.data.metrics.items()})
         row["curve_run_id"] = r.info.run_id
         last = last_round.get(r.info.run_id)
@@ -80,7 +83,8 @@ def load_runs(tracking_uri: str, experiment: str):
         raise RaymixError(f"experiment {experiment!r} has no finished raymix runs")
     _label_pools(rows)
     _label_variants(rows)
-    return client, exp, pd.DataFrame(rows)
+    _label_configs(rows)
+    return client, exp, pd.DataFrame(_latest_per_seed(rows))
 
 
 def _sources_label(value: str) -> str:
@@ -188,6 +192,90 @@ def _label_variants(rows: list[dict]) -> None:
                 row["policy"] = f"{name} (" + ", ".join(_option_parts(varying, row["_own"])) + ")"
     for row in rows:
         del row["_policy_params"], row["_own"]
+
+
+CONFIG_SECTIONS = ("model", "budget", "train", "eval")
+"""The sections of a run's params, besides ``seed`` and those that ``pool``
+(``data``) and the policy's variants (``policy``) already tell apart, that
+change its result (``raymix.config.IDENTITY_SECTIONS``): runs that differ in
+them are not seeds of one configuration. ``runtime`` and ``tracking`` do
+not change it (they are not in the identity)."""
+
+NOT_RESULT = frozenset({
+    # When to checkpoint, whether to recompute, how a step's examples are
+    # laid out and which kernels compute them: identity_hash leaves them out.
+    "train.checkpoint_tokens", "train.checkpoint_fraction", "train.checkpoints_to_keep",
+    "train.gradient_checkpointing", "train.packing", "train.pack_length", "train.attention", "train.compile",
+})
+"""Params of :data:`CONFIG_SECTIONS` that do not change a run's result."""
+
+
+def _defaults() -> dict[str, str]:
+    """Every param at its default, as :func:`raymix.config.flatten` logs it:
+    the value of a param a run recorded before it existed."""
+    from raymix.config import RunConfig, flatten
+
+    return flatten(RunConfig())
+
+
+def _config_params(params: dict, defaults: dict | None = None) -> dict:
+    """A run's params that change its result besides its seed, pool and
+    policy options (:data:`CONFIG_SECTIONS` less :data:`NOT_RESULT`); one it
+    did not record (logged before the field existed) at its default. With a
+    global batch in tokens, how it is split in micro-batches is hardware."""
+    defaults = _defaults() if defaults is None else defaults
+    keys = {k for k in (*params, *defaults) if k.split(".")[0] in CONFIG_SECTIONS} - NOT_RESULT
+    out = {k: params.get(k, defaults.get(k)) for k in keys}
+    if out.get("train.global_batch_tokens") not in (None, "null", "None"):
+        out.pop("train.micro_batch_size", None)
+        out.pop("train.grad_accum", None)
+    return out
+
+
+def _shown(value) -> str:
+    """A param's value in a label: a path by its last part (a report carries
+    no path of the machine it was made on)."""
+    text = str(value)
+    return Path(text).name if text.startswith(("/", "~")) else text
+
+
+def _label_configs(rows: list[dict]) -> None:
+    """Runs of one policy that differ in a setting besides their seed, pool
+    and policy options (``train.lr`` 0.01 and 0.001, say) are different rows
+    of the tables, not seeds of one: ``policy`` gains ``key=value`` for each
+    setting that differs between the runs of a table row (pool, model,
+    budget, policy), on every row of that pool and policy (a variant reads
+    the same at every budget and model)."""
+    cells: dict[tuple, list[dict]] = {}
+    for row in rows:
+        cells.setdefault((row.get("pool"), row["model"], row["budget"], row["policy"]), []).append(row)
+    varying: dict[tuple, set] = {}
+    for (pool, _, _, policy), group in cells.items():
+        keys = {k for row in group for k in row["_config_params"]}
+        varying.setdefault((pool, policy), set()).update(
+            k for k in keys if len({row["_config_params"].get(k) for row in group}) > 1)
+    for row in rows:
+        params = row.pop("_config_params")
+        keys = sorted(varying[(row.get("pool"), row["policy"])])
+        if not keys:
+            continue
+        parts = ", ".join(f"{k}={_shown(params.get(k))}" for k in keys)
+        labelled = row["policy"] != row.get("policy_name", row["policy"])  # already "name (options)"
+        row["policy"] = f"{row['policy'][:-1]}, {parts})" if labelled else f"{row['policy']} ({parts})"
+
+
+def _latest_per_seed(rows: list[dict]) -> list[dict]:
+    """The latest run (``rows`` run newest first) of each table row and seed:
+    runs that differ in nothing a label shows but their identity (one
+    recorded before a field entered the identity and its rerun; a policy's
+    unread option) are one trial, as are the runs of one identity."""
+    seen, out = set(), []
+    for row in rows:
+        key = (row.get("pool"), row["model"], row["budget"], row["policy"], row["seed"])
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out
 
 
 def by(df, *columns: str) -> list[str]:

@@ -41,9 +41,10 @@ def _store(tmp_path: Path, runs: list[tuple[list[str], dict]]) -> str:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
-    for overrides, metrics in runs:
+    for i, (overrides, metrics) in enumerate(runs):  # started in this order, a second apart
         cfg = load_config(None, overrides)
-        run = client.create_run(exp, tags={"raymix.identity": identity_hash(cfg)})
+        run = client.create_run(exp, start_time=1_700_000_000_000 + 1000 * i,
+                                tags={"raymix.identity": identity_hash(cfg)})
         client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in flatten(cfg).items()],
                          metrics=[Metric(k, v, 0, 0) for k, v in metrics.items()])
         client.set_terminated(run.info.run_id, "FINISHED")
@@ -312,3 +313,63 @@ def test_a_bare_path_tracking_uri_is_named_like_a_file_store() -> None:
     assert _public_uri("sqlite:////home/me/mlflow.db") == "sqlite:///.../mlflow.db"
     assert _public_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     assert _public_uri("databricks") == "databricks"
+
+
+def test_runs_of_different_configurations_are_not_averaged_as_seeds(tmp_path: Path) -> None:
+    """A table row averages seeds of one configuration only: runs that differ
+    in any setting that changes the result (``train.lr``, ``model.vocab_size``,
+    ``budget.max_epochs``, ...) are rows of their own, labelled by the
+    settings that differ (beside the policy's own options), at every budget
+    of that policy; ``seeds`` counts distinct seeds. Runtime and tracking
+    settings do not split a row, and of two runs of one row and seed (one
+    differs only in an option its policy does not read) the latest counts."""
+    from raymix.report import _table
+    from raymix.report_runs import load_runs
+
+    def loss(v):
+        return {"worst_test_loss": v}
+
+    uri = _store(tmp_path, [
+        # a grid over train.lr: one seed each, different results
+        (["train.lr=0.01"], loss(1.0)), (["train.lr=0.001"], loss(3.0)),
+        # a second seed of lr 0.01, run on more workers: a seed of the same row
+        (["train.lr=0.01", "seed=1", "runtime.num_workers=4", "tracking.run_name=x"], loss(2.0)),
+        # lr 0.01 only at 2%: still labelled, so that each variant reads the same at every budget
+        (["train.lr=0.01", "budget.fraction=0.02"], loss(0.5)),
+        # the same run as seed 1 above but for an option uniform does not read: the later one counts
+        (["train.lr=0.01", "seed=1", "policy.temperature=5.0"], loss(4.0)),
+        # a policy's variants and a model setting that differs between them
+        (["policy.name=temperature", "policy.temperature=2.0"], loss(1.0)),
+        (["policy.name=temperature", "policy.temperature=5.0", "model.vocab_size=512"], loss(1.0)),
+        (["policy.name=temperature", "policy.temperature=5.0", "budget.max_epochs=2.0"], loss(1.0)),
+    ])
+    _, _, df = load_runs(uri, "e")
+    rows = _table(df, [("worst_test_loss", "worst test loss", "{:.1f}")])[2:]
+    assert rows == [
+        # one run: nothing to tell apart within its row
+        "| llama-micro | temperature (temperature=2.0) | 1% | 1 | 1.0 |",
+        "| llama-micro | temperature (temperature=5.0, budget.max_epochs=2.0, model.vocab_size=2048) | 1% | 1 | 1.0 |",
+        "| llama-micro | temperature (temperature=5.0, budget.max_epochs=8.0, model.vocab_size=512) | 1% | 1 | 1.0 |",
+        "| llama-micro | uniform (train.lr=0.001) | 1% | 1 | 3.0 |",
+        "| llama-micro | uniform (train.lr=0.01) | 1% | 2 | 2.5 ± 2.1 |",  # seed 1's later run: 4.0
+        "| llama-micro | uniform (train.lr=0.01) | 2% | 1 | 0.5 |",
+    ], rows
+    assert sorted(df["policy_name"]) == ["temperature"] * 3 + ["uniform"] * 4
+
+
+def test_settings_that_leave_the_result_alone_do_not_split_a_row() -> None:
+    """What ``_config_params`` compares between the runs of a row: a param a
+    run recorded before it existed counts at its default (older runs stay
+    seeds of their reruns); checkpointing, packing and kernels, and with a
+    global batch in tokens its split in micro-batches, are left out."""
+    from raymix.report_runs import _config_params, _defaults
+
+    defaults = _defaults()
+    old = {k: v for k, v in defaults.items() if k != "eval.curve_max_examples"}
+    assert _config_params(old, defaults) == _config_params(defaults, defaults)
+    assert _config_params({**defaults, "train.packing": "false", "train.attention": "eager"}, defaults) == \
+        _config_params(defaults, defaults)
+    batch = {**defaults, "train.global_batch_tokens": "4096"}
+    assert _config_params({**batch, "train.micro_batch_size": "4", "train.grad_accum": "4"}, defaults) == \
+        _config_params(batch, defaults)
+    assert _config_params({**defaults, "train.lr": "0.001"}, defaults) != _config_params(defaults, defaults)
