@@ -1194,6 +1194,11 @@ def identity_hash(cfg: RunConfig) -> str:
     """Hash of what changes the result (not runtime, tracking or cache paths)."""
     tree = {k: v for k, v in to_dict(cfg).items() if k in IDENTITY_SECTIONS}
     tree["data"].pop("cache_dir", None)
+    # The split rule (raymix.tasks.records.assign_splits): by question since
+    # it stopped putting copies of test questions in train. A pool with
+    # repeated prompts (the embedded default) changed with it, so every
+    # identity did: a sweep recorded before resumes by training again.
+    tree["data"]["split_rule"] = "question"
     if tree["policy"].get("name") != "adapt":
         # ADAPT's block entered every policy's hash before it was popped for
         # the others; its defaults then changed (issue #13). The other

@@ -333,12 +333,13 @@ def test_meta_share_enters_adapts_identity_only_when_set() -> None:
 def test_signal_share_enters_adapts_identity_only_off_its_default() -> None:
     """At its default, policy.adapt.signal_share leaves ADAPT's identity as it
     was recorded before the field existed (d061155101a6aa77, the hash of the
-    defaults at cd38a2a, when every_steps was 20), so sweeps resume; set
-    otherwise, it counts."""
+    defaults at cd38a2a, when every_steps was 20; 029d20d80bb5ddd7 since the
+    split rule entered every identity), so sweeps resume; set otherwise, it
+    counts."""
     from raymix.config import identity_hash, load_config
 
     base = load_config(overrides=["policy.name=adapt", "policy.adapt.every_steps=20"])
-    assert identity_hash(base) == "d061155101a6aa77"
+    assert identity_hash(base) == "029d20d80bb5ddd7"
     for other in ("null", "0.3"):
         other_cfg = load_config(overrides=["policy.name=adapt", "policy.adapt.every_steps=20",
                                            f"policy.adapt.signal_share={other}"])
