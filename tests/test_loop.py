@@ -506,3 +506,28 @@ def test_aborted_checkpoint_positions_match_its_steps(prepared, tmp_path: Path) 
     ledger = sum(state["mixer"]["ledger"]["train"])
     assert ledger == state["train_tokens"]  # the ledger is the last good step's...
     assert drawn == trained, f"{drawn} examples drawn by the checkpoint's positions, {trained} trained ({state['step']} steps)"
+
+
+def test_interval_throughput_leaves_out_curve_evaluations(prepared, tmp_path: Path, monkeypatch) -> None:
+    """``train/tokens_per_second`` per logging interval counts training time
+    only, as the loop's final figure does: curve evaluations (made slow
+    here, 0.3 s each) are not in it. The intervals' seconds (tokens over
+    rate) add up to at most the loop's training time."""
+    from raymix.loop import evaluation
+
+    real = evaluation.CurveEvaluator.__call__
+
+    def slow(self, *a, **k):
+        time.sleep(0.3)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(evaluation.CurveEvaluator, "__call__", slow)
+    result, rec, _ = _recorded(prepared, tmp_path, ["train.log_every=2", "eval.curve_points=4"], monkeypatch)
+    logged = sorted((s, m) for s, m in rec.steps.items() if "train/tokens_per_second" in m)
+    seconds, before = 0.0, 0
+    for _, m in logged:
+        seconds += (m["train/tokens"] - before) / m["train/tokens_per_second"]
+        before = m["train/tokens"]
+    assert result.curve_seconds > 8 * 0.3  # 5 points, validation and test each
+    # Timer resolution and the logging itself: within 5% of the loop's time.
+    assert seconds <= result.loop_seconds * 1.05, (seconds, result.loop_seconds, result.curve_seconds)

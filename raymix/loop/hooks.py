@@ -104,18 +104,21 @@ class MetricsHook:
     ``tasks/...`` aggregates above ``tracking.per_task_metrics_max_tasks``) every
     ``train.log_every`` steps and at the end of the budget (rank 0)."""
 
-    def __init__(self, w, metrics_log, step=None):
+    def __init__(self, w, metrics_log, step=None, not_training=lambda: 0.0):
         """``step``: the :class:`~raymix.loop.step.TrainStep`, whose model
-        FLOPs give ``train/mfu`` on a GPU of known peak."""
+        FLOPs give ``train/mfu`` on a GPU of known peak. ``not_training``:
+        the loop's seconds so far that were not training (curve evaluations,
+        checkpoints), left out of ``train/tokens_per_second`` as the loop's
+        final figure leaves them out."""
         from raymix.flops import device_peak_flops
 
-        self.w, self.metrics_log, self.step = w, metrics_log, step
+        self.w, self.metrics_log, self.step, self.not_training = w, metrics_log, step, not_training
         self.peak = device_peak_flops(w.device) if step is not None else None
         self.loss = np.zeros((2, len(w.loop.pool.tasks)))
-        self.tokens_start, self.time_start = 0, time.perf_counter()
+        self.tokens_start, self.time_start = 0, 0.0  # set by start()
 
     def start(self, progress: Progress) -> None:
-        self.tokens_start, self.time_start = progress.train_tokens, time.perf_counter()
+        self.tokens_start, self.time_start = progress.train_tokens, time.perf_counter() - self.not_training()
 
     def after_step(self, progress: Progress, outcome, weights: np.ndarray) -> None:
         if self.metrics_log is None:
@@ -123,7 +126,7 @@ class MetricsHook:
         self.loss += outcome.stats[1:]
         if progress.step % self.w.cfg.train.log_every and progress.train_tokens < self.w.budget:
             return
-        now = time.perf_counter()
+        now = time.perf_counter() - self.not_training()  # training time only
         budget = self.w.budget
         rate = (progress.train_tokens - self.tokens_start) / max(1e-9, now - self.time_start)
         metrics = {

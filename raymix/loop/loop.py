@@ -45,7 +45,8 @@ def train_loop(config: dict | LoopConfig, session=None, mixer=None) -> None:
     signal = _signal(w)
     progress = Progress()
     curve = CurveHook(w, exchange, metrics_log) if cfg.eval.curve_points > 0 else None
-    metrics = MetricsHook(w, metrics_log, step)
+    metrics = MetricsHook(w, metrics_log, step,
+                          not_training=lambda: (curve.seconds if curve else 0.0) + checkpointer.seconds)
     checkpointer = Checkpointer(w, session, exchange, metrics_log,
                                 [progress, step, exchange, signal, w.task_metrics, metrics]
                                 + ([curve] if curve else []))

@@ -195,11 +195,18 @@ class TrainStep:
         return dict(zip(self.w.loop.pool.tasks, self.sampler.positions()))
 
     def rank_state_dict(self) -> dict:
+        """torch's generators: the CPU one, and this rank's GPU one on CUDA
+        (dropout draws from the device's generator there)."""
         import torch
 
-        return {"torch_rng": torch.get_rng_state()}
+        state = {"torch_rng": torch.get_rng_state()}
+        if self.w.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.w.device)
+        return state
 
     def load_rank_state_dict(self, state: dict) -> None:
         import torch
 
         torch.set_rng_state(state["torch_rng"])
+        if self.w.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.w.device)
