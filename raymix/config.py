@@ -62,12 +62,19 @@ class SourceConfig:
     """jsonl / hf: task name when the rows do not carry one."""
     split: str = "train"
     """hf: which split of the dataset to read."""
+    revision: Optional[str] = None
+    """hf: the hub dataset's revision (branch, tag or commit). The shard cache
+    is keyed on it: pin a commit, or a dataset changed on the hub keeps
+    being read from the shards cut when it was first read."""
     prompt_column: str = "prompt"
     """hf: column holding the prompt."""
     completion_column: str = "completion"
     """hf: column holding the completion."""
     task_column: Optional[str] = None
     """hf: column holding the task name (one dataset, many tasks)."""
+    id_column: Optional[str] = None
+    """hf: column holding a stable instance id, which orders the split (null:
+    the row number, so a reordered or filtered dataset splits otherwise)."""
 
     def __post_init__(self) -> None:
         if self.kind not in SOURCE_KINDS:
@@ -1199,6 +1206,10 @@ def identity_hash(cfg: RunConfig) -> str:
     # repeated prompts (the embedded default) changed with it, so every
     # identity did: a sweep recorded before resumes by training again.
     tree["data"]["split_rule"] = "question"
+    for src in tree["data"]["sources"]:
+        for key in ("revision", "id_column"):
+            if src.get(key) is None:
+                src.pop(key, None)  # added later: unset, the identities stay as they were
     if tree["policy"].get("name") != "adapt":
         # ADAPT's block entered every policy's hash before it was popped for
         # the others; its defaults then changed (issue #13). The other

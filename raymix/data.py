@@ -88,6 +88,8 @@ def _load_source(src: SourceConfig) -> list[TaskRecord]:
         completion_column=src.completion_column,
         task=src.task,
         task_column=src.task_column,
+        id_column=src.id_column,
+        revision=src.revision,
     )
 
 
@@ -150,7 +152,8 @@ def source_fingerprint(src: SourceConfig, where: str) -> str:
 
     Files are hashed by content; the synthetic suite by its parameters and
     its generator's source code (so a changed generator invalidates caches);
-    a hub dataset by name, split and revision.
+    a hub dataset by its source fields (name, split, ``revision``: only a
+    pinned commit follows the hub's data).
     """
     from dataclasses import asdict
 

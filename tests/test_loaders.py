@@ -403,3 +403,33 @@ def test_hf_hub_offline_is_wrapped() -> None:
     with pytest.raises(RaymixError, match="raymix-nonexistent/tiny") as e:
         load_hf_dataset("raymix-nonexistent/tiny")
     assert "hub" in str(e.value) and "HF_DATASETS_OFFLINE" in str(e.value)
+
+
+def test_hub_dataset_revision_reaches_the_loader_and_the_keys(monkeypatch) -> None:
+    """``data.sources[].revision`` is what the hub is asked for, and part of
+    the shard cache key and the run's identity (unset, the identity is as
+    before the field existed); ``id_column`` names the instance ids."""
+    import raymix.tasks.hf as hf
+    from raymix.config import DataConfig, SourceConfig, identity_hash, load_config
+    from raymix.data import load_pool, source_fingerprint
+
+    asked = []
+
+    def fake_open(name, split, revision):
+        import datasets
+
+        asked.append((name, split, revision))
+        return datasets.Dataset.from_list([{"prompt": f"p{i}", "completion": f"c{i}", "uid": f"u{9 - i}"}
+                                           for i in range(10)])
+
+    monkeypatch.setattr(hf, "_open", fake_open)
+    src = SourceConfig(kind="hf", path="org/data", task="t", revision="0123abc")
+    assert len(load_pool(DataConfig(sources=[src]))) == 10 and asked == [("org/data", "train", "0123abc")]
+    # ids from a column, when named: the split follows the instances, not the row order
+    keyed = load_pool(DataConfig(sources=[SourceConfig(kind="hf", path="org/data", task="t", id_column="uid")]))
+    assert {r.id for r in keyed} == {f"u{i}" for i in range(10)}
+    unpinned = SourceConfig(kind="hf", path="org/data", task="t")
+    assert source_fingerprint(src, "s") != source_fingerprint(unpinned, "s")
+    pinned, plain = (load_config(None, [f"data.sources=[{{kind: hf, path: org/data, task: t{r}}}]"])
+                     for r in (", revision: 0123abc", ""))
+    assert identity_hash(pinned) != identity_hash(plain)
