@@ -531,3 +531,36 @@ def test_interval_throughput_leaves_out_curve_evaluations(prepared, tmp_path: Pa
     assert result.curve_seconds > 8 * 0.3  # 5 points, validation and test each
     # Timer resolution and the logging itself: within 5% of the loop's time.
     assert seconds <= result.loop_seconds * 1.05, (seconds, result.loop_seconds, result.curve_seconds)
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_aborts_before_the_update(prepared, tmp_path: Path,
+                                                                           monkeypatch) -> None:
+    """A finite loss whose gradient norm is not (bf16 overflow in the
+    backward) stops the run as a non-finite loss does: no update, an
+    "aborted" checkpoint of the last good step, naming the gradient."""
+    import torch
+
+    from raymix.loop.checkpoint import latest_local_checkpoint, read_state
+
+    real, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def third_is_inf(params, max_norm, *a, **k):
+        calls.append(1)
+        norm = real(params, max_norm, *a, **k)
+        return torch.tensor(float("inf")) if len(calls) == 3 else norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", third_is_inf)
+    reports: list = []
+
+    class Keeping(RecordingSession):
+        def report(self, metrics: dict, checkpoint_dir):
+            reports.append(metrics)
+            super().report(metrics, checkpoint_dir)
+
+    monkeypatch.setitem(globals(), "RecordingSession", Keeping)
+    with pytest.raises(FileNotFoundError):  # no final checkpoint: the loop stopped
+        _run(prepared, tmp_path, ["eval.curve_points=0", "train.checkpoint_fraction=0"])
+    d = latest_local_checkpoint(str(tmp_path / "checkpoints"))
+    assert d is not None and d.endswith("-aborted"), d
+    assert read_state(d)["step"] == 2  # the last good step's state
+    assert any("the gradient's norm became inf" in str(m.get("aborted", "")) for m in reports), reports

@@ -72,7 +72,7 @@ def train_loop(config: dict | LoopConfig, session=None, mixer=None) -> None:
     while progress.train_tokens < budget:
         outcome = step(exchange.weights, progress.train_tokens / budget)
         if not outcome.finite:
-            aborted = (f"training loss became {outcome.loss} at step {progress.step + 1} ({progress.train_tokens} "
+            aborted = (f"{outcome.why_not_finite()} at step {progress.step + 1} ({progress.train_tokens} "
                        f"train tokens of {budget}); lower train.lr or check the data")
             break
         progress.step += 1

@@ -45,10 +45,17 @@ class StepOutcome:
     loss: float
     """Mean completion-token NLL of the step (over all ranks)."""
     lr: float
+    grad_norm: float = 0.0
+    """The gradient's norm before clipping (0: not computed, ``train.grad_clip`` 0)."""
 
     @property
     def finite(self) -> bool:
-        return math.isfinite(self.loss)
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+
+    def why_not_finite(self) -> str:
+        if not math.isfinite(self.loss):
+            return f"training loss became {self.loss}"
+        return f"the gradient's norm became {self.grad_norm} (loss {self.loss:.4g})"
 
 
 class TrainStep:
@@ -167,8 +174,17 @@ class TrainStep:
             return outcome
         if w.cfg.train.grad_clip > 0:
             # Under FSDP the gradients are DTensor shards: clip_grad_norm_
-            # reduces the norm over the workers, so every rank clips alike.
-            torch.nn.utils.clip_grad_norm_(model.parameters(), w.cfg.train.grad_clip)
+            # reduces the norm over the workers, so every rank clips alike,
+            # and every rank refuses a non-finite norm alike (a finite loss
+            # can have one in bf16: the update would write NaN weights into
+            # the run and into its "aborted" checkpoint).
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), w.cfg.train.grad_clip)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+            outcome = StepOutcome(stats, outcome.loss, lr, float(norm))
+            if not outcome.finite:
+                opt.zero_grad(set_to_none=True)
+                self.sampler.load_state_dict(drawn_from)
+                return outcome
         opt.step()
         opt.zero_grad(set_to_none=True)
         return outcome
