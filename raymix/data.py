@@ -344,11 +344,11 @@ def prepare_shards(
     ``records`` is only called on a cache miss; ``pool_fp`` (from
     :func:`pool_fingerprint`) identifies the records without loading them.
     """
+    import inspect
+
     import pyarrow as pa
     import pyarrow.dataset as pads
     import ray
-
-    import inspect
 
     import raymix.tokenizing
     from raymix.models import render_completion, render_prompt, uses_chat_template

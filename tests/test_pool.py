@@ -281,10 +281,10 @@ def test_another_tokenizer_at_the_same_path_is_another_shard_cache(monkeypatch, 
     """The shards' tokenizer key is the saved tokenizer's content, not its
     name and size: a tokenizer retrained in place (same vocabulary size,
     other ids) or given a chat template tokenises differently."""
-    import raymix.data
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    import raymix.data
     from raymix.config import load_config
     from raymix.driver.setup import prepare_model_and_data
 

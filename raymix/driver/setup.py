@@ -137,7 +137,13 @@ def tokenizer_corpus(records, limit: int = TOKENIZER_SAMPLE):
 
 def prepare_model_and_data(cfg: RunConfig, output_dir: Path, phases: Optional[dict] = None):
     """Records -> tokenizer -> shards -> initial model. Returns what workers need."""
-    from raymix.data import cache_root, load_pool, pool_fingerprint, prepare_shards, tokenizer_files_fingerprint
+    from raymix.data import (
+        cache_root,
+        load_pool,
+        pool_fingerprint,
+        prepare_shards,
+        tokenizer_files_fingerprint,
+    )
     from raymix.models import build_model, load_tokenizer, local_or_hub, train_tokenizer
 
     phases = {} if phases is None else phases
