@@ -60,7 +60,9 @@ def load_runs(tracking_uri: str, experiment: str):
         row = {
             "run_id": r.info.run_id,
             "policy": p.get("policy.name", "?"),
-            "model": p.get("model.pretrained", "null") if p.get("model.pretrained", "null") not in ("null", "None") else p.get("model.preset", "?"),
+            # A local model directory by its name: no path of the machine.
+            "model": _shown(p["model.pretrained"]) if p.get("model.pretrained", "null") not in ("null", "None")
+            else p.get("model.preset", "?"),
             "budget": _budget_label(p),
             "budget_value": _budget_value(p),
             "seed": int(p.get("seed", 0)),

@@ -284,11 +284,13 @@ def test_distinct_fraction_budgets_get_distinct_labels() -> None:
 def test_report_names_no_absolute_path_of_the_machine(tmp_path: Path, monkeypatch) -> None:
     """report.md names the space file relative to the current directory when
     it lies under it, else by its name only (``--space /abs/path/x.yaml``
-    was written verbatim), and a local store by its name only."""
+    was written verbatim), and a local store and a local model directory
+    by their names only."""
     from raymix.report import write_report
 
-    uri = _store(tmp_path, [([], {"worst_test_loss": 1.0, "mean_test_loss": 1.0, "worst_val_loss": 1.0,
-                                  "train_tokens": 10.0, "meta_tokens": 0.0, "budget_tokens": 10.0})])
+    uri = _store(tmp_path, [([f"model.pretrained={tmp_path / 'models' / 'my-model'}"],
+                             {"worst_test_loss": 1.0, "mean_test_loss": 1.0, "worst_val_loss": 1.0,
+                              "train_tokens": 10.0, "meta_tokens": 0.0, "budget_tokens": 10.0})])
     space = tmp_path / "spaces" / "my_space.yaml"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -296,6 +298,7 @@ def test_report_names_no_absolute_path_of_the_machine(tmp_path: Path, monkeypatc
     text = write_report(uri, "e", tmp_path / "report", str(space)).read_text()
     assert str(tmp_path) not in text, [ln for ln in text.splitlines() if str(tmp_path) in ln]
     assert "space `my_space.yaml`" in text and "`sqlite:///.../mlflow.db`" in text
+    assert "| my-model |" in text  # a local model directory by its name
     monkeypatch.chdir(tmp_path)  # it does
     text = write_report(uri, "e", tmp_path / "report", str(space)).read_text()
     assert str(tmp_path) not in text and "space `spaces/my_space.yaml`" in text
