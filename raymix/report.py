@@ -179,9 +179,10 @@ def _table(df, metrics, skip_empty: bool = False) -> list[str]:
     header = ("| pool " if pools else "") + "| model | policy | budget | seeds | " + \
         " | ".join(m[1] for m in metrics) + " |"
     lines = [header, "|" + "---|" * (4 + pools + len(metrics))]
-    groups = df.groupby(by(df, "model", "budget_value", "budget", "policy"), sort=True)
+    groups = df.groupby(by(df, "model", "budget_value", "budget", "policy", setting=False), sort=True)
     for names, g in groups:
-        pool, (model, _, budget, policy) = (names[0], names[1:]) if "pool" in df else (None, names)
+        pool = names[0] if "pool" in df else None
+        model, _, budget, policy = names[-4:]  # after the pool and any setting (the policy's label names it)
         cells = []
         for key, _, pattern in metrics:
             vals = g[key].dropna() if key in g else []
@@ -205,11 +206,11 @@ def _plot_metrics(df, keys, path: Path) -> None:
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         pools = "pool" in df and df["pool"].nunique() > 1
-        for names, g in df.groupby(by(df, "model", "policy")):
+        for names, g in df.groupby(by(df, "model", "policy", setting=False)):
             stats = g.groupby("budget_value")[key].agg(["mean", "std"]).reset_index()
-            *pool, model, policy = names
+            pool, (model, policy) = names[0] if "pool" in df else None, names[-2:]
             ax.errorbar(stats["budget_value"], stats["mean"], yerr=stats["std"].fillna(0), marker="o",
-                        capsize=3, label=f"{policy} ({model}" + (f", {pool[0]})" if pools else ")"))
+                        capsize=3, label=f"{policy} ({model}" + (f", {pool})" if pools else ")"))
         ax.set_xscale("log")
         ax.set_xlabel("budget (fraction of pool tokens, or tokens)")
         ax.set_title(key)
@@ -422,6 +423,8 @@ def best_per_budget(df) -> dict[str, str]:
     for _, group in df.dropna(subset=["worst_test_loss"]).groupby(by(df, "model", "budget_value")):
         row = group.loc[group["worst_test_loss"].idxmin()]
         key = f"{row['model']}.{_budget_key(row)}" if several_models else _budget_key(row)
+        if "setting" in by(df):  # runs of one budget differ in a setting: one best per setting
+            key = f"{_slug(row['setting'])}.{key}"
         best[f"{_slug(row['pool'])}.{key}" if several_pools else key] = row["run_id"]
     return best
 

@@ -256,6 +256,18 @@ def _label_configs(rows: list[dict]) -> None:
         keys = {k for row in group for k in row["_config_params"]}
         varying.setdefault((pool, policy), set()).update(
             k for k in keys if len({row["_config_params"].get(k) for row in group}) > 1)
+    # The same settings across policies: runs are compared (effective
+    # tokens against the best static mixture, tokens on the hardest tasks
+    # against uniform) only with runs of the same ``setting`` (``by``).
+    shared: dict = {}
+    for pool, model, budget in {(k[0], k[1], k[2]) for k in cells}:
+        group = [row for k, g in cells.items() if k[:3] == (pool, model, budget) for row in g]
+        keys = {k for row in group for k in row["_config_params"]}
+        shared.setdefault(pool, set()).update(
+            k for k in keys if len({row["_config_params"].get(k) for row in group}) > 1)
+    for row in rows:
+        row["setting"] = ", ".join(f"{k}={_shown(row['_config_params'].get(k))}"
+                                   for k in sorted(shared[row.get("pool")]))
     for row in rows:
         params = row.pop("_config_params")
         keys = sorted(varying[(row.get("pool"), row["policy"])])
@@ -280,10 +292,16 @@ def _latest_per_seed(rows: list[dict]) -> list[dict]:
     return out
 
 
-def by(df, *columns: str) -> list[str]:
+def by(df, *columns: str, setting: bool = True) -> list[str]:
     """Grouping keys: ``pool`` first where the frame has it (runs on
-    different data are never averaged together)."""
-    return (["pool"] if "pool" in df else []) + list(columns)
+    different data are never averaged together), then ``setting`` where runs
+    of one pool, model and budget differ in a setting besides their policy
+    and seed (``train.lr``, say: they are compared within theirs; groups by
+    ``policy`` need not, its label names the settings)."""
+    keys = ["pool"] if "pool" in df else []
+    if setting and "setting" in df and df["setting"].nunique() > 1:
+        keys.append("setting")
+    return keys + list(columns)
 
 
 def signal_cost(summary: dict, round_summary) -> dict:

@@ -376,3 +376,26 @@ def test_settings_that_leave_the_result_alone_do_not_split_a_row() -> None:
     assert _config_params({**batch, "train.micro_batch_size": "4", "train.grad_accum": "4"}, defaults) == \
         _config_params(batch, defaults)
     assert _config_params({**defaults, "train.lr": "0.001"}, defaults) != _config_params(defaults, defaults)
+
+
+def test_effective_tokens_compare_runs_of_one_setting(monkeypatch) -> None:
+    """Effective tokens measure a run against the best static mixture of its
+    own setting: with a sweep over ``train.lr``, ADAPT at lr 0.01 against
+    uniform at lr 0.01, not against uniform at a learning rate it did not
+    train with."""
+    import pandas as pd
+
+    import raymix.report as report
+
+    curves = {  # run id -> [(train tokens, worst test loss, meta tokens)]
+        "u-a": [(50, 3.0, 0), (100, 2.0, 0)], "u-b": [(50, 1.5, 0), (100, 1.0, 0)],
+        "ad-a": [(50, 1.9, 5), (100, 1.8, 10)], "ad-b": [(50, 1.2, 5), (100, 0.9, 10)]}
+    monkeypatch.setattr(report, "_curve", lambda client, run: curves[run])
+    df = pd.DataFrame([{"run_id": r, "policy": p, "policy_name": p, "model": "m", "budget_value": 0.01,
+                        "budget_tokens": 100, "setting": f"train.lr={lr}", "pool": "embedded"}
+                       for r, p, lr in (("u-a", "uniform", 0.01), ("u-b", "uniform", 0.001),
+                                        ("ad-a", "adapt", 0.01), ("ad-b", "adapt", 0.001))])
+    out = report.add_effective_tokens(None, df).set_index("run_id")
+    assert out.loc["ad-a", "effective_tokens"] == 0.5  # reaches uniform lr 0.01's 2.0 at half the budget
+    assert out.loc["ad-b", "effective_tokens"] == 1.0  # reaches uniform lr 0.001's 1.0 at the end
+    assert out.loc["ad-a", "effective_tokens_with_meta"] == 0.55
