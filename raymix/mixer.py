@@ -9,7 +9,10 @@ version one interval later, so the call never blocks a training step.
 
 The served mixture is the policy's proposal after the repetition cap: a task
 may not be trained on more than ``budget.max_epochs`` times its size, and the
-weight above that spills over to the other tasks (logged as ``spill``).
+weight above that spills over to the other tasks (logged as ``spill``). A
+mixture's weights are the probabilities each example is drawn from a task
+with; the cap plans in the tokens they give each task (a task of long
+examples takes more tokens per draw: ``raymix.policies.cap_weights``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,15 @@ import numpy as np
 
 from raymix.config import PolicyConfig
 from raymix.ledger import TokenLedger
-from raymix.policies import PoolInfo, Signals, build_policy, cap_mixture, normalise
+from raymix.policies import (
+    PoolInfo,
+    Signals,
+    build_policy,
+    cap_weights,
+    example_weights,
+    normalise,
+    tokens_per_example,
+)
 
 
 class Mixer:
@@ -33,6 +44,7 @@ class Mixer:
         self.policy = build_policy(policy_cfg, pool)
         self.ledger = TokenLedger(pool.tasks)
         self.capacity = pool.train_tokens.astype(np.float64) * max_epochs
+        self.per_example = tokens_per_example(pool)  # weights are per example; capacities are tokens
         self.spill = np.zeros(len(pool.tasks))
         self.version = 0
         self.proposed = normalise(self.policy.initial_weights())
@@ -51,11 +63,12 @@ class Mixer:
             # what was last applied rather than an uncapped proposal.
             return self.weights
         try:
-            capped, spill = cap_mixture(proposed, remaining_cap, remaining_budget)
+            capped, spill = cap_weights(proposed, remaining_cap, remaining_budget, self.per_example)
         except ValueError:
             # Capacity is exhausted only when the budget was checked too
             # loosely; keep training on what is left rather than stall.
-            capped, spill = normalise(np.maximum(remaining_cap, 0) + 1e-12), np.zeros_like(proposed)
+            capped = example_weights(np.maximum(remaining_cap, 0) + 1e-12, self.per_example)
+            spill = np.zeros_like(proposed)
         self.spill = spill
         return capped
 

@@ -220,30 +220,35 @@ def test_fixed_point_with_token_shares_satisfies_the_stationarity_equation() -> 
     np.testing.assert_allclose(token_share_grad(z, p, lengths), numeric, rtol=1e-6, atol=1e-9)
 
 
-def test_meta_gradient_through_the_repetition_cap_matches_finite_differences() -> None:
-    """d/dphi of A . cap(p(phi)) with one task's cap binding, against the
-    Jacobian the policy uses (cap_vjp, then the softmax)."""
-    from raymix.policies import cap_mixture
+@pytest.mark.parametrize("per_example", [np.ones(5), np.array([4.0, 30.0, 9.0, 2.0, 15.0])])
+def test_meta_gradient_through_the_repetition_cap_matches_finite_differences(per_example) -> None:
+    """d/dphi of A . q(phi), q the served weights the mixer's cap gives
+    (cap_weights: token shares water-filled, tasks of unequal tokens per
+    example), with one task's cap binding, against the Jacobian the policy
+    uses (cap_vjp, then the softmax)."""
+    from raymix.policies import cap_weights, token_shares
     from raymix.policies.adapt.policy import cap_vjp
 
     T, budget = 5, 1000.0
     policy = AdaptPolicy(AdaptConfig(entropy=0.0, floor=0.1, optimizer="sgd"), _pool(T))
     policy.phi = np.array([0.4, -0.3, 0.1, 0.8, -1.0])
     p = policy.probs()
-    capacity = p * budget * 3
-    capacity[3] = 0.5 * p[3] * budget  # task 3 (the largest proposal) is capped
-    served, spill = cap_mixture(p, capacity, budget)
+    shares = token_shares(p, per_example)
+    capacity = shares * budget * 3
+    capacity[3] = 0.5 * shares[3] * budget  # task 3 is capped
+    served, spill = cap_weights(p, capacity, budget, per_example)
     capped = spill > 1e-9
     assert capped.tolist() == [False, False, False, True, False]
     A = np.array([0.3, -1.2, 0.7, 2.0, -0.4])  # dJ/dq of a linear J
-    analytic = policy.phi_gradient(cap_vjp(A, p, served, capped))
+    analytic = policy.phi_gradient(cap_vjp(A, p, served, capped, per_example))
 
     def J(phi):
-        return float(A @ cap_mixture(policy.probs(phi), capacity, budget)[0])
+        return float(A @ cap_weights(policy.probs(phi), capacity, budget, per_example)[0])
 
     h = 1e-6
     numeric = np.array([(J(policy.phi + h * np.eye(T)[k]) - J(policy.phi - h * np.eye(T)[k])) / (2 * h)
                         for k in range(T)])
+    # Central differences of a smooth map at h=1e-6 in float64: ~1e-9 relative error.
     np.testing.assert_allclose(analytic, numeric, rtol=1e-5, atol=1e-9)
 
 

@@ -63,8 +63,14 @@ def test_next_volumes_step_and_budget() -> None:
 
 def test_round_config_is_a_static_mixture_of_the_volumes() -> None:
     cfg = load_config(None, ["policy.name=ideal", "eval.suite=ood_embedded"])
-    w = round_weights(np.array([1, 2, 3, 4]), TASKS, 10)
-    assert w == {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4}
+    # tasks a-d of 5, 10, 5 and 20 tokens per example: volumes of 1, 2, 3, 4
+    # tokens are drawn with weights proportional to 1/5, 2/10, 3/5 and 4/20
+    pool = PoolInfo(TASKS, np.array([500, 1000, 500, 2000]), np.array([100, 100, 100, 100]), 10)
+    w = round_weights(np.array([1, 2, 3, 4]), pool)
+    np.testing.assert_allclose([w[t] for t in TASKS], np.array([0.2, 0.2, 0.6, 0.2]) / 1.2)
+    from raymix.policies import token_shares
+    np.testing.assert_allclose(token_shares(np.array(list(w.values())), np.array([5, 10, 5, 20])),
+                               [0.1, 0.2, 0.3, 0.4])  # the volumes' shares of the tokens
     r1 = round_config(cfg, 1, w, "sqlite:///x.db")
     r2 = round_config(cfg, 2, w, "sqlite:///x.db")
     assert r1.policy.name == "static" and r1.policy.weights == w

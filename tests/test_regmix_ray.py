@@ -71,10 +71,11 @@ def test_regmix_swarm_regression_final_run(ray_local, tmp_path: Path) -> None:
                                    [ledger[t]["train_tokens"] / total for t in tasks], atol=1e-12)
         assert p["target"] == by_run[p["mlflow_run_id"]]["worst_val_loss"]
     assert np.isfinite(r["cv"]["spearman"]) and r["cv"]["relative_error"] > 0
-    # The final run trains the chosen mixture at the full budget; the mixer's
-    # float64 cap renormalises it: rtol 1e-9.
+    # The final run trains the chosen mixture (token shares) at the full
+    # budget, sampling examples with the weights that give those shares; the
+    # mixer's float64 cap renormalises them: rtol 1e-9.
     weights = load_config(str(out / "final" / "config.yaml")).policy.weights
-    np.testing.assert_allclose([weights[t] for t in tasks], [r["weights"][t] for t in tasks], rtol=1e-9)
+    np.testing.assert_allclose([weights[t] for t in tasks], [r["sampling_weights"][t] for t in tasks], rtol=1e-9)
     assert final["budget_tokens"] == 6000
     # Compute of all runs: the proxies' tokens plus the final run's.
     assert summary["total_train_tokens_all_rounds"] == sum(s["train_tokens"] for s in proxies) + final["train_tokens"]

@@ -80,7 +80,7 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
         rounds, summaries, influence_meta = [], [], np.zeros(len(pool.tasks), dtype=np.int64)
         influence_seconds = 0.0
         for r in range(1, icfg.rounds + 1):
-            rcfg = round_config(cfg, r, round_weights(volumes, pool.tasks, budget), tracker.uri)
+            rcfg = round_config(cfg, r, round_weights(volumes, info), tracker.uri)
             rdir = out / f"round{r}"
             print(f"[raymix] ideal: round {r}/{icfg.rounds}, volumes "
                   f"{dict(zip(pool.tasks, volumes.tolist()))}", flush=True)

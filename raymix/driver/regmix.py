@@ -176,6 +176,7 @@ def run_regmix(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         sample_mixtures,
         search_optimum,
     )
+    from raymix.policies import PoolInfo, example_weights, tokens_per_example
     from raymix.tracking import plot_mixture
 
     with rounds_run(cfg, output_dir, parent_run_id, resume, "proxy runs") as run:
@@ -190,11 +191,18 @@ def run_regmix(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         proxy_tokens = rc.proxy_tokens or max(1, int(round(rc.proxy_share * budget)))
         capacity = cfg.budget.max_epochs * pool.train_tokens().astype(np.float64)
         centre = dirichlet_centre(pool.train_tokens(), rc.temperature)
+        # The swarm's mixtures, the regression's inputs and the chosen point
+        # are token shares (what the ledgers record); a run samples examples,
+        # so it is given the per-example weights that train those shares.
+        per_example = tokens_per_example(PoolInfo(tasks, pool.train_tokens(), pool.train_examples(), budget))
+
+        def sampled(shares: np.ndarray) -> dict[str, float]:
+            return dict(zip(tasks, example_weights(shares, per_example).tolist()))
+
         mixtures = sample_mixtures([rc.swarm_seed, 0], centre, rc.proxy_runs, rc,
                                    capacity, budget)
         swarm_root = Path(rc.swarm_dir).resolve() if rc.swarm_dir else out / "swarm"
-        configs = [proxy_config(cfg, dict(zip(tasks, w.tolist())), proxy_tokens, i, tracker.uri)
-                   for i, w in enumerate(mixtures)]
+        configs = [proxy_config(cfg, sampled(w), proxy_tokens, i, tracker.uri) for i, w in enumerate(mixtures)]
         proxies = train_swarm(cfg, configs, swarm_root, tracker.run_id, tracker.uri)
 
         # What each proxy trained on (its ledger: the mixer's cap applied) against its validation losses.
@@ -216,7 +224,7 @@ def run_regmix(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         weights = dict(zip(tasks, chosen.tolist()))
         block = {
             "target": rc.target, "regressor": rc.regressor, "proxy_budget_tokens": proxy_tokens,
-            "cv": cv, "weights": weights,
+            "cv": cv, "weights": weights, "sampling_weights": sampled(chosen),
             "predicted_target": float(aggregate(reg.predict(chosen[None]), rc.target, tasks)[0]),
             "predicted_target_uniform": float(aggregate(reg.predict(uniform), rc.target, tasks)[0]),
             "best_proxy_target": float(observed.min()),
@@ -230,7 +238,7 @@ def run_regmix(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
               f"final run on the chosen mixture", flush=True)
 
         fcfg = dataclasses.replace(
-            cfg, policy=dataclasses.replace(cfg.policy, name="static", weights=weights),
+            cfg, policy=dataclasses.replace(cfg.policy, name="static", weights=block["sampling_weights"]),
             tracking=dataclasses.replace(cfg.tracking, tracking_uri=tracker.uri,
                                          run_name=f"{cfg.tracking.run_name or 'regmix'}-final"))
         final = run_round(fcfg, out / "final", tracker.run_id, "regmix")

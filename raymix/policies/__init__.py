@@ -16,10 +16,14 @@ from raymix.policies.base import (
     Signals,
     build_policy,
     cap_mixture,
+    cap_weights,
+    example_weights,
     normalise,
     policy_spec,
     register_policy,
     resolve,
+    token_shares,
+    tokens_per_example,
 )
 
 __all__ = [
@@ -30,8 +34,12 @@ __all__ = [
     "Signals",
     "build_policy",
     "cap_mixture",
+    "cap_weights",
+    "example_weights",
     "normalise",
     "policy_spec",
     "register_policy",
     "resolve",
+    "token_shares",
+    "tokens_per_example",
 ]

@@ -72,15 +72,48 @@ def normalise(w: np.ndarray) -> np.ndarray:
     return w / s
 
 
+def tokens_per_example(pool: PoolInfo) -> np.ndarray:
+    """Each task's mean tokens per training example (1 for a task without
+    examples): what turns a mixture's weights into token shares."""
+    examples = np.asarray(pool.train_examples, dtype=np.float64)
+    tokens = np.asarray(pool.train_tokens, dtype=np.float64)
+    return np.where(examples > 0, tokens / np.maximum(examples, 1.0), 1.0)
+
+
+def token_shares(weights: np.ndarray, per_example: np.ndarray) -> np.ndarray:
+    """The share of the tokens each task gets when ``weights`` are the
+    probabilities each example is drawn from it with (what a mixture's
+    weights are: ``raymix.streams.MixtureSampler``): w_i t_i / sum_j w_j t_j."""
+    return normalise(np.asarray(weights, dtype=np.float64) * per_example)
+
+
+def example_weights(shares: np.ndarray, per_example: np.ndarray) -> np.ndarray:
+    """The mixture (per-example probabilities) whose tasks get ``shares`` of
+    the tokens: the inverse of :func:`token_shares`."""
+    return normalise(np.asarray(shares, dtype=np.float64) / per_example)
+
+
+def cap_weights(weights: np.ndarray, capacity: np.ndarray, budget: float, per_example: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The repetition cap on a mixture: its token shares capped
+    (:func:`cap_mixture`), as the per-example weights the workers sample
+    with, and the tokens each task spilled. A capped task's token share is
+    fixed; the free tasks keep their weights' ratios."""
+    shares, spill = cap_mixture(token_shares(weights, per_example), capacity, budget)
+    return example_weights(shares, per_example), spill
+
+
 def cap_mixture(
     weights: np.ndarray, capacity: np.ndarray, budget: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Apply per-task token capacities to a mixture (water-filling).
+    """Apply per-task token capacities to token shares (water-filling).
 
-    ``weights`` asks for ``weights * budget`` tokens from each task; a task may
+    ``weights`` are shares of the tokens: they ask for ``weights * budget``
+    tokens from each task (a mixture's per-example weights become shares
+    through :func:`token_shares`; :func:`cap_weights` does both); a task may
     give at most ``capacity`` more. Tasks over capacity are clipped and their
-    excess is spread over the uncapped tasks in proportion to their weights,
-    repeatedly, until nothing is over. Returns the capped weights (summing to
+    excess is spread over the uncapped tasks in proportion to their shares,
+    repeatedly, until nothing is over. Returns the capped shares (summing to
     1) and the tokens each task spilled.
 
     Raises ValueError when the total capacity cannot cover the budget.

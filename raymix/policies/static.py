@@ -9,7 +9,15 @@ import numpy as np
 
 from raymix.config import PolicyConfig
 from raymix.errors import RaymixError
-from raymix.policies.base import PoolInfo, Signals, cap_mixture, normalise, register_policy
+from raymix.policies.base import (
+    PoolInfo,
+    Signals,
+    cap_mixture,
+    example_weights,
+    normalise,
+    register_policy,
+    tokens_per_example,
+)
 
 
 class StaticPolicy:
@@ -51,11 +59,13 @@ def temperature(cfg: PolicyConfig, pool: PoolInfo) -> StaticPolicy:
 
 @register_policy("unimax", static=True)
 def unimax(cfg: PolicyConfig, pool: PoolInfo) -> StaticPolicy:
-    """UniMax (Chung et al., 2023): the budget spread uniformly, no task beyond
-    ``unimax_epochs`` epochs, the excess given to the remaining tasks."""
+    """UniMax (Chung et al., 2023): the budget's tokens spread uniformly, no
+    task beyond ``unimax_epochs`` epochs, the excess given to the remaining
+    tasks; served as the per-example weights that give those token shares."""
     cap = pool.train_tokens.astype(np.float64) * cfg.unimax_epochs
     try:
-        w, _ = cap_mixture(np.ones(len(pool.tasks)), cap, pool.budget_tokens)
+        shares, _ = cap_mixture(np.ones(len(pool.tasks)), cap, pool.budget_tokens)
+        w = example_weights(shares, tokens_per_example(pool))
     except ValueError:
         raise RaymixError(
             f"policy.unimax_epochs={cfg.unimax_epochs} caps the pool at {cap.sum():.0f} tokens, "

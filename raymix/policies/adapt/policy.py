@@ -42,7 +42,7 @@ from typing import Optional
 import numpy as np
 
 from raymix.config import AdaptConfig, PolicyConfig
-from raymix.policies.base import PoolInfo, Signals, register_policy
+from raymix.policies.base import PoolInfo, Signals, register_policy, tokens_per_example
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
@@ -88,19 +88,32 @@ def token_share_grad(signal: np.ndarray, served: np.ndarray, lengths: np.ndarray
     return -(lengths / S) * (signal - (u * signal).sum())
 
 
-def cap_vjp(grad_q: np.ndarray, proposed: np.ndarray, served: np.ndarray, capped: np.ndarray) -> np.ndarray:
-    """dJ/dp from dJ/dq through the repetition cap (water-filling): a capped
-    task's served weight is its remaining capacity over the remaining budget,
-    whatever its proposal; a free task's is q_i = R p_i / P_F (R: the weight
-    the capped tasks leave, P_F: the free tasks' total proposal)."""
+def cap_vjp(grad_q: np.ndarray, proposed: np.ndarray, served: np.ndarray, capped: np.ndarray,
+            per_example: Optional[np.ndarray] = None) -> np.ndarray:
+    """dJ/dp from dJ/dq through the repetition cap (``raymix.policies.cap_weights``).
+
+    The cap water-fills token shares: a capped task's share of the tokens is
+    its remaining capacity over the remaining budget, whatever its proposal;
+    the free tasks share the rest in proportion to p_j t_j (t: tokens per
+    example, ``per_example``; None: 1). Served (per-example) weights are
+    q_j = (a/Z) p_j for a free task and q_i = (s_i/t_i)/Z for a capped one,
+    with a = (1 - S_C)/D, D = sum_F p_k t_k and Z normalising. Differentiating,
+    for a free task k (with G = sum_m g_m q_m over all tasks, G_F and Q_F the
+    free tasks' sums of g_j q_j and of q_j):
+
+        dJ/dp_k = (Q_F/P_F) (g_k - G) - (t_k/D) (G_F - Q_F G),
+
+    and 0 for a capped task. With t = 1 this is the water-filling of the
+    weights themselves, q_j = Q_F p_j / P_F."""
     capped = np.asarray(capped, dtype=bool)
     free = ~capped
     if not capped.any() or not free.any():
         return grad_q if not capped.any() else np.zeros_like(grad_q)
-    R, P = float(served[free].sum()), float(proposed[free].sum())
-    r = proposed[free] / P
+    t = np.ones_like(grad_q) if per_example is None else np.asarray(per_example, dtype=np.float64)
+    Q_F, P_F, D = float(served[free].sum()), float(proposed[free].sum()), float((proposed * t)[free].sum())
+    G, G_F = float((grad_q * served).sum()), float((grad_q * served)[free].sum())
     out = np.zeros_like(grad_q)
-    out[free] = (R / P) * (grad_q[free] - (r * grad_q[free]).sum())
+    out[free] = (Q_F / P_F) * (grad_q[free] - G) - (t[free] / D) * (G_F - Q_F * G)
     return out
 
 
@@ -108,6 +121,7 @@ class AdaptPolicy:
     def __init__(self, cfg: AdaptConfig, pool: PoolInfo):
         self.cfg = cfg
         self.T = len(pool.tasks)
+        self.per_example = tokens_per_example(pool)  # the cap plans in tokens (cap_vjp)
         if cfg.init == "proportional":
             n = np.maximum(pool.train_tokens.astype(np.float64), 1.0)
             self.phi = np.log(n) - np.log(n).mean()
@@ -152,7 +166,7 @@ class AdaptPolicy:
             grad_q = token_share_grad(signal, served, lengths)
         else:
             grad_q = -(signal - (served * signal).sum())
-        return cap_vjp(grad_q, self.probs(), served, capped)
+        return cap_vjp(grad_q, self.probs(), served, capped, self.per_example)
 
     def update(self, signals: Signals) -> Optional[np.ndarray]:
         if "alignment" not in signals.extra:

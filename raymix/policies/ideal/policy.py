@@ -2,7 +2,7 @@
 influence scores, and the static mixture one round trains on.
 
 IDEAL is multi-round (``raymix.driver.ideal`` drives the rounds); inside a round the
-mixture is static, weights = volumes / budget. The registered ``ideal``
+mixture is static, its token shares volumes / budget. The registered ``ideal``
 policy is that round-1 mixture, so the mixer can run it like any other.
 
 Pure: no Ray, no torch, no I/O.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from raymix.config import IdealConfig, PolicyConfig
-from raymix.policies.base import PoolInfo, register_policy
+from raymix.policies.base import PoolInfo, example_weights, register_policy, tokens_per_example
 from raymix.policies.static import StaticPolicy
 
 
@@ -52,13 +52,17 @@ def next_volumes(volumes: np.ndarray, scores: np.ndarray, cfg: IdealConfig, budg
     return beta, ideal_volumes(volumes, scores, cfg.m, budget=int(budget), integer=True)
 
 
-def round_weights(volumes: np.ndarray, tasks: tuple[str, ...], budget: int) -> dict[str, float]:
-    """The static mixture of a round: ``{task: n_j / budget}``."""
-    return {t: float(v) / float(budget) for t, v in zip(tasks, volumes)}
+def round_weights(volumes: np.ndarray, pool: PoolInfo) -> dict[str, float]:
+    """The static mixture a round trains its token volumes with: per-example
+    weights proportional to n_j / (tokens per example of task j), whose token
+    shares are n_j / budget (weights n_j / budget drew examples, not tokens,
+    in those shares: a task of long examples got more than its volume)."""
+    w = example_weights(np.asarray(volumes, dtype=np.float64), tokens_per_example(pool))
+    return {t: float(v) for t, v in zip(pool.tasks, w)}
 
 
 @register_policy("ideal", driver="raymix.driver.ideal:run_ideal")
 def ideal(cfg: PolicyConfig, pool: PoolInfo) -> StaticPolicy:
     """Round 1 of IDEAL: the static mixture of the initial volumes (later
     rounds run as ``static`` with the updated volumes; see ``raymix.driver.ideal``)."""
-    return StaticPolicy(initial_volumes(cfg.ideal, pool).astype(np.float64))
+    return StaticPolicy(np.array(list(round_weights(initial_volumes(cfg.ideal, pool), pool).values())))

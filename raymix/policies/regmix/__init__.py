@@ -13,7 +13,7 @@ mixer can run it like any other.
 from __future__ import annotations
 
 from raymix.config import PolicyConfig
-from raymix.policies.base import PoolInfo, register_policy
+from raymix.policies.base import PoolInfo, example_weights, register_policy, tokens_per_example
 from raymix.policies.regmix.regression import MixtureRegression, aggregate, cross_validate, search_optimum
 from raymix.policies.regmix.swarm import cap_rows, dirichlet_centre, sample_mixtures
 from raymix.policies.static import StaticPolicy
@@ -38,7 +38,7 @@ def describe(summary: dict) -> list[str]:
              f"regression {r.get('regressor')} on target {r.get('target')}: k-fold Spearman "
              f"{cv.get('spearman', float('nan')):.3f}, relative error {cv.get('relative_error', float('nan')):.3f}; "
              f"predicted {r.get('predicted_target', float('nan')):.4f} (uniform "
-             f"{r.get('predicted_target_uniform', float('nan')):.4f}). Chosen mixture:"]
+             f"{r.get('predicted_target_uniform', float('nan')):.4f}). Chosen mixture (token shares):"]
     lines += [f"  {t:<40} {w:.4f}" for t, w in sorted(r.get("weights", {}).items(), key=lambda kv: -kv[1])]
     return lines
 
@@ -60,7 +60,7 @@ def report_section(df, table) -> list[str]:
     weights = sorted(c for c in df.columns if c.startswith("regmix/weight/"))
     if weights:
         k = len(weights)
-        lines += [f"Chosen weights (mean over runs) against uniform's 1/{k} = {1 / k:.4f}:", "",
+        lines += [f"Chosen token shares (mean over runs) against uniform's 1/{k} = {1 / k:.4f}:", "",
                   "| task | weight | / uniform |", "|---|---|---|"]
         for c in weights:
             w = float(df[c].mean())
@@ -74,7 +74,8 @@ def report_section(df, table) -> list[str]:
 def regmix(cfg: PolicyConfig, pool: PoolInfo) -> StaticPolicy:
     """The swarm's centre as a static mixture (the driver trains the swarm
     and the final run as ``static`` runs; see ``raymix.driver.regmix``)."""
-    return StaticPolicy(dirichlet_centre(pool.train_tokens, cfg.regmix.temperature))
+    return StaticPolicy(example_weights(dirichlet_centre(pool.train_tokens, cfg.regmix.temperature),
+                                        tokens_per_example(pool)))
 
 
 __all__ = ["MixtureRegression", "aggregate", "cap_rows", "cross_validate", "dirichlet_centre", "sample_mixtures",
