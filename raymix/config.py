@@ -272,7 +272,8 @@ class AdaptConfig:
     (0: the last reading only)."""
     params: Literal["all", "last_block", "head"] = "last_block"
     """Parameter subset the gradients are taken on: all, the last transformer
-    block plus final norm (and head), or the output layer only."""
+    block plus the final norm (not the output layer), or the output layer
+    only."""
     sketch_above: Optional[int] = 50_000_000
     """Inner products are exact (g_val all-reduced once, each example's
     derivative along it by forward-mode AD, T scalars all-reduced) on

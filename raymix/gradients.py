@@ -45,7 +45,9 @@ from torch import nn
 
 
 def select_params(model, subset: str):
-    """The parameters meta-gradients are taken on (and only those)."""
+    """The parameters meta-gradients are taken on (and only those): every
+    parameter, the output layer (``head``), or the last decoder block and
+    the final norm (``last_block``; not the output layer)."""
     named = list(model.named_parameters())
     if subset == "all":
         return [p for _, p in named]

@@ -351,3 +351,19 @@ def test_signal_share_enters_adapts_identity_only_off_its_default() -> None:
         assert identity_hash(base) != identity_hash(other_cfg)
     with pytest.raises(Exception, match="policy.adapt.signal_share must be > 0"):
         load_config(overrides=["policy.name=adapt", "policy.adapt.signal_share=0"])
+
+
+def test_last_block_is_the_last_decoder_block_and_the_final_norm() -> None:
+    """``params: last_block`` as documented: the last decoder block's
+    parameters and the final norm, not the output layer (``head`` is that
+    alone); the docs said "and head" while the code never took it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from raymix.gradients import select_params
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False))
+    names = {id(p): n for n, p in model.named_parameters()}
+    chosen = sorted(names[id(p)] for p in select_params(model, "last_block"))
+    assert chosen == sorted(n for n in names.values() if n.startswith("model.layers.1.") or n == "model.norm.weight")
+    assert [names[id(p)] for p in select_params(model, "head")] == ["lm_head.weight"]
