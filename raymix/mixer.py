@@ -78,7 +78,9 @@ class Mixer:
     def applied(self, version: int, token_offset: int, weights: list[float]) -> None:
         """Workers applied mixture ``version`` at ``token_offset`` train tokens."""
         entry = (int(token_offset), {t: float(w) for t, w in zip(self.pool.tasks, weights)})
-        if not self.schedule or self.schedule[-1][1] != entry[1]:
+        # A mixture differing from the last in float rounding alone is the same one.
+        if not self.schedule or not np.allclose(list(self.schedule[-1][1].values()), list(entry[1].values()),
+                                                rtol=0, atol=1e-12):
             self.schedule.append(entry)
 
     # -- reports from workers -------------------------------------------------

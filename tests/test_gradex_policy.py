@@ -167,6 +167,8 @@ def test_gradex_run_end_to_end(ray_local, tmp_path: Path):
     assert unselected_train <= at  # they only trained in phase 1
     assert sum(led[t]["train_tokens"] for t in chosen) >= summary["train_tokens"] - at
     assert summary["meta_tokens"] == g["meta_tokens"] > 0  # no curve points: GradEx's reads only
+    # The verification's fine-tuning reads count too (3 subsets here).
+    assert 0 < g["verification_meta_tokens"] < g["meta_tokens"]
     assert all(r["meta_tokens"] > 0 for r in led.values())  # every task's gradients were read
     # The verification: K estimated vs actually fine-tuned losses and the figures.
     v = g["verification"]

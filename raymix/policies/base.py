@@ -100,6 +100,10 @@ def cap_weights(weights: np.ndarray, capacity: np.ndarray, budget: float, per_ex
     with, and the tokens each task spilled. A capped task's token share is
     fixed; the free tasks keep their weights' ratios."""
     shares, spill = cap_mixture(token_shares(weights, per_example), capacity, budget)
+    if not (spill > 0).any():
+        # Nothing binds: the weights as given (normalised), the same bits
+        # whatever the remaining budget (a resumed run's schedule compares them).
+        return normalise(weights), spill
     return example_weights(shares, per_example), spill
 
 

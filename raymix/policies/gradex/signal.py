@@ -213,8 +213,16 @@ class GradexStep:
                 "speedup": ft_per * len(scoring) / max(1e-12, estimate_seconds),
                 "speedup_with_gradients": ft_per * len(scoring) / max(1e-12, estimate_seconds + gradient_seconds),
             }
-        meta_tokens = train_tok + target_tok
+        # The check's fine-tuning reads each held-out subset's training
+        # examples finetune_steps times and the target once per subset: meta
+        # tokens too (they were left out of the count).
+        verify_tok = np.zeros_like(train_tok)
+        for S in held_out or []:
+            verify_tok[list(S)] += cfg.finetune_steps * train_tok[list(S)]
+            verify_tok += target_tok
+        meta_tokens = train_tok + target_tok + verify_tok
         report["meta_tokens"] = int(meta_tokens.sum())
+        report["verification_meta_tokens"] = int(verify_tok.sum())
         report["seconds"] = time.perf_counter() - t_start
         return {"gradex_selection": report["selected_idx"],
                 "gradex_scores": [float(s) if np.isfinite(s) else float("nan") for s in scores],
