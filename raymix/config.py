@@ -1260,6 +1260,14 @@ def identity_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def identity_diff(saved: RunConfig, cfg: RunConfig) -> list[str]:
+    """``key: old -> new`` for each field of the identity's sections that differs."""
+    a, b = flatten(saved), flatten(cfg)
+    keys = sorted(k for k in set(a) | set(b)
+                  if k.split(".")[0] in IDENTITY_SECTIONS and a.get(k) != b.get(k))
+    return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in keys]
+
+
 def effective_grad_accum(cfg: RunConfig, world: Optional[int] = None) -> int:
     """Micro-batches per optimizer step: ``train.grad_accum``, or derived from
     ``train.global_batch_tokens`` as ceil(global / (micro-batch x workers x

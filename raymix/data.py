@@ -170,9 +170,12 @@ def source_fingerprint(src: SourceConfig, where: str) -> str:
     return h.hexdigest()
 
 
-def tokenizer_files_fingerprint(directory: Path) -> str:
+def saved_tokenizer_hash(directory: Path) -> str:
     """A saved tokenizer's content: every file ``save_pretrained`` wrote
-    (vocabulary, merges, special tokens, chat template), by name and bytes."""
+    (vocabulary, merges, special tokens, chat template), by name and bytes.
+    The shards' key names a tokenizer by it, not by its path or hub id:
+    another tokenizer there (a retrained vocabulary, a new chat template)
+    makes other tokens."""
     return _code_fingerprint([p for p in Path(directory).iterdir() if p.is_file()])
 
 

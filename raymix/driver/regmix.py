@@ -167,6 +167,7 @@ def run_regmix(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
                resume: bool = False) -> dict:
     """:func:`raymix.driver.run` for ``policy.name=regmix`` (its registry entry
     names this driver): same contract (summary.json, one MLflow run)."""
+    from raymix.policies import PoolInfo, example_weights, tokens_per_example
     from raymix.policies.regmix import (
         MixtureRegression,
         aggregate,
@@ -176,7 +177,6 @@ def run_regmix(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         sample_mixtures,
         search_optimum,
     )
-    from raymix.policies import PoolInfo, example_weights, tokens_per_example
     from raymix.tracking import plot_mixture
 
     with rounds_run(cfg, output_dir, parent_run_id, resume, "proxy runs") as run:

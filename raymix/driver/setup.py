@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from raymix.config import RunConfig, identity_hash, load_config, to_yaml
+from raymix.config import RunConfig, identity_diff, identity_hash, load_config, to_yaml
 from raymix.errors import RaymixError
 
 
@@ -137,13 +137,7 @@ def tokenizer_corpus(records, limit: int = TOKENIZER_SAMPLE):
 
 def prepare_model_and_data(cfg: RunConfig, output_dir: Path, phases: Optional[dict] = None):
     """Records -> tokenizer -> shards -> initial model. Returns what workers need."""
-    from raymix.data import (
-        cache_root,
-        load_pool,
-        pool_fingerprint,
-        prepare_shards,
-        tokenizer_files_fingerprint,
-    )
+    from raymix.data import cache_root, load_pool, pool_fingerprint, prepare_shards, saved_tokenizer_hash
     from raymix.models import build_model, load_tokenizer, local_or_hub, train_tokenizer
 
     phases = {} if phases is None else phases
@@ -164,10 +158,7 @@ def prepare_model_and_data(cfg: RunConfig, output_dir: Path, phases: Optional[di
         tokenizer = load_tokenizer(tok_name, "model.tokenizer" if cfg.model.tokenizer else "model.pretrained")
         tok_dir = output_dir / "tokenizer"
         tokenizer.save_pretrained(str(tok_dir))
-        # By what it is, not what it is called: another tokenizer at the same
-        # path or hub id (a retrained vocabulary, a new chat template) makes
-        # other tokens.
-        tok_fp = "files:" + tokenizer_files_fingerprint(tok_dir)
+        tok_fp = "files:" + saved_tokenizer_hash(tok_dir)
     else:
         texts = lambda: tokenizer_corpus(records())  # noqa: E731
         tokenizer, tok_path = train_tokenizer(texts, cfg.model.vocab_size, cache_root(cfg.data),
@@ -268,46 +259,13 @@ def resolve_suite(cfg: RunConfig) -> Optional[str]:
         raise RaymixError(str(e).replace("--suite", "eval.suite")) from None
     if spec["kind"] == "harness":
         check_harness_suite(spec)
-    if spec["kind"] == "natural_instructions":
-        if not cfg.eval.ni_dir:
-            raise RaymixError(f"eval.suite={name} needs eval.ni_dir (a directory of held-out task files)")
-        _check_held_out(cfg, name, spec)
+    if spec["kind"] == "natural_instructions":  # eval.ni_dir given, and no task in it trained on
+        from raymix.tasks.natural_instructions import check_held_out
+        check_held_out(name, cfg.eval.ni_dir, spec.get("tasks"), cfg.data.sources)
     return name
 
 
-def _check_held_out(cfg: RunConfig, name: str, spec: dict) -> None:
-    """A held-out suite's tasks may not be tasks the run trains on (by name:
-    a Natural Instructions task is its file's stem, in the pool as in the
-    suite); their scores would be on seen data."""
-    from raymix.tasks.natural_instructions import task_files
-
-    held_out = {p.stem for p in task_files(Path(cfg.eval.ni_dir).expanduser())}
-    if spec.get("tasks"):
-        held_out &= set(spec["tasks"])
-    for i, src in enumerate(cfg.data.sources):
-        if src.kind != "natural_instructions" or not src.path:
-            continue
-        trained = {p.stem for p in task_files(Path(src.path).expanduser())}
-        if src.tasks:
-            trained &= set(src.tasks)
-        both = sorted(held_out & trained)
-        if both:
-            raise RaymixError(
-                f"eval.suite={name}: eval.ni_dir ({cfg.eval.ni_dir}) holds {len(both)} task(s) that "
-                f"data.sources[{i}] ({src.path}) trains on: {', '.join(both[:5])}"
-                f"{', ...' if len(both) > 5 else ''}; point eval.ni_dir at tasks left out of training")
-
-
 RUN_FILE = "run.json"
-
-
-def _identity_diff(saved: RunConfig, cfg: RunConfig) -> list[str]:
-    from raymix.config import IDENTITY_SECTIONS, flatten
-
-    a, b = flatten(saved), flatten(cfg)
-    keys = sorted(k for k in set(a) | set(b)
-                  if k.split(".")[0] in IDENTITY_SECTIONS and a.get(k) != b.get(k))
-    return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in keys]
 
 
 def check_resumable(cfg: RunConfig, out: Path) -> dict:
@@ -317,9 +275,12 @@ def check_resumable(cfg: RunConfig, out: Path) -> dict:
         raise RaymixError(f"--resume: {out} holds no run to resume (no {RUN_FILE})")
     saved = json.loads(run_file.read_text())
     if saved["identity"] != identity_hash(cfg):
-        diff = _identity_diff(load_config(str(out / "config.yaml")), cfg)
+        diff = identity_diff(load_config(str(out / "config.yaml")), cfg)
         raise RaymixError(f"--resume: the config differs from the run in {out} in fields that change "
-                          f"results: {'; '.join(diff) or saved['identity']}")
+                          f"results: {'; '.join(diff)}" if diff else
+                          f"--resume: the run in {out} was recorded by a raymix whose results differ for this "
+                          f"config (its identity {saved['identity']}; since then e.g. the data split by "
+                          "question): start it afresh in another --output")
     return saved
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from raymix.errors import RaymixError
 from raymix.tasks.records import TaskRecord, read_utf8
@@ -48,6 +48,30 @@ def task_files(root: Path) -> list[Path]:
     raise RaymixError(
         f"{root}: no such file or directory (Natural Instructions tasks)"
     )
+
+
+def check_held_out(suite: str, held_out_dir: Optional[str], suite_tasks: Sequence[str] | None, sources) -> None:
+    """A held-out suite's tasks (``held_out_dir``'s, or ``suite_tasks`` of
+    them) may not be tasks a run trains on (by name: a Natural Instructions
+    task is its file's stem, in the pool as in the suite): their scores
+    would be on seen data. ``sources``: the run's ``data.sources``."""
+    if not held_out_dir:
+        raise RaymixError(f"eval.suite={suite} needs eval.ni_dir (a directory of held-out task files)")
+    held_out = {p.stem for p in task_files(Path(held_out_dir).expanduser())}
+    if suite_tasks:
+        held_out &= set(suite_tasks)
+    for i, src in enumerate(sources):
+        if src.kind != "natural_instructions" or not src.path:
+            continue
+        trained = {p.stem for p in task_files(Path(src.path).expanduser())}
+        if src.tasks:
+            trained &= set(src.tasks)
+        both = sorted(held_out & trained)
+        if both:
+            raise RaymixError(
+                f"eval.suite={suite}: eval.ni_dir ({held_out_dir}) holds {len(both)} task(s) that "
+                f"data.sources[{i}] ({src.path}) trains on: {', '.join(both[:5])}"
+                f"{', ...' if len(both) > 5 else ''}; point eval.ni_dir at tasks left out of training")
 
 
 def load_natural_instructions(
