@@ -68,7 +68,8 @@ def load_runs(tracking_uri: str, experiment: str):
             "seed": int(p.get("seed", 0)),
         }
         row["_policy_params"] = {k: v for k, v in p.items() if k.startswith("policy.") and k != "policy.name"}
-        row["_data_params"] = {k: v for k, v in p.items() if k.startswith("data.") and k != "data.cache_dir"}
+        row["_data_params"] = {k: _canonical_sources(v) if k == "data.sources" else v
+                               for k, v in p.items() if k.startswith("data.") and k != "data.cache_dir"}
         row["_config_params"] = _config_params(p, defaults)
         row.update({k: v for k, v in r.data.metrics.items()})
         row["curve_run_id"] = r.info.run_id
@@ -87,6 +88,25 @@ def load_runs(tracking_uri: str, experiment: str):
     _label_variants(rows)
     _label_configs(rows)
     return client, exp, pd.DataFrame(_latest_per_seed(rows))
+
+
+def _canonical_sources(value: str) -> str:
+    """A run's ``data.sources`` param without the fields at a default of
+    null (``revision``, ``id_column``): a source field added later leaves
+    the runs recorded before it on the same pool."""
+    from dataclasses import fields
+
+    from raymix.config import SourceConfig
+
+    try:
+        sources = json.loads(value)
+    except (TypeError, ValueError):
+        return value
+    if not isinstance(sources, list):
+        return value
+    nulls = {f.name for f in fields(SourceConfig) if f.default is None}
+    return json.dumps([{k: v for k, v in src.items() if not (k in nulls and v is None)} if isinstance(src, dict)
+                       else src for src in sources], sort_keys=True)
 
 
 def _sources_label(value: str) -> str:

@@ -399,3 +399,20 @@ def test_effective_tokens_compare_runs_of_one_setting(monkeypatch) -> None:
     assert out.loc["ad-a", "effective_tokens"] == 0.5  # reaches uniform lr 0.01's 2.0 at half the budget
     assert out.loc["ad-b", "effective_tokens"] == 1.0  # reaches uniform lr 0.001's 1.0 at the end
     assert out.loc["ad-a", "effective_tokens_with_meta"] == 0.55
+
+
+def test_a_source_field_added_later_leaves_older_runs_on_their_pool() -> None:
+    """``data.sources`` as logged before ``revision`` and ``id_column``
+    existed and after (with them null) is one pool."""
+    import json
+
+    from raymix.report_runs import _label_pools
+
+    old = [{"kind": "natural_instructions", "path": "../shared/data/ni-sample", "task_sizes": None}]
+    new = [{**old[0], "revision": None, "id_column": None}]
+    rows = [{"_data_params": {"data.sources": json.dumps(s), "data.max_seq_len": "256"}} for s in (old, new)]
+    from raymix.report_runs import _canonical_sources
+    for row in rows:
+        row["_data_params"]["data.sources"] = _canonical_sources(row["_data_params"]["data.sources"])
+    _label_pools(rows)
+    assert rows[0]["pool"] == rows[1]["pool"] == "natural_instructions ni-sample"
