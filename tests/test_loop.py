@@ -430,7 +430,7 @@ def test_per_task_train_loss_after_a_resume(prepared, tmp_path: Path, monkeypatc
     assert got == pytest.approx(want, nan_ok=True), f"step {first_log} (checkpoint at step {ckpt_step})"
 
 
-class SlowSignal:
+class SlowSignal(ObservingSignal):
     """A worker-side signal due at every step whose computation takes 0.5 s."""
 
     def __init__(self, ctx):
@@ -445,21 +445,6 @@ class SlowSignal:
     def compute(self, view):
         time.sleep(0.5)
         return {"meta_tokens": [0] * self.T}
-
-    def metrics(self, signals, weights, timing):
-        return {}
-
-    def stops_run(self):
-        return False
-
-    def summary(self):
-        return {}
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
 
 def test_meta_time_share_after_a_resume(prepared, tmp_path: Path) -> None:
