@@ -62,12 +62,18 @@ def test_ideal_two_rounds_end_to_end(ray_local, tmp_path: Path) -> None:
     v2 = ideal_volumes(v1, s1, m=0.15, budget=budget, integer=True)
     assert not np.array_equal(v1, v2)
     weights2 = load_config(str(out / "round2" / "config.yaml")).policy.weights
-    # Volumes are whole tokens; weights one float64 division (through YAML's
-    # 17-digit round trip): rtol 1e-12. The applied mixture is renormalised
-    # by the cap's float64 water-filling: rtol 1e-9.
-    np.testing.assert_allclose([weights2[t] for t in tasks], v2 / budget, rtol=1e-12)
+    # The round samples examples with the weights that give the volumes'
+    # token shares (raymix.policies.example_weights): a few float64
+    # operations and YAML's 17-digit round trip, rtol 1e-12. The applied
+    # mixture is renormalised by the mixer: rtol 1e-9.
+    from raymix.policies import token_shares
+
+    pool = summary["pool"]
+    per_example = np.array([pool["tokens_per_task"][t] / pool["examples_per_task"][t] for t in tasks])
+    np.testing.assert_allclose(token_shares(np.array([weights2[t] for t in tasks]), per_example), v2 / budget,
+                               rtol=1e-12)
     applied = rounds[1]["mixture_schedule"][0][1]
-    np.testing.assert_allclose([applied[t] for t in tasks], v2 / v2.sum(), rtol=1e-9)
+    np.testing.assert_allclose([applied[t] for t in tasks], [weights2[t] for t in tasks], rtol=1e-9)
     for t in tasks:
         # MLflow stores metrics as float64: the JSON's value, default rel 1e-6.
         assert parent[f"ideal/round1/score/{t}"] == pytest.approx(scores[t])
