@@ -271,20 +271,20 @@ def _label_configs(rows: list[dict]) -> None:
     cells: dict[tuple, list[dict]] = {}
     for row in rows:
         cells.setdefault((row.get("pool"), row["model"], row["budget"], row["policy"]), []).append(row)
+    def differing(group: list[dict]) -> set:
+        keys = {k for row in group for k in row["_config_params"]}
+        return {k for k in keys if len({row["_config_params"].get(k) for row in group}) > 1}
+
     varying: dict[tuple, set] = {}
     for (pool, _, _, policy), group in cells.items():
-        keys = {k for row in group for k in row["_config_params"]}
-        varying.setdefault((pool, policy), set()).update(
-            k for k in keys if len({row["_config_params"].get(k) for row in group}) > 1)
+        varying.setdefault((pool, policy), set()).update(differing(group))
     # The same settings across policies: runs are compared (effective
     # tokens against the best static mixture, tokens on the hardest tasks
     # against uniform) only with runs of the same ``setting`` (``by``).
     shared: dict = {}
-    for pool, model, budget in {(k[0], k[1], k[2]) for k in cells}:
-        group = [row for k, g in cells.items() if k[:3] == (pool, model, budget) for row in g]
-        keys = {k for row in group for k in row["_config_params"]}
+    for pool, model, budget in {k[:3] for k in cells}:
         shared.setdefault(pool, set()).update(
-            k for k in keys if len({row["_config_params"].get(k) for row in group}) > 1)
+            differing([row for k, g in cells.items() if k[:3] == (pool, model, budget) for row in g]))
     for row in rows:
         row["setting"] = ", ".join(f"{k}={_shown(row['_config_params'].get(k))}"
                                    for k in sorted(shared[row.get("pool")]))

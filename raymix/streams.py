@@ -396,7 +396,10 @@ class MixtureSampler:
     def draw(self, weights: np.ndarray, accum: int, micro_batch: int
              ) -> list[tuple[np.ndarray, list[tuple[np.ndarray, int]]]]:
         """This rank's ``accum`` micro-batches: (task index per example, examples)."""
+        rng_before = self.rng.bit_generator.state
         tasks = self.rng.choice(len(self.streams), size=(accum, self.world, micro_batch), p=weights)
+        # What undo_draw restores: the generator, and the streams this draw moves.
+        self._before_draw = (rng_before, {int(i): self.streams[i].state_dict() for i in np.unique(tasks)})
         mine = []
         for a in range(accum):
             for r in range(self.world):
@@ -406,6 +409,15 @@ class MixtureSampler:
                     for i in tasks[a, r]:
                         self.streams[i].skip()
         return mine
+
+    def undo_draw(self) -> None:
+        """Back to before the last :meth:`draw` (a refused step's examples are
+        drawn again by the next one); the streams it did not touch are left
+        alone, so it costs nothing on the steps that are kept."""
+        rng_state, streams = self._before_draw
+        self.rng.bit_generator.state = rng_state
+        for i, state in streams.items():
+            self.streams[i].load_state_dict(state)
 
     def positions(self) -> list[dict]:
         """Per task: the pass over its examples (``epoch``) and how many of

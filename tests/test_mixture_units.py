@@ -33,6 +33,9 @@ class _FixedLengthStream:
     def skip(self):
         pass
 
+    def state_dict(self):
+        return {}
+
 
 def _sampler(seed: int = 0) -> MixtureSampler:
     s = object.__new__(MixtureSampler)  # the real draw(), with in-memory streams

@@ -311,6 +311,20 @@ def test_sampler_one_worker_matches_single_process_draws(three_tasks) -> None:
     assert after == before
 
 
+def test_undo_draw_draws_the_refused_examples_again(three_tasks) -> None:
+    """After ``undo_draw`` the next draw is the one undone, and the
+    positions are those before it (a refused step's examples are trained by
+    the next step)."""
+    weights = np.array([0.5, 0.3, 0.2])
+    sampler = MixtureSampler(three_tasks, seed=5)
+    sampler.draw(weights, 2, 3)
+    before = sampler.positions()
+    refused = [int(ids[0]) for _, ex in sampler.draw(weights, 2, 3) for ids, _ in ex]
+    sampler.undo_draw()
+    assert sampler.positions() == before
+    assert [int(ids[0]) for _, ex in sampler.draw(weights, 2, 3) for ids, _ in ex] == refused
+
+
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2), (3, 2)])
 def test_sampler_state_resumes_on_another_worker_count(three_tasks, first: int, then: int) -> None:
     """A state saved by ``first`` workers continues on ``then``: the union

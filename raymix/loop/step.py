@@ -130,7 +130,6 @@ class TrainStep:
             g["lr"] = lr
         # Padded, or packed (as many micro-batches, fewer positions).
         t = time.perf_counter()
-        drawn_from = self.sampler.state_dict()  # small: the generator's state and each task's position
         micro = self.batches(self.sampler.draw(weights, self.accum, self.mbs))
         self.batch_seconds += time.perf_counter() - t
         n_completion = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in micro)
@@ -170,7 +169,7 @@ class TrainStep:
             # (the "aborted" checkpoint is the last good state, and a resume
             # from it trains those examples).
             opt.zero_grad(set_to_none=True)
-            self.sampler.load_state_dict(drawn_from)
+            self.sampler.undo_draw()
             return outcome
         if w.cfg.train.grad_clip > 0:
             # Under FSDP the gradients are DTensor shards: clip_grad_norm_
@@ -183,7 +182,7 @@ class TrainStep:
             outcome = StepOutcome(stats, outcome.loss, lr, float(norm))
             if not outcome.finite:
                 opt.zero_grad(set_to_none=True)
-                self.sampler.load_state_dict(drawn_from)
+                self.sampler.undo_draw()
                 return outcome
         opt.step()
         opt.zero_grad(set_to_none=True)
