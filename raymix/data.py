@@ -176,10 +176,10 @@ def saved_tokenizer_hash(directory: Path) -> str:
     The shards' key names a tokenizer by it, not by its path or hub id:
     another tokenizer there (a retrained vocabulary, a new chat template)
     makes other tokens."""
-    return _code_fingerprint([p for p in Path(directory).iterdir() if p.is_file()])
+    return _files_hash([p for p in Path(directory).iterdir() if p.is_file()])
 
 
-def _code_fingerprint(paths: list[Path]) -> str:
+def _files_hash(paths: list[Path]) -> str:
     h = hashlib.sha256()
     _hash_files(h, paths)
     return h.hexdigest()
@@ -197,7 +197,7 @@ def pool_fingerprint(cfg: DataConfig) -> str:
         source_fingerprint(src, f"data.sources[{i}]") for i, src in enumerate(cfg.sources)
     ]
     parts.append(json.dumps([cfg.val_fraction, cfg.test_fraction, cfg.max_val, cfg.max_test]))
-    parts.append(_code_fingerprint(list(Path(raymix.tasks.__file__).parent.glob("*.py"))))
+    parts.append(_files_hash(list(Path(raymix.tasks.__file__).parent.glob("*.py"))))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 

@@ -65,4 +65,4 @@ def round_weights(volumes: np.ndarray, pool: PoolInfo) -> dict[str, float]:
 def ideal(cfg: PolicyConfig, pool: PoolInfo) -> StaticPolicy:
     """Round 1 of IDEAL: the static mixture of the initial volumes (later
     rounds run as ``static`` with the updated volumes; see ``raymix.driver.ideal``)."""
-    return StaticPolicy(np.array(list(round_weights(initial_volumes(cfg.ideal, pool), pool).values())))
+    return StaticPolicy(example_weights(initial_volumes(cfg.ideal, pool), tokens_per_example(pool)))
