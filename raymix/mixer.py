@@ -53,6 +53,9 @@ class Mixer:
         self.loss_sum = np.zeros(len(pool.tasks))
         self.loss_count = np.zeros(len(pool.tasks))
         self.update_seconds = 0.0
+        self.restores = 0
+        """Checkpoint restores this mixer has seen; not part of its state,
+        so it outlives :meth:`reset` and :meth:`load_state_dict`."""
 
     # -- the mixture ---------------------------------------------------------
     def _capped(self, proposed: np.ndarray) -> np.ndarray:
@@ -128,8 +131,21 @@ class Mixer:
         with no checkpoint to restore (its first attempt, or a restart after
         a failure before any checkpoint was registered) trains from the first
         token again, so the ledger and the schedule start again too."""
+        restores = self.restores
         Mixer.__init__(self, *self._init_args)
+        self.restores = restores
         return self.mixture()
+
+    def count_restore(self, restores_before: int) -> int:
+        """Count a worker group's restore of a checkpoint that had seen
+        ``restores_before`` restores; the run's restores so far.
+
+        The checkpoint alone undercounts: two restarts after one checkpoint
+        both read its count. The mixer outlives the worker groups of one
+        driver, so it counts those; a new driver (``--resume``) or a
+        restarted mixer starts from the checkpoint's count."""
+        self.restores = max(self.restores, int(restores_before)) + 1
+        return self.restores
 
     def summary(self) -> dict:
         return {

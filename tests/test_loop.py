@@ -115,6 +115,37 @@ def test_checkpoint_round_trip(prepared, tmp_path: Path) -> None:
     assert resumed.curve == full.curve
 
 
+def test_two_restores_of_one_checkpoint_count_two(prepared, tmp_path: Path) -> None:
+    """A worker group restarted twice from the same checkpoint (the second
+    attempt lost before its own checkpoint was registered) has restored
+    twice. The mixer, which outlives worker groups, is shared by the three
+    attempts as the mixer actor is; the checkpoint alone would say 1."""
+    import shutil
+
+    from raymix.loop.checkpoint import read_state
+    from raymix.mixer import LocalMixerClient, Mixer
+    from raymix.policies import PoolInfo
+
+    every = ["train.checkpoint_tokens=1000"]
+    pool = prepared[0]
+    cfg = load_config(None, SMALL + every)
+    mixer = LocalMixerClient(Mixer(cfg.policy, PoolInfo(pool.tasks, pool.train_tokens(), pool.train_examples(),
+                                                        cfg.budget.tokens), cfg.budget.max_epochs))
+    ckpts = tmp_path / "checkpoints"
+    assert _run(prepared, tmp_path, every, stop=True, mixer=mixer)[0] is None  # lost after checkpoint 1
+    (first,) = list(ckpts.iterdir())
+    assert _run(prepared, tmp_path, every, stop=True, mixer=mixer)[0] is None  # restore 1, lost again
+    # ... before its checkpoint was registered: as Ray Train would, the
+    # restart finds only the first one.
+    for later in set(ckpts.iterdir()) - {first}:
+        assert read_state(str(later))["train_tokens"] > read_state(str(first))["train_tokens"]
+        shutil.rmtree(later)
+    resumed, _, _ = _run(prepared, tmp_path, every, mixer=mixer)  # restore 2
+    assert resumed.restores == 2 and resumed.train_tokens >= cfg.budget.tokens
+    # A new driver (a fresh mixer) starts from the checkpoint's count.
+    assert Mixer(cfg.policy, mixer.mixer.pool, cfg.budget.max_epochs).count_restore(1) == 2
+
+
 class DyingMixer:
     """A ``LocalMixerClient`` whose actor dies for good after the run's first
     checkpoint: every reply from then on raises ``MixerLost``."""

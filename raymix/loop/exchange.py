@@ -57,12 +57,16 @@ class MixerExchange:
         w = buf[2:].numpy().clip(0)
         return int(buf[0]), w / w.sum()
 
-    def start(self, train_tokens: int) -> None:
+    def start(self, train_tokens: int, restores: int = 0) -> int:
         """The mixture to start with: the restored checkpoint's, or (no
         checkpoint) the mixer reset to its initial state, since training
         starts from the first token again (a restart after a failure before
         the first registered checkpoint would otherwise count the lost
-        attempt's tokens twice)."""
+        attempt's tokens twice).
+
+        ``restores`` is the restored checkpoint's count plus one (0: nothing
+        restored); returns the run's restores, counted by the mixer on rank 0
+        (see :meth:`raymix.mixer.Mixer.count_restore`)."""
         from raymix.mixer import MixerLost
 
         restored, initial = self._restored, None
@@ -73,6 +77,8 @@ class MixerExchange:
                 # would have been without the restart.
                 latest = self.client.restore(restored["mixer"])
                 self.ready = latest if int(latest["version"]) != int(restored["version"]) else None
+                if restores:
+                    restores = int(self.client.call("count_restore", restores - 1))
             elif self.client is not None and self.lost is None:
                 initial = self.client.reset()
         except MixerLost as e:
@@ -83,6 +89,7 @@ class MixerExchange:
         self._restored = None
         if self.client is not None and self.lost is None:
             self.client.applied(self.version, train_tokens, self.weights.tolist())
+        return restores
 
     def add(self, stats: np.ndarray) -> None:
         """Count a step's all-reduced [tokens, loss sum, loss count] per task."""

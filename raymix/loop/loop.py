@@ -52,7 +52,7 @@ def train_loop(config: dict | LoopConfig, session=None, mixer=None) -> None:
                                 + ([curve] if curve else []))
     if not checkpointer.restore():
         return  # the run had finished; its final checkpoint was reported again
-    exchange.start(progress.train_tokens)
+    progress.restores = exchange.start(progress.train_tokens, progress.restores)
     if exchange.lost is not None:
         return _mixer_lost(exchange, w.rank)
     if progress.restores and w.rank == 0:
