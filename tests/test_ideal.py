@@ -9,7 +9,7 @@ from raymix.config import RunConfig, identity_hash, load_config
 from raymix.driver.ideal import round_config
 from raymix.errors import RaymixError
 from raymix.policies import PoolInfo, build_policy
-from raymix.policies.ideal import initial_volumes, next_volumes, round_to_total, round_weights
+from raymix.policies.ideal import capped_volumes, initial_volumes, next_volumes, round_to_total, round_weights
 from raymix.policies.ideal.influence import ideal_volumes
 from raymix.policies.ideal.scoring import reference_tasks
 
@@ -59,6 +59,26 @@ def test_next_volumes_step_and_budget() -> None:
     # (1 + β) n renormalised: 300, 225, 250, 237.5 scaled by 1000/1012.5.
     np.testing.assert_allclose(new, np.array([300, 225, 250, 237.5]) * 1000 / 1012.5, atol=1)  # whole tokens
     assert new[0] > new[2] > new[3] > new[1]
+
+
+def test_the_next_round_steps_from_the_volumes_the_cap_allowed() -> None:
+    """Tasks a and d hold 100 tokens: at 2 epochs they give 200, not the
+    250 of a uniform plan, and their excess goes to b and c. A score that
+    says "less of a" cuts the 200 a trained on: stepped from the plan, the
+    cut (15% of 251) stays above the cap and a trains 200 again."""
+    icfg = load_config(None, ["policy.name=ideal", "policy.ideal.m=0.15"]).policy.ideal
+    pool = _pool()
+    planned = initial_volumes(icfg, pool)
+    trained = capped_volumes(planned, pool, max_epochs=2.0)
+    assert trained.sum() == 1001 and trained.dtype == np.int64
+    np.testing.assert_allclose(trained, [200, 300.5, 300.5, 200], atol=1)  # whole tokens
+    # No cap binds: the plan itself, the same integers.
+    np.testing.assert_array_equal(capped_volumes(planned, pool, max_epochs=8.0), planned)
+    scores = np.array([1.0, 0.0, 0.0, 0.0])  # a hurts the reference tasks
+    _, from_plan = next_volumes(planned, scores, icfg, 1001)
+    _, from_trained = next_volumes(trained, scores, icfg, 1001)
+    assert capped_volumes(from_plan, pool, max_epochs=2.0)[0] == 200  # the cut is lost
+    assert capped_volumes(from_trained, pool, max_epochs=2.0)[0] < 180
 
 
 def test_round_config_is_a_static_mixture_of_the_volumes() -> None:

@@ -59,7 +59,10 @@ def test_ideal_two_rounds_end_to_end(ray_local, tmp_path: Path) -> None:
     scores = json.loads((out / "round1" / SCORES_FILE).read_text())["scores"]
     s1 = np.array([scores[t] for t in tasks])
     assert np.all(np.isfinite(s1)) and np.any(s1 != 0)
-    v2 = ideal_volumes(v1, s1, m=0.15, budget=budget, integer=True)
+    # Stepped from the volumes round 1 trained under the repetition cap.
+    c1 = np.array([summary["ideal_rounds"][0]["capped_volumes"][t] for t in tasks])
+    assert c1.sum() == budget
+    v2 = ideal_volumes(c1, s1, m=0.15, budget=budget, integer=True)
     assert not np.array_equal(v1, v2)
     weights2 = load_config(str(out / "round2" / "config.yaml")).policy.weights
     # The round samples examples with the weights that give the volumes'

@@ -8,7 +8,9 @@ in ``DIR/round<r>``; every round builds the same initial model from the seed
 (or loads the same pretrained one), so each round restarts from the base
 model. After rounds 1..R-1 the driver loads the round's final checkpoint and
 scores every task, s_j = -∇L_refᵀ H⁻¹ ∇L_j (``raymix.policies.ideal.influence``), steps the
-volumes (``raymix.policies.ideal.next_volumes``) and starts the next round.
+volumes the round trained under the repetition cap (``capped_volumes``:
+the planned ones where no cap binds) with ``raymix.policies.ideal.next_volumes``
+and starts the next round.
 
 ``DIR/summary.json`` is the final round's summary (its model, evaluation,
 ledger train tokens) under the IDEAL run's identity, with the influence
@@ -61,7 +63,7 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
     """:func:`raymix.driver.run` for ``policy.name=ideal`` (its registry entry
     names this driver): same contract (summary.json, one MLflow run)."""
     from raymix.policies import PoolInfo
-    from raymix.policies.ideal import initial_volumes, next_volumes, round_weights
+    from raymix.policies.ideal import capped_volumes, initial_volumes, next_volumes, round_weights
     from raymix.policies.ideal.scoring import reference_tasks, score_tasks
     from raymix.tracking import plot_mixture
 
@@ -89,7 +91,9 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
             phases[f"round{r}"] = time.perf_counter() - t_phase
             tracker.client.set_tag(s["mlflow_run_id"], ROUND_TAG, str(r))
             summaries.append(s)
+            trained = capped_volumes(volumes, info, cfg.budget.max_epochs)
             rec = {"round": r, "volumes": dict(zip(pool.tasks, volumes.tolist())),
+                   "capped_volumes": dict(zip(pool.tasks, trained.tolist())),
                    "weights": rcfg.policy.weights, "mlflow_run_id": s["mlflow_run_id"],
                    **{k: s.get(k) for k in ("train_tokens", "meta_tokens", "wall_seconds", "worst_val_loss",
                                         "worst_val_task", "mean_val_loss", "worst_test_loss", "mean_test_loss",
@@ -108,7 +112,7 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
                     score_file.write_text(json.dumps(sc, indent=1))
                 phases[f"influence{r}"] = time.perf_counter() - t_phase
                 scores = np.array([sc["scores"][t] for t in pool.tasks])
-                beta, volumes = next_volumes(volumes, scores, icfg, budget)
+                beta, volumes = next_volumes(trained, scores, icfg, budget)
                 influence_meta += np.array([sc["meta_tokens"][t] for t in pool.tasks], dtype=np.int64)
                 influence_seconds += sc["seconds"]
                 rec.update({"scores": sc["scores"], "beta": dict(zip(pool.tasks, beta.tolist())),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from raymix.config import IdealConfig, PolicyConfig
-from raymix.policies.base import PoolInfo, example_weights, register_policy, tokens_per_example
+from raymix.policies.base import PoolInfo, cap_mixture, example_weights, register_policy, tokens_per_example
 from raymix.policies.static import StaticPolicy
 
 
@@ -50,6 +50,24 @@ def next_volumes(volumes: np.ndarray, scores: np.ndarray, cfg: IdealConfig, budg
 
     beta = ideal_step(scores, cfg.m)
     return beta, ideal_volumes(volumes, scores, cfg.m, budget=int(budget), integer=True)
+
+
+def capped_volumes(volumes: np.ndarray, pool: PoolInfo, max_epochs: float) -> np.ndarray:
+    """The token volumes a round trains under the repetition cap
+    (``budget.max_epochs``): the volumes themselves where no task's exceeds
+    ``max_epochs`` times its training tokens, else the mixer's water-filling
+    of them (a capped task at its capacity, its excess spread over the others
+    in proportion to their volumes), summing exactly to the budget.
+
+    The next round steps from these, the volumes the scored model was
+    trained on: stepped from the planned ones, a capped task's cut would be
+    absorbed by its excess over the cap and change nothing."""
+    v = np.asarray(volumes, dtype=np.float64)
+    budget = int(pool.budget_tokens)
+    shares, spill = cap_mixture(v / v.sum(), pool.train_tokens.astype(np.float64) * max_epochs, budget)
+    if not (spill > 0).any():
+        return np.asarray(volumes, dtype=np.int64)
+    return round_to_total(shares, budget)
 
 
 def round_weights(volumes: np.ndarray, pool: PoolInfo) -> dict[str, float]:
