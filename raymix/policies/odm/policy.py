@@ -21,7 +21,14 @@ What raymix does differently, and why:
   steps) on the interval's mean loss per task, where the reference updates
   every iteration on the minibatch's per-domain mean loss
   (megatron/training.py:1258-1267). Tasks not seen in the interval (NaN)
-  are not updated, as domains absent from a minibatch are not.
+  are not updated, as domains absent from a minibatch are not. For
+  ``exp3`` this coarsens the reference's estimator rather than changing
+  it: both add L_i / p_i once per update to each task seen, which in
+  expectation is P(seen) L_i / p_i, with P(seen) = 1 - (1 - p_i)^n over
+  the update's n draws. A task drawn many times per update gains about
+  L_i / p_i, a rarely drawn one about n L_i, so larger n (an interval of
+  ``sync_every`` steps, not one minibatch) favours rarely drawn tasks more.
+  ``smoothed_mean``, the default and the paper's, has no importance weight.
 * The step counter t: the share of the budget spent times
   ``horizon_steps`` (default: the reference run's 100,000 iterations), so
   eps at a given share of training is what the reference had; null counts
