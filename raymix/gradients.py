@@ -19,9 +19,11 @@ same (a, g) pairs are the raw material of K-FAC's Kronecker factors.
 
 Parameters of the subset that are not the weight/bias of an ``nn.Linear``
 (norm scales, embeddings, a weight tied between an embedding and the output
-layer) get their per-example gradients from an exact loop of
-``torch.autograd.grad`` calls over the examples of the batch (one retained
-graph, one backward pass per example).
+layer), and the output layer itself (the loss applies it to completion
+positions gathered from every row, :func:`raymix.loss.token_nll`), get
+their per-example gradients from an exact loop of ``torch.autograd.grad``
+calls over the examples of the batch (one retained graph, one backward pass
+per example).
 
 Per-example scalars come from a function ``fn(model, batch)`` returning either
 a tensor of shape [n] or a pair ``(sums, counts)`` of shape [n] each (what
@@ -237,14 +239,18 @@ class PerExampleGrads:
         self.model = subset.model
         index = {id(p): i for i, p in enumerate(subset.params)}
         shared = _shared_ids(self.model)
+        # The output layer: raymix.loss.token_nll applies it to the
+        # completion positions gathered into one row ([1, N, hidden]), so
+        # its inputs are not per example: exact loop, tied or not.
+        out_emb = getattr(self.model, "get_output_embeddings", lambda: None)()
         self.layers: list[LinearLayer] = []
         covered: set[int] = set()
         if linear_hooks:
             for name, module in self.model.named_modules():
                 if not isinstance(module, nn.Linear) or id(module.weight) not in index:
                     continue
-                if id(module.weight) in shared:
-                    continue  # tied (e.g. an output layer sharing the embedding): exact loop
+                if id(module.weight) in shared or module is out_emb:
+                    continue  # tied (e.g. an output layer sharing the embedding), or the output layer: exact loop
                 bias_index = None
                 if module.bias is not None and id(module.bias) in index and id(module.bias) not in shared:
                     bias_index = index[id(module.bias)]

@@ -216,6 +216,35 @@ def test_lm_per_example_gradients_padding_and_ties(tiny_lm):
         assert torch.allclose(got[r], alone, atol=1e-10)
 
 
+def test_lm_untied_output_layer_per_example_gradients():
+    """An untied output layer (a pretrained model's, not the presets'):
+    ``token_nll`` applies it to the completion positions gathered into one
+    row, so its inputs are not per example; its per-example gradients (and
+    IDEAL's, GradEx's) come from the exact loop, equal to one example alone."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=2, intermediate_size=12, max_position_embeddings=64,
+                                         tie_word_embeddings=False, pad_token_id=0)).double()
+    fn = lm_example_nll()
+    batch = _lm_batches(5, 1, 4)[0]
+    for name in ("head", "all"):
+        sub = ParamSubset.select(model, name)
+        hooked = PerExampleGrads(sub).compute(batch, fn).flat()
+        looped = PerExampleGrads(sub, linear_hooks=False).compute(batch, fn).flat()
+        assert torch.allclose(hooked, looped, atol=1e-10)  # float64: see the module's tolerances
+    sub = ParamSubset.select(model, "head")
+    got = PerExampleGrads(sub).compute(batch, fn).flat()
+    for r in range(4):
+        length = int(batch["attention_mask"][r].sum())
+        one = {k: v[r : r + 1, :length] for k, v in batch.items()}
+        assert torch.allclose(got[r], PerExampleGrads(sub).compute(one, fn).flat()[0], atol=1e-10)
+    # K-FAC fits: the output layer is a diagonal block like the other non-hooked parameters.
+    curv = fit_curvature(sub, [batch], fn, "kfac", damping=1e-3, damping_mode="absolute")
+    assert curv.blocks == [] and len(curv.rest) == 1
+
+
 def test_lm_kfac_blocks_masking_and_dense_solve(tiny_lm):
     fn = lm_example_nll()
     batches = _lm_batches(3, 2, 4)

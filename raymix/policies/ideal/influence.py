@@ -46,8 +46,8 @@ H is approximated on a parameter subset by one of (:func:`fit_curvature`):
     of the empirical Fisher in the Kronecker eigenbasis; inverse
     (Q_G⊗Q_A) diag(1 / (Λ + λ)) (Q_G⊗Q_A)ᵀ.
 
-For K-FAC/EK-FAC, subset parameters that are not the weight/bias of an
-``nn.Linear`` (norm scales, a tied embedding/output weight) get the damped
+For K-FAC/EK-FAC, subset parameters that are not the weight/bias of a
+hooked ``nn.Linear`` (norm scales, the output layer, tied or not) get the damped
 diagonal Fisher: H is block-diagonal, Kronecker blocks per layer plus a
 diagonal block for the rest.
 
