@@ -18,8 +18,10 @@ Within a row, example k's tokens carry ``example_of = k`` and ``position_ids``
 0..len-1; the model sees a block-diagonal causal mask (a 4D boolean mask for
 SDPA, an additive one for eager attention) or, under flash and flex
 attention, the restarting ``position_ids`` alone (flash attention's varlen
-path reads sequence starts from them; for flex attention Hugging Face builds
-a block mask from them, which skips the blocks no example spans). Each
+path reads sequence starts from them, in a batch of one row only, so there a
+micro-batch's rows are joined into one; for flex attention Hugging Face
+builds a block mask from them per row, which skips the blocks no example
+spans). Each
 example's first token is never a label (as in a padded row, where the shift
 drops it), so no example is scored on its predecessor's last token.
 :func:`raymix.loss.token_nll` returns the per-example sums and counts either
@@ -212,6 +214,11 @@ class StepBatches:
         if packing and not self.packed:
             log(f"[raymix] training on padded batches: {reason}")
         self.mask_format = _MASK_FORMATS.get(attention)
+        # Hugging Face's flash path separates packed sequences by their
+        # position_ids only in a batch of one row (with several, each row is
+        # one causal sequence, across its examples): a micro-batch's rows
+        # are joined into one (each row's padding restarts its positions).
+        self.flatten = attention.startswith("flash_attention")
 
     def __call__(self, draws: list[tuple[np.ndarray, list]]) -> list[tuple[np.ndarray, dict]]:
         """``draws``: per micro-batch as drawn, (task indices, examples).
@@ -229,6 +236,9 @@ class StepBatches:
         for part in np.array_split(np.arange(len(rows)), len(draws)):
             group = [rows[r] for r in part]
             order = [i for row in group for i in row]
-            out.append((tasks[order], packed_batch(examples, group, self.pad_id, self.mask_format,
-                                                   self.multiple, self.device)))
+            batch = packed_batch(examples, group, self.pad_id, self.mask_format, self.multiple, self.device)
+            if self.flatten:
+                for key in ("input_ids", "labels", "position_ids", "example_of"):
+                    batch[key] = batch[key].reshape(1, -1)
+            out.append((tasks[order], batch))
         return out

@@ -229,6 +229,35 @@ def test_flash_attention_gets_positions_alone() -> None:
     assert batch["attention_mask"] is None and int((batch["position_ids"] == 0).sum()) >= 5
 
 
+def test_flash_attention_rows_are_sequences_it_separates() -> None:
+    """Hugging Face's flash path reads sequence starts from ``position_ids``
+    only for a batch of one row (``_is_packed_sequence``); with several rows
+    it runs plain causal attention over each row, across its examples. So
+    under flash attention a packed micro-batch is one flat row, and its
+    examples, labels and positions are those of the rows it joins."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence
+
+    ex = examples()
+    model = small_model("llama", "sdpa")
+    model.config._attn_implementation = "flash_attention_2"
+    draws = [(np.arange(7), ex[:7]), (np.arange(7, len(ex)), ex[7:])]
+    flash = StepBatches(model, 0, True, None, 64, multiple=8)(draws)
+    rows = StepBatches(small_model("llama", "sdpa"), 0, True, None, 64, multiple=8)(draws)
+    assert len(flash) == 2
+    for (idx, batch), (want_idx, want) in zip(flash, rows):
+        assert batch["attention_mask"] is None and batch["input_ids"].shape[0] == 1
+        assert _is_packed_sequence(batch["position_ids"], batch["input_ids"].shape[0])
+        assert idx.tolist() == want_idx.tolist() and torch.equal(batch["lengths"], want["lengths"])
+        for key in ("input_ids", "labels", "position_ids", "example_of"):
+            assert torch.equal(batch[key], want[key].reshape(1, -1)), key
+        # a token's sequence (a run of consecutive positions) holds one example's tokens alone
+        starts = torch.cat([torch.tensor([True]), batch["position_ids"][0, 1:] != batch["position_ids"][0, :-1] + 1])
+        owner = batch["example_of"][0]
+        seq = starts.cumsum(0)
+        for s in seq.unique():
+            assert len(owner[seq == s].unique()) == 1
+
+
 def test_pack_length_is_validated() -> None:
     from raymix.config import load_config
     from raymix.errors import RaymixError
