@@ -347,7 +347,7 @@ class TaskStream:
                         self.served += 1
                         yield ids[i], int(plen[i])
                 offset += len(order)
-            if not produced:  # fewer rows than ranks: every rank reads all
+            if not produced:  # fewer rows than ranks, and none fell to this one: it reads them all
                 for ids, plen in self._chunks(self.epoch):
                     for i in range(len(ids)):
                         self.served += 1
