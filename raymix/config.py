@@ -7,7 +7,9 @@ verbatim (flattened) as MLflow params.
 
 Identity vs runtime: every section except ``runtime`` and ``tracking`` changes
 the result and goes into :func:`identity_hash`; ``runtime`` (workers, CPUs,
-threads) and ``tracking`` only change speed or where results are written.
+threads) and ``tracking`` only change speed or where results are written,
+except the worker count where it sets the global batch (``train.global_batch_tokens``
+null, more than one worker).
 
 Over 500 lines on purpose: it is the one reference of every field a user can
 set (each with its docstring and its checks), read top to bottom; the README
@@ -817,7 +819,11 @@ PARALLELISMS = ("ddp", "fsdp")
 @dataclass(frozen=True)
 class RuntimeConfig:
     """Resources. Not part of a run's identity: they change speed, not results
-    (up to floating-point reduction order across workers)."""
+    (up to floating-point reduction order across workers), with one
+    exception: with ``train.global_batch_tokens`` null, a step trains
+    ``train.micro_batch_size`` x ``train.grad_accum`` examples per worker, so
+    ``num_workers`` sets the global batch and counts in the identity
+    (see :func:`identity_hash`; 0 and 1 train alike)."""
 
     num_workers: int = 2
     """Ray Train workers (DDP or FSDP: ``runtime.parallelism``). 0 is Ray Train's local mode: the training
@@ -965,6 +971,13 @@ class RunConfig:
         if self.train.attention == "flex" and not self.runtime.use_gpu:
             raise RaymixError("train.attention=flex needs runtime.use_gpu=true: torch's flex attention has no "
                               "backward on CPU (use train.attention=sdpa there)")
+        if self.runtime.elastic and self.train.global_batch_tokens is None:
+            # An elastic group changes its worker count during the run; with
+            # a per-worker batch the global batch (and the result) would change with it.
+            raise RaymixError(f"runtime.num_workers=[{self.runtime.min_workers}, {self.runtime.num_workers}] is "
+                              "elastic: set train.global_batch_tokens, so that a step trains the same global "
+                              "batch whatever the worker count (with it null, a step trains "
+                              "train.micro_batch_size x train.grad_accum examples per worker)")
         if self.runtime.parallelism == "fsdp" and not POLICIES[self.policy.name].fsdp:
             # A signal that runs a different number of forwards on each worker
             # (ADAPT's meta step, with autograd.grad on a parameter subset) or
@@ -1199,7 +1212,8 @@ _ADAPT_BLOCK_BEFORE_13 = {
 
 
 def identity_hash(cfg: RunConfig) -> str:
-    """Hash of what changes the result (not runtime, tracking or cache paths)."""
+    """Hash of what changes the result (not runtime, tracking or cache paths;
+    the worker count only where it sets the global batch)."""
     tree = {k: v for k, v in to_dict(cfg).items() if k in IDENTITY_SECTIONS}
     tree["data"].pop("cache_dir", None)
     # The split rule (raymix.tasks.records.assign_splits): by question since
@@ -1253,6 +1267,14 @@ def identity_hash(cfg: RunConfig) -> str:
             tree["eval"].pop(key)
     if tree["train"].get("global_batch_tokens") is None:
         tree["train"].pop("global_batch_tokens", None)
+        workers = data_parallel_workers(cfg)
+        if workers > 1:
+            # Without a global batch in tokens, a step trains micro_batch_size
+            # x grad_accum examples on every worker: the worker count sets
+            # the global batch, so it changes the result. One worker and
+            # Ray Train's local mode train alike (bit for bit) and add
+            # nothing, so their runs keep the identities they were recorded under.
+            tree["train"]["data_parallel_workers"] = workers
     else:
         # The global batch fixes the result; how it is split is hardware.
         tree["train"].pop("micro_batch_size", None)
@@ -1260,12 +1282,26 @@ def identity_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def data_parallel_workers(cfg: RunConfig) -> int:
+    """How many workers a step's examples are spread over: ``runtime.num_workers``,
+    1 in Ray Train's local mode (0)."""
+    return max(1, cfg.runtime.num_workers)
+
+
 def identity_diff(saved: RunConfig, cfg: RunConfig) -> list[str]:
-    """``key: old -> new`` for each field of the identity's sections that differs."""
+    """``key: old -> new`` for each field of the identity's sections that
+    differs, and the worker count where it sets the global batch."""
     a, b = flatten(saved), flatten(cfg)
     keys = sorted(k for k in set(a) | set(b)
                   if k.split(".")[0] in IDENTITY_SECTIONS and a.get(k) != b.get(k))
-    return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in keys]
+    out = [f"{k}: {a.get(k)} -> {b.get(k)}" for k in keys]
+    workers = data_parallel_workers(saved), data_parallel_workers(cfg)
+    if saved.train.global_batch_tokens is None and cfg.train.global_batch_tokens is None and workers[0] != workers[1]:
+        out.append(f"runtime.num_workers: {saved.runtime.num_workers} -> {cfg.runtime.num_workers} (with "
+                   "train.global_batch_tokens null a step trains train.micro_batch_size x train.grad_accum "
+                   "examples per worker, so the worker count sets the global batch; a run that may move "
+                   "between worker counts sets train.global_batch_tokens when it starts)")
+    return out
 
 
 def effective_grad_accum(cfg: RunConfig, world: Optional[int] = None) -> int:

@@ -221,7 +221,8 @@ CONFIG_SECTIONS = ("model", "budget", "train", "eval")
 (``data``) and the policy's variants (``policy``) already tell apart, that
 change its result (``raymix.config.IDENTITY_SECTIONS``): runs that differ in
 them are not seeds of one configuration. ``runtime`` and ``tracking`` do
-not change it (they are not in the identity)."""
+not change it (they are not in the identity), except the worker count where
+it sets the global batch (:func:`_config_params`)."""
 
 NOT_RESULT = frozenset({
     # When to checkpoint, whether to recompute, how a step's examples are
@@ -251,6 +252,14 @@ def _config_params(params: dict, defaults: dict | None = None) -> dict:
     if out.get("train.global_batch_tokens") not in (None, "null", "None"):
         out.pop("train.micro_batch_size", None)
         out.pop("train.grad_accum", None)
+    else:
+        # A step trains micro_batch_size x grad_accum examples per worker: the
+        # worker count sets the global batch (0, local mode, trains as 1 does).
+        workers = params.get("runtime.num_workers", defaults.get("runtime.num_workers"))
+        try:
+            out["data_parallel_workers"] = max(1, int(str(workers)))
+        except ValueError:  # an elastic range: refused without a global batch
+            out["data_parallel_workers"] = str(workers)
     return out
 
 

@@ -270,14 +270,16 @@ def write_sweep_summary(sweep_dir: Path, configs: Sequence[RunConfig], done: dic
 def check_resume_identity(space: Space, saved_extra: Sequence[str], extra: Sequence[str], configs) -> None:
     """Refuse a ``--resume`` whose ``--set`` changes what the sweep's trials
     compute (``runtime.*`` and ``tracking.*`` may change: they are not in the
-    identity); nothing is written before this check."""
+    identity, except the worker count where it sets the global batch); nothing
+    is written before this check."""
     before = sorted(identity_hash(c) for c in space.configs(list(saved_extra)))
     if before == sorted(identity_hash(c) for c in configs):
         return
     changed = sorted(set(extra) ^ set(saved_extra))
     raise RaymixError(f"--resume: --set {changed} changes the identity of sweep {space.name!r}'s trials (fields "
                       f"that change results); resume with the sweep's own --set {list(saved_extra)} (runtime.* "
-                      "may change), or start the new grid in another --output")
+                      "may change, but not runtime.num_workers where train.global_batch_tokens is null: the "
+                      "worker count then sets the global batch), or start the new grid in another --output")
 
 
 def concurrency(space: Space, configs: Sequence[RunConfig], cpus: float) -> int:

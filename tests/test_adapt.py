@@ -343,11 +343,11 @@ def test_signal_share_enters_adapts_identity_only_off_its_default() -> None:
     counts."""
     from raymix.config import identity_hash, load_config
 
-    base = load_config(overrides=["policy.name=adapt", "policy.adapt.every_steps=20"])
+    base = load_config(overrides=["policy.name=adapt", "policy.adapt.every_steps=20", "runtime.num_workers=1"])
     assert identity_hash(base) == "029d20d80bb5ddd7"
     for other in ("null", "0.3"):
         other_cfg = load_config(overrides=["policy.name=adapt", "policy.adapt.every_steps=20",
-                                           f"policy.adapt.signal_share={other}"])
+                                           f"policy.adapt.signal_share={other}", "runtime.num_workers=1"])
         assert identity_hash(base) != identity_hash(other_cfg)
     with pytest.raises(Exception, match="policy.adapt.signal_share must be > 0"):
         load_config(overrides=["policy.name=adapt", "policy.adapt.signal_share=0"])

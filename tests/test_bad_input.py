@@ -272,6 +272,10 @@ def test_sweep_resume_that_changes_trial_identity_is_refused(tmp_path: Path) -> 
     assert json.loads((out / "sweep.json").read_text()) == state
     same = ["budget.tokens=4000", "runtime.num_cpus=1"]
     check_resume_identity(space, state["extra"], same, space.configs(same))
+    # The worker count sets the global batch (no train.global_batch_tokens): it counts.
+    wider = ["budget.tokens=4000", "runtime.num_workers=4"]
+    with pytest.raises(RaymixError, match="not runtime.num_workers where train.global_batch_tokens is null"):
+        check_resume_identity(space, state["extra"], wider, space.configs(wider))
 
 
 def test_tokenizer_directory_missing_files_names_file_and_field(tmp_path: Path) -> None:

@@ -409,7 +409,6 @@ def test_identity_hash_is_stable() -> None:
 @pytest.mark.parametrize(
     "override",
     [
-        "runtime.num_workers=4",
         "runtime.use_gpu=true",
         "runtime.cpus_per_worker=2",
         "runtime.torch_threads=8",
@@ -422,6 +421,37 @@ def test_identity_hash_is_stable() -> None:
 )
 def test_identity_hash_ignores_runtime(override: str) -> None:
     assert identity_hash(load_config(None, [override])) == identity_hash(RunConfig())
+
+
+def test_the_worker_count_counts_where_it_sets_the_global_batch(tmp_path) -> None:
+    """Without train.global_batch_tokens a step trains micro_batch_size x
+    grad_accum examples per worker: 2 workers train a batch twice that of
+    one (different results; the same identity before). Local mode (0) and
+    one worker train alike, so they share an identity; with a global batch
+    in tokens the worker count is hardware again."""
+    from raymix.config import identity_diff, to_yaml
+    from raymix.driver.setup import check_resumable
+
+    def h(*overrides):
+        return identity_hash(load_config(None, list(overrides)))
+
+    assert h("runtime.num_workers=0") == h("runtime.num_workers=1")
+    assert len({h("runtime.num_workers=1"), h("runtime.num_workers=2"), h("runtime.num_workers=4")}) == 3
+    fixed = "train.global_batch_tokens=16384"
+    assert h(fixed, "runtime.num_workers=0") == h(fixed, "runtime.num_workers=2") == h(fixed, "runtime.num_workers=8")
+    # --resume on another worker count names the field and the way out.
+    one, two = load_config(None, ["runtime.num_workers=1"]), load_config(None, ["runtime.num_workers=2"])
+    (line,) = identity_diff(one, two)
+    assert line.startswith("runtime.num_workers: 1 -> 2") and "train.global_batch_tokens" in line
+    (tmp_path / "config.yaml").write_text(to_yaml(one))
+    (tmp_path / "run.json").write_text(json.dumps({"identity": identity_hash(one)}))
+    with pytest.raises(RaymixError, match=r"runtime\.num_workers: 1 -> 2"):
+        check_resumable(two, tmp_path)
+    assert check_resumable(load_config(None, ["runtime.num_workers=0"]), tmp_path)["identity"] == identity_hash(one)
+    # An elastic group changes its count mid-run: it needs the global batch.
+    with pytest.raises(RaymixError, match="elastic: set train.global_batch_tokens"):
+        load_config(None, ["runtime.num_workers=[1, 4]", "runtime.max_failures=3"])
+    assert load_config(None, ["runtime.num_workers=[1, 4]", "runtime.max_failures=3", fixed]).runtime.elastic
 
 
 @pytest.mark.parametrize(
@@ -459,9 +489,12 @@ def test_adapt_defaults_leave_other_policies_identities_unchanged() -> None:
     others' (recorded runs, sweep resume) did not. (The hashes since the
     split rule entered every identity: cfd04137b5601627, b594ce98d5f12b9c
     and aae6ef50dbf2e903 before.)"""
-    assert identity_hash(RunConfig()) == "d7b40bb85ca96e1e"
-    assert identity_hash(load_config(None, ["policy.name=proportional"])) == "b9fc0b7ef1d2b0c9"
-    assert identity_hash(load_config(None, ["policy.name=gradex"])) == "de31fd5a22e6ebbf"
+    # Pinned on one worker: runs recorded there (every published sweep trains in
+    # local mode) keep these; the default's 2 workers count since the worker
+    # count entered the identity where it sets the global batch.
+    assert identity_hash(load_config(None, ["runtime.num_workers=1"])) == "d7b40bb85ca96e1e"
+    assert identity_hash(load_config(None, ["policy.name=proportional", "runtime.num_workers=1"])) == "b9fc0b7ef1d2b0c9"
+    assert identity_hash(load_config(None, ["policy.name=gradex", "runtime.num_workers=1"])) == "de31fd5a22e6ebbf"
     assert identity_hash(load_config(None, ["policy.name=adapt"])) != "4c6cf66cf227e14b"
     # An ADAPT field is not part of another policy's identity.
     assert identity_hash(load_config(None, ["policy.adapt.entropy=0.3"])) == identity_hash(RunConfig())
@@ -564,11 +597,13 @@ def test_global_batch_tokens_derives_accumulation_and_leaves_identity() -> None:
 
 
 def test_num_workers_range_makes_the_run_elastic() -> None:
-    cfg = load_config(overrides=["runtime.num_workers=[1, 4]", "runtime.max_failures=3"])
+    cfg = load_config(overrides=["runtime.num_workers=[1, 4]", "runtime.max_failures=3",
+                                 "train.global_batch_tokens=16384"])
     assert (cfg.runtime.min_workers, cfg.runtime.num_workers, cfg.runtime.elastic) == (1, 4, True)
     assert not load_config(overrides=["runtime.num_workers=3"]).runtime.elastic
-    # Resources are not identity: an elastic run resumes a fixed one and back.
-    assert identity_hash(cfg) == identity_hash(load_config())
+    # Resources are not identity (with a global batch in tokens): an elastic
+    # run resumes a fixed one and back.
+    assert identity_hash(cfg) == identity_hash(load_config(overrides=["train.global_batch_tokens=16384"]))
 
 
 @pytest.mark.parametrize("value, message", [

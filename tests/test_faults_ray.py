@@ -302,10 +302,14 @@ def test_checkpoint_resumes_on_another_worker_count(tmp_path: Path, env: dict, f
     data positions are global, so every task's ledger holds exactly the
     tokens of the first examples of its one order, each trained once."""
     out = tmp_path / f"w{first}"
-    rc, _ = _run_and_kill(out, env, None, ["policy.name=proportional", f"runtime.num_workers={first}"],
+    # A global batch in tokens (8 examples of 128 tokens) keeps each step's
+    # batch whatever the worker count: without it the count sets the batch
+    # and --resume refuses the move.
+    batch = "train.global_batch_tokens=1024"
+    rc, _ = _run_and_kill(out, env, None, ["policy.name=proportional", f"runtime.num_workers={first}", batch],
                           kill_group=True)
     assert rc != 0
-    p = subprocess.run(_cmd(out, ["policy.name=proportional", f"runtime.num_workers={then}"]) + ["--resume"],
+    p = subprocess.run(_cmd(out, ["policy.name=proportional", f"runtime.num_workers={then}", batch]) + ["--resume"],
                        env=env, capture_output=True, text=True, timeout=600)
     log = p.stdout + p.stderr
     assert p.returncode == 0, log[-4000:]
@@ -324,7 +328,8 @@ def test_elastic_run_starts_with_the_workers_it_can_place(tmp_path: Path, env: d
     2 CPUs: Ray Train's elastic group starts with one instead of waiting
     for two, and the run finishes with its ledger exact."""
     out = tmp_path / "elastic"
-    extra = ["policy.name=uniform", "runtime.num_workers=[1, 2]", "runtime.cpus_per_worker=1.5"]
+    extra = ["policy.name=uniform", "runtime.num_workers=[1, 2]", "runtime.cpus_per_worker=1.5",
+             "train.global_batch_tokens=1024"]
     p = subprocess.run(_cmd(out, extra), env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     summary = _check_finished(out)

@@ -335,8 +335,8 @@ def test_runs_of_different_configurations_are_not_averaged_as_seeds(tmp_path: Pa
     uri = _store(tmp_path, [
         # a grid over train.lr: one seed each, different results
         (["train.lr=0.01"], loss(1.0)), (["train.lr=0.001"], loss(3.0)),
-        # a second seed of lr 0.01, run on more workers: a seed of the same row
-        (["train.lr=0.01", "seed=1", "runtime.num_workers=4", "tracking.run_name=x"], loss(2.0)),
+        # a second seed of lr 0.01, run with other resources: a seed of the same row
+        (["train.lr=0.01", "seed=1", "runtime.cpus_per_worker=2", "tracking.run_name=x"], loss(2.0)),
         # lr 0.01 only at 2%: still labelled, so that each variant reads the same at every budget
         (["train.lr=0.01", "budget.fraction=0.02"], loss(0.5)),
         # the same run as seed 1 above but for an option uniform does not read: the later one counts
@@ -376,6 +376,13 @@ def test_settings_that_leave_the_result_alone_do_not_split_a_row() -> None:
     assert _config_params({**batch, "train.micro_batch_size": "4", "train.grad_accum": "4"}, defaults) == \
         _config_params(batch, defaults)
     assert _config_params({**defaults, "train.lr": "0.001"}, defaults) != _config_params(defaults, defaults)
+    # The worker count sets the global batch without one in tokens (local
+    # mode trains as one worker does); with one, it is hardware.
+    def workers(n, params=defaults):
+        return _config_params({**params, "runtime.num_workers": str(n)}, defaults)
+
+    assert workers(0) == workers(1) != workers(2) != workers(4)
+    assert workers(1, batch) == workers(2, batch) == workers(8, batch)
 
 
 def test_effective_tokens_compare_runs_of_one_setting(monkeypatch) -> None:
