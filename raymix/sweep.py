@@ -282,6 +282,29 @@ def check_resume_identity(space: Space, saved_extra: Sequence[str], extra: Seque
                       "worker count then sets the global batch), or start the new grid in another --output")
 
 
+def read_state(state_file: Path) -> dict:
+    """A sweep's ``sweep.json`` (what ``--resume`` continues)."""
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError) as e:
+        raise RaymixError(f"--resume: {state_file} cannot be read ({e}); start the sweep in another --output") from None
+    if not isinstance(state, dict):
+        raise RaymixError(f"--resume: {state_file} holds no sweep record; start the sweep in another --output")
+    return state
+
+
+def saved_store(state: dict, default: str) -> str:
+    """The MLflow store a resumed sweep continues in when none is given: the
+    one it was started on (``sweep.json``), or the sweep folder's own
+    ``mlflow.db`` when that record names an SQLite file that is gone and
+    the folder holds one (a sweep folder moved or copied elsewhere)."""
+    saved = state.get("tracking_uri") or default
+    if saved.startswith("sqlite:///") and saved != default and not Path(saved[len("sqlite:///"):]).exists() \
+            and Path(default[len("sqlite:///"):]).exists():
+        return default
+    return saved
+
+
 def concurrency(space: Space, configs: Sequence[RunConfig], cpus: float) -> int:
     """Trials at a time: the space's ``max_concurrent_trials``, else as many
     as the cluster's CPUs hold (one on a machine of 2 CPUs or fewer)."""
@@ -316,12 +339,14 @@ def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, re
                           "or choose another --output")
     if resume and not state_file.exists():
         raise RaymixError(f"--resume: {sweep_dir} holds no sweep to resume (no sweep.json)")
+    state = read_state(state_file) if resume else {}
     if resume:
-        check_resume_identity(space, json.loads(state_file.read_text()).get("extra", []), extra, configs)
+        check_resume_identity(space, state.get("extra", []), extra, configs)
     sweep_dir.mkdir(parents=True, exist_ok=True)
 
+    default = f"sqlite:///{sweep_dir / 'mlflow.db'}"
     store = (tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or configs[0].tracking.tracking_uri
-             or f"sqlite:///{sweep_dir / 'mlflow.db'}")
+             or (resume and saved_store(state, default)) or default)
     check_reachable(store)
     init_ray(configs[0])
     # Before any trial starts: a trial whose worker group the local Ray can
@@ -360,6 +385,7 @@ def _run_trials(space: Space, extra: Sequence[str], configs: Sequence[RunConfig]
     (``store`` itself, or the server in front of it); returns the parent
     run's and the experiment's ids."""
     from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
     from ray import tune
 
@@ -368,6 +394,15 @@ def _run_trials(space: Space, extra: Sequence[str], configs: Sequence[RunConfig]
 
     state_file = sweep_dir / "sweep.json"
     client = MlflowClient(uri)
+    if resume:
+        state = read_state(state_file)
+        parent_id = state["parent_run_id"]
+        try:
+            client.get_run(parent_id)
+        except MlflowException:
+            raise RaymixError(f"--resume: sweep {space.name!r}'s parent run {parent_id} is not in the MLflow store "
+                              f"{store}; it was started on {state.get('tracking_uri')}: resume with --tracking-uri "
+                              f"{state.get('tracking_uri')} (or that store's server)") from None
     exp = client.get_experiment_by_name(space.name)
     exp_id = exp.experiment_id if exp else client.create_experiment(
         space.name, (sweep_dir / "mlartifacts").as_uri() if store.startswith("sqlite:") else None,
@@ -377,8 +412,6 @@ def _run_trials(space: Space, extra: Sequence[str], configs: Sequence[RunConfig]
             client.set_experiment_tag(exp_id, key, value)
 
     if resume:
-        state = json.loads(state_file.read_text())
-        parent_id = state["parent_run_id"]
         client.set_terminated(parent_id, "RUNNING")
     else:
         parent = client.create_run(exp_id, run_name=space.name, tags={"raymix.sweep": space.name,

@@ -1,0 +1,87 @@
+"""The sweep's operational edges without Ray: resume's MLflow store, space
+fields given as null, cluster defaults against a space's own choice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raymix.errors import RaymixError
+from raymix.sweep import load_space
+
+SMOKE = Path(__file__).resolve().parents[1] / "tune_spaces" / "smoke.yaml"
+
+
+def _no_ray(monkeypatch) -> None:
+    import ray
+
+    import raymix.driver.setup as setup
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(setup, "init_ray", lambda cfg: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+
+
+def _finished_sweep(store: str, out: Path) -> dict:
+    """A sweep of the smoke space whose every trial FINISHED in ``store``,
+    its driver killed before it ended the parent run: what --resume finds."""
+    from mlflow.tracking import MlflowClient
+
+    from raymix.config import identity_hash
+
+    space = load_space(SMOKE)
+    client = MlflowClient(store)
+    exp_id = client.create_experiment(space.name, (out / "mlartifacts").as_uri())
+    parent = client.create_run(exp_id, run_name=space.name, tags={"raymix.sweep": space.name}).info.run_id
+    for cfg in space.configs():
+        child = client.create_run(exp_id, tags={"mlflow.parentRunId": parent,
+                                                "raymix.identity": identity_hash(cfg)}).info.run_id
+        client.set_terminated(child, "FINISHED")
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"space": space.name, "parent_run_id": parent, "experiment_id": exp_id, "tracking_uri": store,
+             "extra": [], "started": 0.0}
+    (out / "sweep.json").write_text(json.dumps(state, indent=1))
+    return state
+
+
+def test_resume_finishes_the_sweep_in_the_store_it_was_started_on(tmp_path: Path, monkeypatch) -> None:
+    """A sweep started with ``--tracking-uri`` (or ``MLFLOW_TRACKING_URI``)
+    resumed without it continues its own parent run in the store sweep.json
+    names: it looked in OUTPUT/mlflow.db instead, created the experiment
+    there and failed with MLflow's traceback (no such parent run)."""
+    from mlflow.tracking import MlflowClient
+
+    from raymix.sweep import run_sweep
+
+    _no_ray(monkeypatch)
+    store = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    out = tmp_path / "sweep"
+    state = _finished_sweep(store, out)
+    result = run_sweep(load_space(SMOKE), [], out, resume=True, report=False)
+    assert result["parent_run_id"] == state["parent_run_id"] and result["tracking_uri"] == store
+    assert MlflowClient(store).get_run(state["parent_run_id"]).info.status == "FINISHED"
+    assert not (out / "mlflow.db").exists()
+    summary = json.loads((out / "sweep_summary.json").read_text())
+    assert [t["status"] for t in summary["trials"]] == ["FINISHED", "FINISHED"]
+
+
+def test_resume_on_a_store_without_the_sweep_is_refused_naming_the_flag(tmp_path: Path, monkeypatch) -> None:
+    """``--resume --tracking-uri`` naming a store that does not hold the
+    sweep's parent run: a RaymixError naming the flag and the sweep's own
+    store, not MLflow's traceback, and no experiment made there."""
+    from mlflow.tracking import MlflowClient
+
+    from raymix.sweep import run_sweep
+
+    _no_ray(monkeypatch)
+    store = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    out = tmp_path / "sweep"
+    _finished_sweep(store, out)
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    with pytest.raises(RaymixError, match=r"--resume: .*parent run .* not in the MLflow store .*other.db.*"
+                                          r"--tracking-uri .*elsewhere.db"):
+        run_sweep(load_space(SMOKE), [], out, resume=True, report=False, tracking_uri=other)
+    assert MlflowClient(other).get_experiment_by_name("smoke") is None
