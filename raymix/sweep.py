@@ -134,7 +134,7 @@ def load_space(path: str | Path) -> Space:
         grid=grid,
         description=str(tree.get("description", "")),
         max_concurrent_trials=tree.get("max_concurrent_trials"),
-        trial_cpus=float(tree.get("trial_cpus", 0.05)),
+        trial_cpus=float(0.05 if tree.get("trial_cpus") is None else tree["trial_cpus"]),
     )
     try:
         space.configs()  # every trial's config must validate before anything runs

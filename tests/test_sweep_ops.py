@@ -85,3 +85,17 @@ def test_resume_on_a_store_without_the_sweep_is_refused_naming_the_flag(tmp_path
                                           r"--tracking-uri .*elsewhere.db"):
         run_sweep(load_space(SMOKE), [], out, resume=True, report=False, tracking_uri=other)
     assert MlflowClient(other).get_experiment_by_name("smoke") is None
+
+
+def test_space_fields_given_as_null_mean_their_defaults(tmp_path: Path) -> None:
+    """``trial_cpus:`` with no value (YAML null) is the default, as a null
+    ``max_concurrent_trials`` or ``base`` is: it was a TypeError traceback
+    from ``float(None)`` instead of a sweep or a named error."""
+    from raymix import sweep
+
+    p = tmp_path / "nulls.yaml"
+    p.write_text("name: x\ntrial_cpus:\nmax_concurrent_trials:\nbase:\ngrid: {seed: [0]}\n")
+    space = load_space(p)
+    assert space.trial_cpus == 0.05 and space.max_concurrent_trials is None
+    assert sweep.main(["--space", str(p), "--dry-run"]) == 0
+
