@@ -175,8 +175,22 @@ def cluster_defaults(space: Space, extra: Sequence[str], env=None) -> list[str]:
     if not env.get("RAY_ADDRESS"):
         return []
     grids = space.grid if isinstance(space.grid, list) else [space.grid]
-    given = {*space.base, *(k for g in grids for k in g), *(parse_override(e)[0] for e in extra)}
-    return [] if "runtime.max_failures" in given else [f"runtime.max_failures={CLUSTER_MAX_FAILURES}"]
+    given = [*space.base.items(), *((k, v) for g in grids for k, vs in g.items() for v in vs),
+             *map(parse_override, extra)]
+
+    def gives(key: str, value: Any, field: tuple[str, ...] = ("runtime", "max_failures")) -> bool:
+        # The dotted key itself, or a mapping for a section above it that holds it.
+        path = tuple(str(key).split("."))
+        if path == field:
+            return True
+        if path != field[: len(path)] or not isinstance(value, dict):
+            return False
+        rest = field[len(path):]
+        return rest[0] in value and (len(rest) == 1 or gives(rest[0], value[rest[0]], rest))
+
+    if any(gives(k, v) for k, v in given):
+        return []
+    return [f"runtime.max_failures={CLUSTER_MAX_FAILURES}"]
 
 
 def trial_name(cfg: RunConfig) -> str:

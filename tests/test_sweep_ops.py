@@ -99,3 +99,20 @@ def test_space_fields_given_as_null_mean_their_defaults(tmp_path: Path) -> None:
     assert space.trial_cpus == 0.05 and space.max_concurrent_trials is None
     assert sweep.main(["--space", str(p), "--dry-run"]) == 0
 
+
+def test_cluster_default_keeps_a_spaces_runtime_mapping() -> None:
+    """A space or ``--set`` that gives ``runtime.max_failures`` inside a
+    ``runtime`` mapping has given it: joining a cluster must not override it
+    with the default retries (it was applied after, silently)."""
+    from raymix.sweep import Space, cluster_defaults
+
+    cluster = {"RAY_ADDRESS": "http://127.0.0.1:8265"}
+    space = Space(name="x", base={"runtime": {"max_failures": 0}}, grid={"seed": [0]})
+    extra = cluster_defaults(space, [], env=cluster)
+    assert [c.runtime.max_failures for c in space.configs(extra)] == [0]
+    grid = Space(name="x", grid={"runtime": [{"max_failures": 1}, {"max_failures": 2}]})
+    extra = cluster_defaults(grid, [], env=cluster)
+    assert [c.runtime.max_failures for c in grid.configs(extra)] == [1, 2]
+    plain = Space(name="x", grid={"seed": [0]})
+    assert cluster_defaults(plain, ["runtime={max_failures: 0}"], env=cluster) == []
+    assert cluster_defaults(plain, ["runtime={num_cpus: 2}"], env=cluster) == ["runtime.max_failures=3"]
