@@ -239,6 +239,19 @@ class RunTracker:
         self.log_artifact(path)
         return path
 
+    def log_summary(self, summary: dict, out: Path) -> None:
+        """``OUTPUT/summary.json``, the mark of a finished run, and its
+        artifact: written and logged under ``OUTPUT/.summary/``, then moved
+        into place, so that a failure before (a full disk, a store refusing
+        the artifact) leaves no summary.json, half written or beside a FAILED
+        run, and the run resumable."""
+        staged = out / ".summary" / "summary.json"
+        staged.parent.mkdir(exist_ok=True)
+        staged.write_text(json.dumps(summary, indent=1))
+        self.log_artifact(staged)
+        staged.replace(out / "summary.json")
+        staged.parent.rmdir()
+
     def end(self, status: str, error: Optional[str] = None) -> None:
         """End the run; a failed one carries its error in the ``raymix.error`` tag."""
         if error:

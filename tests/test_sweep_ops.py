@@ -116,3 +116,56 @@ def test_cluster_default_keeps_a_spaces_runtime_mapping() -> None:
     plain = Space(name="x", grid={"seed": [0]})
     assert cluster_defaults(plain, ["runtime={max_failures: 0}"], env=cluster) == []
     assert cluster_defaults(plain, ["runtime={num_cpus: 2}"], env=cluster) == ["runtime.max_failures=3"]
+
+
+def _tracker(tmp_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    from raymix.tracking import RunTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("x", (tmp_path / "mlartifacts").as_uri())
+    return RunTracker.attached(uri, client.create_run(exp).info.run_id, exp)
+
+
+def test_a_failed_summary_write_leaves_no_summary_json(tmp_path: Path, monkeypatch) -> None:
+    """summary.json marks a run finished (a new run there is refused, and
+    --resume too; a sweep reuses it as the trial's result). A write cut
+    short (a full disk) left half a file, and a store that refused the
+    artifact left a whole one beside a FAILED MLflow run: either way the run
+    could be neither resumed nor run again. Now neither leaves one."""
+    import errno
+
+    from raymix.driver.setup import RoundsRun
+
+    out = tmp_path / "run"
+    out.mkdir()
+    tracker = _tracker(tmp_path)
+    summary = {"policy": "uniform", "curve": list(range(2000))}
+    real_write = Path.write_text
+
+    def full_disk(self, data, *a, **k):
+        if self.name.startswith("summary.json"):
+            real_write(self, data[: len(data) // 2], *a, **k)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, data, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_text", full_disk)
+        with pytest.raises(OSError):
+            RoundsRun(out, None, tracker, 0.0).write_summary(summary)
+    assert not (out / "summary.json").exists()
+
+    def refused(*a, **k):
+        raise RuntimeError("artifact store refused the upload")
+
+    with monkeypatch.context() as m:
+        m.setattr(tracker.client, "log_artifact", refused)
+        with pytest.raises(RuntimeError):
+            RoundsRun(out, None, tracker, 0.0).write_summary(summary)
+    assert not (out / "summary.json").exists()
+
+    RoundsRun(out, None, tracker, 0.0).write_summary(summary)
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert [f.path for f in tracker.client.list_artifacts(tracker.run_id)] == ["summary.json"]

@@ -469,9 +469,8 @@ class RoundsRun:
         return summary
 
     def write_summary(self, summary: dict) -> None:
-        """``OUTPUT/summary.json``, also as an MLflow artifact."""
-        (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        self.tracker.log_artifact(self.out / "summary.json")
+        """``OUTPUT/summary.json``, also as an MLflow artifact (``RunTracker.log_summary``)."""
+        self.tracker.log_summary(summary, self.out)
 
 
 def _copy_round_metrics(tracker, round_run_id: str, prefixes=("curve/", "eval/")) -> None:

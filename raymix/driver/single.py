@@ -105,8 +105,7 @@ def run_single(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
                     {k: v for k, v in loop_result.signal_summary.items() if isinstance(v, dict)},
                     cfg.tracking.per_task_metrics_max_tasks)
         phases["log_summary"] = time.perf_counter() - t  # after wall_seconds: its own phase
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-        tracker.log_artifact(out / "summary.json")
+        tracker.log_summary(summary, out)  # summary.json only once whole and logged
         status = "FINISHED"
         return summary
     except BaseException as e:
