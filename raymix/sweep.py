@@ -40,6 +40,7 @@ import yaml
 
 from raymix.config import RunConfig, identity_hash, load_config, parse_override
 from raymix.errors import RaymixError
+from raymix.sweep_state import check_resume_identity, read_state, saved_store, space_record
 
 SPACE_KEYS = ("name", "description", "base", "grid", "max_concurrent_trials", "trial_cpus")
 
@@ -281,44 +282,6 @@ def write_sweep_summary(sweep_dir: Path, configs: Sequence[RunConfig], done: dic
     return path
 
 
-def check_resume_identity(space: Space, saved_extra: Sequence[str], extra: Sequence[str], configs) -> None:
-    """Refuse a ``--resume`` whose ``--set`` changes what the sweep's trials
-    compute (``runtime.*`` and ``tracking.*`` may change: they are not in the
-    identity, except the worker count where it sets the global batch); nothing
-    is written before this check."""
-    before = sorted(identity_hash(c) for c in space.configs(list(saved_extra)))
-    if before == sorted(identity_hash(c) for c in configs):
-        return
-    changed = sorted(set(extra) ^ set(saved_extra))
-    raise RaymixError(f"--resume: --set {changed} changes the identity of sweep {space.name!r}'s trials (fields "
-                      f"that change results); resume with the sweep's own --set {list(saved_extra)} (runtime.* "
-                      "may change, but not runtime.num_workers where train.global_batch_tokens is null: the "
-                      "worker count then sets the global batch), or start the new grid in another --output")
-
-
-def read_state(state_file: Path) -> dict:
-    """A sweep's ``sweep.json`` (what ``--resume`` continues)."""
-    try:
-        state = json.loads(state_file.read_text())
-    except (OSError, ValueError) as e:
-        raise RaymixError(f"--resume: {state_file} cannot be read ({e}); start the sweep in another --output") from None
-    if not isinstance(state, dict):
-        raise RaymixError(f"--resume: {state_file} holds no sweep record; start the sweep in another --output")
-    return state
-
-
-def saved_store(state: dict, default: str) -> str:
-    """The MLflow store a resumed sweep continues in when none is given: the
-    one it was started on (``sweep.json``), or the sweep folder's own
-    ``mlflow.db`` when that record names an SQLite file that is gone and
-    the folder holds one (a sweep folder moved or copied elsewhere)."""
-    saved = state.get("tracking_uri") or default
-    if saved.startswith("sqlite:///") and saved != default and not Path(saved[len("sqlite:///"):]).exists() \
-            and Path(default[len("sqlite:///"):]).exists():
-        return default
-    return saved
-
-
 def concurrency(space: Space, configs: Sequence[RunConfig], cpus: float) -> int:
     """Trials at a time: the space's ``max_concurrent_trials``, else as many
     as the cluster's CPUs hold (one on a machine of 2 CPUs or fewer)."""
@@ -355,7 +318,7 @@ def run_sweep(space: Space, extra: Sequence[str], output: Path, resume: bool, re
         raise RaymixError(f"--resume: {sweep_dir} holds no sweep to resume (no sweep.json)")
     state = read_state(state_file) if resume else {}
     if resume:
-        check_resume_identity(space, state.get("extra", []), extra, configs)
+        check_resume_identity(space, state.get("extra", []), extra, configs, saved_space=state.get("space_record"))
     sweep_dir.mkdir(parents=True, exist_ok=True)
 
     default = f"sqlite:///{sweep_dir / 'mlflow.db'}"
@@ -432,8 +395,11 @@ def _run_trials(space: Space, extra: Sequence[str], configs: Sequence[RunConfig]
                                                                           "raymix.space": json.dumps(space.grid)})
         parent_id = parent.info.run_id
         state = {"space": space.name, "parent_run_id": parent_id, "experiment_id": exp_id,
-                 "tracking_uri": store, "extra": list(extra), "started": time.time()}
-        state_file.write_text(json.dumps(state, indent=1))
+                 "tracking_uri": store, "extra": list(extra), "space_record": space_record(space),
+                 "started": time.time()}
+        tmp = state_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(state, indent=1))
+        tmp.replace(state_file)
         client.log_text(parent_id, yaml.safe_dump({"name": space.name, "base": space.base, "grid": space.grid},
                                                   sort_keys=False), "space.yaml")
     status = "FAILED"

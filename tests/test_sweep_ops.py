@@ -169,3 +169,63 @@ def test_a_failed_summary_write_leaves_no_summary_json(tmp_path: Path, monkeypat
     RoundsRun(out, None, tracker, 0.0).write_summary(summary)
     assert json.loads((out / "summary.json").read_text()) == summary
     assert [f.path for f in tracker.client.list_artifacts(tracker.run_id)] == ["summary.json"]
+
+
+
+def _fake_trials(monkeypatch) -> list:
+    """Trials that finish at once: each a FINISHED MLflow run under the
+    sweep's parent run with the trial's identity (no pool, no training).
+    Returns the list of the trials' configs each tuner was given."""
+    from mlflow.tracking import MlflowClient
+
+    import raymix.driver.setup as setup
+    from raymix.config import identity_hash
+
+    ran: list = []
+
+    def runs_as_trials(trainable, params, configs, *a, **k):
+        class Tuner:
+            def fit(self):
+                client = MlflowClient(params["tracking_uri"])
+                exp = client.get_experiment_by_name(params["experiment"]).experiment_id
+                for cfg in configs:
+                    child = client.create_run(exp, tags={"mlflow.parentRunId": params["parent_run_id"],
+                                                         "raymix.identity": identity_hash(cfg)}).info.run_id
+                    client.set_terminated(child, "FINISHED")
+                ran.append(list(configs))
+                return []
+        return Tuner()
+
+    monkeypatch.setattr(setup, "prepare_model_and_data", lambda cfg, out: None)
+    monkeypatch.setattr(setup, "runs_as_trials", runs_as_trials)
+    return ran
+
+
+def test_resume_after_the_space_file_changed_what_trials_compute_is_refused(tmp_path: Path, monkeypatch) -> None:
+    """The space file edited between a sweep's start and its ``--resume``
+    (a base value that changes results): the resumed sweep ran the new
+    grid's trials under the old sweep's parent run, beside the finished
+    trials of the old grid, the mix its --set check refuses. Refused naming
+    the space, before anything is written; an edit that changes no trial's
+    identity (runtime.*, the description) resumes."""
+    from raymix.sweep import run_sweep
+
+    _no_ray(monkeypatch)
+    ran = _fake_trials(monkeypatch)
+    space_file = tmp_path / "s.yaml"
+    space_file.write_text(SMOKE.read_text())
+    out = tmp_path / "sweep"
+    run_sweep(load_space(space_file), [], out, resume=False, report=False)
+    assert len(ran) == 1 and len(ran[0]) == 2
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    space_file.write_text(SMOKE.read_text().replace("budget.tokens: 4000", "budget.tokens: 5000"))
+    with pytest.raises(RaymixError, match=r"--resume: the space of sweep 'smoke' changed since the sweep started"):
+        run_sweep(load_space(space_file), [], out, resume=True, report=False)
+    assert len(ran) == 1
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+    space_file.write_text(SMOKE.read_text().replace("runtime.cpus_per_worker: 0.5", "runtime.cpus_per_worker: 0.25")
+                          .replace("Tiny synthetic pool", "A tiny synthetic pool"))
+    result = run_sweep(load_space(space_file), [], out, resume=True, report=False)
+    assert len(ran) == 1 and result["trials"] == 2
