@@ -367,7 +367,7 @@ def _run_trials(space: Space, extra: Sequence[str], configs: Sequence[RunConfig]
     from ray import tune
 
     from raymix.driver.setup import prepare_model_and_data, runs_as_trials
-    from raymix.tracking import EXPERIMENT_TAGS
+    from raymix.tracking import EXPERIMENT_TAGS, check_active
 
     state_file = sweep_dir / "sweep.json"
     client = MlflowClient(uri)
@@ -381,6 +381,8 @@ def _run_trials(space: Space, extra: Sequence[str], configs: Sequence[RunConfig]
                               f"{store}; it was started on {state.get('tracking_uri')}: resume with --tracking-uri "
                               f"{state.get('tracking_uri')} (or that store's server)") from None
     exp = client.get_experiment_by_name(space.name)
+    if exp is not None:
+        check_active(exp, uri, "name in the space file")
     exp_id = exp.experiment_id if exp else client.create_experiment(
         space.name, (sweep_dir / "mlartifacts").as_uri() if store.startswith("sqlite:") else None,
         tags=EXPERIMENT_TAGS)

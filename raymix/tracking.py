@@ -61,6 +61,15 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def check_active(experiment, uri: str, field: str) -> None:
+    """Refuse an experiment deleted in MLflow (its name stays taken: MLflow
+    makes no new one under it, and no run can be created in it)."""
+    if experiment.lifecycle_stage != "active":
+        raise RaymixError(f"MLflow experiment {experiment.name!r} at {uri} is deleted: restore it (mlflow "
+                          f"experiments restore --experiment-id {experiment.experiment_id}), remove it for good "
+                          f"(mlflow gc), or log to another experiment ({field})")
+
+
 def _metric_items(metrics: dict[str, float], step: int, timestamp_ms: int) -> list:
     """The finite metrics as MLflow ``Metric`` entities."""
     from mlflow.entities import Metric
@@ -178,6 +187,7 @@ class RunTracker:
             except Exception:  # created concurrently by another process
                 exp_id = self.client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
         else:
+            check_active(exp, self.uri, "tracking.experiment")
             exp_id = exp.experiment_id
         tags = {
             "raymix.identity": identity_hash(cfg),

@@ -229,3 +229,28 @@ def test_resume_after_the_space_file_changed_what_trials_compute_is_refused(tmp_
                           .replace("Tiny synthetic pool", "A tiny synthetic pool"))
     result = run_sweep(load_space(space_file), [], out, resume=True, report=False)
     assert len(ran) == 1 and result["trials"] == 2
+
+
+def test_a_deleted_mlflow_experiment_is_refused_naming_it(tmp_path: Path, monkeypatch) -> None:
+    """An experiment deleted in the MLflow UI keeps its name (MLflow makes no
+    new one under it): a run or sweep logging to it died with MLflow's
+    'must be in the active state' traceback. Refused naming the experiment,
+    the field and what to do; the sweep starts nothing."""
+    from mlflow.tracking import MlflowClient
+
+    from raymix.config import load_config
+    from raymix.sweep import run_sweep
+    from raymix.tracking import RunTracker
+
+    _no_ray(monkeypatch)
+    ran = _fake_trials(monkeypatch)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    for name in ("raymix", "smoke"):
+        client.delete_experiment(client.create_experiment(name))
+    with pytest.raises(RaymixError, match=r"MLflow experiment 'raymix' .* deleted.*tracking.experiment"):
+        RunTracker(load_config(None, [f"tracking.tracking_uri={uri}"]), tmp_path / "run")
+    with pytest.raises(RaymixError, match=r"MLflow experiment 'smoke' .* deleted.*name"):
+        run_sweep(load_space(SMOKE), [], tmp_path / "sweep", resume=False, report=False, tracking_uri=uri)
+    assert not ran and not (tmp_path / "sweep" / "sweep.json").exists()
+    assert client.search_runs([client.get_experiment_by_name("smoke").experiment_id], run_view_type=3) == []
