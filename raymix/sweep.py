@@ -226,6 +226,12 @@ def _trial(params: dict) -> None:
     summary_file = out / "summary.json"
     if summary_file.exists():  # finished before a driver restart
         summary = json.loads(summary_file.read_text())
+        # Written once all was logged: a run still RUNNING was cut off before it was ended.
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(params["tracking_uri"])
+        if client.get_run(summary["mlflow_run_id"]).info.status == "RUNNING":
+            client.set_terminated(summary["mlflow_run_id"], "FINISHED")
     elif (out / "run.json").exists():
         # A trial killed mid-run: the same MLflow run continues from the
         # trial's last checkpoint.

@@ -254,3 +254,38 @@ def test_a_deleted_mlflow_experiment_is_refused_naming_it(tmp_path: Path, monkey
         run_sweep(load_space(SMOKE), [], tmp_path / "sweep", resume=False, report=False, tracking_uri=uri)
     assert not ran and not (tmp_path / "sweep" / "sweep.json").exists()
     assert client.search_runs([client.get_experiment_by_name("smoke").experiment_id], run_view_type=3) == []
+
+
+def test_resumed_sweep_ends_a_finished_trials_run_left_running(tmp_path: Path, monkeypatch) -> None:
+    """A trial killed (or its store briefly gone) after its summary.json was
+    in place but before its MLflow run was ended: the run stayed RUNNING, so
+    every --resume reused the summary, found no FINISHED run for the trial
+    and failed the sweep ('trials without a finished MLflow run'), forever.
+    The resumed trial ends that run FINISHED (summary.json is written only
+    once everything is logged)."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from raymix import sweep
+    from raymix.config import identity_hash, load_config
+
+    monkeypatch.setattr(tune, "report", lambda metrics: reported.append(metrics))
+    reported: list = []
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("smoke")
+    parent = client.create_run(exp).info.run_id
+    space = load_space(SMOKE)
+    overrides = space.overrides()[0]
+    cfg = load_config(None, overrides + [f"tracking.tracking_uri={uri}", "tracking.experiment=smoke"])
+    child = client.create_run(exp, tags={"mlflow.parentRunId": parent, "raymix.identity": identity_hash(cfg)})
+    out = tmp_path / "sweep" / "trials" / sweep.trial_name(cfg)
+    out.mkdir(parents=True)
+    keys = ("worst_val_loss", "mean_val_loss", "worst_test_loss", "mean_test_loss", "mean_test_exact_match",
+            "train_tokens", "budget_tokens", "wall_seconds")
+    (out / "summary.json").write_text(json.dumps({**dict.fromkeys(keys, 1.0), "mlflow_run_id": child.info.run_id}))
+    sweep._trial({"overrides": overrides, "sweep_dir": str(tmp_path / "sweep"), "parent_run_id": parent,
+                  "tracking_uri": uri, "experiment": "smoke"})
+    assert reported and reported[0]["mlflow_run_id"] == child.info.run_id
+    assert client.get_run(child.info.run_id).info.status == "FINISHED"
+    assert sweep.finished_identities(client, exp, parent) == {identity_hash(cfg): child.info.run_id}
