@@ -444,10 +444,14 @@ def test_the_worker_count_counts_where_it_sets_the_global_batch(tmp_path) -> Non
     (line,) = identity_diff(one, two)
     assert line.startswith("runtime.num_workers: 1 -> 2") and "train.global_batch_tokens" in line
     (tmp_path / "config.yaml").write_text(to_yaml(one))
-    (tmp_path / "run.json").write_text(json.dumps({"identity": identity_hash(one)}))
+    (tmp_path / "run.json").write_text(json.dumps({"identity": identity_hash(one), "mlflow_run_id": "r"}))
     with pytest.raises(RaymixError, match=r"runtime\.num_workers: 1 -> 2"):
         check_resumable(two, tmp_path)
     assert check_resumable(load_config(None, ["runtime.num_workers=0"]), tmp_path)["identity"] == identity_hash(one)
+    # A run.json cut short is a named error, not a traceback.
+    (tmp_path / "run.json").write_text('{"identity": "' + identity_hash(one)[:5])
+    with pytest.raises(RaymixError, match=r"run.json cannot be read .*start it afresh in another --output"):
+        check_resumable(one, tmp_path)
     # An elastic group changes its count mid-run: it needs the global batch.
     with pytest.raises(RaymixError, match="elastic: set train.global_batch_tokens"):
         load_config(None, ["runtime.num_workers=[1, 4]", "runtime.max_failures=3"])

@@ -273,7 +273,12 @@ def check_resumable(cfg: RunConfig, out: Path) -> dict:
     run_file = out / RUN_FILE
     if not run_file.exists():
         raise RaymixError(f"--resume: {out} holds no run to resume (no {RUN_FILE})")
-    saved = json.loads(run_file.read_text())
+    try:
+        saved = json.loads(run_file.read_text())
+        saved["identity"], saved["mlflow_run_id"]
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise RaymixError(f"--resume: {run_file} cannot be read ({type(e).__name__}: {e}); its run cannot be "
+                          "continued: start it afresh in another --output") from None
     if saved["identity"] != identity_hash(cfg):
         diff = identity_diff(load_config(str(out / "config.yaml")), cfg)
         raise RaymixError(f"--resume: the config differs from the run in {out} in fields that change "
@@ -376,10 +381,14 @@ def open_tracker(cfg: RunConfig, out: Path, parent_run_id: Optional[str], saved:
         return RunTracker(cfg, out, resume_run_id=saved["mlflow_run_id"],
                           resume_uri=cfg.tracking.tracking_uri or saved["mlflow_tracking_uri"])
     tracker = RunTracker(cfg, out, parent_run_id)
-    (out / RUN_FILE).write_text(json.dumps({
+    # Written whole or not at all (a .tmp renamed): a half run.json would
+    # make the folder neither new nor resumable.
+    tmp = out / (RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps({
         "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.uri,
         "mlflow_experiment_id": tracker.experiment_id, "identity": identity_hash(cfg),
         "started": time.time()}, indent=1))
+    tmp.replace(out / RUN_FILE)
     return tracker
 
 
