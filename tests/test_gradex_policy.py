@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raymix.config import GradexConfig, PolicyConfig, RunConfig, identity_hash, load_config
+from raymix.config import GradexConfig, PolicyConfig, identity_hash, load_config
 from raymix.errors import RaymixError
 from raymix.policies import PoolInfo, Signals, build_policy
 from raymix.policies.gradex import GradexPolicy

@@ -6,6 +6,12 @@ the influence scores with identity, Fisher, K-FAC or EK-FAC curvature
 are driven by ``raymix.driver.ideal`` (named in the registry entry).
 """
 
-from raymix.policies.ideal.policy import capped_volumes, initial_volumes, next_volumes, round_to_total, round_weights
+from raymix.policies.ideal.policy import (
+    capped_volumes,
+    initial_volumes,
+    next_volumes,
+    round_to_total,
+    round_weights,
+)
 
 __all__ = ["capped_volumes", "initial_volumes", "next_volumes", "round_to_total", "round_weights"]
