@@ -192,7 +192,7 @@ def test_output_on_a_read_only_filesystem_is_refused(tmp_path: Path, monkeypatch
     the probe write fails as on a read-only mount. Nothing is left behind."""
     import errno
 
-    from raymix.driver.setup import prepare_output
+    from raymix.driver.output import prepare_output
 
     def read_only(self, *a, **k):
         raise OSError(errno.EROFS, "Read-only file system")
@@ -208,7 +208,7 @@ def test_output_on_a_full_filesystem_is_refused(tmp_path: Path, monkeypatch) -> 
     import shutil
     from collections import namedtuple
 
-    from raymix.driver.setup import prepare_output
+    from raymix.driver.output import prepare_output
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**6, 10**6))

@@ -430,7 +430,7 @@ def test_the_worker_count_counts_where_it_sets_the_global_batch(tmp_path) -> Non
     one worker train alike, so they share an identity; with a global batch
     in tokens the worker count is hardware again."""
     from raymix.config import identity_diff, to_yaml
-    from raymix.driver.setup import check_resumable
+    from raymix.driver.output import check_resumable
 
     def h(*overrides):
         return identity_hash(load_config(None, list(overrides)))

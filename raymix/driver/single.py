@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from raymix.config import RunConfig, effective_grad_accum, identity_hash
+from raymix.driver.output import prepare_output
 from raymix.driver.setup import (
     budget_tokens,
     check_worker_resources,
@@ -28,7 +29,6 @@ from raymix.driver.setup import (
     opened_tracker,
     prepare_model_and_data,
     prepare_out_of_process,
-    prepare_output,
     resolve_suite,
     start_tracking,
 )
