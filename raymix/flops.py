@@ -34,16 +34,20 @@ from dataclasses import dataclass
 from typing import Optional
 
 # Dense bf16 peak FLOP/s by the device name's model (vendor data sheets;
-# H100/H200 SXM figures: a PCIe H100 is 756e12). First match wins.
-PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
-             ("L4", 121e12))
+# H100/H200 SXM figures: a PCIe H100 is 756e12, an NVL board 835e12). First
+# match wins; a key matches where no letter or digit follows it in the name
+# (an L40 is not an L4, nor an L40S an L40).
+PEAK_BF16 = (("H200 NVL", 835e12), ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12),
+             ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12))
 
 
 def peak_bf16_flops(device_name: str) -> Optional[float]:
     """The dense bf16 peak of a device named ``device_name`` (as
     ``torch.cuda.get_device_name`` gives it); None for one not listed."""
+    import re
+
     for key, flops in PEAK_BF16:
-        if key in device_name:
+        if re.search(re.escape(key) + r"(?![A-Za-z0-9])", device_name):
             return flops
     return None
 

@@ -258,3 +258,16 @@ def test_a_check_cut_short_leaves_the_cases_it_finished(tmp_path: Path, monkeypa
     report = tmp_path / "gpu_check.md"
     assert main(["--render", str(out / "partial.json"), "--output", str(tmp_path / "r"), "--report", str(report)]) == 0
     assert "Not run (the check ended before them): ddp-adapt (compile)." in report.read_text()
+
+
+def test_a_device_name_is_not_matched_inside_another_model_name() -> None:
+    """The peak table is looked up by substring: an L40 (181 TFLOP/s dense
+    bf16) must not get the L4's 121, and an NVL board (H100 NVL, H200 NVL:
+    835 TFLOP/s dense bf16) must not get the SXM part's 989; names as
+    ``torch.cuda.get_device_name`` gives them."""
+    assert peak_bf16_flops("NVIDIA L40") == 181e12
+    assert peak_bf16_flops("NVIDIA L40S") == 362e12 and peak_bf16_flops("NVIDIA L4") == 121e12
+    assert peak_bf16_flops("NVIDIA H100 NVL") == 835e12 and peak_bf16_flops("NVIDIA H200 NVL") == 835e12
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_bf16_flops("NVIDIA H200") == 989e12
+    assert peak_bf16_flops("NVIDIA GH200 480GB") == 989e12  # Grace Hopper: the H100/H200 SXM's tensor cores
+    assert peak_bf16_flops("NVIDIA A10") is None and peak_bf16_flops("NVIDIA A100 80GB PCIe") == 312e12
