@@ -273,3 +273,37 @@ def test_utilisation_counts_layouts_and_merge_keeps_an_earlier_section(tmp_path:
     assert "## utilisation" in md and "## data_plane" in md and "measured on commit `abc1234`" in md
     assert "| embedded default, GPU check sizes | 23 | 871 |" in md and "Host time per step" in md
     assert json.loads((tmp_path / "bench.json").read_text()) == merged  # beside the report, for a later --merge
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_throughput_runs_each_path_once_per_repeat(tmp_path: Path, monkeypatch, packing: bool) -> None:
+    """Packed by default: in-process and 1 worker run packed and padded, 2
+    workers packed. With ``train.packing=false`` every path is padded already:
+    in-process, 1 and 2 workers, each ``repeats`` times (no padded duplicate
+    whose repeats are run and thrown away). Runs and the plain loop are stand-ins."""
+    import raymix.bench.throughput as throughput
+    import raymix.driver
+    import raymix.driver.setup
+    from raymix.config import load_config
+
+    class Pool:
+        pool_tokens = 1000
+
+    summary = {"train_tokens": 100, "steps": 1, "train_loop_seconds": 1.0, "tokens_per_second": 100.0,
+               "utilisation": 1.0, "batch_layout": "x", "wall_seconds": 2.0, "phase_seconds": {},
+               "ray_train_seconds": {k: 0.0 for k in ("worker_start", "worker_setup", "train_loop", "checkpoints",
+                                                       "final_eval", "report_and_shutdown")}}
+    calls: list = []
+    monkeypatch.setattr(raymix.driver.setup, "init_ray", lambda cfg: None)
+    monkeypatch.setattr(raymix.driver.setup, "prepare_model_and_data", lambda cfg, out: (
+        type("Tok", (), {"pad_token_id": 0})(), None, Pool(), "init"))
+    monkeypatch.setattr(raymix.driver, "run", lambda cfg, out: calls.append(out.name) or summary)
+    monkeypatch.setattr(throughput, "plain_loop", lambda *a: {"tokens_per_second": 100.0, "utilisation": 0.5})
+    cfg = load_config(None, [f"train.packing={str(packing).lower()}", "budget.tokens=100"])
+    r = throughput.bench_throughput(cfg, tmp_path, 2)
+    if packing:
+        names = ["raymix_inprocess", "raymix_inprocess_padded", "raymix_1w", "raymix_1w_padded", "raymix_2w"]
+    else:
+        names = ["raymix_inprocess", "raymix_1w", "raymix_2w"]
+    assert calls == [f"{n}-{i}" for n in names for i in range(2)]
+    assert list(r["runs"]) == ["plain", *names]

@@ -29,9 +29,9 @@ def bench_throughput(cfg: RunConfig, out: Path, repeats: int) -> dict:
                              (2, cfg.train.packing)):
         name = f"raymix_{workers}w" if workers else "raymix_inprocess"
         if packing != cfg.train.packing:
-            if not cfg.train.packing:
-                continue  # the padded in-process run is the one above
             name += "_padded"
+        elif name in rows:
+            continue  # train.packing=false: every run is padded, and this one ran above
         runs = []
         for r in range(repeats):
             c = replace(cfg, runtime=replace(cfg.runtime, num_workers=workers),
