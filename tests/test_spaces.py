@@ -42,8 +42,14 @@ def test_bad_space_names_the_key(tmp_path: Path) -> None:
 def test_runtime_overrides_do_not_change_trial_identity() -> None:
     space = load_space(SPACES[0])
     a = [trial_name(c) for c in space.configs()]
-    b = [trial_name(c) for c in space.configs(["runtime.num_workers=8", "runtime.use_gpu=true"])]
+    b = [trial_name(c) for c in space.configs(["runtime.use_gpu=true", "runtime.cpus_per_worker=4"])]
     assert a == b
+    # Except the worker count where it sets the global batch (no
+    # train.global_batch_tokens): 8 workers train 8 times the batch.
+    c = [trial_name(c) for c in space.configs(["runtime.num_workers=8"])]
+    d = [trial_name(c) for c in space.configs(["runtime.num_workers=8", "train.global_batch_tokens=16384"])]
+    e = [trial_name(c) for c in space.configs(["runtime.num_workers=1", "train.global_batch_tokens=16384"])]
+    assert not set(a) & set(c) and d == e
 
 
 def test_space_with_wrong_type_or_unknown_key_is_refused_naming_key_and_file(tmp_path: Path, monkeypatch) -> None:
