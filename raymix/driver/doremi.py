@@ -53,16 +53,17 @@ def run_doremi(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         if reference is None:
             rcfg = _round_cfg(cfg, "reference", tracker.uri, False, name=d.baseline)
             rounds.append(("reference", run_round(rcfg, out / "round1_reference", tracker.run_id, "doremi")))
+            _tag(tracker, rounds[-1])
             reference = rounds[-1][1]["model_dir"]
         pcfg = _round_cfg(cfg, "proxy", tracker.uri, not d.final_round,
                           doremi=dataclasses.replace(d, reference_model=reference))
         rounds.append(("proxy", run_round(pcfg, out / "round2_proxy", tracker.run_id, "doremi")))
+        _tag(tracker, rounds[-1])
         weights = rounds[-1][1]["doremi"]["weights"]
         if d.final_round:
             fcfg = _round_cfg(cfg, "final", tracker.uri, True, name="static", weights=weights)
             rounds.append(("final", run_round(fcfg, out / "round3_final", tracker.run_id, "doremi")))
-        for name, s in rounds:
-            tracker.client.set_tag(s["mlflow_run_id"], ROUND_TAG, name)
+            _tag(tracker, rounds[-1])
         summary = _combine(cfg, rounds, run)
         log_summary(tracker, summary, out, plot_mixture, max_tasks=cfg.tracking.per_task_metrics_max_tasks)
         tracker.log_metrics({k: summary[k] for k in ("total_train_tokens_all_rounds", "total_meta_tokens_all_rounds",
@@ -72,6 +73,14 @@ def run_doremi(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
             {"doremi/weight/{task}": per_task([weights[t] for t in tasks], "weight")}, 0))
         run.write_summary(summary)
         return summary
+
+
+def _tag(tracker, round_: tuple[str, dict]) -> None:
+    """Tag a round's run as this DoReMi run's round as soon as it finished
+    (or was read back): a later round's failure leaves no finished round
+    untagged, which the report would list as a trial of its own."""
+    name, s = round_
+    tracker.client.set_tag(s["mlflow_run_id"], ROUND_TAG, name)
 
 
 def _combine(cfg: RunConfig, rounds: list[tuple[str, dict]], run) -> dict:
