@@ -58,3 +58,33 @@ def test_doremi_round_finished_before_a_failure_is_tagged(tmp_path: Path, monkey
     assert client.get_run(finished[0]).data.tags.get(doremi.ROUND_TAG) == "reference"
     parent = client.get_run(client.get_run(finished[0]).data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FAILED"
+
+
+def test_a_round_cut_off_after_its_summary_is_ended_when_reused(tmp_path: Path) -> None:
+    """A round's summary.json is written before its MLflow run is ended: a
+    driver killed between the two left the round's run RUNNING, and a
+    resumed driver reused the round's summary and left it RUNNING for good
+    (the sweep's trial ends such a run; a round did not). Now reusing the
+    round ends it FINISHED, as the sweep does for a trial."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from raymix.driver.single import run_round
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("rounds", (tmp_path / "mlartifacts").as_uri())
+    parent = client.create_run(exp).info.run_id
+    round_run = client.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id
+    rdir = tmp_path / "run" / "round1"
+    rdir.mkdir(parents=True)
+    (rdir / "summary.json").write_text(json.dumps({"mlflow_run_id": round_run, "mlflow_tracking_uri": uri,
+                                                   "train_tokens": 10}))
+    cfg = load_config(None, ["eval.suite=null", f"tracking.tracking_uri={uri}", "tracking.experiment=rounds"])
+    s = run_round(cfg, rdir, parent, "ideal")
+    assert s["train_tokens"] == 10
+    assert client.get_run(round_run).info.status == "FINISHED"
+    # A round's run in another store (a swarm shared across stores) is read back, not looked for.
+    other = load_config(None, ["eval.suite=null", f"tracking.tracking_uri=sqlite:///{tmp_path / 'other.db'}"])
+    assert run_round(other, rdir, parent, "regmix")["train_tokens"] == 10

@@ -132,15 +132,18 @@ def train_swarm(cfg: RunConfig, configs: list[RunConfig], swarm_root: Path, pare
         check_worker_resources(configs[0], trial_cpus=TRIAL_CPUS)  # else a proxy would wait for ever
         concurrent = swarm_concurrency(cfg, ray.cluster_resources().get("CPU", 1))
         server, served = serve_if_concurrent(uri, swarm_root, concurrent, len(todo), "proxy runs")
+        # The trials log through the server; the read-back below, once it has
+        # stopped, goes to the store itself (``configs`` as given).
+        trial_configs = configs
         if server is not None:
-            configs = [dataclasses.replace(c, tracking=dataclasses.replace(c.tracking, tracking_uri=served))
-                       for c in configs]
+            trial_configs = [dataclasses.replace(c, tracking=dataclasses.replace(c.tracking, tracking_uri=served))
+                             for c in configs]
         try:
             tuner = runs_as_trials(
-                tune.with_parameters(_proxy_trial, configs=configs),
+                tune.with_parameters(_proxy_trial, configs=trial_configs),
                 {"index": tune.grid_search(todo), "folders": [str(f) for f in folders],
                  "parent_run_id": parent_run_id},
-                configs, TRIAL_CPUS, concurrent, "regmix-swarm", swarm_root / "ray")
+                trial_configs, TRIAL_CPUS, concurrent, "regmix-swarm", swarm_root / "ray")
             errors = [r.error for r in tuner.fit() if r.error]
         finally:
             if server is not None:
