@@ -88,3 +88,63 @@ def test_a_round_cut_off_after_its_summary_is_ended_when_reused(tmp_path: Path) 
     # A round's run in another store (a swarm shared across stores) is read back, not looked for.
     other = load_config(None, ["eval.suite=null", f"tracking.tracking_uri=sqlite:///{tmp_path / 'other.db'}"])
     assert run_round(other, rdir, parent, "regmix")["train_tokens"] == 10
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_regmix_swarm_has_no_two_proxies_of_one_identity(tmp_path: Path, monkeypatch) -> None:
+    """Weights under ``min_weight`` are dropped, so a concentrated draw is
+    one-hot, and two one-hot draws on one task are the same mixture: the same
+    proxy identity, hence the same folder. The swarm then had two proxies in
+    one folder (trained by two Tune trials at once when proxies train side by
+    side), counted twice in the compute totals, and the same point on both
+    sides of a k-fold split. Here (23 tasks, the default options, swarm seed
+    0) rows 5 and 7 were both one-hot on task 14."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import raymix.driver.regmix as regmix
+    from raymix.config import identity_hash
+
+    tokens = np.random.default_rng(0).integers(1000, 20000, 23)
+    tasks = tuple(f"t{i:02d}" for i in range(23))
+    pool = SimpleNamespace(tasks=tasks, train_tokens=lambda: tokens, train_examples=lambda: tokens // 50,
+                           pool_tokens=int(tokens.sum()))
+    monkeypatch.setattr(regmix, "init_ray", lambda cfg: None)
+    monkeypatch.setattr(regmix, "prepare_model_and_data", lambda cfg, out: (None, None, pool, None))
+    seen: list = []
+
+    def train_swarm(cfg, configs, swarm_root, parent_run_id, uri):
+        seen.extend(configs)
+        raise _Stop
+
+    monkeypatch.setattr(regmix, "train_swarm", train_swarm)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(None, ["policy.name=regmix", "eval.suite=null", f"tracking.tracking_uri={uri}",
+                             f"budget.tokens={int(tokens.sum()) // 10}"])
+    with pytest.raises(_Stop):
+        regmix.run_regmix(cfg, tmp_path / "run")
+    assert len(seen) == cfg.policy.regmix.proxy_runs
+    assert len({identity_hash(c) for c in seen}) == len(seen)
+
+
+def test_distinct_swarm_keeps_its_other_rows_and_its_prefix() -> None:
+    """Only the repeated row is drawn again (the swarms already trained keep
+    their other proxies), and the first k rows of a larger swarm are still
+    the swarm of k."""
+    import numpy as np
+
+    from raymix.config_regmix import RegmixConfig
+    from raymix.policies.regmix import dirichlet_centre, sample_mixtures
+
+    tokens = np.random.default_rng(0).integers(1000, 20000, 23)
+    c, cap, budget = dirichlet_centre(tokens, 0.5), tokens * 1e3, tokens.sum() / 10
+    plain = sample_mixtures([0, 0], c, 32, RegmixConfig(), cap, budget)
+    swarm = sample_mixtures([0, 0], c, 32, RegmixConfig(), cap, budget, distinct=True)
+    changed = [i for i in range(32) if not (plain[i] == swarm[i]).all()]
+    assert changed == [7] and len(np.unique(swarm, axis=0)) == 32
+    np.testing.assert_array_equal(sample_mixtures([0, 0], c, 9, RegmixConfig(), cap, budget, distinct=True),
+                                  swarm[:9])

@@ -117,7 +117,9 @@ def train_swarm(cfg: RunConfig, configs: list[RunConfig], swarm_root: Path, pare
     import ray
 
     folders = [swarm_root / f"proxy-{identity_hash(p)}" for p in configs]
-    todo = [i for i, f in enumerate(folders) if not (f / "summary.json").exists()]
+    # A folder trained once, by its first proxy (two rows of one mixture, which
+    # distinct sampling leaves only where the cap maps every mixture to one).
+    todo = [i for i, f in enumerate(folders) if not (f / "summary.json").exists() and f not in folders[:i]]
     tokens = configs[0].budget.tokens
     print(f"[raymix] regmix: {len(configs)} proxy runs of {tokens} tokens, {len(configs) - len(todo)} finished "
           f"before, {len(todo)} to train", flush=True)
@@ -203,7 +205,7 @@ def run_regmix(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
             return dict(zip(tasks, example_weights(shares, per_example).tolist()))
 
         mixtures = sample_mixtures([rc.swarm_seed, 0], centre, rc.proxy_runs, rc,
-                                   capacity, budget)
+                                   capacity, budget, distinct=True)
         swarm_root = Path(rc.swarm_dir).resolve() if rc.swarm_dir else out / "swarm"
         configs = [proxy_config(cfg, sampled(w), proxy_tokens, i, tracker.uri) for i, w in enumerate(mixtures)]
         proxies = train_swarm(cfg, configs, swarm_root, tracker.run_id, tracker.uri)

@@ -17,8 +17,10 @@ What raymix does differently, and why:
   it is mapped through the mixer's own water-filling
   (:func:`raymix.policies.base.cap_mixture`) instead of rejected: a tight cap
   then still yields samples, and every mixture is one the final run can train.
-* No rounding to multiples of ``MINIMUM`` and no de-duplication (:168,
-  :172-174): continuous samples do not repeat.
+* No rounding to multiples of ``MINIMUM`` (:168). A swarm row that repeats
+  an earlier one is drawn again, as the reference de-duplicates (:172-174):
+  continuous samples do not repeat, but with ``min_weight`` a concentrated
+  draw is one-hot, and two one-hot draws on a task would be one proxy run.
 * Row i of a sample depends on the seed and i only, so the first k
   mixtures of a swarm of K > k are the swarm of k (a larger swarm reuses a
   smaller one's proxy runs).
@@ -61,12 +63,22 @@ def _drop_small(g: np.ndarray, min_weight: float) -> np.ndarray:
     return np.where(g / total < min_weight, 0.0, g)
 
 
+REDRAWS = 1000
+"""Redraws of a swarm row that repeats an earlier one before it is kept as it
+is (a cap that maps every mixture to one, e.g. a budget of the whole capacity)."""
+
+
 def sample_mixtures(seed: Sequence[int], centre: np.ndarray, count: int, cfg: RegmixConfig,
-                    capacity: np.ndarray, budget: float) -> np.ndarray:
+                    capacity: np.ndarray, budget: float, distinct: bool = False) -> np.ndarray:
     """``count`` mixtures (rows summing to 1) drawn as RegMix draws its
     swarm, then capped at ``budget`` tokens by ``capacity``. Row i depends
-    on ``seed`` and i only (strengths, Gammas and redraws come from three
-    generators of ``seed``, each read in row order)."""
+    on ``seed`` and rows up to i only (strengths, Gammas and redraws come
+    from generators of ``seed``, each read in row order). ``distinct`` (the
+    swarm): a row equal to an earlier one is drawn again (strength and
+    Dirichlet, from a fourth generator), as the reference rejects duplicates
+    (synthesize_mixture.py:172-174): with weights under ``min_weight``
+    dropped, concentrated draws are one-hot and repeat, and a repeated
+    mixture is the same proxy run."""
     strengths = np.logspace(np.log10(cfg.min_strength), np.log10(cfg.max_strength), STRENGTHS)
     centre = np.asarray(centre, dtype=np.float64)
     factor = strengths[np.random.default_rng([*seed, 0]).integers(len(strengths), size=count)]
@@ -77,4 +89,18 @@ def sample_mixtures(seed: Sequence[int], centre: np.ndarray, count: int, cfg: Re
     for i in np.flatnonzero(g.sum(axis=1) <= 0):
         while g[i].sum() <= 0:  # every Gamma underflowed to 0 at a tiny alpha: draw the row again
             g[i] = _drop_small(redraw.standard_gamma(factor[i] * centre)[None, :], cfg.min_weight)[0]
-    return cap_rows(g / g.sum(axis=1, keepdims=True), capacity, budget)
+    out = cap_rows(g / g.sum(axis=1, keepdims=True), capacity, budget)
+    if distinct:
+        fresh = np.random.default_rng([*seed, 3])
+        seen: set[bytes] = set()
+        for i in range(count):
+            for _ in range(REDRAWS):
+                if out[i].tobytes() not in seen:
+                    break
+                f = strengths[fresh.integers(len(strengths))]
+                row = np.zeros(len(centre))
+                while row.sum() <= 0:
+                    row = _drop_small(fresh.standard_gamma(f * centre)[None, :], cfg.min_weight)[0]
+                out[i] = cap_rows((row / row.sum())[None, :], capacity, budget)[0]
+            seen.add(out[i].tobytes())
+    return out
