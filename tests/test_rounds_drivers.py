@@ -148,3 +148,55 @@ def test_distinct_swarm_keeps_its_other_rows_and_its_prefix() -> None:
     assert changed == [7] and len(np.unique(swarm, axis=0)) == 32
     np.testing.assert_array_equal(sample_mixtures([0, 0], c, 9, RegmixConfig(), cap, budget, distinct=True),
                                   swarm[:9])
+
+
+def test_regmix_predicts_uniform_as_the_uniform_policy_trains_it(tmp_path: Path, monkeypatch) -> None:
+    """The report sets RegMix's predicted target for "uniform" beside the
+    `uniform` policy's run, which is uniform per example: in the regression's
+    units (token shares) that is each task's share of tokens per example,
+    not 1/K of the tokens (which it predicted before)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import raymix.driver.regmix as regmix
+    import raymix.policies.regmix as policies_regmix
+    from raymix.policies import PoolInfo, token_shares, tokens_per_example
+
+    tokens = np.random.default_rng(0).integers(1000, 20000, 6)
+    examples = np.array([10, 20, 40, 80, 160, 320])  # tokens per example differ from task to task
+    tasks = tuple(f"t{i}" for i in range(6))
+    pool = SimpleNamespace(tasks=tasks, train_tokens=lambda: tokens, train_examples=lambda: examples,
+                           pool_tokens=int(tokens.sum()))
+    monkeypatch.setattr(regmix, "init_ray", lambda cfg: None)
+    monkeypatch.setattr(regmix, "prepare_model_and_data", lambda cfg, out: (None, None, pool, None))
+    rng = np.random.default_rng(1)
+
+    def train_swarm(cfg, configs, swarm_root, parent_run_id, uri):
+        return [{"ledger": {t: {"train_tokens": int(rng.integers(1, 1000))} for t in tasks},
+                 "val_loss": {t: float(rng.uniform(1, 3)) for t in tasks}, "train_tokens": 1, "meta_tokens": 0,
+                 "identity": str(i), "mlflow_run_id": str(i), "wall_seconds": 0.0} for i in range(len(configs))]
+
+    predicted: list = []
+
+    class Recording(policies_regmix.MixtureRegression):
+        def predict(self, X):
+            predicted.append(np.array(X))
+            return super().predict(X)
+
+    def final_round(*args, **kwargs):
+        raise _Stop
+
+    monkeypatch.setattr(regmix, "train_swarm", train_swarm)
+    monkeypatch.setattr(regmix, "run_round", final_round)
+    monkeypatch.setattr(policies_regmix, "MixtureRegression", Recording)
+    budget = int(tokens.sum()) // 10
+    cfg = load_config(None, ["policy.name=regmix", "policy.regmix.regressor=linear", "policy.regmix.proxy_runs=8",
+                             "policy.regmix.candidates=50", "policy.regmix.top_k=4", "eval.suite=null",
+                             f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"budget.tokens={budget}"])
+    with pytest.raises(_Stop):
+        regmix.run_regmix(cfg, tmp_path / "run")
+    want = token_shares(np.ones(6), tokens_per_example(PoolInfo(tasks, tokens, examples, budget)))
+    # The budget is a tenth of the pool at 8 epochs: no cap binds, the shares are the policy's.
+    assert any(x.shape == (1, 6) and np.allclose(x[0], want, rtol=1e-12) for x in predicted)
+    assert not any(x.shape == (1, 6) and np.allclose(x[0], 1 / 6) for x in predicted)

@@ -172,7 +172,7 @@ def run_regmix(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
                resume: bool = False) -> dict:
     """:func:`raymix.driver.run` for ``policy.name=regmix`` (its registry entry
     names this driver): same contract (summary.json, one MLflow run)."""
-    from raymix.policies import PoolInfo, example_weights, tokens_per_example
+    from raymix.policies import PoolInfo, example_weights, token_shares, tokens_per_example
     from raymix.policies.regmix import (
         MixtureRegression,
         aggregate,
@@ -224,7 +224,9 @@ def run_regmix(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[s
         candidates = sample_mixtures([rc.swarm_seed, 1], centre, rc.candidates, rc,
                                      capacity, budget)
         chosen, _ = search_optimum(reg, candidates, rc.target, tasks, rc.top_k)
-        uniform = cap_rows(np.full((1, len(tasks)), 1.0 / len(tasks)), capacity, budget)
+        # The `uniform` policy's mixture in the regression's units: uniform
+        # per example, so a task's token share follows its example length.
+        uniform = cap_rows(token_shares(np.ones(len(tasks)), per_example)[None, :], capacity, budget)
         observed = aggregate(Y, rc.target, tasks)
         weights = dict(zip(tasks, chosen.tolist()))
         block = {
