@@ -109,7 +109,9 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
                     sc = json.loads(score_file.read_text())
                 else:
                     sc = score_tasks(cfg, s["model_dir"], pool, tokenizer.pad_token_id, ref, r)
-                    score_file.write_text(json.dumps(sc, indent=1))
+                    tmp = score_file.with_suffix(".json.tmp")  # whole or absent: --resume reads it
+                    tmp.write_text(json.dumps(sc, indent=1))
+                    tmp.replace(score_file)
                 phases[f"influence{r}"] = time.perf_counter() - t_phase
                 scores = np.array([sc["scores"][t] for t in pool.tasks])
                 beta, volumes = next_volumes(trained, scores, icfg, budget)
