@@ -255,11 +255,8 @@ def _config_params(params: dict, defaults: dict | None = None) -> dict:
     else:
         # A step trains micro_batch_size x grad_accum examples per worker: the
         # worker count sets the global batch (0, local mode, trains as 1 does).
-        workers = params.get("runtime.num_workers", defaults.get("runtime.num_workers"))
-        try:
-            out["data_parallel_workers"] = max(1, int(str(workers)))
-        except ValueError:  # an elastic range: refused without a global batch
-            out["data_parallel_workers"] = str(workers)
+        out["data_parallel_workers"] = max(1, int(params.get("runtime.num_workers",
+                                                                 defaults.get("runtime.num_workers"))))
     return out
 
 

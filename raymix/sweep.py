@@ -40,6 +40,7 @@ import yaml
 
 from raymix.config import RunConfig, identity_hash, load_config, parse_override
 from raymix.errors import RaymixError
+from raymix.files import write_json
 from raymix.sweep_state import check_resume_identity, read_state, saved_store, space_record
 
 SPACE_KEYS = ("name", "description", "base", "grid", "max_concurrent_trials", "trial_cpus")
@@ -227,11 +228,9 @@ def _trial(params: dict) -> None:
     if summary_file.exists():  # finished before a driver restart
         summary = json.loads(summary_file.read_text())
         # Written once all was logged: a run still RUNNING was cut off before it was ended.
-        from mlflow.tracking import MlflowClient
+        from raymix.tracking import end_if_running
 
-        client = MlflowClient(params["tracking_uri"])
-        if client.get_run(summary["mlflow_run_id"]).info.status == "RUNNING":
-            client.set_terminated(summary["mlflow_run_id"], "FINISHED")
+        end_if_running(params["tracking_uri"], summary["mlflow_run_id"])
     elif (out / "run.json").exists():
         # A trial killed mid-run: the same MLflow run continues from the
         # trial's last checkpoint.
@@ -282,9 +281,7 @@ def write_sweep_summary(sweep_dir: Path, configs: Sequence[RunConfig], done: dic
     if wall_seconds is not None and timed:
         body["timing"] = sweep_efficiency(timed, wall_seconds)
     path = sweep_dir / "sweep_summary.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(body, indent=1))
-    tmp.replace(path)
+    write_json(path, body, indent=1)
     return path
 
 
@@ -405,9 +402,7 @@ def _run_trials(space: Space, extra: Sequence[str], configs: Sequence[RunConfig]
         state = {"space": space.name, "parent_run_id": parent_id, "experiment_id": exp_id,
                  "tracking_uri": store, "extra": list(extra), "space_record": space_record(space),
                  "started": time.time()}
-        tmp = state_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(state, indent=1))
-        tmp.replace(state_file)
+        write_json(state_file, state, indent=1)
         client.log_text(parent_id, yaml.safe_dump({"name": space.name, "base": space.base, "grid": space.grid},
                                                   sort_keys=False), "space.yaml")
     status = "FAILED"

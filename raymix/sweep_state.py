@@ -51,18 +51,19 @@ def check_resume_identity(space, saved_extra: Sequence[str], extra: Sequence[str
     identity, except the worker count where it sets the global batch);
     nothing is written before this check."""
     now = sorted(identity_hash(c) for c in configs)
+    # The space file as it is now, with the sweep's own --set.
+    before = sorted(identity_hash(c) for c in space.configs(list(saved_extra)))
     if saved_space is not None:
         recorded = dataclasses.replace(space, base=saved_space["base"], grid=saved_space["grid"])
         try:
-            before = sorted(identity_hash(c) for c in recorded.configs(list(saved_extra)))
+            started = sorted(identity_hash(c) for c in recorded.configs(list(saved_extra)))
         except RaymixError:
-            before = now  # recorded by a raymix whose config keys differ: the --set check below only
-        if before != now and before != sorted(identity_hash(c) for c in space.configs(list(saved_extra))):
+            started = now  # recorded by a raymix whose config keys differ: the --set check below only
+        if started != now and started != before:
             raise RaymixError(f"--resume: the space of sweep {space.name!r} changed since the sweep started in "
                               "fields that change its trials' results (its base and grid then: space_record in "
                               "sweep.json); restore the space file (runtime.* may change), or start the edited "
                               "space in another --output")
-    before = sorted(identity_hash(c) for c in space.configs(list(saved_extra)))
     if before == now:
         return
     changed = sorted(set(extra) ^ set(saved_extra))

@@ -395,3 +395,22 @@ def plot_mixture(schedule: list, ledger: dict, path: Path, budget: int) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def end_if_running(uri: Optional[str], run_id: Optional[str]) -> None:
+    """End FINISHED a finished run's MLflow run that is still RUNNING: its
+    summary.json is written before the run is ended, so a driver killed
+    between the two left it open (a sweep's trial or a multi-run driver's
+    round found finished on ``--resume``). A run that is not in this store
+    (a RegMix swarm shared with runs logged elsewhere) is left alone."""
+    if not uri or not run_id:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    try:
+        status = client.get_run(run_id).info.status
+    except Exception:  # not in this store
+        return
+    if status == "RUNNING":
+        client.set_terminated(run_id, "FINISHED")

@@ -184,13 +184,12 @@ def _with_ratios(fixed: dict, cuda: bool) -> dict:
 def _write_partial(out: Path, result: dict) -> None:
     """``out/partial.json``, a bench.json that ``--render`` reads (its commit
     from ``RAYMIX_COMMIT``, as a device's copy of the tree names it)."""
-    import json
     import os
 
+    from raymix.files import write_json
+
     commit = os.environ.get("RAYMIX_COMMIT", "").strip() or "unknown"
-    tmp = out / (PARTIAL + ".tmp")
-    tmp.write_text(json.dumps({"commit": commit, "commits": {"gpu": commit}, "gpu": result}, indent=1, default=str))
-    tmp.replace(out / PARTIAL)
+    write_json(out / PARTIAL, {"commit": commit, "commits": {"gpu": commit}, "gpu": result}, indent=1, default=str)
 
 
 def check_pool(cfg: RunConfig, out: Path, sizes: dict):

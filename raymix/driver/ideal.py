@@ -40,6 +40,7 @@ from raymix.driver.setup import (
     rounds_run,
 )
 from raymix.driver.single import log_summary, run_round
+from raymix.files import write_json
 from raymix.metrics_view import TaskMetricsView, per_task
 
 SCORES_FILE = "ideal_scores.json"
@@ -109,9 +110,7 @@ def run_ideal(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[st
                     sc = json.loads(score_file.read_text())
                 else:
                     sc = score_tasks(cfg, s["model_dir"], pool, tokenizer.pad_token_id, ref, r)
-                    tmp = score_file.with_suffix(".json.tmp")  # whole or absent: --resume reads it
-                    tmp.write_text(json.dumps(sc, indent=1))
-                    tmp.replace(score_file)
+                    write_json(score_file, sc, indent=1)  # whole or absent: --resume reads it
                 phases[f"influence{r}"] = time.perf_counter() - t_phase
                 scores = np.array([sc["scores"][t] for t in pool.tasks])
                 beta, volumes = next_volumes(trained, scores, icfg, budget)

@@ -20,6 +20,7 @@ from typing import Any, Iterator, Optional
 from raymix.config import RunConfig, identity_hash
 from raymix.driver.output import RUN_FILE, prepare_output
 from raymix.errors import RaymixError
+from raymix.files import write_json
 
 
 def init_ray(cfg: RunConfig) -> None:
@@ -309,14 +310,11 @@ def open_tracker(cfg: RunConfig, out: Path, parent_run_id: Optional[str], saved:
         return RunTracker(cfg, out, resume_run_id=saved["mlflow_run_id"],
                           resume_uri=cfg.tracking.tracking_uri or saved["mlflow_tracking_uri"])
     tracker = RunTracker(cfg, out, parent_run_id)
-    # Written whole or not at all (a .tmp renamed): a half run.json would
-    # make the folder neither new nor resumable.
-    tmp = out / (RUN_FILE + ".tmp")
-    tmp.write_text(json.dumps({
+    # Whole or not at all: a half run.json would make the folder neither new nor resumable.
+    write_json(out / RUN_FILE, {
         "mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.uri,
         "mlflow_experiment_id": tracker.experiment_id, "identity": identity_hash(cfg),
-        "started": time.time()}, indent=1))
-    tmp.replace(out / RUN_FILE)
+        "started": time.time()}, indent=1)
     return tracker
 
 

@@ -416,26 +416,9 @@ def run_round(cfg: RunConfig, rdir: Path, parent_run_id: str, driver: str) -> di
     if (rdir / "summary.json").exists():
         print(f"[raymix] {driver}: {rdir.name} finished before; not trained again", flush=True)
         summary = json.loads((rdir / "summary.json").read_text())
-        _end_if_running(cfg.tracking.tracking_uri or summary.get("mlflow_tracking_uri"), summary.get("mlflow_run_id"))
+        from raymix.tracking import end_if_running
+
+        end_if_running(cfg.tracking.tracking_uri or summary.get("mlflow_tracking_uri"), summary.get("mlflow_run_id"))
         return summary
     return run_single(cfg, rdir, parent_run_id=parent_run_id, resume=(rdir / "run.json").exists())
-
-
-def _end_if_running(uri: Optional[str], run_id: Optional[str]) -> None:
-    """End FINISHED a finished round's MLflow run that is still RUNNING: its
-    summary.json is written before the run is ended, so a driver killed
-    between the two left it open (the sweep does the same for a trial). A
-    run that is not in this store (a RegMix swarm shared with runs logged
-    elsewhere) is left alone."""
-    if not uri or not run_id:
-        return
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    try:
-        status = client.get_run(run_id).info.status
-    except Exception:  # not in this store
-        return
-    if status == "RUNNING":
-        client.set_terminated(run_id, "FINISHED")
 

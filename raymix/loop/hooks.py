@@ -5,13 +5,13 @@ training metrics (:class:`MetricsHook`), the progress file
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
+from raymix.files import write_json
 from raymix.metrics_view import kl_uniform, per_task
 
 
@@ -176,6 +176,4 @@ class ProgressFile:
     def write(self, **fields) -> None:
         if self.path is None:
             return
-        with open(self.path + ".tmp", "w") as f:
-            json.dump({"rank": self.rank, "pid": os.getpid(), "updated_at": time.time(), **fields}, f)
-        os.replace(self.path + ".tmp", self.path)
+        write_json(self.path, {"rank": self.rank, "pid": os.getpid(), "updated_at": time.time(), **fields})
