@@ -171,6 +171,7 @@ class Checkpointer:
 
     def _save(self, reason: str, metrics: dict) -> None:
         w = self.w
+        self.session.stop_if_orphaned()  # before the metrics commit, too
         state = self.capture(reason)
         model_state, optimizer_state = w.model_and_optimizer_state()
         if w.rank != 0:

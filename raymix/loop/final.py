@@ -16,6 +16,7 @@ def finish(w, session, exchange, metrics_log, signal, progress, curve, checkpoin
     from raymix.loop.evaluation import exact_match, losses_on_test, validation_losses
 
     cfg = w.cfg
+    session.stop_if_orphaned()
     if metrics_log is not None:
         # Every logged metric reaches the store, before the final checkpoint:
         # a failure from here on retrains from the last periodic checkpoint,

@@ -70,6 +70,7 @@ def train_loop(config: dict | LoopConfig, session=None, mixer=None) -> None:
     metrics.start(progress)
     aborted, stopped = None, False
     while progress.train_tokens < budget:
+        session.stop_if_orphaned()
         outcome = step(exchange.weights, progress.train_tokens / budget)
         if not outcome.finite:
             aborted = (f"{outcome.why_not_finite()} at step {progress.step + 1} ({progress.train_tokens} "

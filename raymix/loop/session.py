@@ -8,9 +8,38 @@ which of the two it runs in.
 
 from __future__ import annotations
 
+import os
+
+ORPHAN_EXIT = 75
+"""Exit status of a worker that stopped because its raylet was gone."""
+
 
 class RayTrainSession:
     """The training function's view of Ray Train inside a ``TorchTrainer`` worker."""
+
+    def __init__(self) -> None:
+        # The raylet that started this worker process. Ray starts each
+        # worker in its own process group, so a driver killed with its
+        # group (a killed terminal, a preempted job) takes the local
+        # cluster's raylet with it but not the workers: reparented, they
+        # went on training for seconds (measured: a whole run's last 18,000
+        # tokens) and wrote checkpoints and MLflow metrics into the run that
+        # a --resume was about to continue.
+        self._raylet = os.getppid()
+
+    def stop_if_orphaned(self) -> None:
+        """Exit at once, writing nothing more, if this worker's raylet has
+        died (the process was reparented): no controller will register its
+        checkpoints, and a --resume may already be writing to the run. A
+        parent can only change by dying, so this never stops a healthy
+        worker; one ``getppid`` a step costs nothing measurable."""
+        if os.getppid() != self._raylet:
+            # Read only in the worker's own log file: the log monitor that
+            # forwarded it to the driver died with the raylet.
+            print(f"[raymix] worker {os.getpid()}: the raylet that started this worker (pid {self._raylet}) is gone, "
+                  "with its Ray node or the driver's local cluster; stopping without writing anything more "
+                  "(--resume continues the run from its last registered checkpoint)", flush=True)
+            os._exit(ORPHAN_EXIT)
 
     def context(self) -> tuple[int, int]:
         import ray.train
@@ -42,6 +71,7 @@ class RayTrainSession:
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         import ray.train
 
+        self.stop_if_orphaned()  # a checkpoint is copied into the run's storage by the worker itself
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
                          if checkpoint_dir else None)
 
@@ -59,6 +89,10 @@ class InProcessSession:
 
     def context(self) -> tuple[int, int]:
         return 0, 1
+
+    def stop_if_orphaned(self) -> None:
+        """Nothing to check: the loop runs in the driver itself, whose parent
+        may well exit first (a ``nohup`` launch)."""
 
     def device(self):
         import torch
