@@ -11,35 +11,49 @@ from __future__ import annotations
 import os
 
 ORPHAN_EXIT = 75
-"""Exit status of a worker that stopped because its raylet was gone."""
+"""Exit status of a Ray worker process that stopped because its raylet was gone."""
+
+
+class RayletWatch:
+    """Stops a Ray worker process whose raylet has died.
+
+    Ray starts each worker process in a process group of its own, so a
+    driver killed with its group (a closed terminal, a preempted job) takes
+    the local cluster's raylet with it but not the workers. Reparented, they
+    went on training for seconds, up to a whole run's last 18,000 tokens,
+    writing checkpoints and MLflow metrics into the run that a ``--resume``
+    was about to continue. A watch records the parent (the raylet) of the
+    process it is built in; :meth:`__call__` exits at once if that parent
+    changed. A parent changes only by dying, so a healthy worker is never
+    stopped, and one ``getppid`` a step costs nothing measurable."""
+
+    def __init__(self) -> None:
+        self.raylet = os.getppid()
+
+    def __call__(self) -> None:
+        if os.getppid() != self.raylet:
+            # Read only in the worker's own log file: the log monitor that
+            # forwarded it to the driver died with the raylet.
+            print(f"[raymix] worker {os.getpid()}: the raylet that started this worker (pid {self.raylet}) is "
+                  "gone, with its Ray node or the driver's local cluster; stopping without writing anything "
+                  "more (--resume continues the run from its last registered checkpoint)", flush=True)
+            os._exit(ORPHAN_EXIT)
+
+
+def in_ray_actor() -> bool:
+    """This process is a Ray actor's (a Tune trial's), so a raylet's child."""
+    import ray
+
+    return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
 
 
 class RayTrainSession:
     """The training function's view of Ray Train inside a ``TorchTrainer`` worker."""
 
     def __init__(self) -> None:
-        # The raylet that started this worker process. Ray starts each
-        # worker in its own process group, so a driver killed with its
-        # group (a killed terminal, a preempted job) takes the local
-        # cluster's raylet with it but not the workers: reparented, they
-        # went on training for seconds (measured: a whole run's last 18,000
-        # tokens) and wrote checkpoints and MLflow metrics into the run that
-        # a --resume was about to continue.
-        self._raylet = os.getppid()
-
-    def stop_if_orphaned(self) -> None:
-        """Exit at once, writing nothing more, if this worker's raylet has
-        died (the process was reparented): no controller will register its
-        checkpoints, and a --resume may already be writing to the run. A
-        parent can only change by dying, so this never stops a healthy
-        worker; one ``getppid`` a step costs nothing measurable."""
-        if os.getppid() != self._raylet:
-            # Read only in the worker's own log file: the log monitor that
-            # forwarded it to the driver died with the raylet.
-            print(f"[raymix] worker {os.getpid()}: the raylet that started this worker (pid {self._raylet}) is gone, "
-                  "with its Ray node or the driver's local cluster; stopping without writing anything more "
-                  "(--resume continues the run from its last registered checkpoint)", flush=True)
-            os._exit(ORPHAN_EXIT)
+        self.stop_if_orphaned = RayletWatch()
+        """Called before each step and each checkpoint: no controller would
+        register this worker's checkpoints once its raylet is gone."""
 
     def context(self) -> tuple[int, int]:
         import ray.train
@@ -86,13 +100,17 @@ class InProcessSession:
     def __init__(self, use_gpu: bool, local_dir: str):
         self.use_gpu, self.local_dir = use_gpu, local_dir
         self.reports: list[tuple[dict, str | None]] = []
+        # Watched in a Tune trial's actor, whose raylet dies with a killed
+        # sweep driver. Not in a driver process, whose parent may well exit
+        # first (a nohup launch).
+        self._watch = RayletWatch() if in_ray_actor() else None
+
+    def stop_if_orphaned(self) -> None:
+        if self._watch is not None:
+            self._watch()
 
     def context(self) -> tuple[int, int]:
         return 0, 1
-
-    def stop_if_orphaned(self) -> None:
-        """Nothing to check: the loop runs in the driver itself, whose parent
-        may well exit first (a ``nohup`` launch)."""
 
     def device(self):
         import torch
