@@ -200,3 +200,32 @@ def test_regmix_predicts_uniform_as_the_uniform_policy_trains_it(tmp_path: Path,
     # The budget is a tenth of the pool at 8 epochs: no cap binds, the shares are the policy's.
     assert any(x.shape == (1, 6) and np.allclose(x[0], want, rtol=1e-12) for x in predicted)
     assert not any(x.shape == (1, 6) and np.allclose(x[0], 1 / 6) for x in predicted)
+
+
+def test_doremi_reference_model_is_checked_and_made_absolute(tmp_path: Path, monkeypatch) -> None:
+    """A reference model given by a relative path reaches the proxy round as
+    an absolute one (the proxy reads it in Ray Train workers, whose working
+    directory is Ray's, not the driver's); a missing one is refused naming
+    the field before any MLflow run or output exists."""
+    import raymix.driver.doremi as doremi
+    from raymix.errors import RaymixError
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "prior" / "model").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    base = ["policy.name=doremi", "eval.suite=null", f"tracking.tracking_uri={uri}", "tracking.experiment=rounds"]
+    seen: dict = {}
+
+    def run_round(rcfg, rdir: Path, parent_run_id: str, driver: str) -> dict:
+        seen[rdir.name] = rcfg.policy.doremi.reference_model
+        raise RuntimeError("stop after the first round")
+
+    monkeypatch.setattr(doremi, "run_round", run_round)
+    with pytest.raises(RuntimeError, match="stop after the first round"):
+        doremi.run_doremi(load_config(None, base + ["policy.doremi.reference_model=prior/model"]), tmp_path / "run")
+    assert seen == {"round2_proxy": str(tmp_path.resolve() / "prior" / "model")}  # no reference round
+
+    with pytest.raises(RaymixError, match=r"policy\.doremi\.reference_model: no model directory at prior/missing"):
+        doremi.run_doremi(load_config(None, base + ["policy.doremi.reference_model=prior/missing"]),
+                          tmp_path / "run2")
+    assert not (tmp_path / "run2").exists()

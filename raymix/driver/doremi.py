@@ -25,6 +25,7 @@ from typing import Optional
 from raymix.config import RunConfig
 from raymix.driver.setup import rounds_run
 from raymix.driver.single import log_summary, run_round
+from raymix.errors import RaymixError
 from raymix.metrics_view import TaskMetricsView, per_task
 
 ROUND_TAG = "raymix.round"
@@ -39,17 +40,31 @@ def _round_cfg(cfg: RunConfig, round_name: str, tracking_uri: str, last: bool, *
     return dataclasses.replace(cfg, policy=pol, tracking=tracking, eval=ev)
 
 
+def _reference_dir(given: Optional[str]) -> Optional[str]:
+    """A given reference model, checked and made absolute in the driver's
+    directory before anything starts: the proxy reads it in Ray Train
+    workers, which run in directories of their own (a relative path failed
+    there, once the driver had opened its MLflow run and started a round)."""
+    if given is None:
+        return None
+    path = Path(given).expanduser().resolve()
+    if not path.is_dir():
+        raise RaymixError(f"policy.doremi.reference_model: no model directory at {given} ({path}); "
+                          "give a prior run's model directory, or leave it unset to train the reference first")
+    return str(path)
+
+
 def run_doremi(cfg: RunConfig, output_dir: str | Path, parent_run_id: Optional[str] = None,
                resume: bool = False) -> dict:
     """:func:`raymix.driver.run` for ``policy.name=doremi`` (its registry entry
     names this driver): same contract (summary.json, one MLflow run)."""
     from raymix.tracking import plot_mixture
 
+    reference = _reference_dir(cfg.policy.doremi.reference_model)
     with rounds_run(cfg, output_dir, parent_run_id, resume, "rounds") as run:
         out, tracker = run.out, run.tracker
         d = cfg.policy.doremi
         rounds: list[tuple[str, dict]] = []
-        reference = d.reference_model
         if reference is None:
             rcfg = _round_cfg(cfg, "reference", tracker.uri, False, name=d.baseline)
             rounds.append(("reference", run_round(rcfg, out / "round1_reference", tracker.run_id, "doremi")))
