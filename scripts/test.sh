@@ -10,8 +10,8 @@ if [ -z "${RAYMIX_NI_SAMPLE:-}" ] && [ -d ../shared/data/ni-sample ]; then
   export RAYMIX_NI_SAMPLE="$(cd ../shared/data/ni-sample && pwd)"
 fi
 # RAYMIX_TESTS=all adds the slow tests (killed workers, mixer actor and
-# driver; resume across parallelisms; ray job submit): about 24 more minutes
-# on 2 cores (1,410 s at 4c83247). CI sets it.
+# driver; resume across parallelisms; ray job submit): about 23 more minutes
+# on 2 cores (29 tests, 1,350 s at 5682d88). CI sets it.
 # RAYMIX_TESTS=heavy adds those marked heavy too (the README's benchmark
 # block, the suite under each CPU variant): longer than CI has room for.
 if [ "${RAYMIX_TESTS:-}" = "all" ]; then
