@@ -103,3 +103,14 @@ TINY_IN_PROCESS = [
 ]
 """A whole run on a tiny pool in this process (about 6k tokens), for the
 multi-round drivers' end-to-end tests; each adds its policy's options."""
+
+
+def process_gone(pid: int) -> bool:
+    """The process has exited (a zombie not yet reaped counts as gone): the
+    orphan checks of the kill tests wait on this."""
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import process_gone
 
 from raymix.loop.checkpoint import MANIFEST_FILE
 
@@ -130,14 +131,6 @@ def _run_and_kill(out: Path, env: dict, pick_pid, extra=(), kill_group: bool = F
     return p.returncode, log.read_text()
 
 
-def _gone(pid: int) -> bool:
-    """The process has exited (a zombie not yet reaped counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def _check_orphans_stopped(out: Path, killed_at: int) -> None:
     """After the driver's process group is killed, its Ray workers (each in
     a process group of its own) stop within a step or two of the raylet's
@@ -146,9 +139,9 @@ def _check_orphans_stopped(out: Path, killed_at: int) -> None:
     the --resume that followed."""
     ranks = [json.loads(f.read_text()) for f in (out / "progress").glob("rank*.json")]
     deadline = time.monotonic() + 30
-    while not all(_gone(r["pid"]) for r in ranks) and time.monotonic() < deadline:
+    while not all(process_gone(r["pid"]) for r in ranks) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert all(_gone(r["pid"]) for r in ranks), f"workers {[r['pid'] for r in ranks]} outlived the driver by 30 s"
+    assert all(process_gone(r["pid"]) for r in ranks), f"workers {[r['pid'] for r in ranks]} outlived the driver by 30 s"
     # At most the step in flight when the progress was read and the one in
     # flight at the kill (each at most micro_batch 4 x 128 tokens x 2 ranks,
     # or the global batch of 1,024); four steps' worth leaves slack and is

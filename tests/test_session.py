@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import process_gone
 
 CHILD = """
 import sys, time
@@ -41,12 +42,7 @@ def test_raylet_watch_stops_a_process_whose_parent_died(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     child = int(parent.stdout.split()[0])
     deadline = time.monotonic() + 30
-    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
-        try:
-            if Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                break
-        except OSError:
-            break
+    while not process_gone(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     text = log.read_text()
     assert text.startswith("healthy\n"), text

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import process_gone
 
 from raymix.sweep import load_space, run_sweep
 
@@ -97,14 +98,6 @@ def test_smoke_sweep_killed_driver_resume_and_report(tmp_path: Path) -> None:
     assert (Path(result["report"]).parent / "metrics_vs_budget.png").stat().st_size > 0
 
 
-def _gone(pid: int) -> bool:
-    """The process has exited (a zombie not yet reaped counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_killed_sweep_stops_its_in_process_trial(tmp_path: Path) -> None:
@@ -140,9 +133,9 @@ def test_killed_sweep_stops_its_in_process_trial(tmp_path: Path) -> None:
             os.killpg(p.pid, signal.SIGKILL)
     assert at["pid"] != p.pid  # the trial trained in an actor, not in the driver
     deadline = time.monotonic() + 30
-    while not _gone(at["pid"]) and time.monotonic() < deadline:
+    while not process_gone(at["pid"]) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _gone(at["pid"]), "the trial's actor outlived the sweep driver by 30 s"
+    assert process_gone(at["pid"]), "the trial's actor outlived the sweep driver by 30 s"
     # The step in flight at the kill and the one after the progress was read,
     # each at most micro-batch 16 x 128 tokens: four steps' worth is slack.
     last = json.loads(files[0].read_text())["train_tokens"]
