@@ -78,6 +78,7 @@ def report_checkpoint(session, metrics: dict, write, local_dir: str | None, name
     (never picked up half-written); periodic ones beyond ``keep`` are pruned."""
     import shutil
 
+    session.stop_if_orphaned()  # nothing is written by a worker whose raylet is gone
     if not local_dir:
         with tempfile.TemporaryDirectory() as tmp:
             write(tmp)

@@ -70,7 +70,6 @@ def finish(w, session, exchange, metrics_log, signal, progress, curve, checkpoin
         result.write(d)
         reported.update(result.metrics())
 
-    session.stop_if_orphaned()  # again: the final evaluation may have taken minutes
     report_checkpoint(session, reported, write_final, w.local_checkpoint_dir, "final", None)
 
 

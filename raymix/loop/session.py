@@ -52,8 +52,10 @@ class RayTrainSession:
 
     def __init__(self) -> None:
         self.stop_if_orphaned = RayletWatch()
-        """Called before each step and each checkpoint: no controller would
-        register this worker's checkpoints once its raylet is gone."""
+        """Called before each step, each metrics commit and each checkpoint
+        write (:func:`raymix.loop.checkpoint.report_checkpoint`): no
+        controller would register this worker's checkpoints once its raylet
+        is gone."""
 
     def context(self) -> tuple[int, int]:
         import ray.train
@@ -85,7 +87,6 @@ class RayTrainSession:
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         import ray.train
 
-        self.stop_if_orphaned()  # a checkpoint is copied into the run's storage by the worker itself
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
                          if checkpoint_dir else None)
 
